@@ -1,0 +1,116 @@
+"""The `mechinterp` command."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in text.split(",") if x.strip())
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x.strip())
+
+
+def _eval_parser(sub) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="run a long-context task on a model; write a tidy table "
+        "and a length x depth accuracy heatmap",
+    )
+    p.add_argument(
+        "--model",
+        default="smollm2-135m",
+        help="embedded name (smollm2-135m), a local HF model or LoRA directory, or a "
+        "model id in the local HF cache",
+    )
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default=None)
+    p.add_argument("--rope-theta", type=float, default=None)
+    p.add_argument("--task", default="niah", choices=["niah", "mdqa", "multihop"])
+    p.add_argument(
+        "--lengths",
+        type=_ints,
+        default=(256, 512, 768, 1024),
+        help="NIAH context lengths in tokens, comma-separated",
+    )
+    p.add_argument(
+        "--depths",
+        type=_floats,
+        default=(0.0, 0.25, 0.5, 0.75, 1.0),
+        help="NIAH needle depths in [0, 1], comma-separated",
+    )
+    p.add_argument("--needles", type=int, default=2, help="number of NIAH needles (1-8)")
+    p.add_argument("--haystack", default="essays", choices=["essays", "filler"])
+    p.add_argument(
+        "--data",
+        default=None,
+        help="your JSONL file (lost-in-the-middle format for mdqa, MuSiQue for multihop)",
+    )
+    p.add_argument(
+        "--variant",
+        default="realistic-high",
+        help="synthetic QA variant: realistic-high|realistic-low|templated-high|"
+        "templated-low|symbolic",
+    )
+    p.add_argument("--n", type=int, default=20, help="QA examples (synthetic count or file limit)")
+    p.add_argument("--n-docs", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--template", default=None, choices=["chat", "plain"])
+    p.add_argument("--out", default="runs", help="root folder for run directories")
+    p.add_argument("--force", action="store_true", help="recompute an existing run")
+    p.add_argument("--no-png", action="store_true", help="skip the static PNG (needs Chromium)")
+
+
+def cmd_eval(args) -> int:
+    import pandas as pd
+
+    from mechinterp.runs import EvalConfig, ModelSpec, TaskSpec, run_eval, summarise
+
+    config = EvalConfig(
+        model=ModelSpec(args.model, args.dtype, args.device, args.rope_theta),
+        task=TaskSpec(
+            task=args.task,
+            lengths=args.lengths,
+            depths=args.depths,
+            needles=args.needles,
+            haystack=args.haystack,
+            data=args.data,
+            variant=args.variant,
+            n=args.n,
+            n_docs=args.n_docs,
+            seed=args.seed,
+        ),
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        template=args.template,
+    )
+    out = run_eval(config, args.out, force=args.force, png=not args.no_png)
+    df = pd.read_parquet(out / "results.parquet")
+    print(summarise(df).to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    print(f"accuracy {df['correct'].mean():.3f} over {len(df)} examples")
+    print(f"wrote {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mechinterp", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _eval_parser(sub)
+    args = parser.parse_args(argv)
+    try:
+        return {"eval": cmd_eval}[args.command](args)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"mechinterp {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

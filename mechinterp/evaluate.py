@@ -1,0 +1,290 @@
+"""Generation and answer metrics.
+
+- `generate`: batched greedy decoding through the bridge with HF's KV cache, left padding and a
+  per-model stop rule.
+- `em`, `token_f1`, `rouge1_recall`, `substring_match`: answer metrics (SQuAD normalisation).
+- `answer_logprobs`, `logit_diff`: teacher-forced scoring.
+- `evaluate`: a task on a model → one tidy row per example.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from mechinterp.tasks.example import Example
+from mechinterp.tasks.prompt import Prompt, Template, render
+
+#: Extra end-of-turn tokens that stop generation when the tokenizer knows them.
+END_OF_TURN = (
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|end_of_text|>",
+    "<|endoftext|>",
+    "</s>",
+    "<end_of_turn>",
+    "[/INST]",
+)
+
+
+@dataclass(frozen=True)
+class Generation:
+    tokens: tuple[int, ...]
+    text: str
+    stopped: bool  # True when a stop token ended it (False: hit max_new_tokens)
+
+
+def stop_token_ids(model) -> frozenset[int]:
+    """The model's stop rule: its EOS ids (generation config and tokenizer) and end-of-turn
+    tokens its vocabulary has."""
+    tok = model.tokenizer
+    ids: set[int] = set()
+    gen_cfg = getattr(model.original_model, "generation_config", None)
+    eos = getattr(gen_cfg, "eos_token_id", None)
+    ids.update(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
+    if tok.eos_token_id is not None:
+        ids.add(tok.eos_token_id)
+    vocab = tok.get_vocab()
+    ids.update(vocab[t] for t in END_OF_TURN if t in vocab)
+    return frozenset(int(i) for i in ids)
+
+
+@torch.no_grad()
+def generate(
+    model,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int = 32,
+    batch_size: int = 8,
+    stop_ids: frozenset[int] | None = None,
+    progress: bool = False,
+) -> list[Generation]:
+    """Greedy decoding of every prompt (token ids), batched by similar length."""
+    if max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be >= 1")
+    stop_ids = stop_token_ids(model) if stop_ids is None else stop_ids
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: list[Generation | None] = [None] * len(prompts)
+    bar = tqdm(total=len(prompts), desc="generate", disable=not progress, leave=False)
+    for b in range(0, len(order), batch_size):
+        idx = order[b : b + batch_size]
+        for i, gen in zip(
+            idx,
+            _generate_batch(model, [prompts[i] for i in idx], max_new_tokens, stop_ids),
+            strict=True,
+        ):
+            out[i] = gen
+        bar.update(len(idx))
+    bar.close()
+    return out  # type: ignore[return-value]
+
+
+def _generate_batch(model, prompts, max_new_tokens, stop_ids) -> list[Generation]:
+    device = model.cfg.device
+    pad = model.tokenizer.pad_token_id
+    pad = pad if pad is not None else next(iter(stop_ids))
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for r, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError("cannot generate from an empty prompt")
+        ids[r, width - len(p) :] = torch.tensor(list(p))
+        mask[r, width - len(p) :] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    # logits_to_keep=1: only the last position's logits are needed (as HF generate does).
+    logits, cache = model(
+        ids, attention_mask=mask, use_cache=True, logits_to_keep=1, return_type="logits_and_cache"
+    )
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    stopped = torch.zeros_like(done)
+    stop = torch.tensor(sorted(stop_ids), device=device)
+    new_tokens = []
+    for step in range(max_new_tokens):
+        nxt = logits[:, -1].argmax(-1)
+        hit = torch.isin(nxt, stop) & ~done
+        stopped |= hit
+        nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+        new_tokens.append(torch.where(hit, torch.full_like(nxt, -1), nxt))
+        done |= hit
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        logits, cache = model(
+            nxt[:, None], attention_mask=mask, past_key_values=cache, return_type="logits_and_cache"
+        )
+    table = torch.stack(new_tokens, dim=1).tolist()
+    gens = []
+    for r, row in enumerate(table):
+        toks = tuple(row[: row.index(-1)] if -1 in row else row)
+        text = model.tokenizer.decode(list(toks), skip_special_tokens=True).strip()
+        gens.append(Generation(toks, text, bool(stopped[r])))
+    return gens
+
+
+# ---------------------------------------------------------------- answer metrics
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = str.maketrans("", "", string.punctuation)
+
+
+def normalize_answer(s: str) -> str:
+    """SQuAD normalisation: lower case, no punctuation, no articles, single spaces."""
+    return " ".join(_ARTICLES.sub(" ", s.lower().translate(_PUNCT)).split())
+
+
+def _tokens(s: str) -> list[str]:
+    return normalize_answer(s).split()
+
+
+def em(prediction: str, answers: Sequence[str]) -> float:
+    """Exact match after normalisation, best over the accepted answers."""
+    p = normalize_answer(prediction)
+    return float(any(p == normalize_answer(a) for a in answers))
+
+
+def token_f1(prediction: str, answers: Sequence[str]) -> float:
+    """SQuAD token F1, best over the accepted answers."""
+    return max(_f1(_tokens(prediction), _tokens(a)) for a in answers)
+
+
+def _f1(pred: list[str], ref: list[str]) -> float:
+    if not pred or not ref:
+        return float(pred == ref)
+    common = sum((Counter(pred) & Counter(ref)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def rouge1_recall(prediction: str, answers: Sequence[str]) -> float:
+    """ROUGE-1 recall: share of the reference's unigrams (with counts) found in the prediction.
+    Lower-cased, punctuation stripped, articles kept (as rouge-score does, without stemming)."""
+
+    def toks(s: str) -> list[str]:
+        return s.lower().translate(_PUNCT).split()
+
+    best = 0.0
+    for a in answers:
+        ref = toks(a)
+        if ref:
+            best = max(best, sum((Counter(toks(prediction)) & Counter(ref)).values()) / len(ref))
+    return best
+
+
+def substring_match(prediction: str, answers: Sequence[str]) -> float:
+    """1 when some normalised answer occurs in the normalised prediction (lost-in-the-middle's
+    best-subspan accuracy)."""
+    p = normalize_answer(prediction)
+    return float(any(normalize_answer(a) in p for a in answers if normalize_answer(a)))
+
+
+#: The headline "correct" per task: NIAH uses Wu et al.'s ROUGE-1 recall > 0.5 gate; the QA tasks
+#: use substring match.
+def is_correct(task: str, prediction: str, answers: Sequence[str]) -> bool:
+    if task == "niah":
+        return rouge1_recall(prediction, answers) > 0.5
+    return substring_match(prediction, answers) == 1.0
+
+
+# ---------------------------------------------------------------- teacher-forced scoring
+
+
+@torch.no_grad()
+def answer_logprobs(
+    model, prompt_ids: Sequence[int], answer_ids: Sequence[int]
+) -> Float[Tensor, "pos"]:  # noqa: F821
+    """Log-probability of each answer token given the prompt and the answer tokens before it."""
+    if not answer_ids:
+        raise ValueError("answer_ids is empty")
+    ids = torch.tensor([list(prompt_ids) + list(answer_ids)], device=model.cfg.device)
+    logits = model(ids)[0, len(prompt_ids) - 1 : -1].float()
+    logp = logits.log_softmax(-1)
+    return logp.gather(-1, torch.tensor(list(answer_ids), device=logp.device)[:, None])[:, 0]
+
+
+def logit_diff(
+    logits: Float[Tensor, "... vocab"], correct: int, wrong: int
+) -> Float[Tensor, "..."]:
+    """logit[correct] − logit[wrong] (at whatever positions `logits` holds)."""
+    return logits[..., correct] - logits[..., wrong]
+
+
+# ---------------------------------------------------------------- a task on a model
+
+
+def render_all(
+    model, examples: Sequence[Example], *, template: Template | None = None
+) -> list[Prompt]:
+    n_ctx = int(model.cfg.n_ctx)
+    return [render(ex, model.tokenizer, template=template, max_tokens=n_ctx) for ex in examples]
+
+
+def evaluate(
+    model,
+    examples: Sequence[Example],
+    *,
+    max_new_tokens: int = 32,
+    batch_size: int = 8,
+    template: Template | None = None,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Generate an answer for every example; one row per example with its metrics."""
+    prompts = render_all(model, examples, template=template)
+    t0 = time.perf_counter()
+    gens = generate(
+        model,
+        [p.input_ids for p in prompts],
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        progress=progress,
+    )
+    seconds = time.perf_counter() - t0
+    rows = []
+    for ex, prompt, gen in zip(examples, prompts, gens, strict=True):
+        needle = prompt.spans["needle"][0] if prompt.spans.get("needle") else (None, None)
+        rows.append(
+            {
+                "example_id": ex.id,
+                "task": ex.task,
+                "variant": ex.variant,
+                **_grid_coordinates(ex),
+                "n_tokens": prompt.n_tokens,
+                "needle_start": needle[0],
+                "needle_end": needle[1],
+                "answer": ex.answers[0],
+                "prediction": gen.text,
+                "n_generated": len(gen.tokens),
+                "stopped": gen.stopped,
+                "em": em(gen.text, ex.answers),
+                "f1": token_f1(gen.text, ex.answers),
+                "rouge1_recall": rouge1_recall(gen.text, ex.answers),
+                "substring": substring_match(gen.text, ex.answers),
+                "correct": is_correct(ex.task, gen.text, ex.answers),
+            }
+        )
+    df = pd.DataFrame(rows)
+    df.attrs["generate_seconds"] = seconds
+    return df
+
+
+def _grid_coordinates(ex: Example) -> dict[str, float | int | None]:
+    """(length, depth) of an example: NIAH's grid point; for document QA, the number of
+    documents and the relative position of the first gold document."""
+    if "length" in ex.meta and "depth" in ex.meta:
+        return {"length": ex.meta["length"], "depth": ex.meta["depth"]}
+    gold = ex.gold_indices
+    n = len(ex.documents)
+    depth = (gold[0] / (n - 1) if n > 1 else 0.0) if gold else None
+    return {"length": n, "depth": None if depth is None else round(depth, 3)}

@@ -1,0 +1,112 @@
+"""Heads: the `Head(layer, head)` value type, head-set parsing, and the GQA query→KV map.
+
+A head is always a *query* head. Heads print as `L{layer}H{head}` here and nowhere else;
+the Wu et al. `"layer-head"` form is accepted on input (and written by `wu_key`) only at the
+import/export boundary.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import NamedTuple
+
+_HEAD_PATTERNS = (
+    re.compile(r"^\s*L(\d+)\s*H(\d+)\s*$", re.IGNORECASE),
+    re.compile(r"^\s*(\d+)\s*[-.:/]\s*(\d+)\s*$"),
+)
+
+
+class Head(NamedTuple):
+    """One query head: `Head(18, 6)` prints as `L18H6`."""
+
+    layer: int
+    head: int
+
+    def __str__(self) -> str:
+        return f"L{self.layer}H{self.head}"
+
+    @property
+    def wu_key(self) -> str:
+        """The `"layer-head"` key of the Wu et al. head-score JSON format."""
+        return f"{self.layer}-{self.head}"
+
+    @classmethod
+    def parse(cls, text: str) -> Head:
+        """Parse `L18H6`, `l18h6`, `18-6` (Wu), `18.6` or `18:6`."""
+        for pattern in _HEAD_PATTERNS:
+            m = pattern.match(text)
+            if m:
+                return cls(int(m.group(1)), int(m.group(2)))
+        raise ValueError(f"cannot parse head {text!r}; write it as L18H6 or 18-6")
+
+
+@dataclass(frozen=True)
+class HeadShape:
+    """The head geometry of a model: enough to validate heads and map query → KV heads."""
+
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+
+    def __post_init__(self) -> None:
+        if min(self.n_layers, self.n_heads, self.n_kv_heads) < 1:
+            raise ValueError(f"head shape must be positive, got {self}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}"
+            )
+
+    @classmethod
+    def of(cls, model) -> HeadShape:
+        """From a loaded model (its model card) or anything with n_layers/n_heads/n_kv_heads."""
+        card = getattr(model, "mechinterp_card", model)
+        return cls(int(card.n_layers), int(card.n_heads), int(card.n_kv_heads))
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head (1 for MHA, n_heads for MQA)."""
+        return self.n_heads // self.n_kv_heads
+
+    def kv_head(self, head: Head | int) -> int:
+        """The KV head a query head reads (HF's repeat_kv layout: consecutive groups)."""
+        h = head.head if isinstance(head, Head) else head
+        return h // self.group_size
+
+    def validate(self, head: Head) -> Head:
+        if not (0 <= head.layer < self.n_layers and 0 <= head.head < self.n_heads):
+            raise ValueError(
+                f"head {head} is outside the model: it has layers 0..{self.n_layers - 1} and "
+                f"query heads 0..{self.n_heads - 1} per layer"
+            )
+        return head
+
+    def all_heads(self) -> list[Head]:
+        return [Head(layer, h) for layer in range(self.n_layers) for h in range(self.n_heads)]
+
+
+def parse_heads(
+    spec: str | Iterable[str | Head | tuple[int, int]], shape: HeadShape | None = None
+) -> tuple[Head, ...]:
+    """Parse a head list: `"L18H6,L3H1"`, `"18-6 3-1"`, or an iterable of strings/pairs.
+
+    Order is kept, duplicates are refused, and with `shape` every head is validated against
+    the model.
+    """
+    items = re.split(r"[,\s;]+", spec.strip()) if isinstance(spec, str) else list(spec)
+    heads = []
+    for item in items:
+        if isinstance(item, str):
+            if not item:
+                continue
+            head = Head.parse(item)
+        else:
+            head = Head(int(item[0]), int(item[1]))
+        if shape is not None:
+            shape.validate(head)
+        heads.append(head)
+    dupes = sorted({str(h) for h in heads if heads.count(h) > 1})
+    if dupes:
+        raise ValueError(f"head list repeats {', '.join(dupes)}")
+    return tuple(heads)

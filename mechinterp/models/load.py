@@ -1,0 +1,290 @@
+"""`load_model(spec) -> TransformerBridge`, with a model card on every model.
+
+Sources, in the order a name is tried:
+1. an embedded model by short name (`smollm2-135m`);
+2. a local directory: an HF causal LM, or a LoRA checkpoint (`adapter_config.json`), merged;
+3. a model id already in the local HF cache (never downloaded: the hub is off).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformer_lens.model_bridge import TransformerBridge
+
+from mechinterp.models.embedded import EMBEDDED, converted_dir, file_sha256, resolve_embedded
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What a result needs to say about the model that produced it."""
+
+    id: str
+    source: str
+    source_sha256: str | None
+    dtype: str
+    device: str
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_model: int
+    d_head: int
+    n_ctx: int
+    rope_theta: float | None = None
+    lora: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def model_card(model: TransformerBridge) -> ModelCard:
+    card = getattr(model, "mechinterp_card", None)
+    if card is None:
+        raise ValueError("this model was not loaded by mechinterp.load_model: it has no model card")
+    return card
+
+
+def load_model(
+    name_or_path: str | os.PathLike = "smollm2-135m",
+    *,
+    dtype: str | torch.dtype = "float32",
+    device: str | None = None,
+    rope_theta: float | None = None,
+    n_ctx: int | None = None,
+) -> TransformerBridge:
+    """Load a causal LM as a TransformerBridge (eager attention, raw HF weights).
+
+    `rope_theta` overrides the RoPE base frequency (context extension); `n_ctx` overrides the
+    context window the model reports. The returned bridge has `.mechinterp_card` (`ModelCard`).
+    """
+    torch_dtype = _dtype(dtype)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    name = str(name_or_path)
+    embedded = resolve_embedded(name)
+    lora = None
+    if embedded is not None:
+        directory, sha = converted_dir(embedded)
+        model_id = embedded.name
+        source = f"pypi:{embedded.package}=={embedded.version}/{embedded.filename}"
+    elif Path(name).expanduser().is_dir():
+        directory = Path(name).expanduser().resolve()
+        if (directory / "adapter_config.json").is_file():
+            return _load_lora(
+                directory, dtype=torch_dtype, device=device, rope_theta=rope_theta, n_ctx=n_ctx
+            )
+        _require(
+            directory / "config.json",
+            f"{directory} is not an HF model directory "
+            "(no config.json) nor a LoRA checkpoint (no adapter_config.json)",
+        )
+        model_id, source, sha = directory.name, str(directory), _weights_sha(directory)
+    else:
+        directory = _from_hf_cache(name)
+        model_id, source, sha = name, str(directory), _weights_sha(directory)
+    hf_model, tokenizer = _load_hf(directory, torch_dtype, rope_theta, n_ctx)
+    return _boot(
+        hf_model,
+        tokenizer,
+        directory,
+        model_id=model_id,
+        source=source,
+        sha=sha,
+        dtype=torch_dtype,
+        device=device,
+        lora=lora,
+    )
+
+
+def boot_bridge(
+    hf_model,
+    tokenizer,
+    directory: str | Path,
+    *,
+    model_id: str,
+    dtype: torch.dtype,
+    device: str,
+    source: str | None = None,
+    sha: str | None = None,
+    lora: str | None = None,
+) -> TransformerBridge:
+    """Wrap an in-memory HF model in a bridge and attach its card (used for tiny test models).
+
+    The tokenizer must have been loaded from disk (`directory`): the bridge re-reads it there.
+    """
+    return _boot(
+        hf_model,
+        tokenizer,
+        Path(directory),
+        model_id=model_id,
+        source=source or str(directory),
+        sha=sha,
+        dtype=dtype,
+        device=device,
+        lora=lora,
+    )
+
+
+def _boot(hf_model, tokenizer, directory: Path, *, model_id, source, sha, dtype, device, lora):
+    hf_model.eval()
+    bridge = TransformerBridge.boot_transformers(
+        str(directory), hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
+    )
+    bridge.eval()
+    cfg = hf_model.config
+    bridge.mechinterp_card = ModelCard(
+        id=model_id,
+        source=source,
+        source_sha256=sha,
+        dtype=str(dtype).removeprefix("torch."),
+        device=str(device),
+        n_layers=int(bridge.cfg.n_layers),
+        n_heads=int(bridge.cfg.n_heads),
+        n_kv_heads=int(getattr(cfg, "num_key_value_heads", None) or bridge.cfg.n_heads),
+        d_model=int(bridge.cfg.d_model),
+        d_head=int(bridge.cfg.d_head),
+        n_ctx=int(bridge.cfg.n_ctx),
+        rope_theta=_rope_theta(cfg),
+        lora=lora,
+    )
+    return bridge
+
+
+def _load_hf(directory: Path, dtype, rope_theta, n_ctx):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(directory, local_files_only=True)
+    if rope_theta is not None:
+        _set_rope_theta(config, rope_theta)
+    if n_ctx is not None:
+        config.max_position_embeddings = int(n_ctx)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            directory,
+            config=config,
+            dtype=dtype,
+            attn_implementation="eager",
+            local_files_only=True,
+        )
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ValueError(
+            f"could not load weights from {directory} ({type(e).__name__}: {e}); the files may "
+            "be incomplete or corrupt: delete the directory and re-create it"
+        ) from e
+    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    return model, tokenizer
+
+
+def _load_lora(directory: Path, *, dtype, device, rope_theta, n_ctx) -> TransformerBridge:
+    """A peft LoRA checkpoint: load its base with `load_model`'s rules, merge, boot."""
+    from peft import PeftModel
+
+    adapter_cfg = json.loads((directory / "adapter_config.json").read_text())
+    base = adapter_cfg.get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{directory}/adapter_config.json names no base_model_name_or_path")
+    base_dir, base_id, base_sha = _base_location(base, directory)
+    hf_model, tokenizer = _load_hf(base_dir, dtype, rope_theta, n_ctx)
+    try:
+        merged = PeftModel.from_pretrained(hf_model, directory).merge_and_unload()
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise ValueError(
+            f"LoRA checkpoint {directory} does not fit its base {base} ({e}); was it trained on "
+            "another base model?"
+        ) from e
+    if (directory / "tokenizer.json").is_file():
+        tokenizer_dir = directory
+    else:
+        tokenizer_dir = base_dir
+    return _boot(
+        merged,
+        tokenizer,
+        tokenizer_dir,
+        model_id=f"{base_id}+lora:{directory.name}",
+        source=str(directory),
+        sha=base_sha,
+        dtype=dtype,
+        device=device,
+        lora=str(directory),
+    )
+
+
+def _base_location(base: str, adapter_dir: Path) -> tuple[Path, str, str | None]:
+    embedded = resolve_embedded(base)
+    if embedded is not None:
+        d, sha = converted_dir(embedded)
+        return d, embedded.name, sha
+    candidate = Path(base).expanduser()
+    if not candidate.is_absolute():
+        candidate = (adapter_dir / candidate) if (adapter_dir / candidate).is_dir() else candidate
+    if candidate.is_dir():
+        return candidate.resolve(), candidate.name, _weights_sha(candidate)
+    d = _from_hf_cache(base)
+    return d, base, _weights_sha(d)
+
+
+def _from_hf_cache(name: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(name, local_files_only=True))
+    except (LocalEntryNotFoundError, ValueError, OSError) as e:
+        raise ValueError(
+            f"unknown model {name!r}: not an embedded model ({', '.join(sorted(EMBEDDED))}), not "
+            "a local directory, and not in the local Hugging Face cache (models are never "
+            "downloaded). Pass a directory holding config.json and weights, or pre-populate the "
+            "HF cache on a machine with hub access."
+        ) from e
+
+
+def _weights_sha(directory: Path) -> str | None:
+    """Hash of the (first) weights file; None for sharded or missing weights."""
+    single = directory / "model.safetensors"
+    return file_sha256(single) if single.is_file() else None
+
+
+def _require(path: Path, message: str) -> None:
+    if not path.is_file():
+        raise ValueError(message)
+
+
+def _dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}") from None
+
+
+def _rope_theta(config) -> float | None:
+    params = getattr(config, "rope_parameters", None)
+    if isinstance(params, dict) and "rope_theta" in params:
+        return float(params["rope_theta"])
+    theta = getattr(config, "rope_theta", None)
+    return float(theta) if theta is not None else None
+
+
+def _set_rope_theta(config, theta: float) -> None:
+    if _rope_theta(config) is None:
+        raise ValueError(f"{config.model_type} has no RoPE theta to override")
+    params = getattr(config, "rope_parameters", None)
+    if isinstance(params, dict):
+        config.rope_parameters = {**params, "rope_theta": float(theta)}
+    if hasattr(config, "rope_theta"):
+        config.rope_theta = float(theta)

@@ -1,0 +1,149 @@
+"""Multi-hop QA: answering needs two (or more) gold documents among distractors.
+
+Real data is MuSiQue JSONL, one record a line:
+`{"id", "paragraphs": [{"idx", "title", "paragraph_text", "is_supporting"}], "question", "answer",
+"answer_aliases": [...], "answerable": bool}`. The gold documents are the supporting paragraphs.
+
+Synthetic variants plant a two-hop fact pair (`mechinterp.tasks.needles.make_two_hop`): each hop's
+fact goes into its own gold document, at two distinct random positions, among distractors built
+exactly as in `mechinterp.tasks.mdqa` (same variant names, same haystack kinds).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from mechinterp.tasks.example import Document, Example
+from mechinterp.tasks.mdqa import (
+    HaystackDiversity,
+    as_str,
+    as_str_list,
+    build_documents,
+    check_limit,
+    check_synthetic_args,
+    read_records,
+    variant_name,
+)
+from mechinterp.tasks.needles import NeedleRealism, make_two_hop
+
+
+def _musique_example(record: Mapping[str, Any], *, source: str, line: int, variant: str) -> Example:
+    question = as_str(record["question"], "question")
+    aliases = as_str_list(record.get("answer_aliases", []), "answer_aliases")
+    answers = (as_str(record["answer"], "answer"), *aliases)
+    paragraphs = record["paragraphs"]
+    if not isinstance(paragraphs, list) or not paragraphs:
+        raise ValueError("paragraphs must be a non-empty list")
+    if not all(isinstance(p, dict) for p in paragraphs):
+        raise ValueError("every paragraph must be a JSON object")
+    documents = tuple(
+        Document(
+            text=as_str(p["paragraph_text"], f"paragraphs[{i}].paragraph_text"),
+            title=as_str(p.get("title") or "", f"paragraphs[{i}].title"),
+            gold=bool(p.get("is_supporting", False)),
+        )
+        for i, p in enumerate(paragraphs)
+    )
+    gold = [i for i, d in enumerate(documents) if d.gold]
+    answerable = bool(record.get("answerable", True))
+    if answerable and not gold:
+        raise ValueError("no supporting paragraph (no paragraph has is_supporting=true)")
+    return Example(
+        id=str(record.get("id", f"{source}:{line}")),
+        task="multihop",
+        variant=variant,
+        documents=documents,
+        question=question,
+        answers=tuple(dict.fromkeys(answers)),
+        needles=(),
+        meta={
+            "gold_indices": gold,
+            "n_docs": len(documents),
+            "answerable": answerable,
+            "source": source,
+            "line": line,
+        },
+    )
+
+
+def load_musique(
+    path: str | Path,
+    *,
+    limit: int | None = None,
+    include_unanswerable: bool = False,
+    variant: str = "real",
+) -> list[Example]:
+    """Read MuSiQue records as `Example`s (task `"multihop"`).
+
+    Answers are `(answer, *answer_aliases)` without duplicates. Records with `answerable` false
+    are skipped unless `include_unanswerable`; kept ones may have no gold document. `limit`
+    counts returned examples. Errors name the file and line.
+    """
+    check_limit(limit)
+    path = Path(path)
+    out: list[Example] = []
+    if limit == 0:
+        return out
+    for lineno, record in read_records(path):
+        try:
+            if not include_unanswerable and record.get("answerable", True) is False:
+                continue
+            out.append(_musique_example(record, source=path.name, line=lineno, variant=variant))
+        except KeyError as e:
+            raise ValueError(f"{path}:{lineno}: missing key {e}") from e
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{path}:{lineno}: {e}") from e
+        if limit is not None and len(out) >= limit:
+            break
+    return out
+
+
+def synthetic_multihop(
+    n: int,
+    *,
+    n_docs: int = 10,
+    realism: NeedleRealism,
+    diversity: HaystackDiversity,
+    seed: int = 0,
+    doc_words: int = 100,
+) -> list[Example]:
+    """`n` synthetic two-hop examples: each hop's fact in its own gold document among `n_docs`.
+
+    Example `i` is drawn from `random.Random(f"multihop:{seed}:{i}")`. `needles` are the two fact
+    texts in hop order; `meta["gold_indices"]` are their document positions in the same order
+    (hop 1 may come after hop 2), and `meta["bridge"]` is the bridge entity.
+    """
+    check_synthetic_args(n, n_docs, doc_words, min_docs=2)
+    variant = variant_name(realism, diversity)
+    out = []
+    for i in range(n):
+        rng = random.Random(f"multihop:{seed}:{i}")
+        positions = rng.sample(range(n_docs), 2)
+        hop = make_two_hop(rng, realism)
+        docs = build_documents(
+            rng, dict(zip(positions, hop.facts, strict=True)), n_docs=n_docs, realism=realism,
+            diversity=diversity, doc_words=doc_words,
+        )  # fmt: skip
+        out.append(
+            Example(
+                id=f"multihop-{variant}-s{seed}-{i}",
+                task="multihop",
+                variant=variant,
+                documents=docs,
+                question=hop.question,
+                answers=(hop.answer,),
+                needles=tuple(f.text for f in hop.facts),
+                meta={
+                    "gold_indices": positions,
+                    "n_docs": n_docs,
+                    "seed": seed,
+                    "realism": realism,
+                    "diversity": "n/a" if realism == "symbolic" else diversity,
+                    "bridge": hop.bridge,
+                },
+            )
+        )
+    return out

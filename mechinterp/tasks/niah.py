@@ -1,0 +1,173 @@
+"""Needle-in-a-haystack grid (Wu et al.): needles × context lengths × depths.
+
+The haystack is cut from the Paul Graham essays (or the repetitive filler) so the *rendered
+prompt* has about `length` tokens for the given tokenizer; the needle goes in at the sentence
+boundary nearest the requested depth. Token spans are recorded by `tasks.prompt.render`.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from mechinterp.tasks import haystack as hs
+from mechinterp.tasks.example import Document, Example
+from mechinterp.tasks.prompt import Template, render
+
+Haystack = Literal["essays", "filler"]
+
+
+@dataclass(frozen=True)
+class Needle:
+    text: str
+    question: str
+    answer: str
+
+    def __post_init__(self) -> None:
+        if self.answer not in self.text:
+            raise ValueError(f"answer {self.answer!r} is not in needle {self.text!r}")
+
+
+NEEDLES: tuple[Needle, ...] = (
+    Needle(
+        "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a "
+        "sunny day.",
+        "What is the best thing to do in San Francisco?",
+        "eat a sandwich and sit in Dolores Park on a sunny day",
+    ),
+    Needle(
+        "The secret ingredient in Grandma Rosa's lasagna is a spoonful of cinnamon.",
+        "What is the secret ingredient in Grandma Rosa's lasagna?",
+        "a spoonful of cinnamon",
+    ),
+    Needle(
+        "The password to the old lighthouse is blue harmonica.",
+        "What is the password to the old lighthouse?",
+        "blue harmonica",
+    ),
+    Needle(
+        "The mascot of the Riverside Robotics Team is a purple owl named Gizmo.",
+        "What is the mascot of the Riverside Robotics Team?",
+        "a purple owl named Gizmo",
+    ),
+    Needle(
+        "The treasure of Captain Ishida is buried under the third palm tree on Coral Island.",
+        "Where is the treasure of Captain Ishida buried?",
+        "under the third palm tree on Coral Island",
+    ),
+    Needle(
+        "The annual kite festival in Port Alder is held on the first Sunday of October.",
+        "When is the annual kite festival in Port Alder held?",
+        "the first Sunday of October",
+    ),
+    Needle(
+        "Dr. Elena Marsh keeps her spare keys inside a hollow copy of Moby Dick.",
+        "Where does Dr. Elena Marsh keep her spare keys?",
+        "inside a hollow copy of Moby Dick",
+    ),
+    Needle(
+        "The favourite drink of the painter Tomas Varga is cold mint tea with honey.",
+        "What is the favourite drink of the painter Tomas Varga?",
+        "cold mint tea with honey",
+    ),
+)
+
+
+def niah_grid(
+    tokenizer,
+    *,
+    lengths: Sequence[int],
+    depths: Sequence[float],
+    needles: Sequence[Needle] | int = 3,
+    haystack: Haystack = "essays",
+    seed: int = 0,
+    template: Template | None = None,
+) -> list[Example]:
+    """One example per (needle, length, depth), in that nesting order.
+
+    `needles` is a list of `Needle`s or a count taken from `NEEDLES`. For each (needle, length)
+    the haystack starts at a seeded essay, so depths of one cell share their haystack exactly.
+    """
+    if isinstance(needles, int):
+        if not 1 <= needles <= len(NEEDLES):
+            raise ValueError(f"needles must be 1..{len(NEEDLES)}, got {needles}")
+        needles = NEEDLES[:needles]
+    if not lengths or not depths:
+        raise ValueError("niah_grid needs at least one length and one depth")
+    rng = random.Random(seed)
+    corpus_starts = _essay_starts() if haystack == "essays" else None
+    out = []
+    for n_i, needle in enumerate(needles):
+        for length in lengths:
+            start = rng.choice(corpus_starts) if corpus_starts else rng.randrange(5)
+            hay = _haystack(tokenizer, needle, length, haystack, start, template)
+            for depth in depths:
+                text, _, realised = hs.insert_at_depth(hay, needle.text, float(depth))
+                out.append(
+                    Example(
+                        id=f"niah-n{n_i}-L{length}-d{float(depth):.2f}-s{seed}",
+                        task="niah",
+                        variant=f"niah-{haystack}",
+                        documents=(Document(text=text, gold=True),),
+                        question=needle.question,
+                        answers=(needle.answer,),
+                        needles=(needle.text,),
+                        meta={
+                            "length": int(length),
+                            "depth": float(depth),
+                            "realised_depth": round(realised, 4),
+                            "needle_index": n_i,
+                            "haystack": haystack,
+                            "seed": seed,
+                        },
+                    )
+                )
+    return out
+
+
+def _essay_starts() -> list[int]:
+    starts, pos = [], 0
+    for _, text in hs.essays():
+        starts.append(pos)
+        pos += len(text) + 1
+    return starts
+
+
+def _haystack(
+    tokenizer, needle: Needle, length: int, kind: Haystack, start: int, template: Template | None
+) -> str:
+    """Haystack text whose prompt (with the needle) comes to about `length` tokens."""
+    probe = Example(
+        id="probe",
+        task="niah",
+        variant="probe",
+        documents=(Document(text=needle.text, gold=True),),
+        question=needle.question,
+        answers=(needle.answer,),
+        needles=(needle.text,),
+    )
+    overhead = render(probe, tokenizer, template=template).n_tokens
+    budget = length - overhead - 1
+    if budget < 16:
+        raise ValueError(
+            f"length {length} is too short: the prompt without haystack already "
+            f"takes {overhead} tokens"
+        )
+    if kind == "essays":
+        corpus = hs.essay_corpus()
+        source = corpus[start:] + " " + corpus[:start]
+    elif kind == "filler":
+        source = hs.filler_text(budget, offset=start)
+    else:
+        raise ValueError(f"unknown haystack {kind!r}; expected 'essays' or 'filler'")
+    window = source[: budget * 8]
+    enc = tokenizer(window, add_special_tokens=False, return_offsets_mapping=True)
+    offsets = enc["offset_mapping"]
+    if len(offsets) < budget:
+        raise ValueError(f"haystack source is too short for {length} tokens")
+    cut = window[: offsets[budget - 1][1]]
+    bounds = [b for b in hs.sentence_boundaries(cut) if b < len(cut)]
+    last = max(bounds) if len(bounds) > 1 else len(cut)
+    return cut[:last].strip()

