@@ -29,13 +29,14 @@ def char_tokenizer(directory: str | Path):
 
     (The bridge re-reads tokenizers from disk; one built only in memory breaks it.)
     """
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     chars = sorted(set(string.printable) - set("\x0b\x0c\r"))
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + chars)}
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    core.decoder = decoders.Fuse()
     fast = PreTrainedTokenizerFast(
         tokenizer_object=core,
         bos_token="<s>",
@@ -57,7 +58,7 @@ def tiny_model(
     n_heads: int = 4,
     n_layers: int = 2,
     d_model: int = 64,
-    n_ctx: int = 512,
+    n_ctx: int = 2048,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     directory: str | Path | None = None,
