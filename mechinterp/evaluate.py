@@ -92,7 +92,8 @@ def generate(
 def _generate_batch(model, prompts, max_new_tokens, stop_ids) -> list[Generation]:
     device = model.cfg.device
     pad = model.tokenizer.pad_token_id
-    pad = pad if pad is not None else next(iter(stop_ids))
+    if pad is None:
+        pad = model.tokenizer.eos_token_id if model.tokenizer.eos_token_id is not None else 0
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)

@@ -1,6 +1,7 @@
 """The `mechinterp eval` command end to end on a tiny model directory."""
 
 import json
+import runpy
 import shutil
 
 import pandas as pd
@@ -29,6 +30,11 @@ def test_eval_writes_a_complete_run_directory(tiny_dir, tmp_path, capsys):
     if shutil.which("chromium") or shutil.which("chromium-browser"):
         assert png.stat().st_size > 5_000 and png.read_bytes()[:4] == b"\x89PNG"
     assert "accuracy" in capsys.readouterr().out
+    # the figure script regenerates the heatmap from the stored table alone
+    fig_main = runpy.run_path("figures/niah_accuracy.py")["main"]
+    assert fig_main([str(run), "--out", str(tmp_path / "fig"), "--value", "f1"]) == 0
+    html = (tmp_path / "fig" / "niah_f1.html").read_text()
+    assert "f1 by context length" not in html and "NIAH f1" in html
     # the same config again reuses the finished run
     mtime = (run / "results.parquet").stat().st_mtime_ns
     assert main(args) == 0 and (run / "results.parquet").stat().st_mtime_ns == mtime

@@ -92,7 +92,8 @@ def test_stop_rule_includes_eos_and_end_of_turn(tiny_gqa):
 
 
 def test_answer_logprobs_equal_a_manual_forward(tiny_gqa):
-    prompt, answer = _prompts(tiny_gqa)[0], tiny_gqa.tokenizer(" ok", add_special_tokens=False).input_ids
+    prompt = _prompts(tiny_gqa)[0]
+    answer = tiny_gqa.tokenizer(" ok", add_special_tokens=False).input_ids
     lp = answer_logprobs(tiny_gqa, prompt, answer)
     with torch.no_grad():
         logits = tiny_gqa(torch.tensor([prompt + answer]))[0]

