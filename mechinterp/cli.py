@@ -18,6 +18,9 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def _eval_parser(sub) -> None:
+    from mechinterp.runs import EvalConfig, ModelSpec, TaskSpec
+
+    m, d, e = ModelSpec(), TaskSpec(), EvalConfig()
     p = sub.add_parser(
         "eval",
         help="run a long-context task on a model; write a tidy table "
@@ -25,28 +28,28 @@ def _eval_parser(sub) -> None:
     )
     p.add_argument(
         "--model",
-        default="smollm2-135m",
+        default=m.name,
         help="embedded name (smollm2-135m), a local HF model or LoRA directory, or a "
         "model id in the local HF cache",
     )
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--dtype", default=m.dtype)
     p.add_argument("--device", default=None)
     p.add_argument("--rope-theta", type=float, default=None)
-    p.add_argument("--task", default="niah", choices=["niah", "mdqa", "multihop"])
+    p.add_argument("--task", default=d.task, choices=["niah", "mdqa", "multihop"])
     p.add_argument(
         "--lengths",
         type=_ints,
-        default=(256, 512, 768, 1024),
+        default=d.lengths,
         help="NIAH context lengths in tokens, comma-separated",
     )
     p.add_argument(
         "--depths",
         type=_floats,
-        default=(0.0, 0.25, 0.5, 0.75, 1.0),
+        default=d.depths,
         help="NIAH needle depths in [0, 1], comma-separated",
     )
-    p.add_argument("--needles", type=int, default=2, help="number of NIAH needles (1-8)")
-    p.add_argument("--haystack", default="essays", choices=["essays", "filler"])
+    p.add_argument("--needles", type=int, default=d.needles, help="number of NIAH needles (1-8)")
+    p.add_argument("--haystack", default=d.haystack, choices=["essays", "filler"])
     p.add_argument(
         "--data",
         default=None,
@@ -54,15 +57,15 @@ def _eval_parser(sub) -> None:
     )
     p.add_argument(
         "--variant",
-        default="realistic-high",
+        default=d.variant,
         help="synthetic QA variant: realistic-high|realistic-low|templated-high|"
         "templated-low|symbolic",
     )
-    p.add_argument("--n", type=int, default=20, help="QA examples (synthetic count or file limit)")
-    p.add_argument("--n-docs", type=int, default=10)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--n", type=int, default=d.n, help="QA examples (synthetic count or file limit)")
+    p.add_argument("--n-docs", type=int, default=d.n_docs)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--max-new-tokens", type=int, default=e.max_new_tokens)
+    p.add_argument("--batch-size", type=int, default=e.batch_size)
     p.add_argument("--template", default=None, choices=["chat", "plain"])
     p.add_argument("--out", default="runs", help="root folder for run directories")
     p.add_argument("--force", action="store_true", help="recompute an existing run")

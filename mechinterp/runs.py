@@ -35,9 +35,9 @@ class TaskSpec:
     (a user's JSONL file) or a synthetic `variant` with `n` examples of `n_docs` documents."""
 
     task: TaskName = "niah"
-    lengths: tuple[int, ...] = (256, 512, 768, 1024)
-    depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
-    needles: int = 2
+    lengths: tuple[int, ...] = (256, 512, 1024, 2048)
+    depths: tuple[float, ...] = (0.0, 0.5, 1.0)
+    needles: int = 4
     haystack: Haystack = "essays"
     data: str | None = None
     variant: str = "realistic-high"
