@@ -143,6 +143,7 @@ def run_eval(
     """
     from mechinterp.evaluate import evaluate
     from mechinterp.models import load_model, model_card
+    from mechinterp.models.load import tune_allocator
     from mechinterp.plots import accuracy_heatmap
 
     out = store.run_dir(root, config.slug, config)
@@ -176,6 +177,7 @@ def run_eval(
         out / "provenance.json",
         store.provenance(
             model_card=card.to_dict(),
+            malloc_tuned=tune_allocator(),
             seed=config.task.seed,
             n_examples=len(df),
             timings={

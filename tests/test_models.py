@@ -132,3 +132,13 @@ def test_importing_the_library_never_touches_the_hub():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
     )
     assert out.stdout.strip() == "1"
+
+
+def test_allocator_tuning_is_in_force_on_glibc():
+    import platform
+
+    from mechinterp.models.load import tune_allocator
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt is glibc-only")
+    assert tune_allocator() is True

@@ -75,12 +75,25 @@ def user_content(example: Example) -> tuple[str, dict[str, list[tuple[int, int]]
     text = "".join(parts)
     for needle in example.needles:
         spans["needle"].append(_locate_in_gold(example, needle, doc_starts))
+    spans["answer"] = _answer_span(example, text, spans["needle"], doc_starts)
+    return text, {**spans, "question": [question]}
+
+
+def _answer_span(
+    example: Example, text: str, needles: list[tuple[int, int]], doc_starts: list[int]
+) -> list[tuple[int, int]]:
+    """The first accepted answer's occurrence, inside a planted needle when there is one (the
+    same words elsewhere in the haystack are not the retrieved copy), else in a gold document."""
+    for answer in example.answers:
+        for start, end in needles:
+            at = text.find(answer, start, end)
+            if at >= 0:
+                return [(at, at + len(answer))]
     for answer in example.answers:
         found = _find_in_gold(example, answer, doc_starts)
         if found is not None:
-            spans["answer"].append(found)
-            break
-    return text, {**spans, "question": [question]}
+            return [found]
+    return []
 
 
 def _find_in_gold(example: Example, s: str, doc_starts: list[int]) -> tuple[int, int] | None:

