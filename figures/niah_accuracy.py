@@ -1,6 +1,6 @@
 """Figure: NIAH length × depth accuracy heatmap, regenerated from a stored run (no model).
 
-    .venv/bin/python figures/niah_accuracy.py runs/eval-smollm2-135m-niah-<hash> [--out DIR]
+    .venv/bin/python figures/niah_accuracy.py runs/eval-smollm2-135m-niah-essays-<hash> [--out DIR]
 """
 
 from __future__ import annotations

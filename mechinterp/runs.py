@@ -76,9 +76,10 @@ class EvalConfig:
     @property
     def slug(self) -> str:
         t = self.task
-        what = t.task if t.data is None and t.task == "niah" else f"{t.task}-{t.variant}"
         if t.data is not None:
             what = f"{t.task}-{Path(t.data).stem}"
+        else:
+            what = f"niah-{t.haystack}" if t.task == "niah" else f"{t.task}-{t.variant}"
         return f"eval-{Path(self.model.name).name}-{what}"
 
 

@@ -110,7 +110,6 @@ def load_model(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     name = str(name_or_path)
     embedded = resolve_embedded(name)
-    lora = None
     if embedded is not None:
         directory, sha = converted_dir(embedded)
         model_id = embedded.name
@@ -121,11 +120,11 @@ def load_model(
             return _load_lora(
                 directory, dtype=torch_dtype, device=device, rope_theta=rope_theta, n_ctx=n_ctx
             )
-        _require(
-            directory / "config.json",
-            f"{directory} is not an HF model directory "
-            "(no config.json) nor a LoRA checkpoint (no adapter_config.json)",
-        )
+        if not (directory / "config.json").is_file():
+            raise ValueError(
+                f"{directory} is not an HF model directory (no config.json) nor a LoRA "
+                "checkpoint (no adapter_config.json)"
+            )
         model_id, source, sha = directory.name, str(directory), _weights_sha(directory)
     else:
         directory = _from_hf_cache(name)
@@ -140,7 +139,7 @@ def load_model(
         sha=sha,
         dtype=torch_dtype,
         device=device,
-        lora=lora,
+        lora=None,
     )
 
 
@@ -290,11 +289,6 @@ def _weights_sha(directory: Path) -> str | None:
     """Hash of the (first) weights file; None for sharded or missing weights."""
     single = directory / "model.safetensors"
     return file_sha256(single) if single.is_file() else None
-
-
-def _require(path: Path, message: str) -> None:
-    if not path.is_file():
-        raise ValueError(message)
 
 
 def _dtype(dtype: str | torch.dtype) -> torch.dtype:
