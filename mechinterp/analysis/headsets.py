@@ -1,0 +1,162 @@
+"""Head sets: select from a score matrix, compare two sets or score vectors, sample baselines.
+
+Scores are a `layer × head` tensor (query heads). Ranking is by score, descending; ties break by
+(layer, head) ascending so every ranking is deterministic.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Collection, Iterable, Sequence
+
+import torch
+from jaxtyping import Float
+from scipy import stats
+from torch import Tensor
+
+from mechinterp.heads import Head, HeadShape
+
+HeadScores = Float[Tensor, "layer head"]
+
+
+def _shape_of(scores: HeadScores) -> HeadShape:
+    if scores.ndim != 2:
+        raise ValueError(
+            f"head scores must be a layer × head matrix, got shape {tuple(scores.shape)}"
+        )
+    return HeadShape(scores.shape[0], scores.shape[1], 1)
+
+
+def rank_heads(scores: HeadScores) -> tuple[Head, ...]:
+    """Every head, best score first (ties: lower layer, then lower head, first)."""
+    _shape_of(scores)
+    flat = [
+        (-float(scores[layer, h]), layer, h)
+        for layer in range(scores.shape[0])
+        for h in range(scores.shape[1])
+    ]
+    if any(math.isnan(s) for s, _, _ in flat):
+        raise ValueError("head scores contain NaN")
+    return tuple(Head(layer, h) for _, layer, h in sorted(flat))
+
+
+def select_heads(
+    scores: HeadScores,
+    *,
+    threshold: float | None = None,
+    top_k: int | None = None,
+    share: float | None = None,
+) -> tuple[Head, ...]:
+    """Heads by exactly one rule: score > `threshold`, the `top_k` best, or the best `share`
+    (a fraction of all heads, rounded to the nearest count). Returned in rank order."""
+    rules = [r for r in (threshold, top_k, share) if r is not None]
+    if len(rules) != 1:
+        raise ValueError("select_heads takes exactly one of threshold=, top_k=, share=")
+    ranked = rank_heads(scores)
+    if threshold is not None:
+        return tuple(h for h in ranked if float(scores[h.layer, h.head]) > threshold)
+    n = len(ranked)
+    if top_k is not None:
+        if not 0 <= top_k <= n:
+            raise ValueError(f"top_k must be in [0, {n}], got {top_k}")
+        return ranked[:top_k]
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"share must be in [0, 1], got {share}")
+    return ranked[: round(share * n)]
+
+
+# ---------------------------------------------------------------- comparing two head sets
+
+
+def recall(found: Collection[Head], reference: Collection[Head]) -> float:
+    """|found ∩ reference| / |reference| (the paper's recall of H_real by H_syn)."""
+    reference = set(reference)
+    if not reference:
+        raise ValueError("recall needs a non-empty reference set")
+    return len(set(found) & reference) / len(reference)
+
+
+def precision(found: Collection[Head], reference: Collection[Head]) -> float:
+    """|found ∩ reference| / |found|."""
+    found = set(found)
+    if not found:
+        raise ValueError("precision needs a non-empty found set")
+    return len(found & set(reference)) / len(found)
+
+
+def jaccard(a: Collection[Head], b: Collection[Head]) -> float:
+    a, b = set(a), set(b)
+    if not a and not b:
+        raise ValueError("jaccard of two empty sets is undefined")
+    return len(a & b) / len(a | b)
+
+
+def top_k_overlap(a: HeadScores, b: HeadScores, k: int) -> float:
+    """Share of the top-k heads of `a` that are also in the top-k of `b`."""
+    _same_shape(a, b)
+    if k < 1:
+        raise ValueError("k must be >= 1")
+    return len(set(rank_heads(a)[:k]) & set(rank_heads(b)[:k])) / k
+
+
+def score_correlations(a: HeadScores, b: HeadScores) -> dict[str, float]:
+    """Pearson, Spearman and cosine similarity of two per-head score vectors."""
+    _same_shape(a, b)
+    x, y = a.flatten().double(), b.flatten().double()
+    cos = float(torch.nn.functional.cosine_similarity(x, y, dim=0))
+    return {
+        "pearson": float(stats.pearsonr(x.numpy(), y.numpy()).statistic),
+        "spearman": float(stats.spearmanr(x.numpy(), y.numpy()).statistic),
+        "cosine": cos,
+    }
+
+
+def _same_shape(a: HeadScores, b: HeadScores) -> None:
+    _shape_of(a), _shape_of(b)
+    if a.shape != b.shape:
+        raise ValueError(
+            f"head scores come from models of different shapes ({tuple(a.shape)} vs "
+            f"{tuple(b.shape)} layers × heads); compare heads of one architecture"
+        )
+
+
+# ---------------------------------------------------------------- random baselines
+
+
+def random_complement(
+    ranked: Iterable[Head],
+    k: int,
+    shape: HeadShape,
+    *,
+    seed: int,
+    match_layers: Sequence[Head] | None = None,
+) -> tuple[Head, ...]:
+    """k heads drawn uniformly from the heads *not* in `ranked`.
+
+    With `match_layers` (usually the top-k set itself) the draw takes, in each layer, as many
+    heads as `match_layers` has there, from that layer's complement. The result never holds a
+    head of `ranked` (unlike the Wu reference sampler).
+    """
+    excluded = set(ranked)
+    for h in excluded:
+        shape.validate(h)
+    rng = random.Random(seed)
+    pool = [h for h in shape.all_heads() if h not in excluded]
+    if match_layers is None:
+        if not 0 <= k <= len(pool):
+            raise ValueError(f"cannot draw {k} heads from a complement of {len(pool)} heads")
+        return tuple(sorted(rng.sample(pool, k)))
+    if len(match_layers) != k:
+        raise ValueError(f"match_layers has {len(match_layers)} heads but k is {k}")
+    out: list[Head] = []
+    for layer in sorted({h.layer for h in match_layers}):
+        need = sum(h.layer == layer for h in match_layers)
+        layer_pool = [h for h in pool if h.layer == layer]
+        if need > len(layer_pool):
+            raise ValueError(
+                f"layer {layer} has only {len(layer_pool)} heads outside the ranked set; cannot "
+                f"match {need} there (drop match_layers or rank fewer heads)"
+            )
+        out += rng.sample(layer_pool, need)
+    return tuple(sorted(out))

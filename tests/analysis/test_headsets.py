@@ -1,0 +1,113 @@
+import json
+
+import pytest
+import torch
+
+from mechinterp.analysis.headsets import (
+    jaccard,
+    precision,
+    random_complement,
+    rank_heads,
+    recall,
+    score_correlations,
+    select_heads,
+    top_k_overlap,
+)
+from mechinterp.analysis.stats import correlate
+from mechinterp.analysis.wu_json import read_wu_scores, write_wu_scores
+from mechinterp.heads import Head, HeadShape, parse_heads
+
+SCORES = torch.tensor([[0.00, 0.30, 0.05], [0.12, 0.00, 0.30], [0.00, 0.50, 0.08]])
+
+
+def test_ranking_is_by_score_with_deterministic_ties():
+    assert rank_heads(SCORES)[:4] == parse_heads("L2H1 L0H1 L1H2 L1H0")  # 0.30 tie: layer 0 first
+
+
+def test_selection_by_threshold_top_k_and_share():
+    assert select_heads(SCORES, threshold=0.1) == parse_heads("L2H1 L0H1 L1H2 L1H0")
+    assert select_heads(SCORES, threshold=0.0) == parse_heads("L2H1 L0H1 L1H2 L1H0 L2H2 L0H2")
+    assert select_heads(SCORES, top_k=2) == parse_heads("L2H1 L0H1")
+    assert select_heads(SCORES, share=1 / 3) == parse_heads("L2H1 L0H1 L1H2")
+    with pytest.raises(ValueError, match="exactly one"):
+        select_heads(SCORES, top_k=2, threshold=0.1)
+
+
+def test_set_metrics_on_hand_made_sets():
+    real = parse_heads("L0H0 L0H1 L1H0 L1H1")
+    syn = parse_heads("L0H0 L0H1 L2H2")
+    assert recall(syn, real) == 0.5  # 2 of the 4 real heads
+    assert precision(syn, real) == pytest.approx(2 / 3)
+    assert jaccard(syn, real) == pytest.approx(2 / 5)
+    with pytest.raises(ValueError, match="non-empty reference"):
+        recall(syn, [])
+
+
+def test_top_k_overlap_and_correlations():
+    other = SCORES.clone()
+    other[0, 1] = 0.0  # L0H1 leaves the top 2; L1H2 comes in
+    assert top_k_overlap(SCORES, other, 2) == 0.5
+    c = score_correlations(SCORES, SCORES * 2)
+    assert c["pearson"] == pytest.approx(1) and c["cosine"] == pytest.approx(1)
+    c = score_correlations(SCORES, -SCORES)
+    assert c["spearman"] == pytest.approx(-1)
+
+
+def test_comparing_models_of_different_shapes_is_refused():
+    with pytest.raises(ValueError, match="different shapes"):
+        score_correlations(SCORES, torch.zeros(4, 3))
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_random_complement_never_returns_a_ranked_head(seed):
+    shape = HeadShape(30, 9, 3)
+    ranked = [Head(layer, h) for layer in range(30) for h in range(9) if (layer + h) % 3 == 0]
+    drawn = random_complement(ranked, 20, shape, seed=seed)
+    assert len(set(drawn)) == 20 and not set(drawn) & set(ranked)
+    assert drawn == random_complement(ranked, 20, shape, seed=seed)
+
+
+def test_random_complement_can_match_layers():
+    top = parse_heads("L2H1 L0H1 L2H0")
+    drawn = random_complement(top, 3, HeadShape(3, 4, 1), seed=0, match_layers=top)
+    assert sorted(h.layer for h in drawn) == [0, 2, 2]
+    # layer 2's complement is exactly {L2H2, L2H3}; layer 0's draw avoids L0H1
+    assert {Head(2, 2), Head(2, 3)} <= set(drawn) and Head(0, 1) not in drawn
+    with pytest.raises(ValueError, match="layer 2 has only 1 heads outside the ranked set"):
+        random_complement(top, 3, HeadShape(3, 3, 1), seed=0, match_layers=top)
+
+
+def test_random_complement_too_large_is_refused():
+    with pytest.raises(ValueError, match="cannot draw 8 heads from a complement of 6"):
+        random_complement(parse_heads("L0H0 L0H1 L0H2"), 8, HeadShape(3, 3, 1), seed=0)
+
+
+def test_bootstrap_correlation_with_five_points():
+    recall_ = [0.2, 0.4, 0.5, 0.7, 0.9]
+    f1 = [0.30, 0.35, 0.50, 0.55, 0.70]
+    r = correlate(recall_, f1, method="spearman", n_boot=2000, seed=0)
+    assert r.estimate == pytest.approx(1.0) and r.n == 5
+    assert r.low <= r.estimate <= r.high and r.n_valid_boot <= 2000
+    p = correlate(recall_, f1, method="pearson", n_boot=2000, seed=0)
+    assert 0.9 < p.estimate < 1.0 and p.low < p.estimate
+    assert correlate(recall_, f1, n_boot=500, seed=1) == correlate(recall_, f1, n_boot=500, seed=1)
+    with pytest.raises(ValueError, match="constant"):
+        correlate([1, 1, 1], [1, 2, 3])
+
+
+def test_wu_json_round_trip_and_errors(tmp_path):
+    per = {Head(0, 1): [1.0, 0.0], Head(1, 2): [0.25, 0.25, 0.5]}
+    path = write_wu_scores(tmp_path / "heads.json", per)
+    assert json.loads(path.read_text()) == {"0-1": [1.0, 0.0], "1-2": [0.25, 0.25, 0.5]}
+    scores, back = read_wu_scores(path, HeadShape(2, 3, 1))
+    assert back == per and scores.shape == (2, 3)
+    assert scores[0, 1] == 0.5 and scores[1, 2] == pytest.approx(1 / 3) and scores[0, 0] == 0
+    (tmp_path / "empty.json").write_text("")
+    with pytest.raises(ValueError, match="is empty"):
+        read_wu_scores(tmp_path / "empty.json")
+    (tmp_path / "bad.json").write_text('{"0_1": [1]}')
+    with pytest.raises(ValueError, match="not 'layer-head'"):
+        read_wu_scores(tmp_path / "bad.json")
+    (tmp_path / "big.json").write_text('{"5-1": [1]}')
+    with pytest.raises(ValueError, match="outside the model"):
+        read_wu_scores(tmp_path / "big.json", HeadShape(2, 3, 1))
