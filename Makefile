@@ -34,10 +34,11 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 lint: setup
-	$(BIN)/ruff check mechinterp tests benchmarks
+	$(BIN)/ruff check mechinterp tests benchmarks figures
 
 bench: setup
 	$(BIN)/python benchmarks/bench_load_generate.py
+	$(BIN)/python benchmarks/bench_detect.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

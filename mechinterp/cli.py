@@ -17,15 +17,7 @@ def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in text.split(",") if x.strip())
 
 
-def _eval_parser(sub) -> None:
-    from mechinterp.runs import EvalConfig, ModelSpec, TaskSpec
-
-    m, d, e = ModelSpec(), TaskSpec(), EvalConfig()
-    p = sub.add_parser(
-        "eval",
-        help="run a long-context task on a model; write a tidy table "
-        "and a length x depth accuracy heatmap",
-    )
+def _model_args(p, m) -> None:
     p.add_argument(
         "--model",
         default=m.name,
@@ -35,6 +27,9 @@ def _eval_parser(sub) -> None:
     p.add_argument("--dtype", default=m.dtype)
     p.add_argument("--device", default=None)
     p.add_argument("--rope-theta", type=float, default=None)
+
+
+def _task_args(p, d) -> None:
     p.add_argument("--task", default=d.task, choices=["niah", "mdqa", "multihop"])
     p.add_argument(
         "--lengths",
@@ -64,33 +59,62 @@ def _eval_parser(sub) -> None:
     p.add_argument("--n", type=int, default=d.n, help="QA examples (synthetic count or file limit)")
     p.add_argument("--n-docs", type=int, default=d.n_docs)
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--max-new-tokens", type=int, default=e.max_new_tokens)
-    p.add_argument("--batch-size", type=int, default=e.batch_size)
+
+
+def _run_args(p) -> None:
     p.add_argument("--template", default=None, choices=["chat", "plain"])
     p.add_argument("--out", default="runs", help="root folder for run directories")
     p.add_argument("--force", action="store_true", help="recompute an existing run")
     p.add_argument("--no-png", action="store_true", help="skip the static PNG (needs Chromium)")
 
 
+def _model_spec(args):
+    from mechinterp.runs import ModelSpec
+
+    return ModelSpec(args.model, args.dtype, args.device, args.rope_theta)
+
+
+def _task_spec(args):
+    from mechinterp.runs import TaskSpec
+
+    return TaskSpec(
+        task=args.task,
+        lengths=args.lengths,
+        depths=args.depths,
+        needles=args.needles,
+        haystack=args.haystack,
+        data=args.data,
+        variant=args.variant,
+        n=args.n,
+        n_docs=args.n_docs,
+        seed=args.seed,
+    )
+
+
+def _eval_parser(sub) -> None:
+    from mechinterp.runs import EvalConfig, ModelSpec, TaskSpec
+
+    e = EvalConfig()
+    p = sub.add_parser(
+        "eval",
+        help="run a long-context task on a model; write a tidy table "
+        "and a length x depth accuracy heatmap",
+    )
+    _model_args(p, ModelSpec())
+    _task_args(p, TaskSpec())
+    p.add_argument("--max-new-tokens", type=int, default=e.max_new_tokens)
+    p.add_argument("--batch-size", type=int, default=e.batch_size)
+    _run_args(p)
+
+
 def cmd_eval(args) -> int:
     import pandas as pd
 
-    from mechinterp.runs import EvalConfig, ModelSpec, TaskSpec, run_eval, summarise
+    from mechinterp.runs import EvalConfig, run_eval, summarise
 
     config = EvalConfig(
-        model=ModelSpec(args.model, args.dtype, args.device, args.rope_theta),
-        task=TaskSpec(
-            task=args.task,
-            lengths=args.lengths,
-            depths=args.depths,
-            needles=args.needles,
-            haystack=args.haystack,
-            data=args.data,
-            variant=args.variant,
-            n=args.n,
-            n_docs=args.n_docs,
-            seed=args.seed,
-        ),
+        model=_model_spec(args),
+        task=_task_spec(args),
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
         template=args.template,
@@ -103,13 +127,97 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _gate(text: str) -> float | None:
+    return None if text.lower() == "none" else float(text)
+
+
+def _detect_parser(sub) -> None:
+    from mechinterp.detect import DETECTORS
+    from mechinterp.runs import DetectConfig, ModelSpec
+
+    c = DetectConfig()
+    p = sub.add_parser(
+        "detect",
+        help="score every attention head (retrieval, qr, previous_token, duplicate_token, "
+        "induction); write tidy tables and a layer x head heatmap",
+    )
+    p.add_argument("--detector", default=c.detector, choices=sorted(DETECTORS))
+    _model_args(p, ModelSpec())
+    _task_args(p, c.task)
+    p.add_argument(
+        "--convention",
+        default=c.convention,
+        choices=["set", "per_step"],
+        help="retrieval: count each needle token once (set, the paper) or every copying step "
+        "(per_step, Wu's reference code)",
+    )
+    p.add_argument(
+        "--keys",
+        default=c.keys,
+        choices=["prompt", "context"],
+        help="retrieval: argmax over the prompt's keys, or over every visible key",
+    )
+    p.add_argument(
+        "--gate",
+        type=_gate,
+        default=c.gate,
+        help="retrieval: count instances whose answer has ROUGE-1 recall above this ('none': all)",
+    )
+    p.add_argument("--max-new-tokens", type=int, default=c.max_new_tokens)
+    p.add_argument(
+        "--calibrate", action="store_true", help="qr: subtract a null question's attention mass"
+    )
+    p.add_argument("--seq-len", type=int, default=c.seq_len, help="pattern scores: random length")
+    p.add_argument("--n-sequences", type=int, default=c.n_sequences)
+    p.add_argument("--batch-size", type=int, default=c.batch_size)
+    p.add_argument("--top", type=int, default=10, help="heads to print")
+    _run_args(p)
+
+
+def cmd_detect(args) -> int:
+    import pandas as pd
+
+    from mechinterp.runs import DetectConfig, run_detect
+
+    config = DetectConfig(
+        model=_model_spec(args),
+        task=_task_spec(args),
+        detector=args.detector,
+        convention=args.convention,
+        keys=args.keys,
+        gate=args.gate,
+        max_new_tokens=args.max_new_tokens,
+        calibrate=args.calibrate,
+        seq_len=args.seq_len,
+        n_sequences=args.n_sequences,
+        batch_size=args.batch_size,
+        template=args.template,
+    )
+    out = run_detect(config, args.out, force=args.force, png=not args.no_png)
+    scores = pd.read_parquet(out / "scores.parquet")
+    top = scores.nsmallest(args.top, "rank")
+    cols = ["rank", "head_name", "score"] + (
+        ["frequency"] if scores["frequency"].notna().any() else []
+    )
+    print(top[cols].to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    n = scores["n_instances"].iloc[0]
+    instances = pd.read_parquet(out / "instances.parquet")
+    print(
+        f"{args.detector}: {(scores['score'] > 0.1).mean():.1%} of {len(scores)} heads score "
+        f"> 0.1, {(scores['score'] > 0).mean():.1%} > 0; {n} of {len(instances)} instances counted"
+    )
+    print(f"wrote {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mechinterp", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _eval_parser(sub)
+    _detect_parser(sub)
     args = parser.parse_args(argv)
     try:
-        return {"eval": cmd_eval}[args.command](args)
+        return {"eval": cmd_eval, "detect": cmd_detect}[args.command](args)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"mechinterp {args.command}: error: {e}", file=sys.stderr)
         return 2

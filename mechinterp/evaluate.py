@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -80,7 +80,7 @@ def generate(
         idx = order[b : b + batch_size]
         for i, gen in zip(
             idx,
-            _generate_batch(model, [prompts[i] for i in idx], max_new_tokens, stop_ids),
+            generate_batch(model, [prompts[i] for i in idx], max_new_tokens, stop_ids),
             strict=True,
         ):
             out[i] = gen
@@ -89,20 +89,41 @@ def generate(
     return out  # type: ignore[return-value]
 
 
-def _generate_batch(model, prompts, max_new_tokens, stop_ids) -> list[Generation]:
-    device = model.cfg.device
-    pad = model.tokenizer.pad_token_id
-    if pad is None:
-        pad = model.tokenizer.eos_token_id if model.tokenizer.eos_token_id is not None else 0
+def pad_id(model) -> int:
+    tok = model.tokenizer
+    if tok.pad_token_id is not None:
+        return int(tok.pad_token_id)
+    return int(tok.eos_token_id) if tok.eos_token_id is not None else 0
+
+
+def left_pad(
+    model, prompts: Sequence[Sequence[int]]
+) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
+    """Token ids and attention mask of `prompts`, left-padded to the longest, on the model's
+    device. Row r's prompt starts at position `width - len(prompts[r])`."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("cannot run an empty prompt (or an empty batch)")
     width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    ids = torch.full((len(prompts), width), pad_id(model), dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for r, p in enumerate(prompts):
-        if len(p) == 0:
-            raise ValueError("cannot generate from an empty prompt")
         ids[r, width - len(p) :] = torch.tensor(list(p))
         mask[r, width - len(p) :] = 1
-    ids, mask = ids.to(device), mask.to(device)
+    return ids.to(model.cfg.device), mask.to(model.cfg.device)
+
+
+def generate_batch(
+    model, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_ids: frozenset[int]
+) -> list[Generation]:
+    """Greedy decoding of one left-padded batch (see `left_pad`).
+
+    Forward i (i = 0 is the prefill) predicts generated token i, so a hook that fires once per
+    forward sees the query that produced each token; a row that has stopped keeps running on pad
+    tokens until the whole batch stops.
+    """
+    device = model.cfg.device
+    pad = pad_id(model)
+    ids, mask = left_pad(model, prompts)
     # logits_to_keep=1: only the last position's logits are needed (as HF generate does).
     logits, cache = model(
         ids, attention_mask=mask, use_cache=True, logits_to_keep=1, return_type="logits_and_cache"

@@ -1,4 +1,5 @@
-"""Heads: the `Head(layer, head)` value type, head-set parsing, and the GQA query→KV map.
+"""Heads: the `Head(layer, head)` value type, `HeadSet`, head-set parsing, and the GQA query→KV
+map.
 
 A head is always a *query* head. Heads print as `L{layer}H{head}` here and nowhere else;
 the Wu et al. `"layer-head"` form is accepted on input (and written by `wu_key`) only at the
@@ -84,6 +85,19 @@ class HeadShape:
 
     def all_heads(self) -> list[Head]:
         return [Head(layer, h) for layer in range(self.n_layers) for h in range(self.n_heads)]
+
+
+class HeadSet(tuple):
+    """An ordered tuple of heads that remembers the `(n_layers, n_heads)` grid it came from, so that
+    comparing head sets of models of different shapes is an error instead of a silent number.
+    Equal to a plain tuple of the same heads."""
+
+    grid: tuple[int, int] | None
+
+    def __new__(cls, heads: Iterable[Head] = (), grid: tuple[int, int] | None = None) -> HeadSet:
+        obj = super().__new__(cls, tuple(heads))
+        obj.grid = grid
+        return obj
 
 
 def parse_heads(

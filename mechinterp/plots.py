@@ -51,3 +51,56 @@ def accuracy_heatmap(
         template="plotly_white",
     )
     return fig
+
+
+def head_heatmap(
+    df: pd.DataFrame,
+    *,
+    value: str = "score",
+    top_k: int = 10,
+    title: str | None = None,
+) -> go.Figure:
+    """Layer × head heatmap of a per-head score table (columns layer, head, `value`), with the
+    `top_k` heads labelled `L{layer}H{head}` and their score."""
+    missing = {"layer", "head", value} - set(df.columns)
+    if missing:
+        raise ValueError(f"head_heatmap needs columns {sorted(missing)}")
+    if df.empty:
+        raise ValueError("head_heatmap got an empty table")
+    if df.duplicated(["layer", "head"]).any():
+        raise ValueError("head_heatmap needs one row per (layer, head); aggregate first")
+    grid = df.pivot(index="layer", columns="head", values=value).sort_index()
+    top = df.sort_values([value, "layer", "head"], ascending=[False, True, True]).head(top_k)
+    fig = go.Figure(
+        go.Heatmap(
+            z=grid.values,
+            x=[str(h) for h in grid.columns],
+            y=[str(layer) for layer in grid.index],
+            colorscale="Viridis",
+            colorbar={"title": value},
+            hovertemplate="L%{y}H%{x}<br>" + value + "=%{z:.3f}<extra></extra>",
+        )
+    )
+    n_layers, n_heads = grid.shape
+    for _, row in top.iterrows():
+        right_half = int(row["head"]) >= n_heads / 2  # label points inwards, away from the edge
+        fig.add_annotation(
+            x=str(int(row["head"])),
+            y=str(int(row["layer"])),
+            text=f"L{int(row['layer'])}H{int(row['head'])} {row[value]:.2f}",
+            showarrow=True,
+            arrowhead=0,
+            ax=-28 if right_half else 28,
+            ay=-14,
+            font={"size": 10, "color": "black"},
+            bgcolor="rgba(255,255,255,0.8)",
+        )
+    fig.update_layout(
+        title=title or f"{value} per head (top {min(top_k, len(df))} labelled)",
+        xaxis_title="head",
+        yaxis_title="layer",
+        width=max(520, 60 * n_heads + 260),
+        height=max(420, 20 * n_layers + 160),
+        template="plotly_white",
+    )
+    return fig

@@ -11,6 +11,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from jaxtyping import install_import_hook  # noqa: E402
 
 with install_import_hook("mechinterp", "beartype.beartype"):
+    import mechinterp.analysis.headsets  # noqa: F401
+    import mechinterp.detect  # noqa: F401
     import mechinterp.evaluate  # noqa: F401
     import mechinterp.heads  # noqa: F401
 

@@ -62,3 +62,55 @@ def test_context_longer_than_the_window_leaves_no_output(tiny_dir, tmp_path, cap
     assert main(args) == 2
     assert "longer than the model's context window of 2048" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_detect_writes_scores_instances_wu_json_and_heatmap(tiny_dir, tmp_path, capsys):
+    from mechinterp.analysis.wu_json import read_wu_scores
+
+    args = ["detect", "--model", tiny_dir, "--detector", "induction", "--seq-len", "12",
+            "--n-sequences", "3", "--out", str(tmp_path)]
+    assert main(args) == 0
+    (run,) = tmp_path.iterdir()
+    assert run.name.startswith("detect-induction-")
+    scores = pd.read_parquet(run / "scores.parquet")
+    assert len(scores) == 2 * 4 and sorted(scores["rank"]) == list(range(1, 9))
+    assert set(scores.columns) >= {"layer", "head", "head_name", "score", "n_instances", "model",
+                                   "task", "config_hash", "detector"}
+    assert scores["n_instances"].eq(3).all() and scores["frequency"].isna().all()
+    assert len(pd.read_parquet(run / "per_instance.parquet")) == 3 * 8
+    means, per_head = read_wu_scores(run / "scores_wu.json")
+    by_head = scores.set_index(["layer", "head"])["score"]
+    assert all(len(v) == 3 for v in per_head.values())
+    assert all(abs(means[la, h].item() - s) < 1e-6 for (la, h), s in by_head.items())
+    if shutil.which("chromium") or shutil.which("chromium-browser"):
+        assert (run / "heads.png").read_bytes()[:4] == b"\x89PNG"
+    out = capsys.readouterr().out
+    assert "head_name" in out and "of 8 heads score > 0.1" in out
+    fig_main = runpy.run_path("figures/head_scores.py")["main"]
+    assert fig_main([str(run), "--out", str(tmp_path / "fig"), "--top-k", "3"]) == 0
+    assert "induction score" in (tmp_path / "fig" / "heads_score.html").read_text()
+    assert fig_main([str(run), "--value", "frequency", "--out", str(tmp_path / "f")]) == 2
+
+
+def test_detect_retrieval_refuses_when_no_instance_passes_the_gate(tiny_dir, tmp_path, capsys):
+    args = ["detect", "--model", tiny_dir, "--lengths", "300", "--depths", "0.5", "--needles",
+            "2", "--max-new-tokens", "3", "--no-png", "--out", str(tmp_path)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "no detection instance passed the success gate" in err and "0% of 2" in err
+    assert not any(tmp_path.iterdir())
+    # without the gate every instance counts
+    assert main(args + ["--gate", "none"]) == 0
+    (run,) = tmp_path.iterdir()
+    instances = pd.read_parquet(run / "instances.parquet")
+    assert len(instances) == 2 and instances["counted"].all()
+    assert (instances["needle_end"] > instances["needle_start"]).all()
+
+
+def test_detect_qr_with_calibration_on_documents(tiny_dir, tmp_path):
+    args = ["detect", "--model", tiny_dir, "--detector", "qr", "--calibrate", "--task", "mdqa",
+            "--n", "2", "--n-docs", "2", "--no-png", "--out", str(tmp_path)]
+    assert main(args) == 0
+    (run,) = tmp_path.iterdir()
+    prov = json.loads((run / "provenance.json").read_text())
+    assert prov["settings"]["calibrated"] is True and prov["n_counted"] == 2

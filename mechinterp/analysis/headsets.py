@@ -15,9 +15,12 @@ from jaxtyping import Float
 from scipy import stats
 from torch import Tensor
 
-from mechinterp.heads import Head, HeadShape
+from mechinterp.heads import Head, HeadSet, HeadShape
 
 HeadScores = Float[Tensor, "layer head"]
+#: The second operand of a comparison: its shape is checked by `_same_shape` with a clear error,
+#: not bound to the first's by the type checker.
+OtherHeadScores = Float[Tensor, "_layer _head"]
 
 
 def _shape_of(scores: HeadScores) -> HeadShape:
@@ -28,7 +31,7 @@ def _shape_of(scores: HeadScores) -> HeadShape:
     return HeadShape(scores.shape[0], scores.shape[1], 1)
 
 
-def rank_heads(scores: HeadScores) -> tuple[Head, ...]:
+def rank_heads(scores: HeadScores) -> HeadSet:
     """Every head, best score first (ties: lower layer, then lower head, first)."""
     _shape_of(scores)
     flat = [
@@ -38,7 +41,7 @@ def rank_heads(scores: HeadScores) -> tuple[Head, ...]:
     ]
     if any(math.isnan(s) for s, _, _ in flat):
         raise ValueError("head scores contain NaN")
-    return tuple(Head(layer, h) for _, layer, h in sorted(flat))
+    return HeadSet((Head(layer, h) for _, layer, h in sorted(flat)), grid=tuple(scores.shape))
 
 
 def select_heads(
@@ -47,7 +50,7 @@ def select_heads(
     threshold: float | None = None,
     top_k: int | None = None,
     share: float | None = None,
-) -> tuple[Head, ...]:
+) -> HeadSet:
     """Heads by exactly one rule: score > `threshold`, the `top_k` best, or the best `share`
     (a fraction of all heads, rounded to the nearest count). Returned in rank order."""
     rules = [r for r in (threshold, top_k, share) if r is not None]
@@ -55,22 +58,33 @@ def select_heads(
         raise ValueError("select_heads takes exactly one of threshold=, top_k=, share=")
     ranked = rank_heads(scores)
     if threshold is not None:
-        return tuple(h for h in ranked if float(scores[h.layer, h.head]) > threshold)
+        chosen = (h for h in ranked if float(scores[h.layer, h.head]) > threshold)
+        return HeadSet(chosen, grid=ranked.grid)
     n = len(ranked)
     if top_k is not None:
         if not 0 <= top_k <= n:
             raise ValueError(f"top_k must be in [0, {n}], got {top_k}")
-        return ranked[:top_k]
+        return HeadSet(ranked[:top_k], grid=ranked.grid)
     if not 0.0 <= share <= 1.0:
         raise ValueError(f"share must be in [0, 1], got {share}")
-    return ranked[: round(share * n)]
+    return HeadSet(ranked[: round(share * n)], grid=ranked.grid)
 
 
 # ---------------------------------------------------------------- comparing two head sets
 
 
+def _same_grid(a: Collection[Head], b: Collection[Head]) -> None:
+    ga, gb = getattr(a, "grid", None), getattr(b, "grid", None)
+    if ga is not None and gb is not None and ga != gb:
+        raise ValueError(
+            f"head sets come from models of different shapes ({ga[0]}×{ga[1]} vs {gb[0]}×{gb[1]} "
+            "layers × heads); compare heads of one architecture"
+        )
+
+
 def recall(found: Collection[Head], reference: Collection[Head]) -> float:
     """|found ∩ reference| / |reference| (the paper's recall of H_real by H_syn)."""
+    _same_grid(found, reference)
     reference = set(reference)
     if not reference:
         raise ValueError("recall needs a non-empty reference set")
@@ -79,6 +93,7 @@ def recall(found: Collection[Head], reference: Collection[Head]) -> float:
 
 def precision(found: Collection[Head], reference: Collection[Head]) -> float:
     """|found ∩ reference| / |found|."""
+    _same_grid(found, reference)
     found = set(found)
     if not found:
         raise ValueError("precision needs a non-empty found set")
@@ -86,13 +101,14 @@ def precision(found: Collection[Head], reference: Collection[Head]) -> float:
 
 
 def jaccard(a: Collection[Head], b: Collection[Head]) -> float:
+    _same_grid(a, b)
     a, b = set(a), set(b)
     if not a and not b:
         raise ValueError("jaccard of two empty sets is undefined")
     return len(a & b) / len(a | b)
 
 
-def top_k_overlap(a: HeadScores, b: HeadScores, k: int) -> float:
+def top_k_overlap(a: HeadScores, b: OtherHeadScores, k: int) -> float:
     """Share of the top-k heads of `a` that are also in the top-k of `b`."""
     _same_shape(a, b)
     if k < 1:
@@ -100,7 +116,7 @@ def top_k_overlap(a: HeadScores, b: HeadScores, k: int) -> float:
     return len(set(rank_heads(a)[:k]) & set(rank_heads(b)[:k])) / k
 
 
-def score_correlations(a: HeadScores, b: HeadScores) -> dict[str, float]:
+def score_correlations(a: HeadScores, b: OtherHeadScores) -> dict[str, float]:
     """Pearson, Spearman and cosine similarity of two per-head score vectors."""
     _same_shape(a, b)
     x, y = a.flatten().double(), b.flatten().double()
@@ -112,7 +128,7 @@ def score_correlations(a: HeadScores, b: HeadScores) -> dict[str, float]:
     }
 
 
-def _same_shape(a: HeadScores, b: HeadScores) -> None:
+def _same_shape(a: HeadScores, b: OtherHeadScores) -> None:
     _shape_of(a), _shape_of(b)
     if a.shape != b.shape:
         raise ValueError(
@@ -131,7 +147,7 @@ def random_complement(
     *,
     seed: int,
     match_layers: Sequence[Head] | None = None,
-) -> tuple[Head, ...]:
+) -> HeadSet:
     """k heads drawn uniformly from the heads *not* in `ranked`.
 
     With `match_layers` (usually the top-k set itself) the draw takes, in each layer, as many
@@ -146,7 +162,7 @@ def random_complement(
     if match_layers is None:
         if not 0 <= k <= len(pool):
             raise ValueError(f"cannot draw {k} heads from a complement of {len(pool)} heads")
-        return tuple(sorted(rng.sample(pool, k)))
+        return HeadSet(sorted(rng.sample(pool, k)), grid=(shape.n_layers, shape.n_heads))
     if len(match_layers) != k:
         raise ValueError(f"match_layers has {len(match_layers)} heads but k is {k}")
     out: list[Head] = []
@@ -159,4 +175,19 @@ def random_complement(
                 f"match {need} there (drop match_layers or rank fewer heads)"
             )
         out += rng.sample(layer_pool, need)
-    return tuple(sorted(out))
+    return HeadSet(sorted(out), grid=(shape.n_layers, shape.n_heads))
+
+
+def random_complements(
+    ranked: Iterable[Head],
+    k: int,
+    shape: HeadShape,
+    *,
+    seeds: Iterable[int] = (0, 1, 2),
+    match_layers: Sequence[Head] | None = None,
+) -> dict[int, HeadSet]:
+    """`random_complement` once per seed: the baseline sets of a knockout sweep."""
+    ranked = tuple(ranked)
+    return {
+        s: random_complement(ranked, k, shape, seed=s, match_layers=match_layers) for s in seeds
+    }

@@ -111,3 +111,25 @@ def test_wu_json_round_trip_and_errors(tmp_path):
     (tmp_path / "big.json").write_text('{"5-1": [1]}')
     with pytest.raises(ValueError, match="outside the model"):
         read_wu_scores(tmp_path / "big.json", HeadShape(2, 3, 1))
+
+
+def test_head_sets_from_models_of_different_shapes_are_refused():
+    small = select_heads(SCORES, top_k=2)
+    big = select_heads(torch.rand(4, 3), top_k=2)
+    assert small.grid == (3, 3) and small == parse_heads("L2H1 L0H1")
+    for metric in (recall, precision, jaccard):
+        with pytest.raises(ValueError, match="different shapes"):
+            metric(small, big)
+    assert recall(small, select_heads(SCORES, threshold=0.1)) == 0.5  # same shape: fine
+    assert recall(small, parse_heads("L2H1")) == 1.0  # plain tuples carry no shape
+
+
+def test_random_complements_vary_with_the_seed_and_avoid_the_ranked_set():
+    from mechinterp.analysis.headsets import random_complements
+
+    shape = HeadShape(30, 9, 3)
+    ranked = select_heads(torch.rand(30, 9, generator=torch.Generator().manual_seed(0)), top_k=10)
+    draws = random_complements(ranked, 10, shape, seeds=range(5))
+    assert len({tuple(d) for d in draws.values()}) == 5
+    assert all(len(d) == 10 and not set(d) & set(ranked) for d in draws.values())
+    assert all(d.grid == (30, 9) for d in draws.values())
