@@ -44,10 +44,15 @@ def hf_generate(model, prompts, max_new_tokens, stop):
     out = []
     for p in prompts:
         ids = torch.tensor([list(p)], device=model.cfg.device)
-        seq = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                          do_sample=False, eos_token_id=sorted(stop),
-                          pad_token_id=model.tokenizer.pad_token_id)
-        out.append([t for t in seq[0, len(p):].tolist() if t not in stop])
+        seq = hf.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=sorted(stop),
+            pad_token_id=model.tokenizer.pad_token_id,
+        )
+        out.append([t for t in seq[0, len(p) :].tolist() if t not in stop])
     return out
 
 
@@ -88,7 +93,9 @@ def main() -> int:
     hf_s = min(theirs)
     result = {
         "warm_load_s": {"median": statistics.median(loads), "all": loads},
-        "prompts": len(prompts), "lengths": lengths, "max_new_tokens": n,
+        "prompts": len(prompts),
+        "lengths": lengths,
+        "max_new_tokens": n,
         "generated_tokens": n_tokens,
         "hf_generate_s": hf_s,
         "ours_batch1_s": min(ours_b1),

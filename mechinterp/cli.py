@@ -210,14 +210,75 @@ def cmd_detect(args) -> int:
     return 0
 
 
+def _knockout_parser(sub) -> None:
+    from mechinterp.runs import KnockoutConfig, ModelSpec
+
+    c = KnockoutConfig(heads=("L0H0",))
+    p = sub.add_parser(
+        "knockout",
+        help="knock out the top-k ranked heads vs k random complement heads while a task runs; "
+        "write a tidy table and an accuracy-vs-k figure",
+    )
+    _model_args(p, ModelSpec())
+    _task_args(p, c.task)
+    p.add_argument("--heads", default=None, help="ranked head list, best first: 'L17H3,L18H6,…'")
+    p.add_argument(
+        "--scores",
+        default=None,
+        help="a detection run directory or its scores.parquet/csv (ranked by score)",
+    )
+    p.add_argument("--ks", type=_ints, default=c.ks, help="numbers of heads, comma-separated")
+    p.add_argument("--seeds", type=_ints, default=c.seeds, help="random-baseline seeds")
+    p.add_argument(
+        "--modes",
+        type=lambda t: tuple(x for x in t.split(",") if x),
+        default=c.modes,
+        help="knockout modes, comma-separated: zero, uniform_attention",
+    )
+    p.add_argument(
+        "--match-layers", action="store_true", help="random heads matched per layer to the top-k"
+    )
+    p.add_argument("--max-new-tokens", type=int, default=c.max_new_tokens)
+    p.add_argument("--batch-size", type=int, default=c.batch_size)
+    _run_args(p)
+
+
+def cmd_knockout(args) -> int:
+    import pandas as pd
+
+    from mechinterp.runs import KnockoutConfig, run_knockout
+
+    config = KnockoutConfig(
+        model=_model_spec(args),
+        task=_task_spec(args),
+        heads=tuple(h for h in (args.heads or "").replace(" ", ",").split(",") if h),
+        scores=args.scores,
+        ks=args.ks,
+        seeds=args.seeds,
+        modes=args.modes,
+        match_layers=args.match_layers,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        template=args.template,
+    )
+    out = run_knockout(config, args.out, force=args.force, png=not args.no_png)
+    summary = pd.read_csv(out / "summary.csv")
+    print(summary.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    print(f"wrote {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mechinterp", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _eval_parser(sub)
     _detect_parser(sub)
+    _knockout_parser(sub)
     args = parser.parse_args(argv)
     try:
-        return {"eval": cmd_eval, "detect": cmd_detect}[args.command](args)
+        return {"eval": cmd_eval, "detect": cmd_detect, "knockout": cmd_knockout}[args.command](
+            args
+        )
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"mechinterp {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -104,3 +104,50 @@ def head_heatmap(
         template="plotly_white",
     )
     return fig
+
+
+def knockout_curve(summary: pd.DataFrame, *, value: str = "correct", title: str | None = None):
+    """Task metric vs number of heads knocked out: top-k ranked heads vs random complement heads
+    (mean over seeds, error bars = SD across seeds), one colour per mode; the no-knockout
+    baseline as a dashed line. Takes `summarise_sweep`'s table."""
+    missing = {"mode", "k", "condition", value} - set(summary.columns)
+    if missing:
+        raise ValueError(f"knockout_curve needs columns {sorted(missing)}")
+    fig = go.Figure()
+    base = summary[summary["condition"] == "none"]
+    colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e"]
+    modes = [m for m in summary["mode"].unique() if m != "none"]
+    for i, mode in enumerate(modes):
+        for condition, dash in (("top", "solid"), ("random", "dot")):
+            part = summary[(summary["mode"] == mode) & (summary["condition"] == condition)]
+            part = part.sort_values("k")
+            fig.add_trace(
+                go.Scatter(
+                    x=part["k"],
+                    y=part[value],
+                    error_y={"type": "data", "array": part.get("seed_sd", None), "visible": True}
+                    if condition == "random"
+                    else None,
+                    mode="lines+markers",
+                    name=f"{mode}: {'top-k ranked' if condition == 'top' else 'random complement'}",
+                    line={"color": colours[i % len(colours)], "dash": dash},
+                )
+            )
+    if not base.empty:
+        fig.add_hline(
+            y=float(base[value].iloc[0]),
+            line_dash="dash",
+            line_color="grey",
+            annotation_text="no knockout",
+        )
+    fig.update_layout(
+        title=title or f"{value} after knocking out k heads",
+        xaxis_title="k (heads knocked out)",
+        yaxis_title=value,
+        yaxis_range=[0, 1.05] if value == "correct" else None,
+        xaxis_type="log",
+        width=760,
+        height=480,
+        template="plotly_white",
+    )
+    return fig

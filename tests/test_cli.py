@@ -114,3 +114,50 @@ def test_detect_qr_with_calibration_on_documents(tiny_dir, tmp_path):
     (run,) = tmp_path.iterdir()
     prov = json.loads((run / "provenance.json").read_text())
     assert prov["settings"]["calibrated"] is True and prov["n_counted"] == 2
+
+
+def test_knockout_sweep_writes_top_vs_random_rows(tiny_dir, tmp_path, capsys):
+    args = ["knockout", "--model", tiny_dir, "--heads", "L1H1,L0H2,L1H0", "--ks", "1,2",
+            "--seeds", "0,1", "--modes", "zero,uniform_attention", "--task", "mdqa", "--n", "2",
+            "--n-docs", "2", "--max-new-tokens", "2", "--out", str(tmp_path)]
+    assert main(args) == 0
+    (run,) = tmp_path.iterdir()
+    df = pd.read_parquet(run / "sweep.parquet")
+    # 1 baseline + 2 modes × 2 ks × (top + 2 random seeds) runs, 2 examples each
+    assert len(df) == (1 + 2 * 2 * 3) * 2
+    top = df[df.condition == "top"].drop_duplicates(["mode", "k"])
+    assert sorted(top.heads.unique()) == ["L1H1", "L1H1 L0H2"]
+    rand = df[df.condition == "random"]
+    assert not any(h in {"L1H1", "L0H2"} for hs in rand.heads for h in hs.split())
+    assert (rand.heads.str.split().str.len() == rand.k).all()
+    summary = pd.read_csv(run / "summary.csv")
+    assert set(summary.condition) == {"none", "top", "random"}
+    assert summary[summary.condition == "random"].n_seeds.eq(2).all()
+    if shutil.which("chromium") or shutil.which("chromium-browser"):
+        assert (run / "knockout.png").read_bytes()[:4] == b"\x89PNG"
+    assert "condition" in capsys.readouterr().out
+
+
+def test_knockout_takes_a_detection_table_and_refuses_bad_rankings(tiny_dir, tmp_path, capsys):
+    det = ["detect", "--model", tiny_dir, "--detector", "previous_token", "--seq-len", "8",
+           "--n-sequences", "2", "--no-png", "--out", str(tmp_path / "det")]
+    assert main(det) == 0
+    (det_run,) = (tmp_path / "det").iterdir()
+    ko = ["knockout", "--model", tiny_dir, "--scores", str(det_run), "--ks", "2", "--seeds", "3",
+          "--task", "mdqa", "--n", "1", "--n-docs", "2", "--max-new-tokens", "1", "--no-png",
+          "--out", str(tmp_path / "ko")]
+    assert main(ko) == 0
+    (ko_run,) = (tmp_path / "ko").iterdir()
+    scores = pd.read_parquet(det_run / "scores.parquet").sort_values("rank")
+    top2 = " ".join(scores.head_name.head(2))
+    sweep = pd.read_parquet(ko_run / "sweep.parquet")
+    assert set(sweep.query("condition == 'top'").heads) == {top2}
+    capsys.readouterr()
+    assert main(ko + ["--heads", "L0H0"]) == 2
+    assert "exactly one of --heads" in capsys.readouterr().err
+    assert main(ko[:3] + ["--heads", "L0H0"] + ko[5:]) == 2  # k=2 but one ranked head
+    assert "k=2 exceeds the 1 ranked heads" in capsys.readouterr().err
+    bad = ["knockout", "--model", tiny_dir, "--heads", "L7H0", "--ks", "1", "--task", "mdqa",
+           "--n", "1", "--n-docs", "2", "--no-png", "--out", str(tmp_path / "bad")]
+    assert main(bad) == 2
+    assert "outside the model" in capsys.readouterr().err

@@ -1,0 +1,306 @@
+"""Attention-head knockout: a frozen spec plus a context manager that attaches hooks and always
+removes them.
+
+    with knockout(model, KnockoutSpec(heads=parse_heads("L17H3 L18H6"), mode="zero")):
+        generate(model, prompts)
+
+Modes (DESIGN.md "Interventions"):
+- `zero`: z_h ← 0 (the head's output before the output projection).
+- `mean`: z_h ← its mean over a reference set (`mean_over="pooled"`: over positions too;
+  `"position"`: one mean per absolute position). Pass `reference=mean_reference(...)`.
+- `resample`: z_h ← z_h of another input at the same absolute position (`reference=`).
+- `uniform_attention`: the head attends uniformly to every key it may see (causal and padding
+  masks kept): its output is the mean of the visible values.
+- `edge_knockout`: attention logits from the chosen query positions to `key_positions` are set to
+  a large negative number (not −inf) and the row renormalises over the remaining keys.
+
+Scope: `prefill` (forwards over more than one new token), `decode` (one new token per row, with a
+KV cache), or `both`; `query_positions` limits the intervention to those absolute positions
+(counted from each row's first real token, so left padding is handled). Heads are query heads:
+under GQA an intervention on one query head leaves its KV siblings intact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Literal
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from mechinterp.heads import Head, HeadShape, parse_heads
+
+KnockoutMode = Literal["zero", "mean", "resample", "uniform_attention", "edge_knockout"]
+Scope = Literal["prefill", "decode", "both"]
+MeanOver = Literal["pooled", "position"]
+MODES: tuple[KnockoutMode, ...] = ("zero", "mean", "resample", "uniform_attention", "edge_knockout")
+Z_MODES = ("zero", "mean", "resample")
+SCORE_MODES = ("uniform_attention", "edge_knockout")
+
+#: The "large negative number" of edge knockout (never −inf: an all-cut row would become NaN).
+LARGE_NEGATIVE = -1e9
+
+
+@dataclass(frozen=True)
+class KnockoutSpec:
+    """What to knock out. JSON-serialisable; an empty `heads` is the identity."""
+
+    heads: tuple[Head, ...] = ()
+    mode: KnockoutMode = "zero"
+    scope: Scope = "both"
+    query_positions: tuple[int, ...] | None = None
+    key_positions: tuple[int, ...] | None = None
+    mean_over: MeanOver = "pooled"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "heads", tuple(parse_heads(self.heads)))
+        if self.mode not in MODES:
+            raise ValueError(f"unknown knockout mode {self.mode!r}; expected one of {MODES}")
+        if self.scope not in ("prefill", "decode", "both"):
+            raise ValueError(f"scope must be prefill, decode or both, got {self.scope!r}")
+        if self.mean_over not in ("pooled", "position"):
+            raise ValueError(f"mean_over must be 'pooled' or 'position', got {self.mean_over!r}")
+        for name in ("query_positions", "key_positions"):
+            pos = getattr(self, name)
+            if pos is not None:
+                pos = tuple(int(p) for p in pos)
+                if not pos or min(pos) < 0:
+                    raise ValueError(f"{name} must be non-empty and >= 0 (or None for all)")
+                object.__setattr__(self, name, pos)
+        if self.mode == "edge_knockout" and self.key_positions is None:
+            raise ValueError("edge_knockout needs key_positions (the keys to cut, e.g. the needle)")
+        if self.mode != "edge_knockout" and self.key_positions is not None:
+            raise ValueError(f"key_positions applies to edge_knockout only, not {self.mode!r}")
+
+    def to_dict(self) -> dict:
+        return {
+            "heads": [str(h) for h in self.heads],
+            "mode": self.mode,
+            "scope": self.scope,
+            "query_positions": None if self.query_positions is None else list(self.query_positions),
+            "key_positions": None if self.key_positions is None else list(self.key_positions),
+            "mean_over": self.mean_over,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> KnockoutSpec:
+        d = dict(d)
+        d["heads"] = parse_heads(d.get("heads", ()))
+        for k in ("query_positions", "key_positions"):
+            if d.get(k) is not None:
+                d[k] = tuple(d[k])
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class Reference:
+    """Replacement head outputs for `mean` / `resample`: z per selected head, `[pos, head, d_head]`
+    by absolute position (a `pooled` mean has pos = 1 and applies at every position)."""
+
+    heads: tuple[Head, ...]
+    z: Float[Tensor, "pos head d_head"]
+    pooled: bool = False
+    source: dict = field(default_factory=dict)
+
+
+def head_outputs(
+    model, ids: Tensor, heads: tuple[Head, ...], attention_mask: Tensor | None = None
+) -> Float[Tensor, "batch pos head d_head"]:
+    """z of `heads` (in order) on `ids`, one forward."""
+    by_layer = _by_layer(heads)
+    got: dict[int, Tensor] = {}
+
+    def grab(z: Tensor, hook, *, layer: int) -> None:
+        got[layer] = z[:, :, by_layer[layer]].detach()
+
+    hooks = [(f"blocks.{la}.attn.hook_z", partial(grab, layer=la)) for la in by_layer]
+    with torch.no_grad(), model.hooks(fwd_hooks=hooks):
+        model(ids, attention_mask=attention_mask, logits_to_keep=1)
+    cols = {la: 0 for la in by_layer}
+    out = []
+    for h in heads:
+        out.append(got[h.layer][:, :, cols[h.layer]])
+        cols[h.layer] += 1
+    return torch.stack(out, dim=2)
+
+
+def mean_reference(
+    model, sequences: list[list[int]], heads, *, over: MeanOver = "pooled"
+) -> Reference:
+    """Mean z of `heads` over reference sequences: pooled over positions too, or per absolute
+    position (up to the shortest sequence's length)."""
+    heads = tuple(parse_heads(heads, HeadShape.of(model)))
+    if not sequences:
+        raise ValueError("mean_reference needs at least one reference sequence")
+    zs = [
+        head_outputs(model, torch.tensor([s], device=model.cfg.device), heads)[0] for s in sequences
+    ]
+    if over == "pooled":
+        z = torch.cat(zs).mean(0, keepdim=True)
+    else:
+        n = min(z.shape[0] for z in zs)
+        z = torch.stack([z[:n] for z in zs]).mean(0)
+    return Reference(heads, z, pooled=over == "pooled", source={"n_sequences": len(sequences)})
+
+
+def resample_reference(model, sequence: list[int], heads) -> Reference:
+    """z of `heads` on one other input (the `resample` mode's source)."""
+    heads = tuple(parse_heads(heads, HeadShape.of(model)))
+    z = head_outputs(model, torch.tensor([sequence], device=model.cfg.device), heads)[0]
+    return Reference(heads, z, pooled=False, source={"n_tokens": len(sequence)})
+
+
+def _by_layer(heads: tuple[Head, ...]) -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
+    for h in heads:
+        out.setdefault(h.layer, []).append(h.head)
+    return out
+
+
+class _Geometry:
+    """Per forward and layer: which rows/positions are real, read from the masked scores."""
+
+    def __init__(self) -> None:
+        self.offsets: Tensor | None = None
+        self.q_start = 0  # absolute (padded) index of the first query of this forward
+        self.q_len = 0
+
+
+def _in_scope(spec: KnockoutSpec, q_len: int) -> bool:
+    is_decode = q_len == 1
+    return spec.scope == "both" or (spec.scope == "decode") == is_decode
+
+
+def _query_mask(spec: KnockoutSpec, geo: _Geometry, device) -> Tensor:
+    """[batch, q] bool: which of this forward's queries the spec touches."""
+    q_abs = geo.q_start + torch.arange(geo.q_len, device=device)[None, :] - geo.offsets[:, None]
+    if spec.query_positions is None:
+        return q_abs >= 0
+    wanted = torch.tensor(spec.query_positions, device=device)
+    return torch.isin(q_abs, wanted)
+
+
+@contextmanager
+def knockout(model, spec: KnockoutSpec, *, reference: Reference | None = None) -> Iterator[dict]:
+    """Apply `spec` to every forward inside the block (batched, with or without a KV cache).
+
+    Yields a dict of counters (`forwards`, `edited`) for checks. Raises when a needed hook never
+    fired while the model ran (a silent no-op), or when the model's `hook_attn_scores` is
+    post-softmax (native attention, where score edits are dropped).
+    """
+    shape = HeadShape.of(model)
+    for h in spec.heads:
+        shape.validate(h)
+    if spec.mode in ("mean", "resample"):
+        if reference is None:
+            raise ValueError(
+                f"{spec.mode} knockout needs reference= (mean_reference or resample_reference)"
+            )
+        missing = [str(h) for h in spec.heads if h not in reference.heads]
+        if missing:
+            raise ValueError(f"the reference has no z for heads {missing}")
+        if spec.mode == "mean" and reference.pooled != (spec.mean_over == "pooled"):
+            raise ValueError(
+                f"spec.mean_over={spec.mean_over!r} but the reference is "
+                f"{'pooled' if reference.pooled else 'per position'}"
+            )
+    stats = {"forwards": 0, "edited": 0, "score_hooks": 0}
+    if not spec.heads:
+        yield stats
+        return
+    by_layer = _by_layer(spec.heads)
+    geos = {la: _Geometry() for la in by_layer}
+    checked = []
+
+    def geometry(scores: Tensor, hook, *, layer: int) -> Tensor:
+        geo = geos[layer]
+        b, _, q, k = scores.shape
+        masked_value = torch.finfo(scores.dtype).min / 2
+        if not checked:
+            rows = scores[:, :, -1, :]
+            if bool((rows >= 0).all()) and torch.allclose(
+                rows.float().sum(-1), torch.ones(1, device=rows.device), atol=1e-3
+            ):
+                raise RuntimeError(
+                    "hook_attn_scores is post-softmax on this model (a native-attention bridge): "
+                    "knockout edits there would be dropped. Load it with load_model / "
+                    "boot_transformers."
+                )
+            checked.append(True)
+        # leading keys masked for the last query of a row = that row's left padding
+        visible = scores[:, 0, -1, :] > masked_value
+        geo.offsets = visible.float().argmax(-1)
+        geo.q_start, geo.q_len = k - q, q
+        stats["score_hooks"] += 1
+        if spec.mode not in SCORE_MODES or not _in_scope(spec, q):
+            return scores
+        qmask = _query_mask(spec, geo, scores.device)  # [b, q]
+        heads = by_layer[layer]
+        sub = scores[:, heads]  # [b, n, q, k]
+        if spec.mode == "uniform_attention":
+            new = torch.where(sub > masked_value, torch.zeros_like(sub), sub)
+        else:
+            k_abs = torch.arange(k, device=scores.device)[None, :] - geo.offsets[:, None]  # [b, k]
+            cut = torch.isin(k_abs, torch.tensor(spec.key_positions, device=scores.device))
+            new = torch.where(cut[:, None, None, :], torch.clamp(sub, max=LARGE_NEGATIVE), sub)
+        sub = torch.where(qmask[:, None, :, None], new, sub)
+        scores = scores.clone()
+        scores[:, heads] = sub
+        stats["edited"] += 1
+        return scores
+
+    def edit_z(z: Tensor, hook, *, layer: int) -> Tensor:
+        geo = geos[layer]
+        if geo.offsets is None:
+            raise RuntimeError(
+                f"layer {layer}: hook_z fired before hook_attn_scores; this attention "
+                "implementation does not expose pre-softmax scores, so positions are unknown"
+            )
+        if not _in_scope(spec, geo.q_len):
+            return z
+        qmask = _query_mask(spec, geo, z.device)  # [b, q]
+        heads = by_layer[layer]
+        sub = z[:, :, heads]  # [b, q, n, d]
+        if spec.mode == "zero":
+            new = torch.zeros_like(sub)
+        else:
+            idx = [reference.heads.index(Head(layer, h)) for h in heads]
+            ref = reference.z[:, idx].to(z.device, z.dtype)  # [pos, n, d]
+            if reference.pooled:
+                new = ref[0].expand_as(sub)
+            else:
+                q_abs = (
+                    geo.q_start
+                    + torch.arange(geo.q_len, device=z.device)[None, :]
+                    - (geo.offsets[:, None])
+                )
+                need = int(q_abs[qmask].max()) + 1 if bool(qmask.any()) else 0
+                if need > ref.shape[0]:
+                    raise ValueError(
+                        f"the {spec.mode} reference covers {ref.shape[0]} positions but position "
+                        f"{need - 1} is being knocked out; use a longer reference or pooled means"
+                    )
+                new = ref[q_abs.clamp(0, ref.shape[0] - 1)]  # [b, q, n, d]
+        sub = torch.where(qmask[:, :, None, None], new, sub)
+        z = z.clone()
+        z[:, :, heads] = sub
+        stats["edited"] += 1
+        return z
+
+    def count(resid: Tensor, hook) -> None:
+        stats["forwards"] += 1
+
+    hooks = [(f"blocks.{min(by_layer)}.hook_resid_pre", count)]
+    hooks += [
+        (f"blocks.{la}.attn.hook_attn_scores", partial(geometry, layer=la)) for la in by_layer
+    ]
+    if spec.mode in Z_MODES:
+        hooks += [(f"blocks.{la}.attn.hook_z", partial(edit_z, layer=la)) for la in by_layer]
+    with model.hooks(fwd_hooks=hooks):
+        yield stats
+    if stats["score_hooks"] == 0 and stats["forwards"] > 0:
+        raise RuntimeError("hook_attn_scores never fired: the knockout was a silent no-op")

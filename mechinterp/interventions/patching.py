@@ -1,0 +1,287 @@
+"""Activation patching of per-head outputs (`hook_z`), fast: many patched variants per forward, and
+no recomputation below the patched layer.
+
+- `patch_heads(model, clean, corrupt, metric)`: every head (or a subset), all positions or each
+  position separately, denoising (clean z into the corrupt run; sufficiency) or noising (corrupt z
+  into the clean run; necessity). Returns a `layer × head` (or `layer × head × pos`) tensor of
+  the metric, with the clean and corrupt baselines.
+- `normalised_recovery`: (M_patched − M_corrupt) / (M_clean − M_corrupt).
+- `run_from_layer`: resume a forward from a cached residual stream at block k, running only blocks
+  k.. (the bridge's own `start_at_layer` still executes the blocks below and discards them).
+
+Cross-model patching (donor head outputs into a recipient of the same shape) is `knockout` with
+mode `resample` and `reference=donor_reference(donor, recipient, ids, heads)`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Literal
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from mechinterp.heads import Head, HeadShape, parse_heads
+from mechinterp.interventions.knockout import Reference, head_outputs
+
+Direction = Literal["denoise", "noise"]
+#: A metric maps last-position logits [batch, vocab] to one value per row [batch].
+Metric = Callable[[Tensor], Tensor]
+
+
+def logit_diff_metric(correct: int, wrong: int) -> Metric:
+    """logit[correct] − logit[wrong] at the last position."""
+    return lambda logits: logits[:, correct] - logits[:, wrong]
+
+
+def normalised_recovery(patched: Tensor, clean: float, corrupt: float) -> Tensor:
+    """(M_patched − M_corrupt) / (M_clean − M_corrupt); 1 = clean behaviour restored."""
+    if clean == corrupt:
+        raise ValueError("clean and corrupt metrics are equal: recovery is undefined")
+    return (patched - corrupt) / (clean - corrupt)
+
+
+@contextmanager
+def _blocks_from(model, layer: int):
+    """Temporarily make the HF model's decoder stack start at `layer` (bridge blocks included)."""
+    inner = getattr(model.original_model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise NotImplementedError(
+            "run_from_layer needs an HF decoder with `.model.layers` (Llama, Qwen, Mistral, …)"
+        )
+    inner.layers = torch.nn.ModuleList(list(layers)[layer:])
+    try:
+        yield
+    finally:
+        inner.layers = layers
+
+
+@torch.no_grad()
+def run_from_layer(
+    model,
+    resid: Float[Tensor, "batch pos d_model"],
+    layer: int,
+    *,
+    hooks: Sequence = (),
+    prefix_kv: Sequence[tuple[Tensor, Tensor]] | None = None,
+) -> Float[Tensor, "batch vocab"]:
+    """Last-position logits of blocks `layer`.. run on `resid` (the residual entering `layer`).
+
+    With `prefix_kv` (per layer: keys and values `[1, kv_head, p, d_head]` of an unchanged prefix
+    of p positions), `resid` holds only the positions after the prefix, which attend to the
+    cached prefix instead of recomputing it.
+    """
+    from transformers import DynamicCache
+
+    n_layers = model.cfg.n_layers
+    if not 0 <= layer < n_layers:
+        raise ValueError(f"layer {layer} is outside the model's {n_layers} layers")
+    b, pos, _ = resid.shape
+    start = 0 if prefix_kv is None else prefix_kv[0][0].shape[2]
+    position_ids = torch.arange(start, start + pos, device=resid.device)[None, :].expand(b, -1)
+    cache = None
+    if prefix_kv is not None:
+        cache = DynamicCache()
+        for i, (k, v) in enumerate(prefix_kv):  # every layer, so the cache length reads right
+            cache.update(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1), i)
+    with _blocks_from(model, layer), model.hooks(fwd_hooks=list(hooks)):
+        out = model.original_model(
+            inputs_embeds=resid,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=cache is not None,
+            logits_to_keep=1,
+        )
+    return out.logits[:, -1]
+
+
+@dataclass(frozen=True)
+class PatchResult:
+    """Metric after patching each head (`values[layer, head]`, or `[layer, head, pos]` per
+    position), plus the unpatched clean and corrupt metrics."""
+
+    values: Tensor
+    clean: float
+    corrupt: float
+    direction: Direction
+    per_position: bool
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def recovery(self) -> Tensor:
+        return normalised_recovery(self.values, self.clean, self.corrupt)
+
+
+def _cache(model, ids: Tensor) -> tuple[dict[int, Tensor], dict[int, Tensor], Tensor]:
+    """(resid_pre per layer, z per layer [pos, head, d_head], last-position logits) of one run."""
+    n_layers = model.cfg.n_layers
+    resid: dict[int, Tensor] = {}
+    z: dict[int, Tensor] = {}
+
+    def keep(x, hook, *, store, layer):
+        store[layer] = x[0].detach().clone()
+
+    hooks = []
+    for la in range(n_layers):
+        hooks.append((f"blocks.{la}.hook_resid_pre", partial(keep, store=resid, layer=la)))
+        hooks.append((f"blocks.{la}.attn.hook_z", partial(keep, store=z, layer=la)))
+    with torch.no_grad(), model.hooks(fwd_hooks=hooks):
+        logits = model(ids, logits_to_keep=1)[:, -1]
+    shape = HeadShape.of(model)
+    z = {la: v.view(v.shape[0], shape.n_heads, -1) for la, v in z.items()}
+    return resid, z, logits
+
+
+@torch.no_grad()
+def prefix_cache(model, ids: Sequence[int]) -> list[tuple[Tensor, Tensor]]:
+    """Per layer (keys, values) `[1, kv_head, pos, d_head]` of `ids`, as the KV cache holds them."""
+    _, cache = model(
+        torch.tensor([list(ids)], device=model.cfg.device),
+        use_cache=True,
+        logits_to_keep=1,
+        return_type="logits_and_cache",
+    )
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def _write_z(
+    z: Tensor, hook, *, heads: list[int], positions: list[int | None], source: Tensor, start: int
+):
+    """Variant i writes source[pos_i, head_i] into z[i, pos_i, head_i] (pos None: all). z holds
+    the positions from `start` on (after a cached prefix)."""
+    z = z.clone()
+    shaped = z.view(*z.shape[:2], source.shape[1], -1)
+    for i, (h, p) in enumerate(zip(heads, positions, strict=True)):
+        if p is None:
+            shaped[i, :, h] = source[start:, h]
+        else:
+            shaped[i, p - start, h] = source[p, h]
+    return z
+
+
+@torch.no_grad()
+def patch_heads(
+    model,
+    clean: Sequence[int],
+    corrupt: Sequence[int],
+    metric: Metric,
+    *,
+    direction: Direction = "denoise",
+    heads: Sequence[Head] | str | None = None,
+    per_position: bool = False,
+    positions: Sequence[int] | None = None,
+    batch_size: int = 32,
+    progress: bool = False,
+) -> PatchResult:
+    """Patch each head's output from the source run into the target run, one variant per head
+    (and per position with `per_position`), and evaluate `metric` on the last-position logits.
+
+    denoise: source = clean, target = corrupt (does this head restore the clean answer?).
+    noise: source = corrupt, target = clean (does corrupting this head break it?).
+    Heads not listed (or positions not listed) are NaN in the result.
+    """
+    if len(clean) != len(corrupt):
+        raise ValueError(
+            f"clean ({len(clean)} tokens) and corrupt ({len(corrupt)}) must have the same length: "
+            "corrupt by symmetric token replacement"
+        )
+    if direction not in ("denoise", "noise"):
+        raise ValueError(f"direction must be 'denoise' or 'noise', got {direction!r}")
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    shape = HeadShape.of(model)
+    heads = shape.all_heads() if heads is None else list(parse_heads(heads, shape))
+    if not heads:
+        raise ValueError("no heads to patch")
+    n_pos = len(clean)
+    pos_list = list(range(n_pos)) if positions is None else list(positions)
+    if any(not 0 <= p < n_pos for p in pos_list):
+        raise ValueError(f"positions must lie in [0, {n_pos}), got {sorted(pos_list)[:3]}…")
+    device = model.cfg.device
+    t0 = time.perf_counter()
+    resid_c, z_c, logits_c = _cache(model, torch.tensor([list(clean)], device=device))
+    resid_x, z_x, logits_x = _cache(model, torch.tensor([list(corrupt)], device=device))
+    m_clean, m_corrupt = float(metric(logits_c)[0]), float(metric(logits_x)[0])
+    target, target_resid, source_z = (
+        (corrupt, resid_x, z_c) if direction == "denoise" else (clean, resid_c, z_x)
+    )
+    m_target = m_corrupt if direction == "denoise" else m_clean
+    # Before the first corrupted token both runs are identical (causal attention): patching there
+    # changes nothing, and every variant shares the target's KV cache for that prefix.
+    differ = [i for i, (a, b) in enumerate(zip(clean, corrupt, strict=True)) if a != b]
+    start = differ[0] if differ else n_pos
+    prefix = prefix_cache(model, target[:start]) if 0 < start < n_pos else None
+    out_shape = (shape.n_layers, shape.n_heads) + ((n_pos,) if per_position else ())
+    values = torch.full(out_shape, float("nan"))
+    by_layer: dict[int, list[tuple[int, int | None]]] = {}
+    for h in heads:
+        for p in pos_list if per_position else [None]:
+            if start == n_pos or (p is not None and p < start):
+                values[(h.layer, h.head) + (() if p is None else (p,))] = m_target
+            else:
+                by_layer.setdefault(h.layer, []).append((h.head, p))
+    total = sum(len(v) for v in by_layer.values())
+    bar = tqdm(total=total, desc=f"patch ({direction})", disable=not progress, leave=False)
+    for layer, variants in sorted(by_layer.items()):
+        for b in range(0, len(variants), batch_size):
+            chunk = variants[b : b + batch_size]
+            hs, ps = [h for h, _ in chunk], [p for _, p in chunk]
+            resid = target_resid[layer][None, start:].expand(len(chunk), -1, -1)
+            hook = partial(_write_z, heads=hs, positions=ps, source=source_z[layer], start=start)
+            logits = run_from_layer(
+                model,
+                resid,
+                layer,
+                hooks=[(f"blocks.{layer}.attn.hook_z", hook)],
+                prefix_kv=prefix,
+            )
+            vals = metric(logits).float().cpu()
+            for (h, p), v in zip(chunk, vals, strict=True):
+                values[(layer, h) + ((p,) if per_position else ())] = v
+            bar.update(len(chunk))
+    bar.close()
+    settings = {
+        "n_heads_patched": len(heads),
+        "n_positions": n_pos,
+        "shared_prefix": start,
+        "batch_size": batch_size,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    return PatchResult(values, m_clean, m_corrupt, direction, per_position, settings)
+
+
+def check_same_shape(donor, recipient) -> None:
+    """Refuse cross-model patching between models of different shapes or tokenizers."""
+    a, b = HeadShape.of(donor), HeadShape.of(recipient)
+    if (
+        a != b
+        or donor.cfg.d_head != recipient.cfg.d_head
+        or donor.cfg.d_model != recipient.cfg.d_model
+    ):
+        raise ValueError(
+            f"donor and recipient differ in shape ({a}, d_head {donor.cfg.d_head} vs {b}, "
+            f"d_head {recipient.cfg.d_head}); cross-model patching needs one architecture"
+        )
+    if donor.tokenizer.get_vocab() != recipient.tokenizer.get_vocab():
+        raise ValueError(
+            "donor and recipient tokenizers differ; patch between models that "
+            "share a tokenizer (e.g. fine-tunes of one base)"
+        )
+
+
+def donor_reference(donor, recipient, ids: Sequence[int], heads) -> Reference:
+    """The donor's z of `heads` on `ids`, for `knockout(recipient, KnockoutSpec(heads,
+    "resample"), reference=...)` — cross-model patching on the same input."""
+    check_same_shape(donor, recipient)
+    heads = tuple(parse_heads(heads, HeadShape.of(recipient)))
+    if not heads:
+        raise ValueError("cross-model patching needs a non-empty head set")
+    z = head_outputs(donor, torch.tensor([list(ids)], device=donor.cfg.device), heads)[0]
+    return Reference(heads, z, pooled=False, source={"donor": getattr(donor.cfg, "model_name", "")})
