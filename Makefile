@@ -39,6 +39,7 @@ lint: setup
 bench: setup
 	$(BIN)/python benchmarks/bench_load_generate.py
 	$(BIN)/python benchmarks/bench_detect.py
+	$(BIN)/python benchmarks/bench_patching.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

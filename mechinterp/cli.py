@@ -268,17 +268,58 @@ def cmd_knockout(args) -> int:
     return 0
 
 
+def _patch_parser(sub) -> None:
+    from mechinterp.runs import ModelSpec, PatchConfig
+
+    c = PatchConfig()
+    p = sub.add_parser(
+        "patch",
+        help="per-head activation patching between each task instance and its corruption; "
+        "write a tidy table and a recovery heatmap",
+    )
+    _model_args(p, ModelSpec())
+    _task_args(p, c.task)
+    p.add_argument("--direction", default=c.direction, choices=["denoise", "noise"])
+    p.add_argument("--batch-size", type=int, default=c.batch_size)
+    _run_args(p)
+
+
+def cmd_patch(args) -> int:
+    import pandas as pd
+
+    from mechinterp.runs import PatchConfig, run_patch
+
+    config = PatchConfig(
+        model=_model_spec(args),
+        task=_task_spec(args),
+        direction=args.direction,
+        batch_size=args.batch_size,
+        template=args.template,
+    )
+    out = run_patch(config, args.out, force=args.force, png=not args.no_png)
+    heads = pd.read_parquet(out / "heads.parquet").nlargest(10, "recovery")
+    print(
+        heads[["head_name", "recovery"]].to_string(index=False, float_format=lambda x: f"{x:.3f}")
+    )
+    print(f"wrote {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mechinterp", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _eval_parser(sub)
     _detect_parser(sub)
     _knockout_parser(sub)
+    _patch_parser(sub)
     args = parser.parse_args(argv)
     try:
-        return {"eval": cmd_eval, "detect": cmd_detect, "knockout": cmd_knockout}[args.command](
-            args
-        )
+        return {
+            "eval": cmd_eval,
+            "detect": cmd_detect,
+            "knockout": cmd_knockout,
+            "patch": cmd_patch,
+        }[args.command](args)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"mechinterp {args.command}: error: {e}", file=sys.stderr)
         return 2

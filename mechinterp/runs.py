@@ -484,3 +484,123 @@ def run_knockout(
     )
     store.write_table(df, out / "sweep.parquet")  # last: marks a complete run
     return out
+
+
+# ---------------------------------------------------------------- activation patching runs
+
+#: Patching's default: 4 NIAH instances of 256 tokens, needle mid-context.
+PATCH_TASK = TaskSpec(lengths=(256,), depths=(0.5,), needles=4)
+
+
+@dataclass(frozen=True)
+class PatchConfig:
+    """Per-head patching between each instance and its corruption (the first answer token in the
+    needle replaced by another word's token); metric: logit(clean token) − logit(corrupt token)
+    at the last prompt position."""
+
+    model: ModelSpec = field(default_factory=ModelSpec)
+    task: TaskSpec = field(default_factory=lambda: PATCH_TASK)
+    direction: Literal["denoise", "noise"] = "denoise"
+    batch_size: int = 9
+    template: Literal["chat", "plain"] | None = None
+
+    def __post_init__(self) -> None:
+        if self.direction not in ("denoise", "noise"):
+            raise ValueError(f"direction must be 'denoise' or 'noise', got {self.direction!r}")
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+
+    @property
+    def slug(self) -> str:
+        return f"patch-{self.direction}-{Path(self.model.name).name}-{self.task.slug}"
+
+
+def run_patch(
+    config: PatchConfig,
+    root: str | Path = "runs",
+    *,
+    model=None,
+    force: bool = False,
+    png: bool = True,
+    progress: bool = True,
+) -> Path:
+    """Write `patch.parquet` (one row per example and head: value, recovery, clean and corrupt
+    metrics), `heads.parquet` (mean recovery per head over examples) and `recovery.html/.png`."""
+    from tqdm.auto import tqdm
+
+    from mechinterp.evaluate import render_all
+    from mechinterp.interventions.patching import logit_diff_metric, patch_heads
+    from mechinterp.models import model_card
+    from mechinterp.plots import head_heatmap
+    from mechinterp.tasks.corrupt import corrupt_answer
+
+    out = store.run_dir(root, config.slug, config)
+    if (out / "patch.parquet").is_file() and not force:
+        return out
+    model, t0, t_load = _load(config, model)
+    examples = build_examples(config.task, model.tokenizer)
+    prompts = render_all(model, examples, template=config.template)
+    rows = []
+    for prompt in tqdm(prompts, desc="patch examples", disable=not progress):
+        c = corrupt_answer(prompt, model.tokenizer, seed=config.task.seed)
+        res = patch_heads(
+            model,
+            c.clean,
+            c.corrupt,
+            logit_diff_metric(c.clean_token, c.corrupt_token),
+            direction=config.direction,
+            batch_size=config.batch_size,
+        )
+        n_layers, n_heads = res.values.shape
+        recovery = res.recovery if res.clean != res.corrupt else res.values * float("nan")
+        for la in range(n_layers):
+            for h in range(n_heads):
+                rows.append(
+                    {
+                        "example_id": prompt.example_id,
+                        "layer": la,
+                        "head": h,
+                        "head_name": f"L{la}H{h}",
+                        "value": float(res.values[la, h]),
+                        "recovery": float(recovery[la, h]),
+                        "clean_metric": res.clean,
+                        "corrupt_metric": res.corrupt,
+                        "corrupted_position": c.position,
+                    }
+                )
+    card = model_card(model)
+    df = pd.DataFrame(rows).assign(
+        model=card.id, direction=config.direction, config_hash=store.config_hash(config)
+    )
+    # Only pairs where the corruption flips the preference say anything about recovery.
+    valid = df[(df["clean_metric"] > 0) & (df["corrupt_metric"] < 0)]
+    heads = (
+        (valid if not valid.empty else df)
+        .groupby(["layer", "head", "head_name"])["recovery"]
+        .mean()
+        .reset_index()
+        .assign(n_examples=valid["example_id"].nunique(), model=card.id)
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    store.write_json(out / "config.json", dataclasses.asdict(config))
+    write_jsonl(examples, out / "examples.jsonl")
+    store.write_table(df, out / "patch.csv")
+    store.write_table(heads, out / "heads.parquet")
+    fig = head_heatmap(
+        heads,
+        value="recovery",
+        title=f"{card.id} · {config.direction} patching: mean normalised recovery per head "
+        f"(n={heads['n_examples'].iloc[0]})",
+    )
+    store.write_figure(fig, out / "recovery", formats=("html", "png") if png else ("html",))
+    store.write_json(
+        out / "provenance.json",
+        store.provenance(
+            **_run_facts(card, config),
+            n_examples=len(prompts),
+            n_flipped=int(valid["example_id"].nunique()),
+            timings={"load_s": round(t_load, 3), "total_s": round(time.perf_counter() - t0, 3)},
+        ),
+    )
+    store.write_table(df, out / "patch.parquet")  # last: marks a complete run
+    return out

@@ -161,3 +161,38 @@ def test_knockout_takes_a_detection_table_and_refuses_bad_rankings(tiny_dir, tmp
            "--n", "1", "--n-docs", "2", "--no-png", "--out", str(tmp_path / "bad")]
     assert main(bad) == 2
     assert "outside the model" in capsys.readouterr().err
+
+
+def test_patch_writes_per_head_recovery_for_each_instance(tiny_dir, tmp_path, capsys):
+    args = ["patch", "--model", tiny_dir, "--lengths", "400", "--depths", "0.5", "--needles", "2",
+            "--out", str(tmp_path)]
+    assert main(args) == 0
+    (run,) = tmp_path.iterdir()
+    df = pd.read_parquet(run / "patch.parquet")
+    assert len(df) == 2 * 2 * 4 and df["example_id"].nunique() == 2
+    one = df[df.example_id == df.example_id.iloc[0]]
+    assert one["clean_metric"].nunique() == 1 and (one["value"] != one["corrupt_metric"]).any()
+    heads = pd.read_parquet(run / "heads.parquet")
+    assert len(heads) == 8 and "recovery" in heads
+    if shutil.which("chromium") or shutil.which("chromium-browser"):
+        assert (run / "recovery.png").read_bytes()[:4] == b"\x89PNG"
+    assert "head_name" in capsys.readouterr().out
+
+
+def test_corruption_replaces_one_answer_token_with_another(tiny_gqa, smollm):
+    from mechinterp.evaluate import render_all
+    from mechinterp.tasks.corrupt import corrupt_answer
+    from mechinterp.tasks.niah import niah_grid
+
+    for model in (tiny_gqa, smollm):
+        ex = niah_grid(model.tokenizer, lengths=[400], depths=[0.5], needles=2)
+        for p in render_all(model, ex):
+            c = corrupt_answer(p, model.tokenizer, seed=0)
+            diff = [i for i, (a, b) in enumerate(zip(c.clean, c.corrupt, strict=True)) if a != b]
+            assert diff == [c.position] == [p.span("answer")[0]]
+            assert c.clean_token == p.input_ids[c.position] != c.corrupt_token
+            assert c == corrupt_answer(p, model.tokenizer, seed=0)  # seeded
+    word = smollm.tokenizer.decode([c.corrupt_token]).strip()
+    from mechinterp.tasks.corrupt import REPLACEMENTS
+
+    assert word in REPLACEMENTS
