@@ -269,38 +269,101 @@ def cmd_knockout(args) -> int:
 
 
 def _patch_parser(sub) -> None:
-    from mechinterp.runs import ModelSpec, PatchConfig
+    from mechinterp.runs import CrossPatchConfig, HeadSelection, ModelSpec, PatchConfig
 
-    c = PatchConfig()
+    c, x, sel = (
+        PatchConfig(),
+        CrossPatchConfig(select=HeadSelection(heads=("L0H0",))),
+        HeadSelection(),
+    )
     p = sub.add_parser(
         "patch",
-        help="per-head activation patching between each task instance and its corruption; "
-        "write a tidy table and a recovery heatmap",
+        help="per-head activation patching between each task instance and its corruption, or "
+        "(--donor) donor head sets patched into the model while the task runs; tidy tables and "
+        "a figure",
     )
     _model_args(p, ModelSpec())
     _task_args(p, c.task)
     p.add_argument("--direction", default=c.direction, choices=["denoise", "noise"])
-    p.add_argument("--batch-size", type=int, default=c.batch_size)
+    p.add_argument(
+        "--heads",
+        default=None,
+        help="heads to patch: 'L17H3,L18H6,…' (within a model: only these; with --donor: the set)",
+    )
+    p.add_argument(
+        "--scores",
+        default=None,
+        help="a detection run or its scores table: within a model, marks the selected heads "
+        "(every head is still patched); with --donor, the donor's scores",
+    )
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=sel.threshold,
+        help="select heads scoring above this (Wu's retrieval-head rule)",
+    )
+    p.add_argument("--top-k", type=int, default=None, help="select the k best heads instead")
+    p.add_argument("--donor", default=None, help="cross-model patching: the donor model")
+    p.add_argument(
+        "--recipient-scores",
+        default=None,
+        help="with --donor and --scores: the model's own scores (for Inter / Compl / Rand)",
+    )
+    p.add_argument("--seeds", type=_ints, default=x.seeds, help="seeds of the Rand head sets")
+    p.add_argument("--max-new-tokens", type=int, default=x.max_new_tokens)
+    p.add_argument("--batch-size", type=int, default=None)
     _run_args(p)
 
 
 def cmd_patch(args) -> int:
     import pandas as pd
 
-    from mechinterp.runs import PatchConfig, run_patch
+    from mechinterp.runs import (
+        CrossPatchConfig,
+        HeadSelection,
+        ModelSpec,
+        PatchConfig,
+        run_cross_patch,
+        run_patch,
+    )
 
-    config = PatchConfig(
-        model=_model_spec(args),
-        task=_task_spec(args),
-        direction=args.direction,
-        batch_size=args.batch_size,
-        template=args.template,
+    select = HeadSelection(
+        heads=tuple(h for h in (args.heads or "").replace(" ", ",").split(",") if h),
+        scores=args.scores,
+        threshold=args.threshold,
+        top_k=args.top_k,
     )
-    out = run_patch(config, args.out, force=args.force, png=not args.no_png)
-    heads = pd.read_parquet(out / "heads.parquet").nlargest(10, "recovery")
-    print(
-        heads[["head_name", "recovery"]].to_string(index=False, float_format=lambda x: f"{x:.3f}")
-    )
+    fmt = {"float_format": lambda x: f"{x:.3f}", "index": False}
+    if args.donor:
+        config = CrossPatchConfig(
+            model=_model_spec(args),
+            donor=ModelSpec(args.donor, args.dtype, args.device, args.rope_theta),
+            task=_task_spec(args),
+            select=select,
+            recipient_scores=args.recipient_scores,
+            seeds=args.seeds,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size or CrossPatchConfig.batch_size,
+            template=args.template,
+        )
+        out = run_cross_patch(config, args.out, force=args.force, png=not args.no_png)
+        print(pd.read_csv(out / "summary.csv").to_string(**fmt))
+    else:
+        if args.recipient_scores:
+            raise ValueError("--recipient-scores applies to cross-model patching (--donor)")
+        config = PatchConfig(
+            model=_model_spec(args),
+            task=_task_spec(args),
+            direction=args.direction,
+            select=select,
+            batch_size=args.batch_size or PatchConfig.batch_size,
+            template=args.template,
+        )
+        out = run_patch(config, args.out, force=args.force, png=not args.no_png)
+        heads = pd.read_parquet(out / "heads.parquet").nlargest(10, "recovery")
+        print(heads[["head_name", "in_set", "recovery"]].to_string(**fmt))
+        if select:
+            print(pd.read_csv(out / "sets.csv").to_string(**fmt))
     print(f"wrote {out}")
     return 0
 

@@ -151,3 +151,43 @@ def knockout_curve(summary: pd.DataFrame, *, value: str = "correct", title: str 
         template="plotly_white",
     )
     return fig
+
+
+def cross_patch_bars(
+    summary: pd.DataFrame,
+    *,
+    metrics: tuple[str, ...] = ("f1", "answer_logprob"),
+    title: str | None = None,
+) -> go.Figure:
+    """Normalised recovery per patched head set (recipient = 0, donor = 1), one bar group per
+    metric. Takes `summarise_cross`'s table."""
+    metrics = tuple(m for m in metrics if f"{m}_recovery" in summary)
+    if not metrics or "condition" not in summary:
+        raise ValueError("cross_patch_bars needs `condition` and <metric>_recovery columns")
+    sets = summary[~summary["condition"].isin(["recipient", "donor"])]
+    labels = [
+        f"{c}<br>({int(n)} heads)" for c, n in zip(sets["condition"], sets["n_heads"], strict=True)
+    ]
+    fig = go.Figure()
+    for m in metrics:
+        fig.add_trace(
+            go.Bar(
+                x=labels,
+                y=sets[f"{m}_recovery"],
+                name=m,
+                text=[f"{v:.2f}" for v in sets[f"{m}_recovery"]],
+                textposition="outside",
+            )
+        )
+    for y, label in ((0, "recipient"), (1, "donor")):
+        fig.add_hline(y=y, line_dash="dash", line_color="grey", annotation_text=label)
+    fig.update_layout(
+        title=title or "cross-model patching: normalised recovery per head set",
+        xaxis_title="head set patched from the donor",
+        yaxis_title="normalised recovery",
+        barmode="group",
+        width=max(560, 110 * len(sets) + 240),
+        height=460,
+        template="plotly_white",
+    )
+    return fig

@@ -196,3 +196,65 @@ def test_corruption_replaces_one_answer_token_with_another(tiny_gqa, smollm):
     from mechinterp.tasks.corrupt import REPLACEMENTS
 
     assert word in REPLACEMENTS
+
+
+def scores_csv(path, scores):
+    """A head-score table for the 2-layer, 4-head tiny model: {"L0H1": 0.5, ...}, others 0."""
+    rows = [{"layer": la, "head": h, "score": scores.get(f"L{la}H{h}", 0.0)}
+            for la in range(2) for h in range(4)]
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return str(path)
+
+
+def test_patch_takes_a_head_list_or_marks_a_score_tables_heads(tiny_dir, tmp_path, capsys):
+    base = ["patch", "--model", tiny_dir, "--lengths", "400", "--depths", "0.5", "--needles", "1",
+            "--no-png"]
+    assert main(base + ["--heads", "L1H2,L0H0", "--out", str(tmp_path / "list")]) == 0
+    (run,) = (tmp_path / "list").iterdir()
+    df = pd.read_parquet(run / "patch.parquet")
+    assert sorted(df["head_name"]) == ["L0H0", "L1H2"] and df["in_set"].all()
+    table = scores_csv(tmp_path / "s.csv", {"L1H3": 0.4, "L0H2": 0.2, "L1H0": 0.05})
+    assert main(base + ["--scores", table, "--out", str(tmp_path / "table")]) == 0
+    (run,) = (tmp_path / "table").iterdir()
+    df = pd.read_parquet(run / "patch.parquet")
+    assert len(df) == 8 and sorted(df.loc[df.in_set, "head_name"]) == ["L0H2", "L1H3"]
+    sets = pd.read_csv(run / "sets.csv").set_index("set")
+    assert sets.loc["selected", "n_heads"] == 2 and sets.loc["rest", "n_heads"] == 6
+    picked = df[df.in_set].groupby("example_id")["recovery"].sum().mean()
+    assert sets.loc["selected", "total"] == pytest.approx(picked)
+    assert "in_set" in capsys.readouterr().out
+    assert main(base + ["--scores", table, "--threshold", "0.9", "--out", str(tmp_path)]) == 2
+    assert "picks no heads" in capsys.readouterr().err
+
+
+def test_patch_with_a_donor_patches_head_sets_across_models(tiny_dir, tmp_path, capsys):
+    from mechinterp.models.tiny import tiny_model
+
+    donor = tiny_model(n_kv_heads=2, seed=1, directory=tmp_path / "donor")
+    donor_dir = donor.mechinterp_card.source
+    base = ["patch", "--model", tiny_dir, "--donor", donor_dir, "--lengths", "400", "--depths",
+            "0.5", "--needles", "2", "--max-new-tokens", "3", "--no-png"]
+    theirs = scores_csv(tmp_path / "donor.csv", {"L1H3": 0.5, "L0H2": 0.3, "L1H1": 0.2})
+    ours = scores_csv(tmp_path / "ours.csv", {"L1H3": 0.6, "L1H1": 0.4, "L0H0": 0.2})
+    args = base + ["--scores", theirs, "--recipient-scores", ours, "--seeds", "0,1",
+                   "--out", str(tmp_path / "sets")]
+    assert main(args) == 0
+    (run,) = (tmp_path / "sets").iterdir()
+    sets = json.loads((run / "head_sets.json").read_text())
+    assert sets["inter"] == ["L1H3", "L1H1"] and sets["compl"] == ["L0H2"]
+    assert set(sets) == {"inter", "compl", "rand-s0", "rand-s1"}
+    assert not set(sets["rand-s0"]) & {"L1H3", "L0H2", "L1H1", "L0H0"}
+    df = pd.read_parquet(run / "cross.parquet")
+    assert len(df) == 6 * 2 and set(df["donor"]) == {"donor"}  # the card id of its folder
+    summary = pd.read_csv(run / "summary.csv").set_index("condition")
+    assert summary.loc["donor", "answer_logprob_recovery"] == pytest.approx(1.0)
+    assert summary.loc["inter", "n_heads"] == 2
+    assert "answer_logprob_recovery" in capsys.readouterr().out
+    mha = tiny_model(n_kv_heads=4, directory=tmp_path / "mha").mechinterp_card.source
+    bad = ["patch", "--model", tiny_dir, "--donor", mha, "--heads", "L0H0", "--lengths", "400",
+           "--depths", "0.5", "--needles", "1", "--no-png", "--out", str(tmp_path / "bad")]
+    assert main(bad) == 2
+    assert "differ in shape" in capsys.readouterr().err
+    assert main(bad[:3] + ["--recipient-scores", ours, "--out", str(tmp_path / "bad")]) == 2
+    assert "applies to cross-model patching" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

@@ -2,10 +2,17 @@
 
 - `knockout` / `KnockoutSpec`: zero, mean, resample, uniform_attention, edge_knockout.
 - `patch_heads`: per-head activation patching (denoising / noising), batched per layer.
-- `donor_reference`: cross-model patching through `knockout(..., "resample")`.
+- `cross_patch`: cross-model patching (donor head outputs into a recipient, same input), with
+  `cross_model_patching` / `patch_head_sets` for Inter / Compl / Rand head sets.
 - `knockout_sweep`: top-k ranked heads vs random complement heads.
 """
 
+from mechinterp.interventions.cross import (
+    cross_model_patching,
+    cross_patch,
+    patch_head_sets,
+    summarise_cross,
+)
 from mechinterp.interventions.knockout import (
     MODES,
     KnockoutSpec,
@@ -17,7 +24,6 @@ from mechinterp.interventions.knockout import (
 )
 from mechinterp.interventions.patching import (
     PatchResult,
-    donor_reference,
     logit_diff_metric,
     normalised_recovery,
     patch_heads,
@@ -30,15 +36,18 @@ __all__ = [
     "KnockoutSpec",
     "PatchResult",
     "Reference",
-    "donor_reference",
+    "cross_model_patching",
+    "cross_patch",
     "head_outputs",
     "knockout",
     "knockout_sweep",
     "logit_diff_metric",
     "mean_reference",
     "normalised_recovery",
+    "patch_head_sets",
     "patch_heads",
     "resample_reference",
     "run_from_layer",
+    "summarise_cross",
     "summarise_sweep",
 ]

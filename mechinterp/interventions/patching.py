@@ -9,8 +9,8 @@ no recomputation below the patched layer.
 - `run_from_layer`: resume a forward from a cached residual stream at block k, running only blocks
   k.. (the bridge's own `start_at_layer` still executes the blocks below and discards them).
 
-Cross-model patching (donor head outputs into a recipient of the same shape) is `knockout` with
-mode `resample` and `reference=donor_reference(donor, recipient, ids, heads)`.
+Cross-model patching (donor head outputs into a recipient of the same shape) is `cross_patch` in
+`mechinterp.interventions.cross`.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mechinterp.heads import Head, HeadShape, parse_heads
-from mechinterp.interventions.knockout import Reference, head_outputs
 
 Direction = Literal["denoise", "noise"]
 #: A metric maps last-position logits [batch, vocab] to one value per row [batch].
@@ -255,33 +254,3 @@ def patch_heads(
         "seconds": round(time.perf_counter() - t0, 3),
     }
     return PatchResult(values, m_clean, m_corrupt, direction, per_position, settings)
-
-
-def check_same_shape(donor, recipient) -> None:
-    """Refuse cross-model patching between models of different shapes or tokenizers."""
-    a, b = HeadShape.of(donor), HeadShape.of(recipient)
-    if (
-        a != b
-        or donor.cfg.d_head != recipient.cfg.d_head
-        or donor.cfg.d_model != recipient.cfg.d_model
-    ):
-        raise ValueError(
-            f"donor and recipient differ in shape ({a}, d_head {donor.cfg.d_head} vs {b}, "
-            f"d_head {recipient.cfg.d_head}); cross-model patching needs one architecture"
-        )
-    if donor.tokenizer.get_vocab() != recipient.tokenizer.get_vocab():
-        raise ValueError(
-            "donor and recipient tokenizers differ; patch between models that "
-            "share a tokenizer (e.g. fine-tunes of one base)"
-        )
-
-
-def donor_reference(donor, recipient, ids: Sequence[int], heads) -> Reference:
-    """The donor's z of `heads` on `ids`, for `knockout(recipient, KnockoutSpec(heads,
-    "resample"), reference=...)` — cross-model patching on the same input."""
-    check_same_shape(donor, recipient)
-    heads = tuple(parse_heads(heads, HeadShape.of(recipient)))
-    if not heads:
-        raise ValueError("cross-model patching needs a non-empty head set")
-    z = head_outputs(donor, torch.tensor([list(ids)], device=donor.cfg.device), heads)[0]
-    return Reference(heads, z, pooled=False, source={"donor": getattr(donor.cfg, "model_name", "")})

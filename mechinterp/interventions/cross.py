@@ -1,0 +1,225 @@
+"""Cross-model activation patching: the donor's per-head outputs written into the recipient, on
+the same input (DESIGN.md step 6).
+
+    with cross_patch(recipient, donor, heads=inter):
+        evaluate(recipient, examples)          # generation, teacher-forced scoring, any forward
+
+Inside the block, every forward of the recipient first runs the donor on the same tokens and
+attention mask, keeps the donor's z (`hook_z`) of the patched heads, and writes it over the
+recipient's z for those query heads (GQA siblings untouched). The donor keeps its own KV cache in
+step with the recipient's, so the patch holds at every decode step of cached generation: each
+decode step sees the donor's z for exactly the new positions.
+
+`cross_model_patching(donor, recipient, examples, head_sets)` runs a task under each named head set
+and returns one tidy row per (condition, example): the recipient alone, the donor alone, and the
+recipient with each head set patched in. `patch_head_sets` builds the paper's sets: Inter =
+H_donor ∩ H_recipient, Compl = H_donor \\ H_recipient, Rand = |Inter| heads from neither set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
+from functools import partial
+
+import pandas as pd
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from mechinterp.heads import Head, HeadShape, parse_heads
+from mechinterp.tasks.example import Example
+
+
+def check_same_shape(donor, recipient) -> None:
+    """Refuse cross-model patching between models of different shapes or tokenizers."""
+    a, b = HeadShape.of(donor), HeadShape.of(recipient)
+    if (
+        a != b
+        or donor.cfg.d_head != recipient.cfg.d_head
+        or donor.cfg.d_model != recipient.cfg.d_model
+    ):
+        raise ValueError(
+            f"donor and recipient differ in shape ({a}, d_head {donor.cfg.d_head} vs {b}, "
+            f"d_head {recipient.cfg.d_head}); cross-model patching needs one architecture"
+        )
+    if donor.tokenizer.get_vocab() != recipient.tokenizer.get_vocab():
+        raise ValueError(
+            "donor and recipient tokenizers differ; patch between models that "
+            "share a tokenizer (e.g. fine-tunes of one base)"
+        )
+
+
+def _by_layer(heads: Sequence[Head]) -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
+    for h in heads:
+        out.setdefault(h.layer, []).append(h.head)
+    return out
+
+
+def _cache_length(cache) -> int:
+    return 0 if cache is None else int(cache.get_seq_length())
+
+
+@contextmanager
+def cross_patch(recipient, donor, heads: Sequence[Head] | str) -> Iterator[dict]:
+    """Write the donor's z of `heads` into the recipient on every recipient forward in the block.
+
+    Yields counters (`forwards`: donor runs, `patched`: recipient layers written). Raises when
+    the recipient's z hook fires without a donor run (a forward that bypassed the bridge, such as
+    `run_from_layer`), or when the recipient continues a KV cache this block did not start.
+    """
+    check_same_shape(donor, recipient)
+    heads = parse_heads(heads, HeadShape.of(recipient))
+    if not heads:
+        raise ValueError("cross-model patching needs a non-empty head set")
+    by_layer = _by_layer(heads)
+    state: dict = {"cache": None, "z": {}}
+    stats = {"forwards": 0, "patched": 0}
+
+    def grab(z: Tensor, hook, *, layer: int) -> None:
+        state["z"][layer] = z[:, :, by_layer[layer]].detach()
+
+    donor_hooks = [(f"blocks.{la}.attn.hook_z", partial(grab, layer=la)) for la in by_layer]
+
+    def run_donor(module, args, kwargs):
+        past = kwargs.get("past_key_values")
+        if _cache_length(past) != _cache_length(state["cache"] if past is not None else None):
+            raise RuntimeError(
+                f"the recipient continues a KV cache of {_cache_length(past)} positions that "
+                "this cross_patch block did not start; begin generation inside the block"
+            )
+        kw = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "return_type")}
+        cached = past is not None or bool(kwargs.get("use_cache"))
+        if cached:
+            kw.update(use_cache=True, past_key_values=state["cache"] if past is not None else None)
+        kw["logits_to_keep"] = 1
+        state["z"] = {}
+        with torch.no_grad(), donor.hooks(fwd_hooks=donor_hooks):
+            out = donor(*args[:1], return_type="logits_and_cache" if cached else "logits", **kw)
+        state["cache"] = out[1] if cached else None
+        stats["forwards"] += 1
+
+    def write(z: Tensor, hook, *, layer: int) -> Tensor:
+        src = state["z"].pop(layer, None)
+        if src is None:
+            raise RuntimeError(
+                f"layer {layer}: the recipient ran without a donor run on the same input (a "
+                "forward that bypassed the bridge's __call__?); cross_patch cannot patch it"
+            )
+        if src.shape[:2] != z.shape[:2]:
+            raise RuntimeError(
+                f"donor z {tuple(src.shape[:2])} and recipient z {tuple(z.shape[:2])} differ in "
+                "batch or positions"
+            )
+        z = z.clone()
+        z[:, :, by_layer[layer]] = src.to(z.device, z.dtype)
+        stats["patched"] += 1
+        return z
+
+    recipient_hooks = [(f"blocks.{la}.attn.hook_z", partial(write, layer=la)) for la in by_layer]
+    handle = recipient.register_forward_pre_hook(run_donor, with_kwargs=True)
+    try:
+        with recipient.hooks(fwd_hooks=recipient_hooks):
+            yield stats
+    finally:
+        handle.remove()
+        state.clear()
+
+
+def patch_head_sets(
+    donor_heads: Sequence[Head],
+    recipient_heads: Sequence[Head],
+    shape: HeadShape,
+    *,
+    seeds: Sequence[int] = (0, 1, 2),
+) -> dict[str, tuple[Head, ...]]:
+    """The paper's head sets, in donor rank order: `inter` = H_donor ∩ H_recipient, `compl` =
+    H_donor \\ H_recipient, and `rand-s{seed}` = |inter| heads drawn from neither set. Empty sets
+    are left out (there is nothing to patch)."""
+    from mechinterp.analysis.headsets import random_complement
+
+    donor_heads = parse_heads(donor_heads, shape)
+    recipient_heads = parse_heads(recipient_heads, shape)
+    if not donor_heads:
+        raise ValueError("the donor's head set is empty: select its retrieval heads first")
+    theirs = set(recipient_heads)
+    inter = tuple(h for h in donor_heads if h in theirs)
+    sets = {"inter": inter, "compl": tuple(h for h in donor_heads if h not in theirs)}
+    for s in seeds if inter else ():
+        drawn = random_complement(donor_heads + recipient_heads, len(inter), shape, seed=s)
+        sets[f"rand-s{s}"] = tuple(drawn)
+    return {name: hs for name, hs in sets.items() if hs}
+
+
+def _answer_logprob(model, prompt, answer: str) -> float:
+    """Mean log-probability of the gold answer's tokens after the prompt (teacher-forced)."""
+    from mechinterp.evaluate import answer_logprobs
+
+    ids = model.tokenizer.encode(answer, add_special_tokens=False)
+    return float(answer_logprobs(model, prompt.input_ids, ids).mean())
+
+
+def cross_model_patching(
+    donor,
+    recipient,
+    examples: Sequence[Example],
+    head_sets: Mapping[str, Sequence[Head]],
+    *,
+    max_new_tokens: int = 32,
+    batch_size: int = 4,
+    template=None,
+    score: bool = True,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """The task on the recipient, on the donor, and on the recipient with each head set patched in
+    from the donor. One row per (condition, example): `condition` is `recipient`, `donor`, or a
+    head-set name; generation metrics as `evaluate` gives them, plus `answer_logprob` (mean
+    teacher-forced log-prob of the gold answer) when `score`."""
+    from mechinterp.evaluate import evaluate, render_all
+
+    check_same_shape(donor, recipient)
+    shape = HeadShape.of(recipient)
+    empty = [name for name, hs in head_sets.items() if not hs]
+    if empty or not head_sets:
+        raise ValueError(f"head sets {empty or '(none)'} are empty: nothing to patch")
+    parsed = {name: parse_heads(hs, shape) for name, hs in head_sets.items()}
+    reserved = {"recipient", "donor"} & set(parsed)
+    if reserved:
+        raise ValueError(f"head-set names {sorted(reserved)} are reserved for the baselines")
+    prompts = render_all(recipient, examples, template=template)
+    runs = [("recipient", recipient, ()), ("donor", donor, ())]
+    runs += [(name, recipient, hs) for name, hs in parsed.items()]
+    frames = []
+    for condition, model, hs in tqdm(runs, desc="cross-model patching", disable=not progress):
+        with cross_patch(recipient, donor, hs) if hs else nullcontext():
+            df = evaluate(
+                model,
+                examples,
+                max_new_tokens=max_new_tokens,
+                batch_size=batch_size,
+                template=template,
+                progress=False,
+            )
+            if score:
+                df["answer_logprob"] = [
+                    _answer_logprob(model, p, ex.answers[0])
+                    for p, ex in zip(prompts, examples, strict=True)
+                ]
+        frames.append(
+            df.assign(condition=condition, n_heads=len(hs), heads=" ".join(str(h) for h in hs))
+        )
+    return pd.concat(frames, ignore_index=True)
+
+
+def summarise_cross(df: pd.DataFrame, metrics: Sequence[str] = ("f1", "answer_logprob")):
+    """Mean of each metric per condition, and its normalised recovery (M − M_recipient) /
+    (M_donor − M_recipient), NaN where donor and recipient tie."""
+    metrics = [m for m in metrics if m in df]
+    means = df.groupby("condition", sort=False)[metrics].mean()
+    out = means.reset_index()
+    for m in metrics:
+        lo, hi = means.loc["recipient", m], means.loc["donor", m]
+        out[f"{m}_recovery"] = (means[m].values - lo) / (hi - lo) if hi != lo else float("nan")
+    out["n_heads"] = df.groupby("condition", sort=False)["n_heads"].first().values
+    return out

@@ -1,0 +1,178 @@
+"""Oracle tests of cross-model patching on tiny MHA/GQA/MQA models.
+
+The recipient is the donor with perturbed Q/K/V projections (as an attention-only fine-tune
+would be, output projection and MLPs shared), so patching every head's z from the donor must give
+the donor's logits exactly."""
+
+import pytest
+import torch
+
+from mechinterp.evaluate import generate, left_pad
+from mechinterp.heads import Head, HeadShape
+from mechinterp.interventions import (
+    cross_model_patching,
+    cross_patch,
+    patch_head_sets,
+    summarise_cross,
+)
+from mechinterp.interventions.patching import run_from_layer
+from mechinterp.models.tiny import tiny_model
+from mechinterp.tasks.niah import niah_grid
+
+PROMPTS = [[1, 10, 11, 12, 13, 14, 15, 16, 17], [1, 20, 21, 22, 23, 24]]
+KV = {"mha": 4, "gqa": 2, "mqa": 1}
+
+
+@pytest.fixture(scope="module", params=list(KV), ids=list(KV))
+def pair(request, tmp_path_factory):
+    """(donor, recipient): one tiny model, and a copy with its Q/K/V weights perturbed."""
+    n_kv = KV[request.param]
+    donor = tiny_model(n_kv_heads=n_kv, directory=tmp_path_factory.mktemp("donor"))
+    recipient = tiny_model(n_kv_heads=n_kv, directory=tmp_path_factory.mktemp("recipient"))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in recipient.original_model.named_parameters():
+            if any(f"{x}_proj" in name for x in "qkv"):
+                p.add_(0.5 * p.std() * torch.randn(p.shape, generator=g))
+    return donor, recipient
+
+
+def logits(model, heads=None, donor=None):
+    ids, mask = left_pad(model, PROMPTS)
+    with torch.no_grad():
+        if heads is None:
+            return model(ids, attention_mask=mask)
+        with cross_patch(model, donor, heads) as stats:
+            out = model(ids, attention_mask=mask)
+        assert stats["forwards"] == 1
+        return out
+
+
+def test_patching_every_head_from_the_donor_gives_the_donors_logits(pair):
+    donor, recipient = pair
+    real = left_pad(recipient, PROMPTS)[1].bool()
+    theirs, ours = logits(donor), logits(recipient)
+    assert (theirs - ours)[real].abs().max() > 0.1  # the two models really differ
+    every = HeadShape.of(recipient).all_heads()
+    patched = logits(recipient, every, donor)
+    torch.testing.assert_close(patched[real], theirs[real], atol=1e-5, rtol=0)
+
+
+def test_cross_patch_writes_donor_z_into_its_heads_only(pair):
+    donor, recipient = pair
+    head = Head(1, 1)  # siblings share its KV head under GQA/MQA
+    name = "blocks.1.attn.hook_z"
+    ids, mask = left_pad(recipient, PROMPTS)
+    got = {}
+
+    def grab(z, hook, *, key):
+        got[key] = z.detach().clone()
+
+    with torch.no_grad():
+        for key, model in (("donor", donor), ("recipient", recipient)):
+            with model.hooks(fwd_hooks=[(name, lambda z, hook, k=key: grab(z, hook, key=k))]):
+                model(ids, attention_mask=mask)
+        with cross_patch(recipient, donor, [head]):
+            with recipient.hooks(fwd_hooks=[(name, lambda z, hook: grab(z, hook, key="p"))]):
+                recipient(ids, attention_mask=mask)
+    real = mask.bool()
+    assert torch.equal(got["p"][:, :, 1][real], got["donor"][:, :, 1][real])
+    others = [0, 2, 3]
+    assert torch.equal(got["p"][:, :, others][real], got["recipient"][:, :, others][real])
+    assert not torch.allclose(got["donor"][:, :, 1][real], got["recipient"][:, :, 1][real])
+
+
+def test_cross_patch_holds_across_cached_generation_steps(pair):
+    """Cached batched generation under the patch equals a cache-free loop that re-runs the whole
+    sequence under the patch at every step (each decode step gets the donor's z of its own
+    position), and patching every head generates the donor's tokens."""
+    donor, recipient = pair
+    heads = [Head(0, 2), Head(1, 1)]
+    with cross_patch(recipient, donor, heads) as stats:
+        gens = generate(recipient, PROMPTS, max_new_tokens=6, stop_ids=frozenset())
+    assert stats["forwards"] == 6 and stats["patched"] == 6 * 2
+    for p, g in zip(PROMPTS, gens, strict=True):
+        seq = list(p)
+        for tok in g.tokens:
+            with cross_patch(recipient, donor, heads), torch.no_grad():
+                nxt = int(recipient(torch.tensor([seq]))[0, -1].argmax())
+            assert nxt == tok
+            seq.append(nxt)
+    every = HeadShape.of(recipient).all_heads()
+    with cross_patch(recipient, donor, every):
+        patched = generate(recipient, PROMPTS, max_new_tokens=6, stop_ids=frozenset())
+    theirs = generate(donor, PROMPTS, max_new_tokens=6, stop_ids=frozenset())
+    ours = generate(recipient, PROMPTS, max_new_tokens=6, stop_ids=frozenset())
+    assert [g.tokens for g in patched] == [g.tokens for g in theirs] != [g.tokens for g in ours]
+
+
+def test_hooks_are_removed_after_the_block(pair):
+    donor, recipient = pair
+    before = logits(recipient)
+    with pytest.raises(KeyError):
+        with cross_patch(recipient, donor, "L0H0"):
+            raise KeyError("a failure inside the block")
+    assert torch.equal(logits(recipient), before)
+    assert not recipient._forward_pre_hooks
+
+
+def test_bad_cross_patches_are_clear_errors(pair, tiny_gqa):
+    donor, recipient = pair
+    with pytest.raises(ValueError, match="non-empty head set"):
+        with cross_patch(recipient, donor, []):
+            pass
+    with pytest.raises(ValueError, match="outside the model"):
+        with cross_patch(recipient, donor, "L7H0"):
+            pass
+    if HeadShape.of(tiny_gqa) != HeadShape.of(recipient):
+        with pytest.raises(ValueError, match="differ in shape"):
+            with cross_patch(recipient, tiny_gqa, "L0H0"):
+                pass
+    ids = torch.tensor([PROMPTS[0]])
+    _, cache = recipient(ids, use_cache=True, return_type="logits_and_cache")
+    with pytest.raises(RuntimeError, match="did not start"):
+        with cross_patch(recipient, donor, "L0H0"):
+            recipient(ids[:, -1:], past_key_values=cache)
+    resid = torch.zeros(1, 3, recipient.cfg.d_model)
+    with pytest.raises(RuntimeError, match="without a donor run"):
+        with cross_patch(recipient, donor, "L1H0"):
+            run_from_layer(recipient, resid, 1)
+
+
+def test_patch_head_sets_are_inter_compl_and_matched_random():
+    shape = HeadShape(4, 4, 2)
+    donor = [Head(3, 1), Head(0, 0), Head(2, 2), Head(1, 3)]
+    recipient = [Head(2, 2), Head(3, 1), Head(0, 1)]
+    sets = patch_head_sets(donor, recipient, shape, seeds=(0, 1))
+    assert sets["inter"] == (Head(3, 1), Head(2, 2))  # donor rank order
+    assert sets["compl"] == (Head(0, 0), Head(1, 3))
+    for s in (0, 1):
+        rand = sets[f"rand-s{s}"]
+        assert len(rand) == 2 and not set(rand) & (set(donor) | set(recipient))
+    assert sets == patch_head_sets(donor, recipient, shape, seeds=(0, 1))  # seeded
+    assert sets["rand-s0"] != sets["rand-s1"] or len(shape.all_heads()) - 5 < 3
+    disjoint = patch_head_sets([Head(0, 0)], [Head(1, 1)], shape)
+    assert set(disjoint) == {"compl"}  # no shared heads: no inter, no rand of size 0
+    with pytest.raises(ValueError, match="donor's head set is empty"):
+        patch_head_sets([], recipient, shape)
+
+
+def test_cross_model_patching_table_and_recovery(pair):
+    donor, recipient = pair
+    examples = niah_grid(recipient.tokenizer, lengths=[300], depths=[0.5], needles=2)
+    every = HeadShape.of(recipient).all_heads()
+    sets = {"all": every, "one": [Head(1, 1)]}
+    df = cross_model_patching(
+        donor, recipient, examples, sets, max_new_tokens=4, batch_size=2, progress=False
+    )
+    assert len(df) == 4 * 2 and set(df["condition"]) == {"recipient", "donor", "all", "one"}
+    by = df.set_index(["condition", "example_id"])
+    assert (by.loc["all", "prediction"] == by.loc["donor", "prediction"]).all()
+    summary = summarise_cross(df).set_index("condition")
+    assert summary.loc["all", "answer_logprob_recovery"] == pytest.approx(1.0, abs=1e-4)
+    assert summary.loc["recipient", "answer_logprob_recovery"] == 0.0
+    assert summary.loc["one", "n_heads"] == 1
+    with pytest.raises(ValueError, match="empty"):
+        cross_model_patching(donor, recipient, examples, {"inter": []}, progress=False)
+    with pytest.raises(ValueError, match="reserved"):
+        cross_model_patching(donor, recipient, examples, {"donor": every}, progress=False)
