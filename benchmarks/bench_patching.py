@@ -9,9 +9,13 @@ TransformerLens 4.3 measured in one run on the same inputs.
   Goal: ≥ 5× faster, max |difference| ≤ 1e-4.
 - Knockout forward ÷ plain forward (zero mode, 10 heads; goal ≤ 1.10).
 
-The clean prompt recalls a word planted in essay text ("The secret word is apple"); the corrupt
-prompt replaces that word's token with another word's (symmetric, same length); the metric is
-logit(apple) − logit(lemon) at the last position. Writes benchmarks/results/patching.json.
+Two kinds of clean/corrupt pairs, both symmetric (one token replaced, same length):
+- `planted`: plain essay text with a planted sentence ("The secret word is apple") at `depth`;
+  the corrupt prompt says "lemon"; metric logit(apple) − logit(lemon) at the last position.
+- `niah`: the NIAH instances `mechinterp patch` runs (chat template, the needle at `depth`),
+  corrupted by `corrupt_answer` (the needle's first answer token replaced); metric
+  logit(clean token) − logit(corrupt token).
+Writes benchmarks/results/patching.json.
 """
 
 from __future__ import annotations
@@ -55,10 +59,42 @@ def pair(tok, n_tokens: int, depth: float = 0.0):
     return clean, corrupt, good, bad
 
 
+def niah_pair(model, n_tokens: int, depth: float):
+    """A NIAH instance as `mechinterp patch` corrupts it: (clean, corrupt, good, bad)."""
+    from mechinterp.evaluate import render_all
+    from mechinterp.tasks.corrupt import corrupt_answer
+    from mechinterp.tasks.niah import niah_grid
+
+    (ex,) = niah_grid(model.tokenizer, lengths=[n_tokens], depths=[depth], needles=1)
+    (prompt,) = render_all(model, [ex])
+    c = corrupt_answer(prompt, model.tokenizer, seed=0)
+    return list(c.clean), list(c.corrupt), c.clean_token, c.corrupt_token
+
+
+def pairs(model, args):
+    """(kind, length, depth, pair) for every benchmark input."""
+    for n in _ints(args.lengths):
+        for d in _floats(args.depths):
+            yield "planted", n, d, pair(model.tokenizer, n, d)
+    for n in _ints(args.niah_lengths):
+        for d in _floats(args.niah_depths):
+            yield "niah", n, d, niah_pair(model, n, d)
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lengths", default="32,128")
     ap.add_argument("--depths", default="0,0.5", help="where the planted word sits")
+    ap.add_argument("--niah-lengths", default="256", help="NIAH instance lengths ('' for none)")
+    ap.add_argument("--niah-depths", default="0,0.5,1")
     ap.add_argument("--knockout-length", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "patching.json"))
@@ -66,9 +102,7 @@ def main() -> int:
     model = load_model()
     tok = model.tokenizer
     rows = []
-    grid = [(int(n), float(d)) for n in args.lengths.split(",") for d in args.depths.split(",")]
-    for n, depth in grid:
-        clean, corrupt, good, bad = pair(tok, n, depth)
+    for kind, _n, depth, (clean, corrupt, good, bad) in pairs(model, args):
         t = time.perf_counter()
         ours = patch_heads(model, clean, corrupt, logit_diff_metric(good, bad), batch_size=9)
         t_ours = time.perf_counter() - t
@@ -83,6 +117,7 @@ def main() -> int:
         t_theirs = time.perf_counter() - t
         diff = float((ours.values - theirs.float()).abs().max())
         row = {
+            "input": kind,
             "tokens": len(clean),
             "depth": depth,
             "first_corrupted_position": ours.settings["shared_prefix"],

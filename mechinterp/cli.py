@@ -240,6 +240,9 @@ def _knockout_parser(sub) -> None:
     )
     p.add_argument("--max-new-tokens", type=int, default=c.max_new_tokens)
     p.add_argument("--batch-size", type=int, default=c.batch_size)
+    p.add_argument(
+        "--score", action="store_true", help="also score the answer's teacher-forced log-prob"
+    )
     _run_args(p)
 
 
@@ -259,6 +262,7 @@ def cmd_knockout(args) -> int:
         match_layers=args.match_layers,
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
+        score=args.score,
         template=args.template,
     )
     out = run_knockout(config, args.out, force=args.force, png=not args.no_png)

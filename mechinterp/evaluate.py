@@ -3,7 +3,8 @@
 - `generate`: batched greedy decoding through the bridge with HF's KV cache, left padding and a
   per-model stop rule.
 - `em`, `token_f1`, `rouge1_recall`, `substring_match`: answer metrics (SQuAD normalisation).
-- `answer_logprobs`, `logit_diff`: teacher-forced scoring.
+- `answer_logprobs`, `logit_diff`: teacher-forced scoring (`evaluate(score=True)` adds the
+  answer's mean log-prob to every row).
 - `evaluate`: a task on a model → one tidy row per example.
 """
 
@@ -236,6 +237,14 @@ def answer_logprobs(
     return logp.gather(-1, torch.tensor(list(answer_ids), device=logp.device)[:, None])[:, 0]
 
 
+def answer_ids(model, answer: str) -> list[int]:
+    """The answer's tokens as the model would write them at the start of its reply."""
+    ids = model.tokenizer.encode(answer.strip(), add_special_tokens=False)
+    if not ids:
+        raise ValueError(f"answer {answer!r} has no tokens")
+    return ids
+
+
 def logit_diff(
     logits: Float[Tensor, "... vocab"], correct: int, wrong: int
 ) -> Float[Tensor, "..."]:
@@ -260,9 +269,12 @@ def evaluate(
     max_new_tokens: int = 32,
     batch_size: int = 8,
     template: Template | None = None,
+    score: bool = False,
     progress: bool = True,
 ) -> pd.DataFrame:
-    """Generate an answer for every example; one row per example with its metrics."""
+    """Generate an answer for every example; one row per example with its metrics. With `score`,
+    also `answer_logprob`: the mean teacher-forced log-prob of the first gold answer's tokens
+    after the prompt (a continuous metric for small samples)."""
     prompts = render_all(model, examples, template=template)
     t0 = time.perf_counter()
     gens = generate(
@@ -297,6 +309,11 @@ def evaluate(
             }
         )
     df = pd.DataFrame(rows)
+    if score:
+        df["answer_logprob"] = [
+            float(answer_logprobs(model, p.input_ids, answer_ids(model, ex.answers[0])).mean())
+            for p, ex in zip(prompts, examples, strict=True)
+        ]
     df.attrs["generate_seconds"] = seconds
     return df
 

@@ -119,10 +119,15 @@ def test_detect_qr_with_calibration_on_documents(tiny_dir, tmp_path):
 def test_knockout_sweep_writes_top_vs_random_rows(tiny_dir, tmp_path, capsys):
     args = ["knockout", "--model", tiny_dir, "--heads", "L1H1,L0H2,L1H0", "--ks", "1,2",
             "--seeds", "0,1", "--modes", "zero,uniform_attention", "--task", "mdqa", "--n", "2",
-            "--n-docs", "2", "--max-new-tokens", "2", "--out", str(tmp_path)]
+            "--n-docs", "2", "--max-new-tokens", "2", "--score", "--out", str(tmp_path)]
     assert main(args) == 0
     (run,) = tmp_path.iterdir()
     df = pd.read_parquet(run / "sweep.parquet")
+    assert (df["answer_logprob"] < 0).all()
+    # knocking heads out moves the teacher-forced score (generation on a random model may not)
+    none = df[df.condition == "none"].set_index("example_id")["answer_logprob"]
+    top = df[(df.condition == "top") & (df.k == 2)].groupby("example_id")["answer_logprob"].first()
+    assert (top - none).abs().max() > 1e-3
     # 1 baseline + 2 modes × 2 ks × (top + 2 random seeds) runs, 2 examples each
     assert len(df) == (1 + 2 * 2 * 3) * 2
     top = df[df.condition == "top"].drop_duplicates(["mode", "k"])
@@ -133,6 +138,7 @@ def test_knockout_sweep_writes_top_vs_random_rows(tiny_dir, tmp_path, capsys):
     summary = pd.read_csv(run / "summary.csv")
     assert set(summary.condition) == {"none", "top", "random"}
     assert summary[summary.condition == "random"].n_seeds.eq(2).all()
+    assert summary["answer_logprob"].notna().all()
     if shutil.which("chromium") or shutil.which("chromium-browser"):
         assert (run / "knockout.png").read_bytes()[:4] == b"\x89PNG"
     assert "condition" in capsys.readouterr().out

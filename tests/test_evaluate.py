@@ -116,3 +116,16 @@ def test_evaluate_writes_one_row_per_example(tiny_gqa):
     assert df.depth.between(0, 1).all()
     assert {"prediction", "em", "f1", "rouge1_recall", "substring", "correct"} <= set(df.columns)
     assert (df.n_generated <= 4).all()
+
+
+def test_evaluate_scores_the_answers_teacher_forced_logprob(tiny_gqa):
+    from mechinterp.evaluate import answer_ids, render_all
+
+    examples = synthetic_mdqa(2, n_docs=3, realism="symbolic", diversity="high", seed=0,
+                              doc_words=20)
+    df = evaluate(tiny_gqa, examples, max_new_tokens=2, score=True, progress=False)
+    for row, ex, p in zip(df.itertuples(), examples, render_all(tiny_gqa, examples), strict=True):
+        ids = answer_ids(tiny_gqa, ex.answers[0])
+        expected = float(answer_logprobs(tiny_gqa, p.input_ids, ids).mean())
+        assert row.answer_logprob == pytest.approx(expected) and row.answer_logprob < 0
+    assert "answer_logprob" not in evaluate(tiny_gqa, examples, max_new_tokens=1, progress=False)

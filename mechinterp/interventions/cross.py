@@ -152,14 +152,6 @@ def patch_head_sets(
     return {name: hs for name, hs in sets.items() if hs}
 
 
-def _answer_logprob(model, prompt, answer: str) -> float:
-    """Mean log-probability of the gold answer's tokens after the prompt (teacher-forced)."""
-    from mechinterp.evaluate import answer_logprobs
-
-    ids = model.tokenizer.encode(answer, add_special_tokens=False)
-    return float(answer_logprobs(model, prompt.input_ids, ids).mean())
-
-
 def cross_model_patching(
     donor,
     recipient,
@@ -176,7 +168,7 @@ def cross_model_patching(
     from the donor. One row per (condition, example): `condition` is `recipient`, `donor`, or a
     head-set name; generation metrics as `evaluate` gives them, plus `answer_logprob` (mean
     teacher-forced log-prob of the gold answer) when `score`."""
-    from mechinterp.evaluate import evaluate, render_all
+    from mechinterp.evaluate import evaluate
 
     check_same_shape(donor, recipient)
     shape = HeadShape.of(recipient)
@@ -187,7 +179,6 @@ def cross_model_patching(
     reserved = {"recipient", "donor"} & set(parsed)
     if reserved:
         raise ValueError(f"head-set names {sorted(reserved)} are reserved for the baselines")
-    prompts = render_all(recipient, examples, template=template)
     runs = [("recipient", recipient, ()), ("donor", donor, ())]
     runs += [(name, recipient, hs) for name, hs in parsed.items()]
     frames = []
@@ -199,13 +190,9 @@ def cross_model_patching(
                 max_new_tokens=max_new_tokens,
                 batch_size=batch_size,
                 template=template,
+                score=score,
                 progress=False,
             )
-            if score:
-                df["answer_logprob"] = [
-                    _answer_logprob(model, p, ex.answers[0])
-                    for p, ex in zip(prompts, examples, strict=True)
-                ]
         frames.append(
             df.assign(condition=condition, n_heads=len(hs), heads=" ".join(str(h) for h in hs))
         )

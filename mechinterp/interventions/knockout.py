@@ -188,9 +188,11 @@ def _query_mask(spec: KnockoutSpec, geo: _Geometry, device) -> Tensor:
 def knockout(model, spec: KnockoutSpec, *, reference: Reference | None = None) -> Iterator[dict]:
     """Apply `spec` to every forward inside the block (batched, with or without a KV cache).
 
-    Yields a dict of counters (`forwards`, `edited`) for checks. Raises when a needed hook never
-    fired while the model ran (a silent no-op), or when the model's `hook_attn_scores` is
-    post-softmax (native attention, where score edits are dropped).
+    Yields a dict of counters (`forwards`, `edited`, `positions`: the longest sequence seen) for
+    checks. Raises when a needed hook never fired while the model ran (a silent no-op), when
+    `query_positions` / `key_positions` name positions beyond every sequence the block ran, or
+    when the model's `hook_attn_scores` is post-softmax (native attention, where score edits
+    are dropped).
     """
     shape = HeadShape.of(model)
     for h in spec.heads:
@@ -208,7 +210,7 @@ def knockout(model, spec: KnockoutSpec, *, reference: Reference | None = None) -
                 f"spec.mean_over={spec.mean_over!r} but the reference is "
                 f"{'pooled' if reference.pooled else 'per position'}"
             )
-    stats = {"forwards": 0, "edited": 0, "score_hooks": 0}
+    stats = {"forwards": 0, "edited": 0, "score_hooks": 0, "positions": 0}
     if not spec.heads:
         yield stats
         return
@@ -236,6 +238,7 @@ def knockout(model, spec: KnockoutSpec, *, reference: Reference | None = None) -
         geo.offsets = visible.float().argmax(-1)
         geo.q_start, geo.q_len = k - q, q
         stats["score_hooks"] += 1
+        stats["positions"] = max(stats["positions"], k - int(geo.offsets.min()))
         if spec.mode not in SCORE_MODES or not _in_scope(spec, q):
             return scores
         qmask = _query_mask(spec, geo, scores.device)  # [b, q]
@@ -304,3 +307,11 @@ def knockout(model, spec: KnockoutSpec, *, reference: Reference | None = None) -
         yield stats
     if stats["score_hooks"] == 0 and stats["forwards"] > 0:
         raise RuntimeError("hook_attn_scores never fired: the knockout was a silent no-op")
+    for name in ("query_positions", "key_positions"):
+        wanted = getattr(spec, name)
+        outside = sorted(p for p in wanted or () if p >= stats["positions"])
+        if stats["forwards"] and outside:
+            raise ValueError(
+                f"{name} {outside[:5]} lie outside every sequence the block ran (the longest has "
+                f"{stats['positions']} positions): that part of the knockout never applied"
+            )

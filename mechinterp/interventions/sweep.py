@@ -35,9 +35,11 @@ def knockout_sweep(
     match_layers: bool = False,
     max_new_tokens: int = 32,
     batch_size: int = 4,
+    score: bool = False,
     progress: bool = True,
 ) -> pd.DataFrame:
-    """Run the sweep; return one row per (mode, k, condition, seed, example).
+    """Run the sweep; return one row per (mode, k, condition, seed, example): the task metrics of
+    the generated answer, and with `score` the answer's teacher-forced log-prob too.
 
     The random heads avoid the top `ranked_pool` ranked heads (default: the largest k), so a
     random draw never contains a head the ranking calls a retrieval head at any tested k.
@@ -76,6 +78,7 @@ def knockout_sweep(
                 examples,
                 max_new_tokens=max_new_tokens,
                 batch_size=batch_size,
+                score=score,
                 progress=False,
             )
         frames.append(

@@ -215,6 +215,12 @@ def test_bad_specs_are_clear_errors(tiny):
             pass
     with pytest.raises(ValueError, match="unknown knockout mode"):
         KnockoutSpec(heads=(HEAD,), mode="ablate")
+    far = KnockoutSpec(heads=(HEAD,), mode="zero", query_positions=(3, 40))
+    with pytest.raises(ValueError, match=r"query_positions \[40\] lie outside every sequence"):
+        capture(tiny, [], far)  # the longest prompt has 9 positions
+    far = KnockoutSpec(heads=(HEAD,), mode="edge_knockout", key_positions=(9,))
+    with pytest.raises(ValueError, match="longest has 9 positions"):
+        capture(tiny, [], far)
     short = resample_reference(tiny, [1, 2, 3], (HEAD,))
     with pytest.raises(ValueError, match="covers 3 positions"):
         capture(tiny, [], KnockoutSpec((HEAD,), "resample"), short)
