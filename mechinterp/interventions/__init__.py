@@ -25,6 +25,7 @@ from mechinterp.interventions.knockout import (
 from mechinterp.interventions.patching import (
     PatchResult,
     logit_diff_metric,
+    logprob_metric,
     normalised_recovery,
     patch_heads,
     run_from_layer,
@@ -42,6 +43,7 @@ __all__ = [
     "knockout",
     "knockout_sweep",
     "logit_diff_metric",
+    "logprob_metric",
     "mean_reference",
     "normalised_recovery",
     "patch_head_sets",

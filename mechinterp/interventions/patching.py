@@ -39,6 +39,11 @@ def logit_diff_metric(correct: int, wrong: int) -> Metric:
     return lambda logits: logits[:, correct] - logits[:, wrong]
 
 
+def logprob_metric(token: int) -> Metric:
+    """log p(token) at the last position (the answer's log-prob)."""
+    return lambda logits: logits.float().log_softmax(-1)[:, token]
+
+
 def normalised_recovery(patched: Tensor, clean: float, corrupt: float) -> Tensor:
     """(M_patched − M_corrupt) / (M_clean − M_corrupt); 1 = clean behaviour restored."""
     if clean == corrupt:

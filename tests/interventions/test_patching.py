@@ -8,6 +8,7 @@ from mechinterp.heads import HeadShape
 from mechinterp.interventions import KnockoutSpec, knockout, resample_reference
 from mechinterp.interventions.patching import (
     logit_diff_metric,
+    logprob_metric,
     normalised_recovery,
     patch_heads,
     run_from_layer,
@@ -124,3 +125,14 @@ def test_bad_inputs_are_clear_errors(tiny):
         )
     with pytest.raises(ValueError, match="outside the model"):
         patch_heads(tiny, CLEAN, CORRUPT, logit_diff_metric(0, 1), heads="L9H0")
+
+
+def test_answer_logprob_metric_matches_transformer_lens_too(tiny_gqa):
+    good, _ = metric_for(tiny_gqa)
+    ours = patch_heads(tiny_gqa, CLEAN, CORRUPT, logprob_metric(good))
+    _, clean_cache = tiny_gqa.run_with_cache(torch.tensor([CLEAN]))
+    theirs = tl_patching.get_act_patch_attn_head_out_all_pos(
+        tiny_gqa, torch.tensor([CORRUPT]), clean_cache, lambda lg: lg[0, -1].log_softmax(-1)[good]
+    )
+    torch.testing.assert_close(ours.values, theirs.float(), atol=1e-5, rtol=0)
+    assert (ours.values < 0).all() and ours.clean > ours.corrupt
