@@ -1,0 +1,167 @@
+"""What every run shares: the model and task specs, building a task's examples, loading the model,
+the provenance facts every run records, and reading a head-score table."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import pandas as pd
+
+from mechinterp.tasks.example import TASK_NAMES, Example, TaskName
+
+Haystack = Literal["essays", "filler"]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str = "smollm2-135m"
+    dtype: str = "float32"
+    device: str | None = None
+    rope_theta: float | None = None
+
+    def load(self):
+        from mechinterp.models import load_model
+
+        return load_model(
+            self.name, dtype=self.dtype, device=self.device, rope_theta=self.rope_theta
+        )
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """Which examples to build. NIAH uses lengths × depths × needles; the QA tasks use `data`
+    (a user's JSONL file) or a synthetic `variant` with `n` examples of `n_docs` documents."""
+
+    task: TaskName = "niah"
+    lengths: tuple[int, ...] = (256, 512, 1024, 2048)
+    depths: tuple[float, ...] = (0.0, 0.5, 1.0)
+    needles: int = 4
+    haystack: Haystack = "essays"
+    data: str | None = None
+    variant: str = "realistic-high"
+    n: int = 20
+    n_docs: int = 10
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.task not in TASK_NAMES:
+            raise ValueError(f"unknown task {self.task!r}; expected one of {TASK_NAMES}")
+        if any(not 16 <= n <= 1_000_000 for n in self.lengths):
+            raise ValueError(f"lengths must be token counts >= 16, got {self.lengths}")
+        if any(not 0.0 <= d <= 1.0 for d in self.depths):
+            raise ValueError(f"depths must lie in [0, 1], got {self.depths}")
+        if self.haystack not in ("essays", "filler"):
+            raise ValueError(f"haystack must be 'essays' or 'filler', got {self.haystack!r}")
+        if self.data is not None and self.task == "niah":
+            raise ValueError("--data applies to mdqa and multihop; NIAH builds its own grid")
+        if self.data is not None and not Path(self.data).is_file():
+            raise ValueError(f"data file {self.data} does not exist")
+        parse_variant(self.variant)
+
+    @property
+    def slug(self) -> str:
+        """`niah-essays`, `mdqa-realistic-high`, `multihop-<data file stem>`, ..."""
+        if self.data is not None:
+            return f"{self.task}-{Path(self.data).stem}"
+        return f"niah-{self.haystack}" if self.task == "niah" else f"{self.task}-{self.variant}"
+
+
+def _load(config, model):
+    """(model, start time, load seconds): the config's model unless one is passed in."""
+    t0 = time.perf_counter()
+    model = config.model.load() if model is None else model
+    return model, t0, time.perf_counter() - t0
+
+
+def _run_facts(card, config) -> dict:
+    """Provenance every run records: model card, allocator tuning, task seed."""
+    from mechinterp.models.load import tune_allocator
+
+    return {
+        "model_card": card.to_dict(),
+        "malloc_tuned": tune_allocator(),
+        "seed": config.task.seed,
+    }
+
+
+def parse_variant(variant: str) -> tuple[str, str]:
+    """`"realistic-high"` → ("realistic", "high"); `"symbolic"` → ("symbolic", "high")."""
+    from mechinterp.tasks.needles import NEEDLE_REALISMS
+
+    realism, _, diversity = variant.partition("-")
+    diversity = diversity or "high"
+    if realism not in NEEDLE_REALISMS or diversity not in ("high", "low"):
+        raise ValueError(
+            f"unknown variant {variant!r}; expected realistic-high, realistic-low, "
+            "templated-high, templated-low or symbolic"
+        )
+    return realism, diversity
+
+
+def build_examples(task: TaskSpec, tokenizer) -> list[Example]:
+    """The examples a `TaskSpec` describes (deterministic from its seed)."""
+    if task.task == "niah":
+        from mechinterp.tasks.niah import niah_grid
+
+        return niah_grid(
+            tokenizer,
+            lengths=task.lengths,
+            depths=task.depths,
+            needles=task.needles,
+            haystack=task.haystack,
+            seed=task.seed,
+        )
+    if task.task == "mdqa":
+        from mechinterp.tasks.mdqa import load_mdqa, synthetic_mdqa
+
+        if task.data:
+            return load_mdqa(task.data, limit=task.n)
+        realism, diversity = parse_variant(task.variant)
+        return synthetic_mdqa(
+            task.n, n_docs=task.n_docs, realism=realism, diversity=diversity, seed=task.seed
+        )
+    from mechinterp.tasks.multihop import load_musique, synthetic_multihop
+
+    if task.data:
+        return load_musique(task.data, limit=task.n)
+    realism, diversity = parse_variant(task.variant)
+    return synthetic_multihop(
+        task.n, n_docs=task.n_docs, realism=realism, diversity=diversity, seed=task.seed
+    )
+
+
+def read_head_scores(path: str | Path) -> pd.DataFrame:
+    """A head-score table (`scores.parquet`/`.csv`, or a detection run directory holding one),
+    sorted best first (ties: lower layer, then lower head)."""
+    path = Path(path)
+    path = path / "scores.parquet" if path.is_dir() else path
+    if not path.is_file():
+        raise ValueError(f"head-score table {path} does not exist")
+    table = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+    missing = {"layer", "head", "score"} - set(table.columns)
+    if missing:
+        raise ValueError(f"{path} is not a head-score table (missing {sorted(missing)})")
+    return table.sort_values(["score", "layer", "head"], ascending=[False, True, True])
+
+
+def heads_from_scores(
+    path: str | Path, shape, *, threshold: float | None = None, top_k: int | None = None
+) -> tuple:
+    """The heads a head-score table selects (score > `threshold`, or the `top_k` best), best
+    first, validated against the model's shape."""
+    from mechinterp.heads import Head, parse_heads
+
+    if (threshold is None) == (top_k is None):
+        raise ValueError("select heads by exactly one of threshold= or top_k=")
+    table = read_head_scores(path)
+    if threshold is not None:
+        table = table[table["score"] > threshold]
+    else:
+        table = table.head(top_k)
+    return parse_heads(
+        [Head(int(a), int(b)) for a, b in zip(table["layer"], table["head"], strict=True)],
+        shape,
+    )
