@@ -28,6 +28,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mechinterp.heads import Head, HeadShape, parse_heads
+from mechinterp.interventions.knockout import _by_layer
 from mechinterp.tasks.example import Example
 
 
@@ -48,13 +49,6 @@ def check_same_shape(donor, recipient) -> None:
             "donor and recipient tokenizers differ; patch between models that "
             "share a tokenizer (e.g. fine-tunes of one base)"
         )
-
-
-def _by_layer(heads: Sequence[Head]) -> dict[int, list[int]]:
-    out: dict[int, list[int]] = {}
-    for h in heads:
-        out.setdefault(h.layer, []).append(h.head)
-    return out
 
 
 def _cache_length(cache) -> int:

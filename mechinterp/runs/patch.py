@@ -245,10 +245,9 @@ class CrossPatchConfig:
         if self.select.heads:
             return {"heads": self.select.resolve(shape)}
         theirs = dataclasses.replace(self.select, scores=self.recipient_scores)
-        sets = patch_head_sets(
+        return patch_head_sets(
             self.select.resolve(shape), theirs.resolve(shape), shape, seeds=self.seeds
         )
-        return sets
 
 
 def run_cross_patch(
@@ -274,8 +273,6 @@ def run_cross_patch(
     model, t0, t_load = _load(config, model)
     donor = config.donor.load() if donor is None else donor
     sets = config.head_sets(HeadShape.of(model))
-    if not sets:
-        raise ValueError("the donor's selected heads give no head set to patch")
     examples = build_examples(config.task, model.tokenizer)
     df = cross_model_patching(
         donor,

@@ -150,7 +150,7 @@ def test_patch_head_sets_are_inter_compl_and_matched_random():
         rand = sets[f"rand-s{s}"]
         assert len(rand) == 2 and not set(rand) & (set(donor) | set(recipient))
     assert sets == patch_head_sets(donor, recipient, shape, seeds=(0, 1))  # seeded
-    assert sets["rand-s0"] != sets["rand-s1"] or len(shape.all_heads()) - 5 < 3
+    assert sets["rand-s0"] != sets["rand-s1"]  # 11 eligible heads: two seeds differ
     disjoint = patch_head_sets([Head(0, 0)], [Head(1, 1)], shape)
     assert set(disjoint) == {"compl"}  # no shared heads: no inter, no rand of size 0
     with pytest.raises(ValueError, match="donor's head set is empty"):
