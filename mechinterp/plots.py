@@ -160,10 +160,14 @@ def cross_patch_bars(
     title: str | None = None,
 ) -> go.Figure:
     """Normalised recovery per patched head set (recipient = 0, donor = 1), one bar group per
-    metric. Takes `summarise_cross`'s table."""
-    metrics = tuple(m for m in metrics if f"{m}_recovery" in summary)
-    if not metrics or "condition" not in summary:
+    metric (metrics where donor and recipient tie are left out). Takes `summarise_cross`'s
+    table."""
+    if "condition" not in summary or not any(f"{m}_recovery" in summary for m in metrics):
         raise ValueError("cross_patch_bars needs `condition` and <metric>_recovery columns")
+    # a metric on which donor and recipient tie has no recovery (NaN): leave it out
+    metrics = tuple(
+        m for m in metrics if f"{m}_recovery" in summary and summary[f"{m}_recovery"].notna().any()
+    )
     sets = summary[~summary["condition"].isin(["recipient", "donor"])]
     labels = [
         f"{c}<br>({int(n)} heads)" for c, n in zip(sets["condition"], sets["n_heads"], strict=True)
@@ -186,6 +190,8 @@ def cross_patch_bars(
         xaxis_title="head set patched from the donor",
         yaxis_title="normalised recovery",
         barmode="group",
+        showlegend=True,
+        legend_title_text="metric",
         width=max(560, 110 * len(sets) + 240),
         height=460,
         template="plotly_white",
