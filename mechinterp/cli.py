@@ -372,6 +372,120 @@ def cmd_patch(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- studies and stored results
+
+
+def _study_parser(sub) -> None:
+    p = sub.add_parser(
+        "study",
+        help="the main job: detect retrieval heads, knock them out vs random heads, patch them, "
+        "and write a claims report with figures",
+    )
+    p.add_argument("--config", default=None, help="a YAML config (e.g. experiments/study.yaml)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set knockout.ks=[1,5] --set model.name=/path",
+    )
+    p.add_argument("--out", default=None, help="run directory (default: ROOT/study-<model>-<hash>)")
+    p.add_argument("--root", default="runs", help="root folder for run directories")
+    p.add_argument("--engine", default="local", choices=["local", "ray"])
+    p.add_argument("--ray-address", default=None, help="an existing Ray cluster (default: local)")
+    p.add_argument("--no-png", action="store_true", help="skip static PNGs (needs Chromium)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved YAML and exit")
+
+
+def cmd_study(args) -> int:
+    from mechinterp.config import dump_yaml, load_config
+    from mechinterp.study import StudyConfig, run_study
+
+    config = load_config(StudyConfig, args.config, args.overrides)
+    if args.print_config:
+        print(dump_yaml(config), end="")
+        return 0
+    try:
+        out = run_study(
+            config,
+            args.root,
+            out=args.out,
+            engine=args.engine,
+            ray_address=args.ray_address,
+            png=not args.no_png,
+        )
+    except KeyboardInterrupt:
+        print(
+            "mechinterp study: interrupted. Finished shards are kept; rerun the same command to "
+            "resume.",
+            file=sys.stderr,
+        )
+        return 130
+    _print_headline(out)
+    print(f"wrote {out}/report.md")
+    return 0
+
+
+def _print_headline(out) -> None:
+    import pandas as pd
+
+    heads = pd.read_csv(out / "claims_headline.csv")
+    for r in heads.itertuples():
+        print(f"{r.verdict:>14}  {r.statement}")
+
+
+def _results_parser(sub) -> None:
+    p = sub.add_parser(
+        "figures", help="redraw a run directory's figures from its stored tables (no model)"
+    )
+    p.add_argument("run", help="a run directory (study, eval or detect)")
+    p.add_argument("--no-png", action="store_true")
+    p = sub.add_parser(
+        "report", help="recompute a study's claims and report.md from its stored tables (no model)"
+    )
+    p.add_argument("run", help="a study run directory")
+
+
+def cmd_figures(args) -> int:
+    from pathlib import Path
+
+    import pandas as pd
+
+    from mechinterp import plots, store
+
+    run = Path(args.run)
+    formats = ("html",) if args.no_png else ("html", "png")
+    if (run / "detect_instances.parquet").is_file():
+        from mechinterp.study import draw_figures
+
+        written = draw_figures(run, png=not args.no_png)
+    elif (run / "results.parquet").is_file():
+        fig = plots.accuracy_heatmap(pd.read_parquet(run / "results.parquet"))
+        written = store.write_figure(fig, run / "accuracy", formats=formats)
+    elif (run / "scores.parquet").is_file():
+        fig = plots.head_heatmap(pd.read_parquet(run / "scores.parquet"))
+        written = store.write_figure(fig, run / "heads", formats=formats)
+    else:
+        raise ValueError(
+            f"{run} holds no table to draw from (a study, eval or detect run directory)"
+        )
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from pathlib import Path
+
+    from mechinterp.study import write_report
+
+    path = write_report(Path(args.run))
+    _print_headline(Path(args.run))
+    print(f"wrote {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mechinterp", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -379,6 +493,8 @@ def main(argv: list[str] | None = None) -> int:
     _detect_parser(sub)
     _knockout_parser(sub)
     _patch_parser(sub)
+    _study_parser(sub)
+    _results_parser(sub)
     args = parser.parse_args(argv)
     try:
         return {
@@ -386,6 +502,9 @@ def main(argv: list[str] | None = None) -> int:
             "detect": cmd_detect,
             "knockout": cmd_knockout,
             "patch": cmd_patch,
+            "study": cmd_study,
+            "figures": cmd_figures,
+            "report": cmd_report,
         }[args.command](args)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"mechinterp {args.command}: error: {e}", file=sys.stderr)

@@ -327,3 +327,18 @@ def _grid_coordinates(ex: Example) -> dict[str, float | int | None]:
     n = len(ex.documents)
     depth = (gold[0] / (n - 1) if n > 1 else 0.0) if gold else None
     return {"length": n, "depth": None if depth is None else round(depth, 3)}
+
+
+def locate_answer(tokenizer, ids: Sequence[int], answer: str) -> tuple[int, int] | None:
+    """The token span [start, end) of generated `ids` that writes `answer` (first occurrence,
+    case-insensitive), or None when the decoded text does not contain it."""
+    ids = list(ids)
+    ends = [len(tokenizer.decode(ids[: i + 1], skip_special_tokens=True)) for i in range(len(ids))]
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    at = text.lower().find(answer.strip().lower())
+    if not answer.strip() or at < 0:
+        return None
+    stop = at + len(answer.strip())
+    start = next(i for i, e in enumerate(ends) if e > at)
+    end = next(i for i, e in enumerate(ends) if e >= stop) + 1
+    return start, end

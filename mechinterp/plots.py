@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
+from plotly.subplots import make_subplots
 
 
 def accuracy_heatmap(
@@ -194,6 +198,354 @@ def cross_patch_bars(
         legend_title_text="metric",
         width=max(560, 110 * len(sets) + 240),
         height=460,
+        template="plotly_white",
+    )
+    return fig
+
+
+def _tick(v) -> str:
+    """A grid coordinate as an axis label: numbers compactly (`0.25`, `4000`), others as is."""
+    return f"{v:g}" if isinstance(v, int | float | np.integer | np.floating) else str(v)
+
+
+def accuracy_panels(
+    df: pd.DataFrame,
+    *,
+    value: str = "accuracy",
+    panel: str = "panel",
+    title: str | None = None,
+) -> go.Figure:
+    """A row of context length × needle depth heatmaps, one per `panel` value (in order of first
+    appearance), e.g. "no knockout" | "top-10 zero" | "random-10 zero (3 seeds)".
+
+    One row per example (columns `panel`, `length`, `depth`, `value`); each cell shows the mean of
+    `value` and the number of examples behind it, on one shared 0–1 RdYlGn colour scale. All
+    panels use the same length and depth grid, so a cell sits in the same place in every panel.
+    """
+    missing = {panel, "length", "depth", value} - set(df.columns)
+    if missing:
+        raise ValueError(f"accuracy_panels needs columns {sorted(missing)}")
+    if df.empty:
+        raise ValueError("accuracy_panels got an empty table")
+    if df[panel].isna().any():
+        raise ValueError(f"accuracy_panels: column {panel!r} has missing values")
+    panels = list(pd.unique(df[panel]))
+    lengths = sorted(pd.unique(df["length"]))
+    depths = sorted(pd.unique(df["depth"]))
+    fig = make_subplots(
+        rows=1,
+        cols=len(panels),
+        subplot_titles=[str(p) for p in panels],
+        shared_yaxes=True,
+        horizontal_spacing=min(0.04, 0.2 / len(panels)),
+    )
+    for i, name in enumerate(panels, start=1):
+        part = df[df[panel] == name]
+        grid = part.assign(_v=part[value].astype(float)).groupby(["length", "depth"])["_v"]
+        mean = grid.mean().unstack("depth").reindex(index=lengths, columns=depths)
+        count = grid.size().unstack("depth").reindex(index=lengths, columns=depths)
+        text = [
+            [f"{m:.2f}<br>n={int(c)}" if pd.notna(m) else "" for m, c in zip(mr, cr, strict=True)]
+            for mr, cr in zip(mean.values, count.fillna(0).values, strict=True)
+        ]
+        fig.add_trace(
+            go.Heatmap(
+                z=mean.values,
+                x=[_tick(d) for d in depths],
+                y=[_tick(v) for v in lengths],
+                coloraxis="coloraxis",
+                text=text,
+                texttemplate="%{text}",
+                textfont={"size": 10},
+                name=str(name),
+                hovertemplate=f"{name}<br>length=%{{y}}<br>depth=%{{x}}<br>{value}=%{{z:.3f}}"
+                "<extra></extra>",
+            ),
+            row=1,
+            col=i,
+        )
+        fig.update_xaxes(type="category", title_text="depth (0 = start)", row=1, col=i)
+    fig.update_yaxes(type="category", row=1, col=1, title_text="length (tokens)")
+    fig.update_yaxes(type="category")
+    per_panel = max(240, 56 * len(depths))
+    fig.update_annotations(font_size=13)  # the subplot titles: long panel names stay inside
+    fig.update_layout(
+        title=title or f"{value} by context length and needle depth",
+        coloraxis={"colorscale": "RdYlGn", "cmin": 0, "cmax": 1, "colorbar": {"title": value}},
+        width=max(460, 130 + per_panel * len(panels)),
+        height=max(400, 44 * len(lengths) + 200),
+        template="plotly_white",
+    )
+    return fig
+
+
+_CONDITION_STYLE = {
+    "top": ("top-k ranked heads", "214,39,40"),
+    "random": ("random k heads", "31,119,180"),
+}
+
+
+def knockout_ci_curves(
+    summary: pd.DataFrame,
+    *,
+    value_label: str = "answer retrieved",
+    title: str | None = None,
+) -> go.Figure:
+    """Metric vs number of heads knocked out, top-k (red) vs random-k (blue), with CI bands.
+
+    One row per (`task`, `mode`, `k`, `condition`) with columns `value`, `lo`, `hi` (CI bounds);
+    `condition` is "top" or "random". Rows with condition "none" (k = 0) are the no-knockout
+    baseline of their task, drawn as a dashed line in every subplot of that task (a baseline row
+    whose `mode` is one of the plotted modes applies to that mode only). One subplot per
+    task (rows) × mode (columns); k on a log axis ticked at the tested values.
+    """
+    missing = {"task", "mode", "k", "condition", "value", "lo", "hi"} - set(summary.columns)
+    if missing:
+        raise ValueError(f"knockout_ci_curves needs columns {sorted(missing)}")
+    curves = summary[summary["condition"] != "none"]
+    if curves.empty:
+        raise ValueError("knockout_ci_curves got no top/random rows")
+    unknown = set(curves["condition"]) - set(_CONDITION_STYLE)
+    if unknown:
+        raise ValueError(f"knockout_ci_curves: unknown conditions {sorted(map(str, unknown))}")
+    if (curves["k"] < 1).any():
+        raise ValueError("knockout_ci_curves: top/random rows need k >= 1")
+    if curves.duplicated(["task", "mode", "k", "condition"]).any():
+        raise ValueError("knockout_ci_curves needs one row per (task, mode, k, condition)")
+    base = summary[summary["condition"] == "none"]
+    tasks = list(pd.unique(curves["task"]))
+    modes = list(pd.unique(curves["mode"]))
+    ks = sorted(int(k) for k in pd.unique(curves["k"]))
+    numbers = summary[["value", "lo", "hi"]].to_numpy(dtype=float)
+    top = max(1.0, float(np.nanmax(numbers)))
+    bottom = min(0.0, float(np.nanmin(numbers)))
+    pad = 0.04 * (top - bottom)
+    x_lo, x_hi = math.log10(ks[0]) - 0.1, math.log10(ks[-1]) + 0.1  # log-axis range, padded
+    fig = make_subplots(
+        rows=len(tasks),
+        cols=len(modes),
+        subplot_titles=[f"{t} · {m}" for t in tasks for m in modes],
+        shared_xaxes=True,
+        shared_yaxes=True,
+        horizontal_spacing=0.06,
+        vertical_spacing=min(0.12, 0.4 / len(tasks)),
+    )
+    shown: set[str] = set()
+    for r, task in enumerate(tasks, start=1):
+        for c, mode in enumerate(modes, start=1):
+            cell = curves[(curves["task"] == task) & (curves["mode"] == mode)]
+            for condition, (name, rgb) in _CONDITION_STYLE.items():
+                part = cell[cell["condition"] == condition].sort_values("k")
+                if part.empty:
+                    continue
+                band = part.dropna(subset=["lo", "hi"])
+                if not band.empty:
+                    fig.add_trace(
+                        go.Scatter(
+                            x=list(band["k"]) + list(band["k"])[::-1],
+                            y=list(band["hi"]) + list(band["lo"])[::-1],
+                            fill="toself",
+                            fillcolor=f"rgba({rgb},0.18)",
+                            line={"width": 0},
+                            mode="lines",
+                            name=f"{name} CI",
+                            legendgroup=condition,
+                            showlegend=False,
+                            hoverinfo="skip",
+                        ),
+                        row=r,
+                        col=c,
+                    )
+                fig.add_trace(
+                    go.Scatter(
+                        x=part["k"],
+                        y=part["value"],
+                        customdata=part[["lo", "hi"]].to_numpy(dtype=float),
+                        mode="lines+markers",
+                        name=name,
+                        legendgroup=condition,
+                        showlegend=condition not in shown,
+                        line={"color": f"rgb({rgb})"},
+                        marker={"size": 7},
+                        hovertemplate=f"{task} · {mode}<br>{name}<br>k=%{{x}}<br>"
+                        f"{value_label}=%{{y:.3f}} [%{{customdata[0]:.3f}}, "
+                        "%{customdata[1]:.3f}]<extra></extra>",
+                    ),
+                    row=r,
+                    col=c,
+                )
+                shown.add(condition)
+            baseline = _baseline(base, task, mode, modes)
+            if baseline is not None:  # a trace, not a shape: one legend entry, and it hovers
+                fig.add_trace(
+                    go.Scatter(
+                        x=[10**x_lo, 10**x_hi],
+                        y=[baseline, baseline],
+                        mode="lines",
+                        line={"color": "grey", "dash": "dash", "width": 1.5},
+                        name="no knockout",
+                        legendgroup="none",
+                        showlegend="none" not in shown,
+                        hovertemplate=f"no knockout<br>{value_label}={baseline:.3f}<extra></extra>",
+                    ),
+                    row=r,
+                    col=c,
+                )
+                shown.add("none")
+    fig.update_xaxes(type="log", tickvals=ks, ticktext=[str(k) for k in ks], range=[x_lo, x_hi])
+    fig.update_xaxes(title_text="k (heads knocked out)", row=len(tasks))
+    fig.update_yaxes(range=[bottom - pad, top + pad])
+    fig.update_yaxes(title_text=value_label, col=1)
+    fig.update_layout(
+        title=title or f"{value_label} after knocking out k heads (shaded: CI)",
+        width=330 + 340 * len(modes),
+        height=170 + 270 * len(tasks),
+        template="plotly_white",
+    )
+    return fig
+
+
+def _baseline(base: pd.DataFrame, task, mode, modes: list) -> float | None:
+    """The no-knockout value for one subplot: the task's "none" row for this mode if there is one,
+    else the task's "none" rows that belong to no plotted mode (mean, they should agree)."""
+    rows = base[base["task"] == task]
+    own = rows[rows["mode"] == mode]
+    rows = own if not own.empty else rows[~rows["mode"].isin(modes)]
+    values = rows["value"].dropna()
+    return float(values.mean()) if not values.empty else None
+
+
+_CORRELATION_SYMBOL = {"spearman": "Spearman ρ", "pearson": "Pearson r", "kendall": "Kendall τ"}
+
+
+def _correlation_text(correlation: dict) -> str:
+    if "estimate" not in correlation:
+        raise ValueError("recall_scatter: correlation needs an 'estimate'")
+    method = str(correlation.get("method") or "correlation")
+    text = f"{_CORRELATION_SYMBOL.get(method.lower(), method)} = {correlation['estimate']:.2f}"
+    low, high = correlation.get("low"), correlation.get("high")
+    if low is not None and high is not None and not (math.isnan(low) or math.isnan(high)):
+        text += f" [{low:.2f}, {high:.2f}]"
+    if correlation.get("n") is not None:
+        text += f", n = {int(correlation['n'])}"
+    return text
+
+
+def recall_scatter(
+    df: pd.DataFrame,
+    *,
+    x: str = "recall",
+    y: str = "performance",
+    label: str = "variant",
+    reference: str | None = None,
+    correlation: dict | None = None,
+    title: str | None = None,
+) -> go.Figure:
+    """Task performance vs head recall (against the reference model's heads), one labelled marker
+    per variant (columns `label`, `x`, `y`).
+
+    The `reference` variant (its `label` value) is drawn as a star, legend "reference (real
+    data)". `correlation` (keys method, estimate, and optionally low, high, n) is shown as an
+    annotation, e.g. "Spearman ρ = 0.90 [0.40, 1.00], n = 5". A least-squares line is fitted to
+    the non-reference points when they have at least 2 distinct x values.
+    """
+    missing = {label, x, y} - set(df.columns)
+    if missing:
+        raise ValueError(f"recall_scatter needs columns {sorted(missing)}")
+    if df.empty:
+        raise ValueError("recall_scatter got an empty table")
+    blank = df[df[[x, y]].isna().any(axis=1)]
+    if not blank.empty:
+        raise ValueError(f"recall_scatter: missing {x}/{y} for {list(blank[label])}")
+    if reference is not None and not (df[label] == reference).any():
+        raise ValueError(f"recall_scatter: reference {reference!r} is not a {label} in the table")
+    is_ref = df[label] == reference
+    rest = df[~is_ref]
+    xs = df[x].astype(float)
+    unit = bool(xs.between(0, 1).all())  # x on 0..1: fixed axis
+    fig = go.Figure()
+    fit = None
+    if rest[x].nunique() >= 2:  # drawn first, so that it runs under the markers and labels
+        fit = np.polyfit(rest[x].astype(float), rest[y].astype(float), 1)
+        line_x = np.array([rest[x].min(), rest[x].max()], dtype=float)
+        fig.add_trace(
+            go.Scatter(
+                x=line_x,
+                y=np.polyval(fit, line_x),
+                mode="lines",
+                line={"color": "grey", "dash": "dash", "width": 1.5},
+                name="least-squares fit (variants)",
+                hoverinfo="skip",
+            )
+        )
+    # labels sit above/below a point on the side away from the fit line, else centred, else on
+    # the other side: the first that stays on the plot (~6.5 px per character on a ~560 px plot;
+    # up to ~50 px may spill into the right margin, none into the y tick labels on the left)
+    span = (xs.max() - xs.min()) or 1.0
+    x_range = [-0.05, 1.05] if unit else [xs.min() - 0.08 * span, xs.max() + 0.08 * span]
+    per_px = (x_range[1] - x_range[0]) / 560
+    slope = 0.0 if fit is None else float(fit[0])
+    for part, name, marker in (
+        (rest, "variants", {"size": 11, "color": "#1f77b4", "symbol": "circle"}),
+        (df[is_ref], "reference (real data)", {"size": 16, "color": "#d62728", "symbol": "star"}),
+    ):
+        if part.empty:
+            continue
+        px, py = part[x].astype(float), part[y].astype(float)
+        positions = []
+        for a, b, text in zip(px, py, part[label].astype(str), strict=True):
+            width = 6.5 * len(text) * per_px
+            extent = {"left": (a - width, a), "center": (a - width / 2, a + width / 2)}
+            extent["right"] = (a, a + width)
+            if fit is None or name != "variants":
+                mid = (x_range[0] + x_range[1]) / 2
+                positions.append(f"middle {'left' if a > mid else 'right'}")
+                continue
+            above = b >= np.polyval(fit, a)
+            away = "center" if slope == 0 else "left" if (slope > 0) == above else "right"
+            order = [away, "center", "right" if away == "left" else "left"]
+            fits = [
+                o for o in order
+                if extent[o][0] >= x_range[0] and extent[o][1] <= x_range[1] + 50 * per_px
+            ]  # fmt: skip
+            positions.append(f"{'top' if above else 'bottom'} {(fits or order)[0]}")
+        fig.add_trace(
+            go.Scatter(
+                x=px,
+                y=py,
+                mode="markers+text",
+                text=[str(v) for v in part[label]],
+                textposition=positions,
+                textfont={"size": 11},
+                cliponaxis=False,
+                marker={**marker, "line": {"width": 1, "color": "white"}},
+                name=name,
+                hovertemplate=f"%{{text}}<br>{x}=%{{x:.3f}}<br>{y}=%{{y:.3f}}<extra></extra>",
+            )
+        )
+    if correlation is not None:
+        fig.add_annotation(
+            text=_correlation_text(correlation),
+            xref="paper",
+            yref="paper",
+            x=0.01,
+            y=0.99,
+            xanchor="left",
+            yanchor="top",
+            showarrow=False,
+            font={"size": 13},
+            bgcolor="rgba(255,255,255,0.85)",
+            bordercolor="lightgrey",
+            borderwidth=1,
+        )
+    ys = df[y].astype(float)
+    fig.update_layout(
+        title=title or f"{y} vs head {x}",
+        xaxis={"title": f"head {x} (vs reference heads)", "range": x_range},
+        yaxis={"title": y, "range": [-0.05, 1.05] if ys.between(0, 1).all() else None},
+        legend={"orientation": "h", "yanchor": "top", "y": -0.15, "xanchor": "left", "x": 0},
+        width=720,
+        height=560,
         template="plotly_white",
     )
     return fig

@@ -161,6 +161,19 @@ def _by_layer(heads: tuple[Head, ...]) -> dict[int, list[int]]:
     return out
 
 
+def check_pre_softmax(scores: Tensor) -> None:
+    """Raise when `hook_attn_scores` holds probabilities (a native-attention bridge), where
+    score edits would be dropped."""
+    rows = scores[:, :, -1, :]
+    if bool((rows >= 0).all()) and torch.allclose(
+        rows.float().sum(-1), torch.ones(1, device=rows.device), atol=1e-3
+    ):
+        raise RuntimeError(
+            "hook_attn_scores is post-softmax on this model (a native-attention bridge): "
+            "knockout edits there would be dropped. Load it with load_model / boot_transformers."
+        )
+
+
 class _Geometry:
     """Per forward and layer: which rows/positions are real, read from the masked scores."""
 
@@ -223,15 +236,7 @@ def knockout(model, spec: KnockoutSpec, *, reference: Reference | None = None) -
         b, _, q, k = scores.shape
         masked_value = torch.finfo(scores.dtype).min / 2
         if not checked:
-            rows = scores[:, :, -1, :]
-            if bool((rows >= 0).all()) and torch.allclose(
-                rows.float().sum(-1), torch.ones(1, device=rows.device), atol=1e-3
-            ):
-                raise RuntimeError(
-                    "hook_attn_scores is post-softmax on this model (a native-attention bridge): "
-                    "knockout edits there would be dropped. Load it with load_model / "
-                    "boot_transformers."
-                )
+            check_pre_softmax(scores)
             checked.append(True)
         # leading keys masked for the last query of a row = that row's left padding
         visible = scores[:, 0, -1, :] > masked_value

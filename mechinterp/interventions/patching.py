@@ -181,6 +181,7 @@ def patch_heads(
     heads: Sequence[Head] | str | None = None,
     per_position: bool = False,
     positions: Sequence[int] | None = None,
+    patch_from: int = 0,
     batch_size: int = 32,
     progress: bool = False,
 ) -> PatchResult:
@@ -189,6 +190,8 @@ def patch_heads(
 
     denoise: source = clean, target = corrupt (does this head restore the clean answer?).
     noise: source = corrupt, target = clean (does corrupting this head break it?).
+    `patch_from`: patch only positions >= it (e.g. the question and answer positions, where a
+    retrieval head copies); the target's run before it is shared from the KV cache.
     Heads not listed (or positions not listed) are NaN in the result.
     """
     if len(clean) != len(corrupt):
@@ -208,6 +211,8 @@ def patch_heads(
     pos_list = list(range(n_pos)) if positions is None else list(positions)
     if any(not 0 <= p < n_pos for p in pos_list):
         raise ValueError(f"positions must lie in [0, {n_pos}), got {sorted(pos_list)[:3]}…")
+    if not 0 <= patch_from < n_pos:
+        raise ValueError(f"patch_from must lie in [0, {n_pos}), got {patch_from}")
     device = model.cfg.device
     t0 = time.perf_counter()
     resid_c, z_c, logits_c = _cache(model, torch.tensor([list(clean)], device=device))
@@ -220,7 +225,7 @@ def patch_heads(
     # Before the first corrupted token both runs are identical (causal attention): patching there
     # changes nothing, and every variant shares the target's KV cache for that prefix.
     differ = [i for i, (a, b) in enumerate(zip(clean, corrupt, strict=True)) if a != b]
-    start = differ[0] if differ else n_pos
+    start = max(differ[0], patch_from) if differ else n_pos
     prefix = prefix_cache(model, target[:start]) if 0 < start < n_pos else None
     out_shape = (shape.n_layers, shape.n_heads) + ((n_pos,) if per_position else ())
     values = torch.full(out_shape, float("nan"))
@@ -255,7 +260,69 @@ def patch_heads(
         "n_heads_patched": len(heads),
         "n_positions": n_pos,
         "shared_prefix": start,
+        "patch_from": patch_from,
         "batch_size": batch_size,
         "seconds": round(time.perf_counter() - t0, 3),
     }
     return PatchResult(values, m_clean, m_corrupt, direction, per_position, settings)
+
+
+@torch.no_grad()
+def patch_sets(
+    model,
+    clean: Sequence[int],
+    corrupt: Sequence[int],
+    metric: Metric,
+    sets: dict[str, Sequence[Head]],
+    *,
+    direction: Direction = "denoise",
+    patch_from: int = 0,
+) -> dict[str, float]:
+    """The metric after patching each named head set *jointly* (all its heads at once, at every
+    position >= `patch_from`), plus `"clean"` and `"corrupt"` baselines. Sufficiency of a set:
+    does patching all of it restore the clean answer?"""
+    if len(clean) != len(corrupt):
+        raise ValueError(
+            f"clean ({len(clean)} tokens) and corrupt ({len(corrupt)}) differ in length"
+        )
+    n_pos = len(clean)
+    if not 0 <= patch_from < n_pos:
+        raise ValueError(f"patch_from must lie in [0, {n_pos}), got {patch_from}")
+    shape = HeadShape.of(model)
+    device = model.cfg.device
+    resid_c, z_c, logits_c = _cache(model, torch.tensor([list(clean)], device=device))
+    resid_x, z_x, logits_x = _cache(model, torch.tensor([list(corrupt)], device=device))
+    out = {"clean": float(metric(logits_c)[0]), "corrupt": float(metric(logits_x)[0])}
+    target, target_resid, source_z = (
+        (corrupt, resid_x, z_c) if direction == "denoise" else (clean, resid_c, z_x)
+    )
+    differ = [i for i, (a, b) in enumerate(zip(clean, corrupt, strict=True)) if a != b]
+    start = max(differ[0], patch_from) if differ else n_pos
+    prefix = prefix_cache(model, target[:start]) if 0 < start < n_pos else None
+    for name, heads in sets.items():
+        heads = list(parse_heads(heads, shape))
+        if not heads or start == n_pos:
+            out[name] = out["corrupt" if direction == "denoise" else "clean"]
+            continue
+        by_layer: dict[int, list[int]] = {}
+        for h in heads:
+            by_layer.setdefault(h.layer, []).append(h.head)
+        hooks = [
+            (
+                f"blocks.{la}.attn.hook_z",
+                partial(
+                    _write_z,
+                    heads=[hs],
+                    positions=[None],
+                    source=source_z[la],
+                    start=start,
+                ),
+            )
+            for la, hs in by_layer.items()
+        ]
+        first = min(by_layer)
+        resid = target_resid[first][None, start:]
+        out[name] = float(
+            metric(run_from_layer(model, resid, first, hooks=hooks, prefix_kv=prefix))[0]
+        )
+    return out

@@ -33,15 +33,18 @@ class Corruption:
     corrupt_token: int
 
 
-def corrupt_answer(prompt: Prompt, tokenizer, *, seed: int = 0) -> Corruption:
-    """Replace the first answer token inside the needle by another word's single token."""
+def corrupt_answer(prompt: Prompt, tokenizer, *, seed: int = 0, offset: int = 0) -> Corruption:
+    """Replace an answer token inside the needle (the first, or the `offset`-th) by another
+    word's single token."""
     spans = prompt.spans.get("answer", ())
     if not spans:
         raise ValueError(
             f"prompt {prompt.example_id!r} has no answer span to corrupt (NIAH and the synthetic "
             "needle tasks have one)"
         )
-    pos = spans[0][0]
+    if not 0 <= offset < spans[0][1] - spans[0][0]:
+        raise ValueError(f"offset {offset} lies outside the answer span {spans[0]}")
+    pos = spans[0][0] + offset
     clean_tok = prompt.input_ids[pos]
     spaced = tokenizer.convert_ids_to_tokens(clean_tok)[:1] in ("Ġ", "▁", " ")
     candidates: list[int] = []

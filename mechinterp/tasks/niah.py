@@ -80,26 +80,38 @@ def niah_grid(
     *,
     lengths: Sequence[int],
     depths: Sequence[float],
-    needles: Sequence[Needle] | int = 3,
+    needles: Sequence[Needle] | Sequence[int] | int = 3,
     haystack: Haystack = "essays",
     seed: int = 0,
     template: Template | None = None,
 ) -> list[Example]:
     """One example per (needle, length, depth), in that nesting order.
 
-    `needles` is a list of `Needle`s or a count taken from `NEEDLES`. For each (needle, length)
-    the haystack starts at a seeded essay, so depths of one cell share their haystack exactly.
+    `needles` is a list of `Needle`s, a count taken from the start of `NEEDLES`, or indices into
+    `NEEDLES` (ids and `needle_index` then keep those indices, so held-out needles stay
+    distinguishable). For each (needle, length) the haystack starts at a seeded essay, so depths
+    of one cell share their haystack exactly.
     """
     if isinstance(needles, int):
         if not 1 <= needles <= len(NEEDLES):
             raise ValueError(f"needles must be 1..{len(NEEDLES)}, got {needles}")
         needles = NEEDLES[:needles]
+    indexed = list(enumerate(needles))
+    if needles and all(isinstance(n, int) for n in needles):
+        bad = [i for i in needles if not 0 <= i < len(NEEDLES)]
+        if bad or len(set(needles)) != len(needles):
+            raise ValueError(
+                f"needle indices must be distinct and in 0..{len(NEEDLES) - 1}, got {list(needles)}"
+            )
+        indexed = [(i, NEEDLES[i]) for i in needles]
+    if not indexed:
+        raise ValueError("niah_grid needs at least one needle")
     if not lengths or not depths:
         raise ValueError("niah_grid needs at least one length and one depth")
     rng = random.Random(seed)
     corpus_starts = _essay_starts() if haystack == "essays" else None
     out = []
-    for n_i, needle in enumerate(needles):
+    for n_i, needle in indexed:
         for length in lengths:
             start = rng.choice(corpus_starts) if corpus_starts else rng.randrange(5)
             hay = _haystack(tokenizer, needle, length, haystack, start, template)

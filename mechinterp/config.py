@@ -1,0 +1,311 @@
+"""Frozen dataclass configs from YAML files plus `key=value` command-line overrides.
+
+    config = load_config(KnockoutConfig, "knockout.yaml", ["ks=[1,2,5]", "task.seed=3"])
+    Path("template.yaml").write_text(dump_yaml(config))  # load_config reads it back unchanged
+
+- Keys are the dataclass fields. An unknown key is a `ConfigError` naming its dotted path, the
+  allowed keys and the nearest match. A missing key keeps its default, and a partial nested
+  mapping is laid over the field's own default (`task.seed=3` keeps the rest of the config's
+  default task, which need not be `TaskSpec()`).
+- Values are checked against the field types. Lists become tuples, and `tuple[X, ...]` also
+  takes a comma string (`"1,2,5"`, `"L18H6,L20H1"`) or a single value. Ints are accepted as
+  floats. `Literal` fields name their allowed values. None is accepted only where the type
+  admits it. Bool fields take real bools only: a quoted `"false"` is refused, not read as truthy.
+- YAML, in files and in override values, is read with YAML 1.2 scalars. Only true/false
+  (any case) are bools, so `flag=true` gives a bool while `yes`, `no`, `on` and `off` stay
+  strings. `1e-3` is a float (PyYAML's YAML 1.1 reads it as a string). An empty value
+  (`data=`) is null.
+- A ValueError from a dataclass's `__post_init__` comes back as a ConfigError prefixed with
+  where it happened (`task: depths must lie in [0, 1], got (2.0,)`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+T = TypeVar("T")
+_NONE = type(None)
+
+
+class ConfigError(ValueError):
+    """A config that does not fit its dataclass; the message says where and why."""
+
+
+class _Mismatch(Exception):
+    """A value of the wrong type, reported by the field with its whole expected type."""
+
+
+class _Loader(yaml.SafeLoader):
+    """`yaml.safe_load` with YAML 1.2 scalars: only true/false are bools, `1e-3` is a float."""
+
+
+class _Dumper(yaml.SafeDumper):
+    """`yaml.safe_dump` with one-line lists that also quotes strings `_Loader` reads as floats."""
+
+
+_BOOL, _FLOAT = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:float"
+_Loader.yaml_implicit_resolvers = {  # drop YAML 1.1's yes/no/on/off bools and its `=` scalar
+    first: [(tag, rx) for tag, rx in resolvers if tag not in (_BOOL, "tag:yaml.org,2002:value")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    _BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+for _cls in (_Loader, _Dumper):
+    _cls.add_implicit_resolver(
+        _FLOAT,
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+        list("-+.0123456789"),
+    )
+_Dumper.add_representer(list, lambda d, v: d.represent_sequence(d.DEFAULT_SEQUENCE_TAG, v, True))
+
+
+def from_dict(cls: type[T], data: Mapping, *, where: str = "") -> T:
+    """`cls` built from plain (YAML/JSON) data; `where` is the dotted path to prefix errors with."""
+    if not (dataclasses.is_dataclass(cls) and isinstance(cls, type)):
+        raise TypeError(f"from_dict needs a dataclass type, got {cls!r}")
+    return _build(cls, data, where, None)
+
+
+def to_dict(config: Any) -> dict:
+    """The plain JSON-able dict of a dataclass config (tuples → lists); `from_dict` inverts it."""
+    if not dataclasses.is_dataclass(config) or isinstance(config, type):
+        raise TypeError(f"to_dict needs a dataclass instance, got {config!r}")
+    return _plain(config)
+
+
+def parse_override(text: str) -> tuple[list[str], object]:
+    """`"task.lengths=[256,512]"` → (["task", "lengths"], [256, 512]); the value is YAML."""
+    key, sep, raw = text.partition("=")
+    keys = key.strip().split(".")
+    if not sep or not all(k.strip() for k in keys):
+        raise ConfigError(
+            f"override {text!r} is not of the form key=value "
+            "(e.g. task.seed=3, ks=[1,2,5] or model.name=/path/to/model)"
+        )
+    try:
+        return [k.strip() for k in keys], yaml.load(raw, Loader=_Loader)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML: {e}") from None
+
+
+def apply_overrides(data: Mapping, overrides: Sequence[str]) -> dict:
+    """A copy of `data` with each `a.b.c=value` applied in order; a mapping value is merged into
+    the mapping it replaces. Unknown keys are left for `from_dict` to report."""
+    if isinstance(overrides, str):
+        raise TypeError("overrides must be a sequence of 'key=value' strings, not one string")
+    out = _merge({}, data)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = out
+        for key in keys[:-1]:
+            if not isinstance(node.get(key), dict):  # a later `a.b=1` replaces an earlier `a=1`
+                node[key] = {}
+            node = node[key]
+        node[keys[-1]] = _merge(node.get(keys[-1]), value)
+    return out
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
+    """`cls` from a YAML file (a mapping; empty means all defaults) and `key=value` overrides."""
+    data: Any = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            with path.open(encoding="utf-8") as f:  # the file's name then appears in YAML errors
+                data = yaml.load(f, Loader=_Loader)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML:\n{e}") from None
+        data = {} if data is None else data
+        if not isinstance(data, Mapping):
+            raise ConfigError(
+                f"config file {path} must hold a mapping of keys at the top level, "
+                f"got {type(data).__name__}: {data!r}"
+            )
+    return from_dict(cls, apply_overrides(data, overrides))
+
+
+def dump_yaml(config: Any) -> str:
+    """YAML text of `to_dict(config)` in field order: a template `load_config` reads back."""
+    return yaml.dump(to_dict(config), Dumper=_Dumper, sort_keys=False, allow_unicode=True)
+
+
+# --- building and checking ------------------------------------------------------------------
+
+
+def _build(cls: type[T], data: Any, where: str, base: Any) -> T:
+    """`cls` from `data`; missing keys come from `base` (an instance) or else the defaults."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(
+            f"{where or cls.__name__}: expected a mapping of {cls.__name__} fields, got {data!r}"
+        )
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    hints = get_type_hints(cls)
+    for key in data:
+        if key not in fields:
+            raise ConfigError(_unknown_key(cls, str(key), where, hints, list(fields)))
+    kwargs = {}
+    for name, f in fields.items():
+        at = f"{where}.{name}" if where else name
+        if name in data:
+            value = data[name]
+            default = None
+            if isinstance(value, Mapping):  # a partial nested mapping lays over the default
+                default = getattr(base, name) if base is not None else _default(f)
+            try:
+                kwargs[name] = _convert(hints[name], value, at, default)
+            except _Mismatch:
+                raise ConfigError(
+                    f"{at}: expected {_describe(hints[name])}, got {value!r}"
+                ) from None
+        elif base is not None:
+            kwargs[name] = getattr(base, name)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{where or cls.__name__}: missing required key {name!r}")
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(f"{where or cls.__name__}: {e}") from e
+
+
+def _convert(tp: Any, value: Any, where: str, default: Any = None, *, text: bool = False) -> Any:
+    """`value` as a `tp`; `text` marks a piece of a comma string ("5" may be an int)."""
+    origin, args = get_origin(tp), get_args(tp)
+    if tp is Any or tp is object:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and _NONE in args:
+            return None
+        for arm in (a for a in args if a is not _NONE):
+            try:
+                return _convert(arm, value, where, default, text=text)
+            except _Mismatch:
+                pass
+        raise _Mismatch
+    if origin is Literal:
+        if any(value == a and type(value) is type(a) for a in args):
+            return value
+        raise _Mismatch
+    if origin is tuple:
+        return _tuple(args, value, where)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, Mapping):
+            raise _Mismatch
+        return _build(tp, value, where, default if isinstance(default, tp) else None)
+    if text and isinstance(value, str):
+        value = _from_text(tp, value)
+    if isinstance(value, bool) and tp is not bool:
+        raise _Mismatch  # bool is an int subclass, but True is not a count or a rate
+    if tp is float and isinstance(value, int):
+        return float(value)
+    if tp is Path and isinstance(value, str):
+        return Path(value)
+    if isinstance(tp, type):
+        if isinstance(value, tp):
+            return value
+        raise _Mismatch
+    raise TypeError(f"{where}: unsupported field type {tp!r}")
+
+
+def _tuple(args: tuple, value: Any, where: str) -> tuple:
+    if isinstance(value, str):
+        items, text = [s.strip() for s in value.split(",") if s.strip()], True
+    elif isinstance(value, list | tuple):
+        items, text = list(value), False
+    elif isinstance(value, int | float):  # a single value: `ks=5`
+        items, text = [value], False
+    else:
+        raise _Mismatch
+    kinds = [args[0]] * len(items) if len(args) == 2 and args[1] is ... else list(args)
+    if len(kinds) != len(items):
+        raise _Mismatch
+    return tuple(
+        _convert(kind, item, f"{where}[{i}]", text=text)
+        for i, (kind, item) in enumerate(zip(kinds, items, strict=True))
+    )
+
+
+def _from_text(tp: Any, text: str) -> Any:
+    try:
+        if tp is bool:
+            return {"true": True, "false": False}[text.lower()]
+        if tp in (int, float):
+            return tp(text)
+    except (KeyError, ValueError):
+        raise _Mismatch from None
+    return text
+
+
+def _describe(tp: Any) -> str:
+    origin, args = get_origin(tp), get_args(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (Union, types.UnionType):
+        return " or ".join("null" if a is _NONE else _describe(a) for a in args)
+    if origin is tuple:
+        if len(args) == 2 and args[1] is ...:
+            return f"a list of {_describe(args[0])}"
+        return f"a list of {len(args)}: [{', '.join(map(_describe, args))}]"
+    if dataclasses.is_dataclass(tp):
+        return f"a mapping of {tp.__name__} fields"
+    if tp is bool:
+        return "a bool (true or false)"
+    return getattr(tp, "__name__", repr(tp))
+
+
+def _unknown_key(cls: type, key: str, where: str, hints: dict, allowed: list[str]) -> str:
+    guess = difflib.get_close_matches(key, allowed, n=1) or [
+        f"{name}.{key}"  # `seed` at the top may belong to a nested config: `task.seed`
+        for name in allowed
+        for arm in get_args(hints[name]) or (hints[name],)
+        if dataclasses.is_dataclass(arm) and key in {f.name for f in dataclasses.fields(arm)}
+    ]
+    hint = f" (did you mean {guess[0]!r}?)" if guess else ""
+    dotted = f"{where}.{key}" if where else key
+    return f"unknown key {dotted!r} for {cls.__name__}{hint}; allowed keys: {', '.join(allowed)}"
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def _merge(old: Any, new: Any) -> Any:
+    """`new`, or when both are mappings, `old` updated by `new` (recursively, as new dicts)."""
+    if not isinstance(new, Mapping):
+        return new
+    out = {k: _merge(None, v) for k, v in old.items()} if isinstance(old, Mapping) else {}
+    for key, value in new.items():
+        out[key] = _merge(out.get(key), value)
+    return out
+
+
+def _plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init}
+    if isinstance(obj, Mapping):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj

@@ -1,0 +1,166 @@
+"""Many knockout conditions in one batch: row i of every forward gets its own `KnockoutSpec`.
+
+    with knockout_rows(model, [KnockoutSpec(), top10, random10_seed0, ...]):
+        model(tokens.expand(3, -1))
+
+`score_conditions` builds on it to score a sweep's conditions on one example at the cost of one
+batched forward over the example's *query part*: the context (haystack or documents) runs once
+without hooks and its KV cache is shared by every row, then the rows run the rest of the prompt
+(question, chat template) and the teacher-forced response under their own knockout. This is the
+knockout scope `query`: heads are knocked out at every position after the context, the positions
+where a retrieval head copies from it. Scope `all` (every position, the context too) is the same
+call with no shared prefix.
+
+Modes: `zero` and `uniform_attention` (the sweep modes; both need no per-example reference).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from mechinterp.heads import HeadShape
+from mechinterp.interventions.knockout import KnockoutSpec, check_pre_softmax
+
+ROW_MODES = ("zero", "uniform_attention")
+
+
+def _row_masks(specs: Sequence[KnockoutSpec], shape: HeadShape) -> dict[str, Tensor]:
+    """Per mode, a bool [layer, row, head] mask of what each row knocks out."""
+    masks = {
+        m: torch.zeros(shape.n_layers, len(specs), shape.n_heads, dtype=torch.bool)
+        for m in ROW_MODES
+    }
+    for r, spec in enumerate(specs):
+        if not spec.heads:
+            continue
+        if spec.mode not in ROW_MODES:
+            raise ValueError(f"knockout_rows supports modes {ROW_MODES}, not {spec.mode!r}")
+        if spec.scope != "both" or spec.query_positions is not None:
+            raise ValueError(
+                "knockout_rows applies each row's spec to every position it runs; leave scope "
+                "and query_positions at their defaults (share a prefix to exclude positions)"
+            )
+        for h in spec.heads:
+            shape.validate(h)
+            masks[spec.mode][h.layer, r, h.head] = True
+    return masks
+
+
+@contextmanager
+def knockout_rows(model, specs: Sequence[KnockoutSpec]) -> Iterator[dict]:
+    """Row i of every forward inside the block is knocked out by `specs[i]` (empty spec: none).
+
+    Every forward must have `len(specs)` rows. Yields counters (`forwards`, `edited`)."""
+    if not specs:
+        raise ValueError("knockout_rows needs at least one spec (one per batch row)")
+    shape = HeadShape.of(model)
+    masks = _row_masks(specs, shape)
+    stats = {"forwards": 0, "edited": 0}
+    checked: list[bool] = []
+
+    def rows_of(x: Tensor) -> None:
+        if x.shape[0] != len(specs):
+            raise ValueError(f"the batch has {x.shape[0]} rows but {len(specs)} specs were given")
+
+    def edit_scores(scores: Tensor, hook, *, layer: int) -> Tensor:
+        rows_of(scores)
+        if not checked:
+            check_pre_softmax(scores)
+            checked.append(True)
+        mask = masks["uniform_attention"][layer].to(scores.device)  # [row, head]
+        masked_value = torch.finfo(scores.dtype).min / 2
+        visible = scores > masked_value
+        stats["edited"] += 1
+        return torch.where(mask[:, :, None, None] & visible, torch.zeros_like(scores), scores)
+
+    def edit_z(z: Tensor, hook, *, layer: int) -> Tensor:
+        rows_of(z)
+        mask = masks["zero"][layer].to(z.device)  # [row, head]
+        shaped = z.view(*z.shape[:2], shape.n_heads, -1)
+        stats["edited"] += 1
+        return torch.where(mask[:, None, :, None], torch.zeros_like(shaped), shaped).view(z.shape)
+
+    def count(resid: Tensor, hook) -> None:
+        rows_of(resid)
+        stats["forwards"] += 1
+
+    hooks = [("blocks.0.hook_resid_pre", count)]
+    for layer in range(shape.n_layers):
+        if bool(masks["uniform_attention"][layer].any()):
+            hooks.append(
+                (f"blocks.{layer}.attn.hook_attn_scores", partial(edit_scores, layer=layer))
+            )
+        if bool(masks["zero"][layer].any()):
+            hooks.append((f"blocks.{layer}.attn.hook_z", partial(edit_z, layer=layer)))
+    with model.hooks(fwd_hooks=hooks):
+        yield stats
+
+
+@dataclass(frozen=True)
+class ConditionScores:
+    """Per condition (row): the answer tokens' teacher-forced log-probs and whether each is the
+    greedy choice."""
+
+    logprobs: Float[Tensor, "row answer"]
+    top1: torch.Tensor  # bool [row, answer]
+
+    @property
+    def mean_logprob(self) -> Tensor:
+        return self.logprobs.mean(-1)
+
+    @property
+    def retrieved(self) -> Tensor:
+        """Greedy decoding would still write every answer token (given the same response
+        before it)."""
+        return self.top1.all(-1)
+
+
+@torch.no_grad()
+def score_conditions(
+    model,
+    ids: Sequence[int],
+    answer: tuple[int, int],
+    specs: Sequence[KnockoutSpec],
+    *,
+    shared_prefix: int = 0,
+) -> ConditionScores:
+    """Score `ids[answer[0]:answer[1]]` (teacher-forced, given everything before) under each
+    spec, one batch row per spec. Positions before `shared_prefix` run once with no knockout and
+    are shared from the KV cache; the knockout acts on every later position.
+    """
+    from transformers import DynamicCache
+
+    from mechinterp.interventions.patching import prefix_cache
+
+    a0, a1 = answer
+    n = len(ids)
+    if not 0 < a0 < a1 <= n:
+        raise ValueError(f"answer span {answer} must lie inside the {n} tokens, after position 0")
+    if not 0 <= shared_prefix < a0:
+        raise ValueError(f"shared_prefix {shared_prefix} must lie before the answer (at {a0})")
+    rows = len(specs)
+    device = model.cfg.device
+    ids = list(ids[:a1])
+    cache = None
+    if shared_prefix:
+        cache = DynamicCache()
+        for i, (k, v) in enumerate(prefix_cache(model, ids[:shared_prefix])):
+            cache.update(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1), i)
+    tail = torch.tensor([ids[shared_prefix:]], device=device).expand(rows, -1)
+    n_answer = a1 - a0
+    with knockout_rows(model, specs):
+        logits = model(
+            tail, past_key_values=cache, use_cache=cache is not None, logits_to_keep=n_answer + 1
+        )
+    logits = logits[:, :n_answer].float()  # the positions that predict each answer token
+    target = torch.tensor(ids[a0:a1], device=logits.device)[None, :, None].expand(rows, -1, 1)
+    logp = logits.log_softmax(-1).gather(-1, target)[..., 0]
+    top1 = logits.argmax(-1) == target[..., 0]
+    return ConditionScores(logp.cpu(), top1.cpu())

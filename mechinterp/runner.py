@@ -1,0 +1,264 @@
+"""Sweeps as shards: one unit of work per shard, written atomically, skipped on rerun.
+
+    shards = [Shard("knockout/niah-000-zero", knockout_shard, {"examples": [...], ...}), ...]
+    table = run_shards(shards, run / "shards", model=ModelSpec(), engine="local")
+
+A shard is a name, a module-level function `fn(model, **args) -> pd.DataFrame` and JSON-able
+`args`. A finished shard is `<name>.parquet` plus `<name>.json` (its rows, the parquet's SHA-256,
+the hash of its args, wall time). On rerun a shard whose record matches is read back instead of
+recomputed; a shard whose parquet is missing, truncated or altered, or whose args changed, is
+recomputed (with a warning), never silently read. A killed sweep therefore resumes where it
+stopped: at most the shards in flight are lost.
+
+Engines:
+- `local`: in this process, one shard at a time (the model is loaded once, only if some shard
+  needs computing).
+- `ray`: Ray tasks (`pip install 'mechinterp[ray]'`); connects to `ray_address` (an existing
+  cluster) or starts a local instance. Each worker loads the model once from its `ModelSpec`,
+  uses the driver's torch thread count, and returns the table; the driver writes each shard as it
+  arrives, so resume works the same on both engines.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from mechinterp import store
+
+Engine = Literal["local", "ray"]
+ENGINES: tuple[Engine, ...] = ("local", "ray")
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One unit of work: `fn(model, **args)` returns a tidy table."""
+
+    name: str
+    fn: Callable[..., pd.DataFrame]
+    args: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        parts = self.name.split("/")
+        if not self.name or any(not p or p in (".", "..") or p.startswith(".") for p in parts):
+            raise ValueError(f"bad shard name {self.name!r}: use 'stage/slice' path parts")
+
+    @property
+    def args_hash(self) -> str:
+        return store.config_hash(
+            {"fn": f"{self.fn.__module__}.{self.fn.__qualname__}", **self.args}
+        )
+
+
+@dataclass
+class ShardStats:
+    computed: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    repaired: list[str] = field(default_factory=list)  # found corrupt or stale, then recomputed
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _paths(directory: Path, shard: Shard) -> tuple[Path, Path]:
+    return directory / f"{shard.name}.parquet", directory / f"{shard.name}.json"
+
+
+def shard_status(directory: str | Path, shard: Shard) -> tuple[str, str]:
+    """("done" | "missing" | "corrupt", why) for one shard's files."""
+    table, record = _paths(Path(directory), shard)
+    if not record.is_file():
+        return "missing", ""
+    try:
+        meta = json.loads(record.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        return "corrupt", f"unreadable record ({e})"
+    if not table.is_file():
+        return "corrupt", "its table is missing"
+    if meta.get("args_hash") != shard.args_hash:
+        return "corrupt", "it was computed from other inputs"
+    if _sha256(table) != meta.get("sha256"):
+        return "corrupt", "its table does not match the recorded checksum (truncated or altered)"
+    return "done", ""
+
+
+def read_shard(directory: str | Path, shard: Shard) -> pd.DataFrame:
+    table, _ = _paths(Path(directory), shard)
+    return pd.read_parquet(table)
+
+
+def write_shard(directory: str | Path, shard: Shard, df: pd.DataFrame, seconds: float) -> None:
+    """Table first, then the record that marks it finished (both atomic)."""
+    table, record = _paths(Path(directory), shard)
+    store.write_table(df.reset_index(drop=True), table)
+    store.write_json(
+        record,
+        {
+            "name": shard.name,
+            "args_hash": shard.args_hash,
+            "sha256": _sha256(table),
+            "rows": len(df),
+            "seconds": round(seconds, 3),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        },
+    )
+
+
+def _clear_stale_temps(directory: Path) -> None:
+    """Temp files a killed process left behind (`.<name>.<random>.tmp`)."""
+    if directory.is_dir():
+        for tmp in directory.rglob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
+
+
+def run_shards(
+    shards: Sequence[Shard],
+    directory: str | Path,
+    *,
+    model=None,
+    model_spec=None,
+    engine: Engine = "local",
+    ray_address: str | None = None,
+    cpus_per_shard: float = 1,
+    gpus_per_shard: float = 0,
+    desc: str = "shards",
+    progress: bool = True,
+    stats: ShardStats | None = None,
+) -> pd.DataFrame:
+    """Run the unfinished shards, then return every shard's table concatenated in shard order.
+
+    `model` (a loaded model) or `model_spec` (anything with `.load()`, e.g. `ModelSpec`) gives
+    the model; the `ray` engine needs `model_spec`, since workers load their own copy.
+    """
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    names = [s.name for s in shards]
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"duplicate shard names {dup[:3]}")
+    directory = Path(directory)
+    _clear_stale_temps(directory)
+    stats = ShardStats() if stats is None else stats
+    todo = []
+    for shard in shards:
+        state, why = shard_status(directory, shard)
+        if state == "done":
+            stats.skipped.append(shard.name)
+            continue
+        if state == "corrupt":
+            warnings.warn(f"shard {shard.name} is unusable ({why}); recomputing it", stacklevel=2)
+            stats.repaired.append(shard.name)
+        todo.append(shard)
+    if todo:
+        if engine == "local":
+            _run_local(todo, directory, model, model_spec, desc, progress, stats)
+        else:
+            if model_spec is None:
+                raise ValueError("the ray engine needs model_spec= (workers load their own model)")
+            _run_ray(
+                todo, directory, model_spec, ray_address, cpus_per_shard, gpus_per_shard, desc,
+                progress, stats,
+            )  # fmt: skip
+    frames = [read_shard(directory, s) for s in shards]
+    frames = [f for f in frames if len(f)]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def _run_local(todo, directory, model, model_spec, desc, progress, stats) -> None:
+    if model is None:
+        if model_spec is None:
+            raise ValueError("give model= or model_spec= to compute shards")
+        model = model_spec.load()
+    bar = tqdm(todo, desc=desc, disable=not progress)
+    for shard in bar:
+        bar.set_postfix_str(shard.name, refresh=False)
+        t0 = time.perf_counter()
+        df = shard.fn(model, **shard.args)
+        seconds = time.perf_counter() - t0
+        write_shard(directory, shard, df, seconds)
+        stats.computed.append(shard.name)
+        stats.seconds[shard.name] = seconds
+
+
+# ---------------------------------------------------------------- ray
+
+_WORKER_MODELS: dict[str, Any] = {}
+
+
+def _ray_task(spec, fn, args: dict, threads: int) -> tuple[pd.DataFrame, float]:
+    """What a Ray worker runs: the model cached per worker process, the driver's thread count."""
+    import torch
+
+    torch.set_num_threads(threads)
+    key = json.dumps(store.to_jsonable(spec), sort_keys=True)
+    if key not in _WORKER_MODELS:
+        _WORKER_MODELS.clear()
+        _WORKER_MODELS[key] = spec.load()
+    t0 = time.perf_counter()
+    df = fn(_WORKER_MODELS[key], **args)
+    return df, time.perf_counter() - t0
+
+
+def ray_init(address: str | None = None, *, num_cpus: int | None = None) -> None:
+    """Connect to the Ray cluster at `address`, or start a local instance (once per process)."""
+    try:
+        import ray
+    except ImportError as e:
+        raise RuntimeError(
+            "the ray engine needs Ray: pip install 'mechinterp[ray]' (or use --engine local)"
+        ) from e
+    if ray.is_initialized():
+        return
+    import os
+
+    env = {
+        "env_vars": {
+            k: os.environ[k] for k in ("HF_HUB_OFFLINE", "MECHINTERP_CACHE") if k in os.environ
+        }
+    }
+    if address:
+        ray.init(address=address, runtime_env=env, log_to_driver=False)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, runtime_env=env)
+
+
+def _run_ray(todo, directory, model_spec, address, cpus, gpus, desc, progress, stats) -> None:
+    import ray
+    import torch
+
+    ray_init(address)
+    task = ray.remote(_ray_task).options(num_cpus=cpus, num_gpus=gpus, max_retries=1)
+    threads = torch.get_num_threads()
+    pending = {task.remote(model_spec, s.fn, s.args, threads): s for s in todo}
+    bar = tqdm(total=len(todo), desc=f"{desc} (ray)", disable=not progress)
+    try:
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            for ref in done:
+                shard = pending.pop(ref)
+                df, seconds = ray.get(ref)
+                write_shard(directory, shard, df, seconds)
+                stats.computed.append(shard.name)
+                stats.seconds[shard.name] = seconds
+                bar.update(1)
+    except BaseException:
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        raise
+    finally:
+        bar.close()

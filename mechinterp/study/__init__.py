@@ -1,0 +1,8 @@
+"""The necessity & sufficiency study (`mechinterp study`): detect retrieval heads, knock them out
+against random heads, patch them, and judge the claims from the stored tables."""
+
+from mechinterp.study.config import StudyConfig
+from mechinterp.study.report import draw_figures, read_tables, write_report
+from mechinterp.study.run import RunDirError, run_study
+
+__all__ = ["RunDirError", "StudyConfig", "draw_figures", "read_tables", "run_study", "write_report"]

@@ -1,0 +1,183 @@
+"""The necessity & sufficiency study's config: one frozen dataclass, nested per stage.
+
+Defaults are the embedded-model study that `make demo` runs on 2 CPU cores (`experiments/
+study.yaml` spells them out); larger grids, other models and longer contexts are a YAML file or
+a `--set key=value` away.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from mechinterp.runs.common import ModelSpec
+
+#: Bump when the study's tables change meaning; a run directory written by another version is
+#: refused rather than mixed with new shards.
+STUDY_VERSION = 1
+
+KnockoutScope = Literal["decode", "query", "all"]
+
+
+@dataclass(frozen=True)
+class NiahSpec:
+    """A NIAH grid: needle indices (into `mechinterp.tasks.niah.NEEDLES`) × lengths × depths."""
+
+    needles: tuple[int, ...] = (0, 1, 3)
+    lengths: tuple[int, ...] = (256, 512, 1024)
+    depths: tuple[float, ...] = (0.2, 0.8)
+    haystack: Literal["essays", "filler"] = "essays"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        from mechinterp.tasks.niah import NEEDLES
+
+        if not self.needles or any(not 0 <= i < len(NEEDLES) for i in self.needles):
+            raise ValueError(f"needles are indices in 0..{len(NEEDLES) - 1}, got {self.needles}")
+        if not self.lengths or any(n < 64 for n in self.lengths):
+            raise ValueError(f"lengths must be token counts >= 64, got {self.lengths}")
+        if not self.depths or any(not 0.0 <= d <= 1.0 for d in self.depths):
+            raise ValueError(f"depths must lie in [0, 1], got {self.depths}")
+
+
+@dataclass(frozen=True)
+class MdqaSpec:
+    """Synthetic multi-document QA (one gold document among `n_docs`); `n = 0` leaves it out."""
+
+    n: int = 8
+    n_docs: int = 4
+    variant: str = "realistic-high"
+    seed: int = 1
+
+    def __post_init__(self) -> None:
+        from mechinterp.runs.common import parse_variant
+
+        if self.n < 0 or self.n_docs < 1:
+            raise ValueError("n must be >= 0 and n_docs >= 1")
+        parse_variant(self.variant)
+
+
+@dataclass(frozen=True)
+class DetectStage:
+    """Step 1: Wu retrieval scores on a NIAH grid; retrieval heads score > `threshold` (Wu's
+    rule), or are the `top_k` best when it is set. The sparsity claim always uses `threshold`."""
+
+    niah: NiahSpec = field(default_factory=NiahSpec)
+    threshold: float = 0.1
+    top_k: int | None = None
+    convention: Literal["set", "per_step"] = "set"
+    gate: float | None = 0.5  # ROUGE-1 recall an instance needs to count (None: every one)
+    max_new_tokens: int = 24
+    batch_size: int = 4
+
+
+@dataclass(frozen=True)
+class KnockoutStage:
+    """Step 2: top-k vs k random complement heads on held-out NIAH and synthetic MDQA.
+
+    Each example is answered once without knockout (greedy). Under each condition the clean
+    response is then teacher-forced and the answer counts as retrieved while every answer token
+    stays the greedy choice. Scope `decode` knocks the heads out where the response is written
+    (as Wu et al.'s retrieval score is defined at decoding steps) and shares the prompt's KV cache
+    across conditions; `query` also covers the question and template after the context; `all`
+    covers every position (no sharing: slowest). Patching uses the same positions.
+    `target = "gold"` teacher-forces the gold answer right after the prompt instead of the
+    model's response (for models that answer tersely, and for random test models that never
+    answer)."""
+
+    niah: NiahSpec = field(
+        default_factory=lambda: NiahSpec(needles=(4, 5), depths=(0.0, 0.5, 1.0), seed=1)
+    )
+    mdqa: MdqaSpec = field(default_factory=MdqaSpec)
+    ks: tuple[int, ...] = (1, 2, 5, 10, 20)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    modes: tuple[Literal["zero", "uniform_attention"], ...] = ("zero", "uniform_attention")
+    scope: KnockoutScope = "decode"
+    target: Literal["response", "gold"] = "response"
+    max_new_tokens: int = 32
+    batch_size: int = 4
+    examples_per_shard: int = 6
+
+    def __post_init__(self) -> None:
+        if not self.ks or min(self.ks) < 1:
+            raise ValueError(f"ks must be positive head counts, got {self.ks}")
+        if not self.seeds:
+            raise ValueError("at least one seed is needed for the random baseline")
+        if not self.modes:
+            raise ValueError("at least one knockout mode is needed")
+        if self.examples_per_shard < 1:
+            raise ValueError("examples_per_shard must be >= 1")
+
+
+@dataclass(frozen=True)
+class PatchStage:
+    """Step 3: per-head denoising patching, clean needle → corrupted needle, on held-out NIAH
+    examples the model answered. One answer token of the needle is replaced (the first of up to
+    `max_tries` whose replacement flips the model's preference); the metric is logit(clean token)
+    − logit(corrupt token) where the clean response writes it. Heads are patched at the
+    positions of the knockout scope (`knockout.scope`); the retrieval set and `seeds` random sets
+    of the same size are also patched jointly."""
+
+    n_pairs: int = 6
+    seeds: tuple[int, ...] = (0, 1, 2)
+    max_tries: int = 4
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        if self.n_pairs < 0:
+            raise ValueError("n_pairs must be >= 0")
+
+
+@dataclass(frozen=True)
+class ClaimSettings:
+    """How the report judges each claim: an effect, a percentile bootstrap CI, and a verdict.
+
+    supported: the CI excludes the null and the estimate reaches the claim's minimum effect;
+    not supported: the CI lies below the minimum effect; inconclusive: anything else."""
+
+    k: int = 10
+    max_share: float = 0.10
+    min_drop: float = 0.20
+    min_recovery: float = 0.50
+    n_boot: int = 2000
+    level: float = 0.95
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.level < 1 or self.n_boot < 100:
+            raise ValueError("level must lie in (0, 1) and n_boot be >= 100")
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """Detect → knock out → patch → judge the claims."""
+
+    model: ModelSpec = field(default_factory=ModelSpec)
+    detect: DetectStage = field(default_factory=DetectStage)
+    knockout: KnockoutStage = field(default_factory=KnockoutStage)
+    patch: PatchStage = field(default_factory=PatchStage)
+    claims: ClaimSettings = field(default_factory=ClaimSettings)
+    template: Literal["chat", "plain"] | None = None
+    version: int = STUDY_VERSION
+
+    def __post_init__(self) -> None:
+        if self.version != STUDY_VERSION:
+            raise ValueError(
+                f"this config is for study version {self.version}; this mechinterp writes "
+                f"version {STUDY_VERSION}. Remove `version:` or update the config."
+            )
+        shared = set(self.detect.niah.needles) & set(self.knockout.niah.needles)
+        if shared and self.detect.niah.seed == self.knockout.niah.seed:
+            raise ValueError(
+                f"knockout.niah shares needles {sorted(shared)} and the seed with detect.niah: "
+                "the held-out set would repeat detection instances. Use other needles or seed."
+            )
+        if self.claims.k not in self.knockout.ks:
+            raise ValueError(
+                f"claims.k={self.claims.k} must be one of knockout.ks {self.knockout.ks}"
+            )
+
+    @property
+    def slug(self) -> str:
+        return f"study-{Path(self.model.name).name}"

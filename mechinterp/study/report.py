@@ -1,0 +1,302 @@
+"""The claims report and the study's figures, from the stored tables only (never a model).
+
+write_report(run_dir)    # claims.csv, claims_headline.csv, report.md
+draw_figures(run_dir)    # figures/*.html + .png
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from mechinterp import store
+from mechinterp.study.claims import bootstrap, compute_claims, headline
+
+TABLES = ("detect_scores", "detect_instances", "baseline", "knockout", "patch")
+
+
+def read_config(run_dir: str | Path):
+    from mechinterp.config import from_dict
+    from mechinterp.study.config import StudyConfig
+
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise ValueError(f"{run_dir} is not a study run directory (no config.json)")
+    return from_dict(StudyConfig, json.loads(path.read_text()))
+
+
+def read_tables(run_dir: str | Path) -> dict[str, pd.DataFrame]:
+    run_dir = Path(run_dir)
+    out = {}
+    for name in TABLES:
+        path = run_dir / f"{name}.parquet"
+        if path.is_file():
+            out[name] = pd.read_parquet(path)
+    if "detect_instances" not in out:
+        raise ValueError(f"{run_dir} has no detect_instances.parquet: the study has not finished")
+    return out
+
+
+# ---------------------------------------------------------------- derived tables
+
+
+def _per_example(knockout: pd.DataFrame, baseline: pd.DataFrame, task: str, value: str):
+    """[example] values per (mode, k, condition): random averaged over seeds; examples the model
+    did not answer (absent from the knockout table) count as not retrieved (0)."""
+    ids = list(baseline.loc[baseline["task"] == task, "example_id"])
+    g = knockout[knockout["task"] == task]
+    per = g.groupby(["mode", "k", "condition", "example_id"])[value].mean().astype(float)
+    out = {}
+    for key, s in per.groupby(level=[0, 1, 2]):
+        s = s.droplevel([0, 1, 2]).reindex(ids).fillna(0.0)
+        out[key] = s
+    return ids, out
+
+
+def knockout_summary(tables: dict[str, pd.DataFrame], config) -> pd.DataFrame:
+    """Answer-retrieved rate per (task, mode, k, condition) over every held-out example, with a
+    bootstrap CI over examples (the `none` rows are the no-knockout baseline, k = 0)."""
+    s = config.claims
+    ko, base = tables["knockout"], tables["baseline"]
+    rows = []
+    for task in sorted(ko["task"].unique()):
+        ids, per = _per_example(ko, base, task, "retrieved")
+        for (mode, k, cond), vals in per.items():
+            v = vals.to_numpy()
+            est, lo, hi = bootstrap(lambda i, v=v: v[i].mean(), len(v), n_boot=s.n_boot,
+                                    level=s.level, seed=s.seed)  # fmt: skip
+            rows.append({"task": task, "mode": mode, "k": int(k), "condition": cond,
+                         "value": est, "lo": lo, "hi": hi, "n": len(v)})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def niah_panels(tables: dict[str, pd.DataFrame], config) -> pd.DataFrame:
+    """One row per (panel, NIAH example): answer retrieved with no knockout, with the top-k and
+    with k random heads (mean over seeds), at the report's k, per mode."""
+    k = config.claims.k
+    ids, per = _per_example(tables["knockout"], tables["baseline"], "niah", "retrieved")
+    coords = tables["baseline"].set_index("example_id").loc[ids, ["length", "depth"]]
+    frames = []
+    panels = [(("none", 0, "none"), "no knockout")]
+    for mode in config.knockout.modes:
+        panels.append(((mode, k, "top"), f"top-{k} · {mode}"))
+        panels.append(((mode, k, "random"), f"random-{k} · {mode}"))
+    for key, label in panels:
+        if key in per:
+            frames.append(coords.assign(panel=label, accuracy=per[key].to_numpy()).reset_index())
+    return pd.concat(frames, ignore_index=True)
+
+
+def head_recovery(patch: pd.DataFrame) -> pd.DataFrame:
+    """Mean normalised recovery per head over the pairs the corruption flips."""
+    heads = patch[(patch["kind"] == "head")]
+    valid = heads[heads["flipped"]] if heads["flipped"].any() else heads
+    out = (
+        valid.groupby(["layer", "head", "name", "in_set"])["recovery"].mean().reset_index()
+    ).rename(columns={"name": "head_name"})
+    out["n_pairs"] = valid["example_id"].nunique()
+    return out
+
+
+# ---------------------------------------------------------------- figures
+
+
+def draw_figures(run_dir: str | Path, *, png: bool = True) -> list[Path]:
+    """Every figure of the study, from its tables: retrieval-score heatmap, NIAH accuracy with
+    and without knockout, retrieved rate vs k (top vs random, CI bands), per-head recovery."""
+    from mechinterp.plots import accuracy_panels, head_heatmap, knockout_ci_curves
+
+    run_dir = Path(run_dir)
+    config, tables = read_config(run_dir), read_tables(run_dir)
+    model = Path(config.model.name).name
+    formats = ("html", "png") if png else ("html",)
+    fig_dir = run_dir / "figures"
+    written = []
+    scores = tables["detect_scores"]
+    n_inst = int(scores["n_instances"].iloc[0])
+    written += store.write_figure(
+        head_heatmap(scores, title=f"{model} · Wu retrieval score (NIAH, n={n_inst} instances)"),
+        fig_dir / "retrieval_scores", formats=formats,
+    )  # fmt: skip
+    if "knockout" in tables and len(tables["knockout"]):
+        if (tables["baseline"]["task"] == "niah").any():
+            written += store.write_figure(
+                accuracy_panels(
+                    niah_panels(tables, config),
+                    title=f"{model} · held-out NIAH: answer retrieved, with and without knockout",
+                ),
+                fig_dir / "niah_knockout", formats=formats,
+            )  # fmt: skip
+        written += store.write_figure(
+            knockout_ci_curves(
+                knockout_summary(tables, config),
+                title=f"{model} · answer retrieved vs heads knocked out "
+                f"({int(config.claims.level * 100)}% bootstrap CI)",
+            ),
+            fig_dir / "knockout_vs_k", formats=formats,
+        )  # fmt: skip
+    if "patch" in tables and len(tables["patch"]):
+        rec = head_recovery(tables["patch"])
+        written += store.write_figure(
+            head_heatmap(
+                rec, value="recovery",
+                title=f"{model} · denoising patching: mean recovery per head "
+                f"(n={int(rec['n_pairs'].iloc[0])} pairs)",
+            ),
+            fig_dir / "patch_recovery", formats=formats,
+        )  # fmt: skip
+    return written
+
+
+# ---------------------------------------------------------------- the report
+
+
+def _fmt(x: float, unit: str) -> str:
+    if pd.isna(x):
+        return "n/a"
+    return (
+        f"{x:.1%}" if unit == "fraction of heads" else f"{x:+.2f}" if "nats" in unit else f"{x:.2f}"
+    )
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Compute the claims from the stored tables; write `claims.csv`, `claims_headline.csv` and
+    `report.md` (which embeds the figures under `figures/`)."""
+    run_dir = Path(run_dir)
+    config, tables = read_config(run_dir), read_tables(run_dir)
+    claims = compute_claims(tables, config)
+    heads = headline(claims)
+    store.write_table(claims, run_dir / "claims.csv")
+    store.write_table(heads, run_dir / "claims_headline.csv")
+    prov_path = run_dir / "provenance.json"
+    prov = json.loads(prov_path.read_text()) if prov_path.is_file() else {}
+    level = int(config.claims.level * 100)
+    lines = [
+        f"# Retrieval heads in {Path(config.model.name).name}: necessity and sufficiency",
+        "",
+        "Every number below is computed by `mechinterp.study.claims` from the tables in this "
+        "directory (`mechinterp report <dir>` recomputes it); nothing is typed by hand. "
+        f"CIs are {level}% percentile bootstrap intervals ({config.claims.n_boot} resamples).",
+        "",
+        f"- model: `{prov.get('model_card', {}).get('id', config.model.name)}` "
+        f"({config.model.dtype}); commit `{prov.get('git_commit')}`; config hash "
+        f"`{store.config_hash(config)}`",
+    ]
+    if "timings" in prov:
+        t = prov["timings"]
+        parts = ", ".join(
+            f"{k.removesuffix('_s')} {v:.0f} s" for k, v in t.items() if k != "total_s"
+        )
+        lines.append(f"- wall time: {t.get('total_s', float('nan')):.0f} s ({parts})")
+    lines += [
+        "",
+        "## Verdicts",
+        "",
+        "| claim | verdict | primary effect (CI) |",
+        "| --- | --- | --- |",
+    ]
+    for h in heads.itertuples():
+        prim = claims[(claims["claim"] == h.claim) & claims["primary"]]
+        eff = "; ".join(
+            f"{r.label}: {_fmt(r.estimate, r.unit)} "
+            f"[{_fmt(r.ci_low, r.unit)}, {_fmt(r.ci_high, r.unit)}]"
+            for r in prim.itertuples()
+        )
+        lines.append(f"| {h.statement} | **{h.verdict}** | {eff or 'n/a'} |")
+    sections = {
+        "sparse": ("retrieval_scores.png", _sparse_text(tables, config)),
+        "necessary": ("knockout_vs_k.png", _necessary_text(tables, config)),
+        "sufficient": ("patch_recovery.png", _sufficient_text(tables, config)),
+    }
+    for i, (claim, statement) in enumerate(
+        [(h.claim, h.statement) for h in heads.itertuples()], start=1
+    ):
+        figure, text = sections[claim]
+        rows = claims[claims["claim"] == claim]
+        lines += ["", f"## {i}. {statement}", "", *text, "",
+                  "| row | estimate | CI | n | minimum effect | verdict |",
+                  "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+        for r in rows.itertuples():
+            tag = "" if r.primary else " (secondary)"
+            lines.append(
+                f"| {r.label}{tag} | {_fmt(r.estimate, r.unit)} | [{_fmt(r.ci_low, r.unit)}, "
+                f"{_fmt(r.ci_high, r.unit)}] | {r.n} | {_fmt(r.min_effect, r.unit)} | {r.verdict} |"
+            )
+        if (run_dir / "figures" / figure).is_file():
+            lines += ["", f"![{claim}](figures/{figure})"]
+        if claim == "necessary" and (run_dir / "figures" / "niah_knockout.png").is_file():
+            lines += ["", "![NIAH with and without knockout](figures/niah_knockout.png)"]
+    lines += ["", "## How the verdicts are decided", "",
+              "- supported: the CI excludes the null (0) and the estimate reaches the minimum "
+              "effect; not supported: the CI lies below the minimum effect; inconclusive: "
+              "anything else. Sparsity instead asks the CI of the share to lie inside "
+              f"(0, {config.claims.max_share:.0%}).",
+              "- A claim's verdict combines its primary rows: supported if all are, not "
+              "supported if all are, else inconclusive."]  # fmt: skip
+    return store.write_text(run_dir / "report.md", "\n".join(lines) + "\n")
+
+
+def _sparse_text(tables, config) -> list[str]:
+    scores = tables["detect_scores"]
+    top = scores.head(10)
+    inst = tables["detect_instances"].drop_duplicates("instance_id")
+    return [
+        f"Detection: {len(inst)} NIAH instances (needles {list(config.detect.niah.needles)} × "
+        f"lengths {list(config.detect.niah.lengths)} × depths {list(config.detect.niah.depths)}); "
+        f"{int(inst['counted'].sum())} passed the gate (ROUGE-1 recall > {config.detect.gate}). "
+        f"Top 10: " + ", ".join(f"{r.head_name} ({r.score:.2f})" for r in top.itertuples()) + "."
+    ]
+
+
+def _necessary_text(tables, config) -> list[str]:
+    if "baseline" not in tables:
+        return ["Not run."]
+    base = tables["baseline"]
+    parts = []
+    for task, g in base.groupby("task"):
+        parts.append(f"{task}: {len(g)} held-out examples, {int(g['correct'].sum())} correct by "
+                     f"the task's rule, {int(g['scorable'].sum())} with the exact answer in the "
+                     "response (the knockout set)")  # fmt: skip
+    ks = config.knockout
+    return [
+        "; ".join(parts) + ".",
+        f"Conditions: top-k vs k random heads from the complement of the top {max(ks.ks)} "
+        f"(seeds {list(ks.seeds)}), k ∈ {list(ks.ks)}, modes {list(ks.modes)}, scope "
+        f"`{ks.scope}`. Metric: the clean response is teacher-forced and the answer counts as "
+        "retrieved while every answer token stays the greedy choice.",
+    ]
+
+
+def _sufficient_text(tables, config) -> list[str]:
+    if "patch" not in tables:
+        return ["Not run."]
+    p = tables["patch"]
+    pairs = p.drop_duplicates("example_id")
+    return [
+        f"{len(pairs)} clean/corrupt NIAH pairs: one answer token of the needle is replaced (the "
+        "first of the first few whose replacement flips the model's preference); the corruption "
+        f"flips it in {int(pairs['flipped'].sum())}. Heads are patched at the positions of scope "
+        f"`{config.knockout.scope}` (from position {int(pairs['patch_from'].min())} on in the "
+        "shortest pair); metric: logit(clean token) − logit(corrupt token) where the clean "
+        "response writes it."
+    ]
+
+
+def recovery_by_set(patch: pd.DataFrame) -> pd.DataFrame:
+    """Mean joint recovery per head set over flipped pairs (for tables and notebooks)."""
+    sets = patch[(patch["kind"] == "set") & patch["flipped"]]
+    return sets.groupby("name")["recovery"].agg(["mean", "std", "size"]).reset_index()
+
+
+__all__ = [
+    "draw_figures",
+    "head_recovery",
+    "knockout_summary",
+    "niah_panels",
+    "read_config",
+    "read_tables",
+    "recovery_by_set",
+    "write_report",
+]

@@ -1,0 +1,194 @@
+"""`run_study`: detect → clean answers → knockout sweep → patching → tables, figures, report.
+
+Every stage is a list of shards in `<run>/shards/` (see `mechinterp.runner`): a rerun skips the
+finished ones, so an interrupted study resumes where it stopped, in this process or on Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from mechinterp import store
+from mechinterp.runner import Engine, ShardStats, run_shards
+from mechinterp.study.config import StudyConfig
+
+
+class RunDirError(ValueError):
+    """The output directory holds another config's (or another version's) results."""
+
+
+def _claim_dir(out: Path, config: StudyConfig) -> None:
+    """Refuse a directory written for another config; record this config in a new one."""
+    from mechinterp.config import to_dict
+
+    path = out / "config.json"
+    mine = to_dict(config)
+    if path.is_file():
+        try:
+            theirs = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise RunDirError(f"{path} is not valid JSON ({e}); remove the directory") from e
+        if theirs.get("version") != mine["version"]:
+            raise RunDirError(
+                f"{out} was written by study version {theirs.get('version')}, this is version "
+                f"{mine['version']}: its shards cannot be reused. Use another --out or remove it."
+            )
+        if theirs != mine:
+            changed = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+            raise RunDirError(
+                f"{out} holds a study with another config (differs in {changed}); use another "
+                "--out, or omit --out to get a directory per config"
+            )
+    else:
+        store.write_json(path, mine)
+
+
+def run_study(
+    config: StudyConfig,
+    root: str | Path = "runs",
+    *,
+    out: str | Path | None = None,
+    model=None,
+    engine: Engine = "local",
+    ray_address: str | None = None,
+    png: bool = True,
+    progress: bool = True,
+) -> Path:
+    """Run (or resume) the study and write its run directory; return it.
+
+    Tables: `detect_scores`, `detect_instances`, `baseline`, `knockout`, `patch` (parquet, and
+    CSV for the small ones), `claims.csv`, `report.md`, `figures/`, config and provenance.
+    """
+    from mechinterp.heads import HeadShape, parse_heads
+    from mechinterp.models import model_card
+    from mechinterp.models.load import tune_allocator
+    from mechinterp.study import stages
+    from mechinterp.study.report import draw_figures, write_report
+    from mechinterp.tasks.mdqa import synthetic_mdqa
+    from mechinterp.tasks.niah import niah_grid
+
+    out = Path(out) if out is not None else store.run_dir(root, config.slug, config)
+    out.mkdir(parents=True, exist_ok=True)
+    _claim_dir(out, config)
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    stats = ShardStats()
+    tic = time.perf_counter()
+    if model is None:
+        model = config.model.load()
+    timings["load_s"] = time.perf_counter() - tic
+    shape = HeadShape.of(model)
+    tok = model.tokenizer
+    common = {
+        "model": model,
+        "model_spec": config.model,
+        "engine": engine,
+        "ray_address": ray_address,
+        "progress": progress,
+        "stats": stats,
+    }
+    shard_dir = out / "shards"
+
+    # 1. detection
+    tic = time.perf_counter()
+    d = config.detect
+    det_examples = niah_grid(tok, lengths=d.niah.lengths, depths=d.niah.depths,
+                             needles=list(d.niah.needles), haystack=d.niah.haystack,
+                             seed=d.niah.seed)  # fmt: skip
+    per_instance = run_shards(
+        stages.detect_shards(det_examples, d, config.template), shard_dir, desc="1/4 detect",
+        **common,
+    )  # fmt: skip
+    scores = stages.combine_detect(per_instance, d.threshold, d.top_k).assign(
+        model=Path(config.model.name).name
+    )
+    store.write_table(per_instance, out / "detect_instances.parquet")
+    store.write_table(scores, out / "detect_scores.parquet")
+    store.write_table(scores, out / "detect_scores.csv")
+    ranked = parse_heads(list(scores["head_name"]), shape)
+    retrieval = parse_heads(list(scores.loc[scores["retrieval_head"], "head_name"]), shape)
+    timings["detect_s"] = time.perf_counter() - tic
+
+    # 2. clean answers on held-out examples, then the knockout sweep
+    tic = time.perf_counter()
+    k = config.knockout
+    held = niah_grid(
+        tok, lengths=k.niah.lengths, depths=k.niah.depths, needles=list(k.niah.needles),
+        haystack=k.niah.haystack, seed=k.niah.seed,
+    )  # fmt: skip
+    if k.mdqa.n:
+        from mechinterp.runs.common import parse_variant
+
+        realism, diversity = parse_variant(k.mdqa.variant)
+        held += synthetic_mdqa(k.mdqa.n, n_docs=k.mdqa.n_docs, realism=realism,
+                               diversity=diversity, seed=k.mdqa.seed)  # fmt: skip
+    baseline = run_shards(
+        stages.baseline_shards(held, k, config.template), shard_dir, desc="2/4 clean answers",
+        **common,
+    )  # fmt: skip
+    store.write_table(baseline, out / "baseline.parquet")
+    store.write_table(baseline.drop(columns="target_ids"), out / "baseline.csv")
+    timings["baseline_s"] = time.perf_counter() - tic
+    tic = time.perf_counter()
+    if max(k.ks) > len(ranked):
+        raise ValueError(
+            f"knockout.ks goes up to {max(k.ks)} but the model has {len(ranked)} heads"
+        )
+    knock = run_shards(
+        stages.knockout_shards(held, baseline, ranked, shape, k, config.template), shard_dir,
+        desc="3/4 knockout", **common,
+    )  # fmt: skip
+    store.write_table(knock, out / "knockout.parquet")
+    timings["knockout_s"] = time.perf_counter() - tic
+
+    # 3. patching
+    tic = time.perf_counter()
+    patch = run_shards(
+        stages.patch_shards(held, baseline, retrieval, shape, config.patch, k.niah.seed,
+                            k.scope, config.template),
+        shard_dir, desc="4/4 patch", **common,
+    )  # fmt: skip
+    store.write_table(patch, out / "patch.parquet")
+    timings["patch_s"] = time.perf_counter() - tic
+
+    # 4. provenance, figures, report
+    timings["total_s"] = time.perf_counter() - t_start
+    store.write_json(
+        out / "provenance.json",
+        store.provenance(
+            model_card=model_card(model).to_dict(),
+            malloc_tuned=tune_allocator(),
+            seeds={
+                "detect": d.niah.seed,
+                "heldout": k.niah.seed,
+                "knockout": list(k.seeds),
+                "patch": list(config.patch.seeds),
+                "bootstrap": config.claims.seed,
+            },  # fmt: skip
+            engine=engine,
+            device=str(model.cfg.device),
+            shards={
+                "computed": len(stats.computed),
+                "skipped": len(stats.skipped),
+                "repaired": stats.repaired,
+            },  # fmt: skip
+            shard_seconds={n: round(s, 2) for n, s in stats.seconds.items()},
+            timings={n: round(s, 1) for n, s in timings.items()},
+        ),
+    )
+    draw_figures(out, png=png)
+    write_report(out)
+    return out
+
+
+def shard_overview(run_dir: str | Path) -> pd.DataFrame:
+    """One row per finished shard (name, rows, seconds) from the shard records."""
+    rows = []
+    for rec in sorted(Path(run_dir, "shards").rglob("*.json")):
+        meta = json.loads(rec.read_text())
+        rows.append({k: meta.get(k) for k in ("name", "rows", "seconds", "finished")})
+    return pd.DataFrame(rows)

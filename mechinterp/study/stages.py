@@ -1,0 +1,453 @@
+"""The study's units of work. Each shard function takes the model and JSON-able arguments (examples
+as dicts, heads as names) and returns a tidy table, so a shard runs the same in this process or on
+a Ray worker. `*_shards` functions cut a stage into shards; `combine_*` turn shard tables into the
+study's tables.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pandas as pd
+
+from mechinterp.runner import Shard
+from mechinterp.tasks.example import Example
+
+# ---------------------------------------------------------------- shared helpers
+
+
+def _examples(dicts: Sequence[dict]) -> list[Example]:
+    return [Example.from_dict(d) for d in dicts]
+
+
+def context_end(prompt) -> int:
+    """First position after the context (the last document ends there)."""
+    docs = prompt.spans.get("document", ())
+    if not docs:
+        raise ValueError(f"prompt {prompt.example_id!r} has no document span")
+    return max(end for _, end in docs)
+
+
+def scope_start(prompt, scope: str) -> int:
+    """First position an intervention of this scope acts on: `decode` — the positions that
+    write the response (the prompt's last position writes its first token); `query` — every
+    position after the context (question, template, response); `all` — every position."""
+    if scope == "decode":
+        return prompt.n_tokens - 1
+    if scope == "query":
+        return context_end(prompt)
+    if scope == "all":
+        return 0
+    raise ValueError(f"scope must be decode, query or all, got {scope!r}")
+
+
+def _coordinates(ex: Example) -> dict:
+    from mechinterp.evaluate import _grid_coordinates
+
+    return {
+        "example_id": ex.id,
+        "task": ex.task,
+        **_grid_coordinates(ex),
+        "needle_index": ex.meta.get("needle_index"),
+    }
+
+
+def _chunks(items: list, size: int) -> list[list]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+# ---------------------------------------------------------------- 1. detection
+
+
+def detect_shard(
+    model,
+    *,
+    examples: list[dict],
+    convention: str,
+    gate: float | None,
+    max_new_tokens: int,
+    batch_size: int,
+    template: str | None,
+) -> pd.DataFrame:
+    """Wu retrieval scores of every head on some detection instances: one row per (instance,
+    head) with the instance's ROUGE-1 recall and whether it passes the gate (`counted`)."""
+    from mechinterp.detect.retrieval import retrieval_scores
+    from mechinterp.evaluate import render_all
+
+    exs = _examples(examples)
+    prompts = render_all(model, exs, template=template)
+    det = retrieval_scores(
+        model,
+        prompts,
+        [e.answers for e in exs],
+        convention=convention,
+        gate=None,  # gate below, over the whole grid: a shard may hold no passing instance
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+    )
+    inst = det.instances.set_index("instance_id")
+    per = det.per_instance_frame().drop(columns="counted")
+    coords = pd.DataFrame([_coordinates(e) for e in exs]).set_index("example_id")
+    per["rouge1_recall"] = per["instance_id"].map(inst["rouge1_recall"])
+    per["counted"] = per["rouge1_recall"] > gate if gate is not None else True
+    for col in ("length", "depth", "needle_index"):
+        per[col] = per["instance_id"].map(coords[col])
+    per["prediction"] = per["instance_id"].map(inst["prediction"])
+    return per
+
+
+def detect_shards(examples: list[Example], stage, template) -> list[Shard]:
+    by_length: dict[int, list[dict]] = {}
+    for ex in examples:
+        by_length.setdefault(int(ex.meta["length"]), []).append(ex.to_dict())
+    return [
+        Shard(
+            f"detect/L{length}",
+            detect_shard,
+            {
+                "examples": exs,
+                "convention": stage.convention,
+                "gate": stage.gate,
+                "max_new_tokens": stage.max_new_tokens,
+                "batch_size": stage.batch_size,
+                "template": template,
+            },
+        )
+        for length, exs in sorted(by_length.items())
+    ]
+
+
+def combine_detect(
+    per_instance: pd.DataFrame, threshold: float, top_k: int | None = None
+) -> pd.DataFrame:
+    """One row per head: mean score over the counted instances, activation frequency, rank,
+    and whether it is a retrieval head (score > threshold, or rank <= top_k when given)."""
+    from mechinterp.heads import Head
+
+    counted = per_instance[per_instance["counted"]]
+    if counted.empty:
+        acc = per_instance.drop_duplicates("instance_id")["counted"].mean()
+        raise ValueError(
+            f"no detection instance passed the gate (accuracy {acc:.0%}): use shorter contexts "
+            "or easier needles in detect.niah"
+        )
+    g = counted.groupby(["layer", "head"])["value"]
+    df = pd.DataFrame(
+        {"score": g.mean(), "frequency": g.apply(lambda v: float((v > 0).mean()))}
+    ).reset_index()
+    df.insert(
+        2, "head_name", [str(Head(a, b)) for a, b in zip(df["layer"], df["head"], strict=True)]
+    )
+    df = df.sort_values(["score", "layer", "head"], ascending=[False, True, True])
+    df["rank"] = range(1, len(df) + 1)
+    df["retrieval_head"] = df["rank"] <= top_k if top_k is not None else df["score"] > threshold
+    df["n_instances"] = counted["instance_id"].nunique()
+    return df.reset_index(drop=True)
+
+
+# ---------------------------------------------------------------- 2a. clean answers
+
+
+def baseline_shard(
+    model,
+    *,
+    examples: list[dict],
+    max_new_tokens: int,
+    batch_size: int,
+    target: str,
+    template: str | None,
+) -> pd.DataFrame:
+    """Greedy answers without any intervention: one row per example with the task metrics and
+    the tokens later stages teacher-force (`target_ids`): the model's own response (`target =
+    "response"`; `answer_start/end` mark the answer in it, -1 if absent) or the gold answer
+    alone (`"gold"`)."""
+    from mechinterp.evaluate import (
+        answer_ids,
+        generate,
+        is_correct,
+        locate_answer,
+        render_all,
+        token_f1,
+    )
+
+    exs = _examples(examples)
+    prompts = render_all(model, exs, template=template)
+    gens = generate(
+        model, [p.input_ids for p in prompts], max_new_tokens=max_new_tokens, batch_size=batch_size
+    )
+    rows = []
+    for ex, prompt, gen in zip(exs, prompts, gens, strict=True):
+        if target == "gold":
+            target_ids = answer_ids(model, ex.answers[0])
+            span = (0, len(target_ids))
+        else:
+            target_ids = list(gen.tokens)
+            span = locate_answer(model.tokenizer, gen.tokens, ex.answers[0])
+        rows.append(
+            {
+                **_coordinates(ex),
+                "n_tokens": prompt.n_tokens,
+                "context_end": context_end(prompt),
+                "answer": ex.answers[0],
+                "prediction": gen.text,
+                "target_ids": [int(t) for t in target_ids],
+                "correct": is_correct(ex.task, gen.text, ex.answers),
+                "f1": token_f1(gen.text, ex.answers),
+                "answer_start": span[0] if span else -1,
+                "answer_end": span[1] if span else -1,
+                "scorable": span is not None,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def baseline_shards(examples: list[Example], stage, template) -> list[Shard]:
+    out = []
+    for task in dict.fromkeys(e.task for e in examples):
+        group = [e.to_dict() for e in examples if e.task == task]
+        for i, chunk in enumerate(_chunks(group, stage.examples_per_shard)):
+            args = {
+                "examples": chunk,
+                "max_new_tokens": stage.max_new_tokens,
+                "batch_size": stage.batch_size,
+                "target": stage.target,
+                "template": template,
+            }
+            out.append(Shard(f"baseline/{task}-{i:03d}", baseline_shard, args))
+    return out
+
+
+# ---------------------------------------------------------------- 2b. knockout
+
+
+def knockout_conditions(
+    ranked, shape, *, ks: Sequence[int], seeds: Sequence[int], mode: str, with_none: bool
+) -> list[dict]:
+    """The sweep's conditions for one mode: top-k and, per seed, k random heads from the
+    complement of the top max(ks) (so a random draw never holds a head the ranking calls a
+    retrieval head at any tested k)."""
+    from mechinterp.analysis.headsets import random_complement
+
+    pool = ranked[: max(ks)]
+    out = (
+        [{"mode": "none", "k": 0, "condition": "none", "seed": -1, "heads": []}]
+        if with_none
+        else []
+    )
+    for k in sorted(set(ks)):
+        out.append({"mode": mode, "k": k, "condition": "top", "seed": -1,
+                    "heads": [str(h) for h in ranked[:k]]})  # fmt: skip
+        for s in seeds:
+            drawn = random_complement(pool, k, shape, seed=s)
+            out.append({"mode": mode, "k": k, "condition": "random", "seed": s,
+                        "heads": [str(h) for h in drawn]})  # fmt: skip
+    return out
+
+
+def knockout_shard(
+    model,
+    *,
+    examples: list[dict],
+    responses: list[dict],
+    conditions: list[dict],
+    scope: str,
+    template: str | None,
+) -> pd.DataFrame:
+    """Every condition on every example (one batch row per condition): the clean response is
+    teacher-forced and the answer's tokens scored. One row per (example, condition)."""
+    from mechinterp.evaluate import render_all
+    from mechinterp.heads import parse_heads
+    from mechinterp.interventions.conditions import score_conditions
+    from mechinterp.interventions.knockout import KnockoutSpec
+
+    exs = _examples(examples)
+    prompts = render_all(model, exs, template=template)
+    specs = [
+        KnockoutSpec(heads=parse_heads(c["heads"]), mode=c["mode"] if c["heads"] else "zero")
+        for c in conditions
+    ]
+    rows = []
+    for ex, prompt, resp in zip(exs, prompts, responses, strict=True):
+        n = prompt.n_tokens
+        ids = list(prompt.input_ids) + list(resp["response_ids"])
+        answer = (n + resp["answer_start"], n + resp["answer_end"])
+        shared = scope_start(prompt, scope)
+        res = score_conditions(model, ids, answer, specs, shared_prefix=shared)
+        for r, cond in enumerate(conditions):
+            rows.append(
+                {
+                    **_coordinates(ex),
+                    "mode": cond["mode"],
+                    "k": cond["k"],
+                    "condition": cond["condition"],
+                    "seed": cond["seed"],
+                    "heads": " ".join(cond["heads"]),
+                    "retrieved": bool(res.retrieved[r]),
+                    "answer_logprob": float(res.mean_logprob[r]),
+                    "answer_top1": float(res.top1[r].float().mean()),
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def knockout_shards(
+    examples: list[Example], baseline: pd.DataFrame, ranked, shape, stage, template
+) -> list[Shard]:
+    """Shards per (task, chunk of answered examples, mode); `none` rides with the first mode."""
+    base = baseline.set_index("example_id")
+    out = []
+    for task in dict.fromkeys(e.task for e in examples):
+        group = [e for e in examples if e.task == task and bool(base.loc[e.id, "scorable"])]
+        for i, chunk in enumerate(_chunks(group, stage.examples_per_shard)):
+            responses = [
+                {
+                    "response_ids": [int(t) for t in base.loc[e.id, "target_ids"]],
+                    "answer_start": int(base.loc[e.id, "answer_start"]),
+                    "answer_end": int(base.loc[e.id, "answer_end"]),
+                }
+                for e in chunk
+            ]
+            for j, mode in enumerate(stage.modes):
+                conds = knockout_conditions(
+                    ranked, shape, ks=stage.ks, seeds=stage.seeds, mode=mode, with_none=j == 0
+                )
+                args = {
+                    "examples": [e.to_dict() for e in chunk],
+                    "responses": responses,
+                    "conditions": conds,
+                    "scope": stage.scope,
+                    "template": template,
+                }
+                out.append(Shard(f"knockout/{task}-{i:03d}-{mode}", knockout_shard, args))
+    return out
+
+
+# ---------------------------------------------------------------- 3. patching
+
+
+def _pick_corruption(model, prompt, response: dict, seed: int, max_tries: int):
+    """The first answer token (in the needle, at most `max_tries` of them) whose replacement
+    flips the model's preference where the response writes it, and the teacher-forced response
+    up to there. Falls back to the first token when none flips."""
+    import torch
+
+    from mechinterp.tasks.corrupt import corrupt_answer
+
+    a0, a1 = response["answer_start"], response["answer_end"]
+    resp = [int(t) for t in response["response_ids"]]
+    p0, p1 = prompt.spans["answer"][0]
+    aligned = list(prompt.input_ids[p0:p1]) == resp[a0:a1]
+    tries = min(max_tries, p1 - p0) if aligned else 1
+    first = None
+    for i in range(tries):
+        c = corrupt_answer(prompt, model.tokenizer, seed=seed, offset=i)
+        lead, target = resp[: a0 + i], resp[a0 + i]
+        clean, corrupt = list(c.clean) + lead, list(c.corrupt) + lead
+        with torch.no_grad():
+            logits = model(
+                torch.tensor([clean, corrupt], device=model.cfg.device), logits_to_keep=1
+            )
+        diff = (logits[:, -1, target] - logits[:, -1, c.corrupt_token]).tolist()
+        pick = (c, clean, corrupt, target, i, i + 1)
+        first = first or pick
+        if diff[0] > 0 > diff[1]:
+            return pick
+    return first[:-1] + (tries,)
+
+
+def patch_shard(
+    model,
+    *,
+    example: dict,
+    response: dict,
+    retrieval: list[str],
+    sets: dict[str, list[str]],
+    batch_size: int,
+    seed: int,
+    max_tries: int,
+    scope: str,
+    template: str | None,
+) -> pd.DataFrame:
+    """Denoising patching on one clean/corrupt pair. An answer token in the needle is replaced
+    (`corrupt_answer`; the first of up to `max_tries` tokens whose replacement flips the answer)
+    and the clean response is teacher-forced up to where it writes that token; the metric is
+    logit(clean token) − logit(corrupt token) there. Rows: one per head (`kind = head`, patched
+    alone) and one per head set (`kind = set`, patched jointly)."""
+    from mechinterp.evaluate import render_all
+    from mechinterp.heads import HeadShape, parse_heads
+    from mechinterp.interventions.patching import logit_diff_metric, patch_heads, patch_sets
+
+    (ex,) = _examples([example])
+    (prompt,) = render_all(model, [ex], template=template)
+    c, clean, corrupt, target, offset, tried = _pick_corruption(
+        model, prompt, response, seed, max_tries
+    )
+    metric = logit_diff_metric(target, c.corrupt_token)
+    start = scope_start(prompt, scope)
+    res = patch_heads(model, clean, corrupt, metric, patch_from=start, batch_size=batch_size)
+    joint = patch_sets(model, clean, corrupt, metric, sets, patch_from=start)
+    shape = HeadShape.of(model)
+    chosen = set(parse_heads(retrieval, shape))
+    base = {
+        **_coordinates(ex),
+        "clean_metric": res.clean,
+        "corrupt_metric": res.corrupt,
+        "corrupted_position": c.position,
+        "answer_offset": offset,
+        "offsets_tried": tried,
+        "target_token": target,
+        "corrupt_token": c.corrupt_token,
+        "patch_from": start,
+    }
+    rows = []
+    for h in shape.all_heads():
+        rows.append({**base, "kind": "head", "name": str(h), "layer": h.layer, "head": h.head,
+                     "in_set": h in chosen, "n_heads": 1,
+                     "value": float(res.values[h.layer, h.head])})  # fmt: skip
+    for name, heads in sets.items():
+        rows.append({**base, "kind": "set", "name": name, "layer": -1, "head": -1,
+                     "in_set": name == "retrieval", "n_heads": len(heads),
+                     "value": joint[name]})  # fmt: skip
+    df = pd.DataFrame(rows)
+    gap = res.clean - res.corrupt
+    df["recovery"] = (df["value"] - res.corrupt) / gap if gap != 0 else float("nan")
+    df["flipped"] = res.clean > 0 > res.corrupt
+    return df
+
+
+def patch_shards(
+    examples: list[Example], baseline: pd.DataFrame, retrieval, shape, stage, seed, scope, template
+) -> list[Shard]:
+    """One shard per pair: the first `n_pairs` NIAH examples the model answered."""
+    from mechinterp.analysis.headsets import random_complement
+
+    base = baseline.set_index("example_id")
+    answered = [e for e in examples if e.task == "niah" and bool(base.loc[e.id, "scorable"])]
+    names = [str(h) for h in retrieval]
+    sets = {"all": [str(h) for h in shape.all_heads()]}
+    if retrieval:
+        sets["retrieval"] = names
+        for s in stage.seeds:
+            sets[f"random-s{s}"] = [
+                str(h) for h in random_complement(retrieval, len(retrieval), shape, seed=s)
+            ]
+    out = []
+    for e in answered[: stage.n_pairs]:
+        resp = {
+            "response_ids": [int(t) for t in base.loc[e.id, "target_ids"]],
+            "answer_start": int(base.loc[e.id, "answer_start"]),
+            "answer_end": int(base.loc[e.id, "answer_end"]),
+        }
+        args = {
+            "example": e.to_dict(),
+            "response": resp,
+            "retrieval": names,
+            "sets": sets,
+            "batch_size": stage.batch_size,
+            "seed": seed,
+            "max_tries": stage.max_tries,
+            "scope": scope,
+            "template": template,
+        }
+        out.append(Shard(f"patch/{e.id}", patch_shard, args))
+    return out

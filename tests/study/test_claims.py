@@ -1,0 +1,109 @@
+"""Claims from planted tables: known effects give known estimates, CIs and verdicts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mechinterp.study.claims import bootstrap, compute_claims, headline, verdict
+from mechinterp.study.config import ClaimSettings, StudyConfig
+
+SETTINGS = ClaimSettings(k=2, n_boot=500)
+
+
+def _per_instance(n_inst=6, n_heads=50, hot=(0, 1)):
+    rows = []
+    for i in range(n_inst):
+        for h in range(n_heads):
+            rows.append({"instance_id": f"i{i}", "counted": True, "layer": h // 10,
+                         "head": h % 10, "value": 0.5 if h in hot else 0.0})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def _knockout(top_ok: float, random_ok: float, n=10):
+    rng = np.random.default_rng(0)
+    rows = []
+    for e in range(n):
+        base = {"example_id": f"e{e}", "task": "niah", "mode": "zero", "k": 2}
+        rows.append({**base, "condition": "top", "seed": -1,
+                     "retrieved": bool(rng.random() < top_ok), "answer_logprob": -3.0})  # fmt: skip
+        for s in range(3):
+            rows.append({**base, "condition": "random", "seed": s,
+                         "retrieved": bool(rng.random() < random_ok),
+                         "answer_logprob": -1.0})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def _patch(retrieval: float, random: float, n=5):
+    rows = []
+    for e in range(n):
+        base = {"example_id": f"e{e}", "flipped": True, "kind": "set"}
+        rows.append({**base, "name": "retrieval", "n_heads": 3, "recovery": retrieval,
+                     "in_set": True})  # fmt: skip
+        rows.append({**base, "name": "random-s0", "n_heads": 3, "recovery": random,
+                     "in_set": False})  # fmt: skip
+        rows.append({**base, "name": "all", "n_heads": 9, "recovery": 1.0, "in_set": False})
+        for h in range(4):
+            rows.append({**base, "kind": "head", "name": f"L0H{h}", "n_heads": 1,
+                         "in_set": h < 2, "recovery": 0.3 if h < 2 else 0.0})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def _config():
+    from mechinterp.study.config import KnockoutStage
+
+    return StudyConfig(knockout=KnockoutStage(ks=(1, 2)), claims=SETTINGS)
+
+
+def test_planted_effects_give_the_planted_estimates_and_verdicts():
+    tables = {
+        "detect_instances": _per_instance(),
+        "knockout": _knockout(top_ok=0.0, random_ok=1.0),
+        "patch": _patch(retrieval=0.8, random=0.1),
+    }
+    claims = compute_claims(tables, _config()).set_index(["claim", "metric"], drop=False)
+    sparse = claims.loc[("sparse", "share_of_heads")]
+    assert sparse["estimate"] == pytest.approx(2 / 50) and sparse["verdict"] == "supported"
+    nec = claims.loc[("necessary", "retrieved")]
+    assert nec["estimate"] == 1.0 and nec["ci_low"] == 1.0 and nec["verdict"] == "supported"
+    assert claims.loc[("necessary", "answer_logprob")]["estimate"] == pytest.approx(2.0)
+    suf = claims[(claims["claim"] == "sufficient")].set_index("label")
+    assert suf.iloc[0]["estimate"] == pytest.approx(0.8) and suf.iloc[0]["verdict"] == "supported"
+    assert suf.filter(like="minus random", axis=0)["estimate"].item() == pytest.approx(0.7)
+    assert suf.filter(like="per-head", axis=0)["estimate"].item() == pytest.approx(0.3)
+    assert set(headline(claims)["verdict"]) == {"supported"}
+
+
+def test_no_effect_is_not_supported_and_a_dense_set_is_not_sparse():
+    tables = {
+        "detect_instances": _per_instance(hot=range(20)),  # 40% of heads
+        "knockout": _knockout(top_ok=1.0, random_ok=1.0),
+        "patch": _patch(retrieval=0.05, random=0.05),
+    }
+    head = headline(compute_claims(tables, _config())).set_index("claim")["verdict"]
+    assert head.to_dict() == {
+        "sparse": "not supported",
+        "necessary": "not supported",
+        "sufficient": "not supported",
+    }
+
+
+def test_verdict_rules_and_bootstrap_bounds():
+    assert verdict(0.1, 0.5, 0.3, null=0.0, minimum=0.2) == "supported"
+    assert verdict(-0.1, 0.5, 0.3, null=0.0, minimum=0.2) == "inconclusive"
+    assert verdict(0.01, 0.15, 0.1, null=0.0, minimum=0.2) == "not supported"
+    values = np.array([0.0, 1.0] * 20)
+    est, lo, hi = bootstrap(lambda i: values[i].mean(), 40, n_boot=2000, level=0.95, seed=0)
+    assert est == 0.5 and 0.3 < lo < 0.45 and 0.55 < hi < 0.7
+    with pytest.raises(ValueError):
+        bootstrap(lambda i: 0.0, 0, n_boot=100, level=0.95, seed=0)
+
+
+def test_no_flipped_pair_makes_sufficiency_inconclusive_not_supported():
+    patch = _patch(0.9, 0.1).assign(flipped=False)
+    tables = {"detect_instances": _per_instance(), "patch": patch}
+    claims = compute_claims(tables, _config())
+    row = claims[claims["claim"] == "sufficient"].iloc[0]
+    assert row["verdict"] == "inconclusive" and row["n"] == 0
+    assert headline(claims).set_index("claim").loc["necessary", "verdict"] == "not tested"

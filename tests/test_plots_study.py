@@ -1,0 +1,184 @@
+"""Study figures (no model): knockout heatmap panels, knockout curves with CI bands, and the
+recall-vs-performance scatter, plus the figure script that draws the scatter from a table."""
+
+from __future__ import annotations
+
+import json
+import runpy
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mechinterp.plots import accuracy_panels, knockout_ci_curves, recall_scatter
+
+
+@pytest.fixture
+def examples() -> pd.DataFrame:
+    """Two panels over a 2 × 2 grid; panel B lacks the (2000, 1.0) cell."""
+    rows = [
+        ("A", 1000, 0.0, 1), ("A", 1000, 0.0, 0), ("A", 1000, 1.0, 1),
+        ("A", 2000, 0.0, 0), ("A", 2000, 1.0, 1), ("A", 2000, 1.0, 1), ("A", 2000, 1.0, 0),
+        ("B", 1000, 0.0, 0), ("B", 1000, 1.0, 0), ("B", 2000, 0.0, 1),
+    ]  # fmt: skip
+    return pd.DataFrame(rows, columns=["panel", "length", "depth", "accuracy"])
+
+
+def test_accuracy_panels_has_one_heatmap_per_panel_with_cell_means(examples):
+    fig = accuracy_panels(examples.iloc[::-1].reset_index(drop=True))  # B appears first
+    assert [t.name for t in fig.data] == ["B", "A"]
+    titles = [a.text for a in fig.layout.annotations]
+    assert titles == ["B", "A"]
+    b, a = fig.data
+    assert list(a.y) == ["1000", "2000"] and list(a.x) == ["0", "1"]
+    np.testing.assert_allclose(np.array(a.z, dtype=float), [[0.5, 1.0], [0.0, 2 / 3]])
+    z_b = np.array(b.z, dtype=float)
+    np.testing.assert_allclose(z_b[:, 0], [0.0, 1.0])
+    assert z_b[0, 1] == 0.0 and np.isnan(z_b[1, 1])  # the missing cell stays empty
+    assert a.text[1][1] == "0.67<br>n=3" and b.text[1][1] == ""
+    # one shared colour scale, fixed to 0..1
+    assert a.coloraxis == b.coloraxis == "coloraxis"
+    assert (fig.layout.coloraxis.cmin, fig.layout.coloraxis.cmax) == (0, 1)
+
+
+def test_accuracy_panels_widens_with_the_panel_count(examples):
+    many = pd.concat([examples.assign(panel=f"p{i}") for i in range(5)])
+    assert accuracy_panels(many).layout.width > accuracy_panels(examples).layout.width
+    assert len(accuracy_panels(many).data) == 5
+
+
+def test_accuracy_panels_refuses_missing_columns_and_empty_tables(examples):
+    with pytest.raises(ValueError, match="panel"):
+        accuracy_panels(examples.drop(columns="panel"))
+    with pytest.raises(ValueError, match="correct"):
+        accuracy_panels(examples, value="correct")
+    with pytest.raises(ValueError, match="empty"):
+        accuracy_panels(examples.iloc[:0])
+
+
+@pytest.fixture
+def sweep() -> pd.DataFrame:
+    rows = []
+    for t, task in enumerate(("niah", "mdqa")):
+        for m, mode in enumerate(("zero", "uniform_attention")):
+            for k in (1, 2, 5, 10, 20):
+                for c, condition in enumerate(("top", "random")):
+                    v = 0.9 - 0.01 * k * (2 - c) - 0.1 * t - 0.05 * m
+                    rows.append((task, mode, k, condition, v, v - 0.1, v + 0.05))
+        rows.append((task, "none", 0, "none", 0.95 - 0.1 * t, 0.9, 1.0))
+    return pd.DataFrame(rows, columns=["task", "mode", "k", "condition", "value", "lo", "hi"])
+
+
+def test_knockout_ci_curves_draws_bands_from_lo_and_hi(sweep):
+    fig = knockout_ci_curves(sweep)
+    assert [a.text for a in fig.layout.annotations] == [
+        "niah · zero", "niah · uniform_attention", "mdqa · zero", "mdqa · uniform_attention"
+    ]  # fmt: skip
+    # per subplot: band + line for top and random, and the baseline
+    assert len(fig.data) == 4 * 5
+    bands = [t for t in fig.data if t.fill == "toself"]
+    lines = [t for t in fig.data if t.mode == "lines+markers"]
+    assert len(bands) == len(lines) == 8
+    want = sweep.query("task == 'mdqa' and mode == 'zero' and condition == 'random'")
+    band = next(b for b in bands if b.xaxis == "x3" and b.legendgroup == "random")
+    np.testing.assert_allclose(band.y, list(want["hi"]) + list(want["lo"])[::-1])
+    assert list(band.x) == [1, 2, 5, 10, 20, 20, 10, 5, 2, 1]
+    line = next(t for t in lines if t.xaxis == "x3" and t.legendgroup == "random")
+    np.testing.assert_allclose(line.y, want["value"])
+    # red top, blue random, each in the legend once
+    assert {t.line.color for t in lines if t.legendgroup == "top"} == {"rgb(214,39,40)"}
+    assert {t.line.color for t in lines if t.legendgroup == "random"} == {"rgb(31,119,180)"}
+    assert sorted(t.name for t in fig.data if t.showlegend is not False) == [
+        "no knockout", "random k heads", "top-k ranked heads"
+    ]  # fmt: skip
+
+
+def test_knockout_ci_curves_baseline_is_the_tasks_no_knockout_value(sweep):
+    fig = knockout_ci_curves(sweep)
+    base = {t.xaxis: t.y[0] for t in fig.data if t.name == "no knockout"}
+    assert base == pytest.approx({"x": 0.95, "x2": 0.95, "x3": 0.85, "x4": 0.85})
+    assert list(fig.layout.xaxis.tickvals) == [1, 2, 5, 10, 20]
+    assert fig.layout.xaxis.type == "log"
+    assert fig.layout.yaxis.range[0] <= 0 and fig.layout.yaxis.range[1] >= 1
+    # without baseline rows there is no baseline line
+    no_base = knockout_ci_curves(sweep[sweep["condition"] != "none"])
+    assert not [t for t in no_base.data if t.name == "no knockout"]
+
+
+def test_knockout_ci_curves_refuses_bad_tables(sweep):
+    with pytest.raises(ValueError, match="hi"):
+        knockout_ci_curves(sweep.drop(columns=["lo", "hi"]))
+    with pytest.raises(ValueError, match="no top/random"):
+        knockout_ci_curves(sweep[sweep["condition"] == "none"])
+    with pytest.raises(ValueError, match="one row per"):
+        knockout_ci_curves(pd.concat([sweep, sweep.iloc[:1]]))
+
+
+@pytest.fixture
+def variants() -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "variant": ["real", "synth-a", "synth-b", "synth-c"],
+            "recall": [1.0, 0.2, 0.5, 0.8],
+            "performance": [0.9, 0.3, 0.5, 0.7],
+        }
+    )
+
+
+CORRELATION = {"method": "spearman", "estimate": 0.9, "low": 0.4, "high": 1.0, "n": 5}
+
+
+def test_recall_scatter_places_markers_and_fits_the_variants(variants):
+    fig = recall_scatter(variants, reference="real", correlation=CORRELATION)
+    fit, points, ref = fig.data
+    assert list(points.x) == [0.2, 0.5, 0.8] and list(points.y) == [0.3, 0.5, 0.7]
+    assert list(points.text) == ["synth-a", "synth-b", "synth-c"]
+    assert list(ref.x) == [1.0] and list(ref.y) == [0.9] and ref.name == "reference (real data)"
+    assert ref.marker.symbol != points.marker.symbol
+    # the fit is over the variants only: y = 2/3 x + 1/6 here, not pulled by the reference
+    np.testing.assert_allclose(fit.x, [0.2, 0.8])
+    np.testing.assert_allclose(fit.y, [0.3, 0.7])
+    (note,) = fig.layout.annotations
+    assert note.text == "Spearman ρ = 0.90 [0.40, 1.00], n = 5"
+
+
+def test_recall_scatter_without_reference_correlation_or_spread(variants):
+    fig = recall_scatter(variants.iloc[1:2])
+    assert len(fig.data) == 1 and not fig.layout.annotations  # one x value: no fit line
+    fig = recall_scatter(variants, correlation={"method": "pearson", "estimate": -0.25})
+    assert [t.name for t in fig.data] == ["least-squares fit (variants)", "variants"]
+    assert fig.layout.annotations[0].text == "Pearson r = -0.25"
+
+
+def test_recall_scatter_refuses_bad_input(variants):
+    with pytest.raises(ValueError, match="performance"):
+        recall_scatter(variants.drop(columns="performance"))
+    with pytest.raises(ValueError, match="empty"):
+        recall_scatter(variants.iloc[:0])
+    with pytest.raises(ValueError, match="reference"):
+        recall_scatter(variants, reference="nope")
+    with pytest.raises(ValueError, match="estimate"):
+        recall_scatter(variants, correlation={"method": "spearman"})
+
+
+def test_recall_figure_script_draws_from_a_csv_and_its_correlation(variants, tmp_path, capsys):
+    main = runpy.run_path("figures/recall_vs_performance.py")["main"]
+    table = tmp_path / "recall.csv"
+    variants.to_csv(table, index=False)
+    (tmp_path / "correlation.json").write_text(json.dumps(CORRELATION))
+    out = tmp_path / "fig"
+    assert main([str(table), "--out", str(out), "--reference", "real", "--no-png"]) == 0
+    html = (out / "recall_vs_performance.html").read_text()
+    assert "= 0.90 [0.40, 1.00], n = 5" in html and "reference (real data)" in html  # ρ is escaped
+    assert not (out / "recall_vs_performance.png").exists()
+    assert "recall_vs_performance.html" in capsys.readouterr().out
+
+
+def test_recall_figure_script_exits_2_on_a_missing_table_or_column(variants, tmp_path, capsys):
+    main = runpy.run_path("figures/recall_vs_performance.py")["main"]
+    assert main([str(tmp_path / "absent.csv"), "--no-png"]) == 2
+    table = tmp_path / "recall.csv"
+    variants.drop(columns="recall").to_csv(table, index=False)
+    assert main([str(table), "--no-png"]) == 2
+    assert "recall" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.html"))
