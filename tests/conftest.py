@@ -45,3 +45,53 @@ def smollm():
     from mechinterp.models import load_model
 
     return load_model("smollm2-135m", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_study_config(tmp_path_factory):
+    """`make(**changes) -> StudyConfig`: the study on a 3-layer tiny random model (seconds).
+    Random models never answer, so it teacher-forces gold answers and takes the top 3 heads as
+    the retrieval set."""
+    from mechinterp.models.tiny import tiny_model
+    from mechinterp.runs.common import ModelSpec
+    from mechinterp.study import StudyConfig
+    from mechinterp.study.config import (
+        ClaimSettings,
+        DetectStage,
+        KnockoutStage,
+        MdqaSpec,
+        NiahSpec,
+        PatchStage,
+    )
+
+    directory = tmp_path_factory.mktemp("tiny-study-model")
+    tiny_model(n_kv_heads=2, n_layers=3, directory=directory)
+
+    def make(**changes) -> StudyConfig:
+        base = dict(
+            model=ModelSpec(name=str(directory)),
+            detect=DetectStage(
+                niah=NiahSpec(needles=(0, 1), lengths=(500,), depths=(0.5,)), gate=None,
+                top_k=3, max_new_tokens=8,
+            ),
+            knockout=KnockoutStage(
+                niah=NiahSpec(needles=(4, 5), lengths=(500,), depths=(0.0, 1.0), seed=1),
+                mdqa=MdqaSpec(n=2, n_docs=2), ks=(1, 2, 4), seeds=(0, 1), target="gold",
+                max_new_tokens=8, examples_per_shard=2,
+            ),
+            patch=PatchStage(n_pairs=2, seeds=(0, 1), max_tries=2),
+            claims=ClaimSettings(k=2, n_boot=200),
+        )  # fmt: skip
+        base.update(changes)
+        return StudyConfig(**base)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_study(tiny_study_config, tmp_path_factory):
+    """A finished study run directory on the tiny model."""
+    from mechinterp.study import run_study
+
+    out = tmp_path_factory.mktemp("tiny-study") / "run"
+    return run_study(tiny_study_config(), out=out, png=False, progress=False)

@@ -28,6 +28,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mechinterp.heads import Head, HeadShape, parse_heads
+from mechinterp.interventions.knockout import _by_layer
 
 Direction = Literal["denoise", "noise"]
 #: A metric maps last-position logits [batch, vocab] to one value per row [batch].
@@ -117,6 +118,7 @@ class PatchResult:
     direction: Direction
     per_position: bool
     settings: dict = field(default_factory=dict)
+    sets: dict[str, float] = field(default_factory=dict)  # metric per jointly patched head set
 
     @property
     def recovery(self) -> Tensor:
@@ -182,6 +184,7 @@ def patch_heads(
     per_position: bool = False,
     positions: Sequence[int] | None = None,
     patch_from: int = 0,
+    sets: dict[str, Sequence[Head]] | None = None,
     batch_size: int = 32,
     progress: bool = False,
 ) -> PatchResult:
@@ -192,6 +195,8 @@ def patch_heads(
     noise: source = corrupt, target = clean (does corrupting this head break it?).
     `patch_from`: patch only positions >= it (e.g. the question and answer positions, where a
     retrieval head copies); the target's run before it is shared from the KV cache.
+    `sets`: named head sets also patched *jointly* (all their heads at once, every position
+    from `patch_from`), in `result.sets`; with `sets`, `heads=[]` skips the per-head variants.
     Heads not listed (or positions not listed) are NaN in the result.
     """
     if len(clean) != len(corrupt):
@@ -205,7 +210,7 @@ def patch_heads(
         raise ValueError("batch_size must be >= 1")
     shape = HeadShape.of(model)
     heads = shape.all_heads() if heads is None else list(parse_heads(heads, shape))
-    if not heads:
+    if not heads and not sets:
         raise ValueError("no heads to patch")
     n_pos = len(clean)
     pos_list = list(range(n_pos)) if positions is None else list(positions)
@@ -256,6 +261,23 @@ def patch_heads(
                 values[(layer, h) + ((p,) if per_position else ())] = v
             bar.update(len(chunk))
     bar.close()
+    joint = {}
+    for name, members in (sets or {}).items():
+        by_set = _by_layer(parse_heads(members, shape))
+        if not by_set or start == n_pos:
+            joint[name] = m_target
+            continue
+        hooks = [
+            (
+                f"blocks.{la}.attn.hook_z",
+                partial(_write_z, heads=[hs], positions=[None], source=source_z[la], start=start),
+            )
+            for la, hs in by_set.items()
+        ]
+        first = min(by_set)
+        resid = target_resid[first][None, start:]
+        logits = run_from_layer(model, resid, first, hooks=hooks, prefix_kv=prefix)
+        joint[name] = float(metric(logits)[0])
     settings = {
         "n_heads_patched": len(heads),
         "n_positions": n_pos,
@@ -264,10 +286,9 @@ def patch_heads(
         "batch_size": batch_size,
         "seconds": round(time.perf_counter() - t0, 3),
     }
-    return PatchResult(values, m_clean, m_corrupt, direction, per_position, settings)
+    return PatchResult(values, m_clean, m_corrupt, direction, per_position, settings, joint)
 
 
-@torch.no_grad()
 def patch_sets(
     model,
     clean: Sequence[int],
@@ -281,48 +302,8 @@ def patch_sets(
     """The metric after patching each named head set *jointly* (all its heads at once, at every
     position >= `patch_from`), plus `"clean"` and `"corrupt"` baselines. Sufficiency of a set:
     does patching all of it restore the clean answer?"""
-    if len(clean) != len(corrupt):
-        raise ValueError(
-            f"clean ({len(clean)} tokens) and corrupt ({len(corrupt)}) differ in length"
-        )
-    n_pos = len(clean)
-    if not 0 <= patch_from < n_pos:
-        raise ValueError(f"patch_from must lie in [0, {n_pos}), got {patch_from}")
-    shape = HeadShape.of(model)
-    device = model.cfg.device
-    resid_c, z_c, logits_c = _cache(model, torch.tensor([list(clean)], device=device))
-    resid_x, z_x, logits_x = _cache(model, torch.tensor([list(corrupt)], device=device))
-    out = {"clean": float(metric(logits_c)[0]), "corrupt": float(metric(logits_x)[0])}
-    target, target_resid, source_z = (
-        (corrupt, resid_x, z_c) if direction == "denoise" else (clean, resid_c, z_x)
-    )
-    differ = [i for i, (a, b) in enumerate(zip(clean, corrupt, strict=True)) if a != b]
-    start = max(differ[0], patch_from) if differ else n_pos
-    prefix = prefix_cache(model, target[:start]) if 0 < start < n_pos else None
-    for name, heads in sets.items():
-        heads = list(parse_heads(heads, shape))
-        if not heads or start == n_pos:
-            out[name] = out["corrupt" if direction == "denoise" else "clean"]
-            continue
-        by_layer: dict[int, list[int]] = {}
-        for h in heads:
-            by_layer.setdefault(h.layer, []).append(h.head)
-        hooks = [
-            (
-                f"blocks.{la}.attn.hook_z",
-                partial(
-                    _write_z,
-                    heads=[hs],
-                    positions=[None],
-                    source=source_z[la],
-                    start=start,
-                ),
-            )
-            for la, hs in by_layer.items()
-        ]
-        first = min(by_layer)
-        resid = target_resid[first][None, start:]
-        out[name] = float(
-            metric(run_from_layer(model, resid, first, hooks=hooks, prefix_kv=prefix))[0]
-        )
-    return out
+    res = patch_heads(
+        model, clean, corrupt, metric, direction=direction, heads=[], sets=sets,
+        patch_from=patch_from,
+    )  # fmt: skip
+    return {"clean": res.clean, "corrupt": res.corrupt, **res.sets}

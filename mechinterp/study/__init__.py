@@ -2,7 +2,27 @@
 against random heads, patch them, and judge the claims from the stored tables."""
 
 from mechinterp.study.config import StudyConfig
-from mechinterp.study.report import draw_figures, read_tables, write_report
-from mechinterp.study.run import RunDirError, run_study
+from mechinterp.study.report import (
+    draw_figures,
+    head_recovery,
+    knockout_summary,
+    niah_panels,
+    read_config,
+    read_tables,
+    write_report,
+)
+from mechinterp.study.run import RunDirError, run_study, shard_overview
 
-__all__ = ["RunDirError", "StudyConfig", "draw_figures", "read_tables", "run_study", "write_report"]
+__all__ = [
+    "RunDirError",
+    "StudyConfig",
+    "draw_figures",
+    "head_recovery",
+    "knockout_summary",
+    "niah_panels",
+    "read_config",
+    "read_tables",
+    "run_study",
+    "shard_overview",
+    "write_report",
+]

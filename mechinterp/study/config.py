@@ -45,9 +45,9 @@ class NiahSpec:
 class MdqaSpec:
     """Synthetic multi-document QA (one gold document among `n_docs`); `n = 0` leaves it out."""
 
-    n: int = 8
-    n_docs: int = 4
-    variant: str = "realistic-high"
+    n: int = 12
+    n_docs: int = 3
+    variant: str = "templated-high"
     seed: int = 1
 
     def __post_init__(self) -> None:

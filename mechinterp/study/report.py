@@ -289,14 +289,3 @@ def recovery_by_set(patch: pd.DataFrame) -> pd.DataFrame:
     sets = patch[(patch["kind"] == "set") & patch["flipped"]]
     return sets.groupby("name")["recovery"].agg(["mean", "std", "size"]).reset_index()
 
-
-__all__ = [
-    "draw_figures",
-    "head_recovery",
-    "knockout_summary",
-    "niah_panels",
-    "read_config",
-    "read_tables",
-    "recovery_by_set",
-    "write_report",
-]

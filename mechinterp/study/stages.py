@@ -12,20 +12,13 @@ import pandas as pd
 
 from mechinterp.runner import Shard
 from mechinterp.tasks.example import Example
+from mechinterp.tasks.prompt import context_end
 
 # ---------------------------------------------------------------- shared helpers
 
 
 def _examples(dicts: Sequence[dict]) -> list[Example]:
     return [Example.from_dict(d) for d in dicts]
-
-
-def context_end(prompt) -> int:
-    """First position after the context (the last document ends there)."""
-    docs = prompt.spans.get("document", ())
-    if not docs:
-        raise ValueError(f"prompt {prompt.example_id!r} has no document span")
-    return max(end for _, end in docs)
 
 
 def scope_start(prompt, scope: str) -> int:
@@ -375,7 +368,7 @@ def patch_shard(
     alone) and one per head set (`kind = set`, patched jointly)."""
     from mechinterp.evaluate import render_all
     from mechinterp.heads import HeadShape, parse_heads
-    from mechinterp.interventions.patching import logit_diff_metric, patch_heads, patch_sets
+    from mechinterp.interventions.patching import logit_diff_metric, patch_heads
 
     (ex,) = _examples([example])
     (prompt,) = render_all(model, [ex], template=template)
@@ -384,8 +377,10 @@ def patch_shard(
     )
     metric = logit_diff_metric(target, c.corrupt_token)
     start = scope_start(prompt, scope)
-    res = patch_heads(model, clean, corrupt, metric, patch_from=start, batch_size=batch_size)
-    joint = patch_sets(model, clean, corrupt, metric, sets, patch_from=start)
+    res = patch_heads(
+        model, clean, corrupt, metric, patch_from=start, sets=sets, batch_size=batch_size
+    )
+    joint = res.sets
     shape = HeadShape.of(model)
     chosen = set(parse_heads(retrieval, shape))
     base = {
@@ -418,11 +413,13 @@ def patch_shard(
 def patch_shards(
     examples: list[Example], baseline: pd.DataFrame, retrieval, shape, stage, seed, scope, template
 ) -> list[Shard]:
-    """One shard per pair: the first `n_pairs` NIAH examples the model answered."""
+    """One shard per pair: `n_pairs` NIAH examples the model answered, shortest contexts first
+    (then needle, then depth: the cheapest pairs, spread over needles)."""
     from mechinterp.analysis.headsets import random_complement
 
     base = baseline.set_index("example_id")
     answered = [e for e in examples if e.task == "niah" and bool(base.loc[e.id, "scorable"])]
+    answered.sort(key=lambda e: (e.meta["length"], e.meta["depth"], e.meta["needle_index"]))
     names = [str(h) for h in retrieval]
     sets = {"all": [str(h) for h in shape.all_heads()]}
     if retrieval:

@@ -162,3 +162,12 @@ def _token_span(offsets, start: int, end: int, name: str) -> tuple[int, int]:
     if not hit:
         raise ValueError(f"no token covers the {name} characters [{start}, {end})")
     return hit[0], hit[-1] + 1
+
+
+def context_end(prompt: Prompt) -> int:
+    """First position after the context (where the last document ends): the question, the chat
+    template and the answer come after it."""
+    docs = prompt.spans.get("document", ())
+    if not docs:
+        raise ValueError(f"prompt {prompt.example_id!r} has no document span")
+    return max(end for _, end in docs)

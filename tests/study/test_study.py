@@ -11,62 +11,20 @@ import pytest
 
 from mechinterp import runner
 from mechinterp.runs.common import ModelSpec
-from mechinterp.study import RunDirError, StudyConfig, read_tables, run_study, write_report
+from mechinterp.study import RunDirError, read_tables, run_study, write_report
 from mechinterp.study.claims import compute_claims
-from mechinterp.study.config import (
-    ClaimSettings,
-    DetectStage,
-    KnockoutStage,
-    MdqaSpec,
-    NiahSpec,
-    PatchStage,
-)
+from mechinterp.study.config import ClaimSettings
 from mechinterp.study.report import read_config
 
 TABLES = ("detect_scores", "detect_instances", "baseline", "knockout", "patch")
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from mechinterp.models.tiny import tiny_model
-
-    directory = tmp_path_factory.mktemp("tiny-study")
-    tiny_model(n_kv_heads=2, n_layers=3, directory=directory)
-    return directory
-
-
-def tiny_config(tiny_dir, **changes) -> StudyConfig:
-    base = dict(
-        model=ModelSpec(name=str(tiny_dir)),
-        detect=DetectStage(
-            niah=NiahSpec(needles=(0, 1), lengths=(500,), depths=(0.5,)), gate=None,
-            top_k=3, max_new_tokens=8,
-        ),
-        knockout=KnockoutStage(
-            niah=NiahSpec(needles=(4, 5), lengths=(500,), depths=(0.0, 1.0), seed=1),
-            mdqa=MdqaSpec(n=2, n_docs=2), ks=(1, 2, 4), seeds=(0, 1), target="gold",
-            max_new_tokens=8, examples_per_shard=2,
-        ),
-        patch=PatchStage(n_pairs=2, seeds=(0, 1), max_tries=2),
-        claims=ClaimSettings(k=2, n_boot=200),
-    )  # fmt: skip
-    base.update(changes)
-    return StudyConfig(**base)
-
-
-@pytest.fixture(scope="module")
-def finished(tiny_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("study") / "run"
-    run_study(tiny_config(tiny_dir), out=out, png=False, progress=False)
-    return out
 
 
 def _tables(run):
     return {name: pd.read_parquet(run / f"{name}.parquet") for name in TABLES}
 
 
-def test_the_study_writes_every_table_with_the_expected_shape(finished):
-    t = _tables(finished)
+def test_the_study_writes_every_table_with_the_expected_shape(tiny_study):
+    t = _tables(tiny_study)
     n_heads = 3 * 4
     assert len(t["detect_scores"]) == n_heads
     assert len(t["detect_instances"]) == 2 * n_heads
@@ -86,29 +44,29 @@ def test_the_study_writes_every_table_with_the_expected_shape(finished):
     all_rows = sets[sets["name"] == "all"]
     assert (all_rows["value"] - all_rows["clean_metric"]).abs().max() < 1e-4
     for name in ("report.md", "claims.csv", "figures/retrieval_scores.html", "provenance.json"):
-        assert (finished / name).is_file(), name
-    prov = json.loads((finished / "provenance.json").read_text())
+        assert (tiny_study / name).is_file(), name
+    prov = json.loads((tiny_study / "provenance.json").read_text())
     assert prov["engine"] == "local" and set(prov["timings"]) >= {"detect_s", "knockout_s"}
 
 
-def test_the_report_numbers_are_recomputed_from_the_tables(finished):
-    claims = pd.read_csv(finished / "claims.csv")
-    again = compute_claims(read_tables(finished), read_config(finished))
+def test_the_report_numbers_are_recomputed_from_the_tables(tiny_study):
+    claims = pd.read_csv(tiny_study / "claims.csv")
+    again = compute_claims(read_tables(tiny_study), read_config(tiny_study))
     pd.testing.assert_frame_equal(
         claims[["claim", "label", "estimate", "ci_low", "ci_high", "verdict"]],
         again[["claim", "label", "estimate", "ci_low", "ci_high", "verdict"]],
         check_exact=False, rtol=1e-9,
     )  # fmt: skip
     # the sparse estimate is the share of heads above the threshold, by hand
-    scores = pd.read_parquet(finished / "detect_scores.parquet")
+    scores = pd.read_parquet(tiny_study / "detect_scores.parquet")
     sparse = again[again["claim"] == "sparse"].iloc[0]
     assert sparse["estimate"] == pytest.approx((scores["score"] > 0.1).mean())
-    report = (finished / "report.md").read_text()
+    report = (tiny_study / "report.md").read_text()
     assert f"{sparse['estimate']:.1%}" in report
 
 
 def test_a_killed_study_resumes_without_recomputing_finished_shards(
-    tiny_dir, finished, tmp_path, monkeypatch
+    tiny_study_config, tiny_study, tmp_path, monkeypatch
 ):
     real = runner.write_shard
     written = []
@@ -122,50 +80,55 @@ def test_a_killed_study_resumes_without_recomputing_finished_shards(
     monkeypatch.setattr(runner, "write_shard", killed_after_five)
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
-        run_study(tiny_config(tiny_dir), out=out, png=False, progress=False)
+        run_study(tiny_study_config(), out=out, png=False, progress=False)
     monkeypatch.setattr(runner, "write_shard", real)
-    run_study(tiny_config(tiny_dir), out=out, png=False, progress=False)
+    run_study(tiny_study_config(), out=out, png=False, progress=False)
     prov = json.loads((out / "provenance.json").read_text())
-    total = len(list((finished / "shards").rglob("*.json")))
+    total = len(list((tiny_study / "shards").rglob("*.json")))
     assert prov["shards"]["skipped"] == 5
     assert prov["shards"]["computed"] == total - 5
     for name in TABLES:
         pd.testing.assert_frame_equal(
-            pd.read_parquet(out / f"{name}.parquet"), pd.read_parquet(finished / f"{name}.parquet")
+            pd.read_parquet(out / f"{name}.parquet"),
+            pd.read_parquet(tiny_study / f"{name}.parquet"),
         )
 
 
-def test_a_truncated_shard_in_a_finished_study_is_recomputed(tiny_dir, finished, tmp_path):
+def test_a_truncated_shard_in_a_finished_study_is_recomputed(
+    tiny_study_config, tiny_study, tmp_path
+):
     out = tmp_path / "run"
-    shutil.copytree(finished, out)
+    shutil.copytree(tiny_study, out)
     shard = sorted((out / "shards" / "knockout").glob("*.parquet"))[0]
     shard.write_bytes(shard.read_bytes()[:50])
     with pytest.warns(UserWarning, match="unusable"):
-        run_study(tiny_config(tiny_dir), out=out, png=False, progress=False)
+        run_study(tiny_study_config(), out=out, png=False, progress=False)
     prov = json.loads((out / "provenance.json").read_text())
     assert prov["shards"]["computed"] == 1 and len(prov["shards"]["repaired"]) == 1
     pd.testing.assert_frame_equal(
-        pd.read_parquet(out / "knockout.parquet"), pd.read_parquet(finished / "knockout.parquet")
+        pd.read_parquet(out / "knockout.parquet"), pd.read_parquet(tiny_study / "knockout.parquet")
     )
 
 
-def test_ray_and_in_process_studies_give_identical_tables(tiny_dir, finished, tmp_path):
-    pytest.importorskip("ray")
-    import ray
+def test_ray_and_in_process_studies_give_identical_tables(tiny_study_config, tiny_study, tmp_path):
+    import ray  # installed by `make setup` (the `ray` extra): CI must run this test
 
     out = tmp_path / "ray"
     try:
-        run_study(tiny_config(tiny_dir), out=out, engine="ray", png=False, progress=False)
+        run_study(tiny_study_config(), out=out, engine="ray", png=False, progress=False)
     finally:
         ray.shutdown()
     assert json.loads((out / "provenance.json").read_text())["engine"] == "ray"
     for name in TABLES:
         pd.testing.assert_frame_equal(
-            pd.read_parquet(out / f"{name}.parquet"), pd.read_parquet(finished / f"{name}.parquet")
+            pd.read_parquet(out / f"{name}.parquet"),
+            pd.read_parquet(tiny_study / f"{name}.parquet"),
         )
 
 
-def test_figures_and_report_regenerate_from_tables_without_a_model(finished, tmp_path, monkeypatch):
+def test_figures_and_report_regenerate_from_tables_without_a_model(
+    tiny_study, tmp_path, monkeypatch
+):
     import mechinterp.models
     from mechinterp.cli import main
 
@@ -175,7 +138,9 @@ def test_figures_and_report_regenerate_from_tables_without_a_model(finished, tmp
     monkeypatch.setattr(mechinterp.models, "load_model", no_model)
     monkeypatch.setattr(ModelSpec, "load", no_model)
     out = tmp_path / "copy"
-    shutil.copytree(finished, out, ignore=shutil.ignore_patterns("shards", "figures", "report.md"))
+    shutil.copytree(
+        tiny_study, out, ignore=shutil.ignore_patterns("shards", "figures", "report.md")
+    )
     assert main(["figures", str(out), "--no-png"]) == 0
     names = {p.name for p in (out / "figures").iterdir()}
     expected = ("retrieval_scores", "niah_knockout", "knockout_vs_k", "patch_recovery")
@@ -185,14 +150,16 @@ def test_figures_and_report_regenerate_from_tables_without_a_model(finished, tmp
     write_report(out)
 
 
-def test_a_directory_from_another_config_or_version_is_refused(tiny_dir, finished, tmp_path):
+def test_a_directory_from_another_config_or_version_is_refused(
+    tiny_study_config, tiny_study, tmp_path
+):
     out = tmp_path / "run"
-    shutil.copytree(finished, out)
-    other = tiny_config(tiny_dir, claims=ClaimSettings(k=4, n_boot=200))
+    shutil.copytree(tiny_study, out)
+    other = tiny_study_config(claims=ClaimSettings(k=4, n_boot=200))
     with pytest.raises(RunDirError, match="another config .*claims"):
         run_study(other, out=out, png=False, progress=False)
     cfg = json.loads((out / "config.json").read_text())
     cfg["version"] = 0
     (out / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(RunDirError, match="study version 0"):
-        run_study(tiny_config(tiny_dir), out=out, png=False, progress=False)
+        run_study(tiny_study_config(), out=out, png=False, progress=False)
