@@ -103,51 +103,99 @@ def head_recovery(patch: pd.DataFrame) -> pd.DataFrame:
 # ---------------------------------------------------------------- figures
 
 
-def draw_figures(run_dir: str | Path, *, png: bool = True) -> list[Path]:
-    """Every figure of the study, from its tables: retrieval-score heatmap, NIAH accuracy with
-    and without knockout, retrieved rate vs k (top vs random, CI bands), per-head recovery."""
-    from mechinterp.plots import accuracy_panels, head_heatmap, knockout_ci_curves
+def _retrieval_scores(tables, config, model: str):
+    from mechinterp.plots import head_heatmap
 
+    scores = tables["detect_scores"]
+    n_inst = int(scores["n_instances"].iloc[0])
+    return head_heatmap(scores, title=f"{model} · Wu retrieval score (NIAH, n={n_inst} instances)")
+
+
+def _niah_knockout(tables, config, model: str):
+    from mechinterp.plots import accuracy_panels
+
+    if not len(tables.get("knockout", ())) or not (tables["baseline"]["task"] == "niah").any():
+        return None
+    return accuracy_panels(
+        niah_panels(tables, config),
+        title=f"{model} · held-out NIAH: answer retrieved, with and without knockout",
+    )
+
+
+def _knockout_vs_k(tables, config, model: str):
+    from mechinterp.plots import knockout_ci_curves
+
+    if not len(tables.get("knockout", ())):
+        return None
+    return knockout_ci_curves(
+        knockout_summary(tables, config),
+        title=f"{model} · answer retrieved vs heads knocked out "
+        f"({int(config.claims.level * 100)}% bootstrap CI)",
+    )
+
+
+def _patch_recovery(tables, config, model: str):
+    from mechinterp.plots import head_heatmap
+
+    if not len(tables.get("patch", ())):
+        return None
+    rec = head_recovery(tables["patch"])
+    return head_heatmap(
+        rec,
+        value="recovery",
+        title=f"{model} · denoising patching: mean recovery per head "
+        f"(n={int(rec['n_pairs'].iloc[0])} pairs)",
+    )
+
+
+#: The study's figures: name -> fn(tables, config, model) -> Figure (None: its stage did not run).
+FIGURES = {
+    "retrieval_scores": _retrieval_scores,
+    "niah_knockout": _niah_knockout,
+    "knockout_vs_k": _knockout_vs_k,
+    "patch_recovery": _patch_recovery,
+}
+
+
+def draw_figures(
+    run_dir: str | Path, *, png: bool = True, only: tuple[str, ...] | None = None
+) -> list[Path]:
+    """The study's figures (all, or `only` these names), from its tables, as HTML (+ PNG) under
+    `figures/`: retrieval-score heatmap, NIAH accuracy with and without knockout, retrieved
+    rate vs k (top vs random, CI bands), per-head recovery heatmap."""
+    unknown = sorted(set(only or ()) - set(FIGURES))
+    if unknown:
+        raise ValueError(f"unknown figures {unknown}; the study draws {sorted(FIGURES)}")
     run_dir = Path(run_dir)
     config, tables = read_config(run_dir), read_tables(run_dir)
     model = Path(config.model.name).name
     formats = ("html", "png") if png else ("html",)
-    fig_dir = run_dir / "figures"
     written = []
-    scores = tables["detect_scores"]
-    n_inst = int(scores["n_instances"].iloc[0])
-    written += store.write_figure(
-        head_heatmap(scores, title=f"{model} · Wu retrieval score (NIAH, n={n_inst} instances)"),
-        fig_dir / "retrieval_scores", formats=formats,
-    )  # fmt: skip
-    if "knockout" in tables and len(tables["knockout"]):
-        if (tables["baseline"]["task"] == "niah").any():
-            written += store.write_figure(
-                accuracy_panels(
-                    niah_panels(tables, config),
-                    title=f"{model} · held-out NIAH: answer retrieved, with and without knockout",
-                ),
-                fig_dir / "niah_knockout", formats=formats,
-            )  # fmt: skip
-        written += store.write_figure(
-            knockout_ci_curves(
-                knockout_summary(tables, config),
-                title=f"{model} · answer retrieved vs heads knocked out "
-                f"({int(config.claims.level * 100)}% bootstrap CI)",
-            ),
-            fig_dir / "knockout_vs_k", formats=formats,
-        )  # fmt: skip
-    if "patch" in tables and len(tables["patch"]):
-        rec = head_recovery(tables["patch"])
-        written += store.write_figure(
-            head_heatmap(
-                rec, value="recovery",
-                title=f"{model} · denoising patching: mean recovery per head "
-                f"(n={int(rec['n_pairs'].iloc[0])} pairs)",
-            ),
-            fig_dir / "patch_recovery", formats=formats,
-        )  # fmt: skip
+    for name, draw in FIGURES.items():
+        if only is None or name in only:
+            fig = draw(tables, config, model)
+            if fig is not None:
+                written += store.write_figure(fig, run_dir / "figures" / name, formats=formats)
     return written
+
+
+def figure_main(name: str, argv: list[str] | None = None) -> int:
+    """The command line of a `figures/study_<name>.py` script: one figure from a study run."""
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(description=f"redraw the study figure {name!r} from its tables")
+    ap.add_argument("run", type=Path, help="a study run directory (runs/study-...)")
+    ap.add_argument("--no-png", action="store_true", help="HTML only (PNG needs Chromium)")
+    args = ap.parse_args(argv)
+    try:
+        paths = draw_figures(args.run, png=not args.no_png, only=(name,))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for path in paths:
+        print(f"wrote {path}")
+    return 0
 
 
 # ---------------------------------------------------------------- the report
@@ -288,4 +336,3 @@ def recovery_by_set(patch: pd.DataFrame) -> pd.DataFrame:
     """Mean joint recovery per head set over flipped pairs (for tables and notebooks)."""
     sets = patch[(patch["kind"] == "set") & patch["flipped"]]
     return sets.groupby("name")["recovery"].agg(["mean", "std", "size"]).reset_index()
-

@@ -163,3 +163,27 @@ def test_a_directory_from_another_config_or_version_is_refused(
     (out / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(RunDirError, match="study version 0"):
         run_study(tiny_study_config(), out=out, png=False, progress=False)
+
+
+def test_each_figure_script_redraws_its_figure_from_the_tables(tiny_study, tmp_path):
+    import runpy
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "copy"
+    shutil.copytree(tiny_study, out, ignore=shutil.ignore_patterns("shards", "figures"))
+    scripts = sorted((Path(__file__).parents[2] / "figures").glob("study_*.py"))
+    assert len(scripts) == 4
+    for script in scripts:
+        argv = sys.argv
+        sys.argv = [str(script), str(out), "--no-png"]
+        try:
+            with pytest.raises(SystemExit) as done:
+                runpy.run_path(str(script), run_name="__main__")
+        finally:
+            sys.argv = argv
+        assert done.value.code == 0
+        assert (out / "figures" / f"{script.stem.removeprefix('study_')}.html").is_file()
+    from mechinterp.study.report import figure_main
+
+    assert figure_main("no_such_figure", [str(out)]) == 2

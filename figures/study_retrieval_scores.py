@@ -1,0 +1,12 @@
+"""Figure: layer × head heatmap of Wu retrieval scores (study run).
+
+Reads the tables only, never a model:
+    .venv/bin/python figures/study_retrieval_scores.py runs/study-smollm2-135m-<hash> [--no-png]
+"""
+
+import sys
+
+from mechinterp.study.report import figure_main
+
+if __name__ == "__main__":
+    sys.exit(figure_main("retrieval_scores"))
