@@ -40,6 +40,7 @@ bench: setup
 	$(BIN)/python benchmarks/bench_load_generate.py
 	$(BIN)/python benchmarks/bench_detect.py
 	$(BIN)/python benchmarks/bench_patching.py
+	$(BIN)/python benchmarks/bench_knockout_sweep.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
