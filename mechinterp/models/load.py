@@ -197,6 +197,23 @@ def _boot(hf_model, tokenizer, directory: Path, *, model_id, source, sha, dtype,
     return bridge
 
 
+def load_hf(
+    name_or_path: str | os.PathLike = "smollm2-135m",
+    *,
+    dtype: str | torch.dtype = "float32",
+    rope_theta: float | None = None,
+):
+    """(HF model, tokenizer, directory, model id) of a base model by `load_model`'s rules
+    (embedded name, local directory or local HF cache), unwrapped: for fine-tuning."""
+    tune_allocator()
+    directory, model_id, _ = _base_location(str(name_or_path), Path.cwd())
+    model, tokenizer = _load_hf(directory, _dtype(dtype), rope_theta, None)
+    return model, tokenizer, directory, model_id
+
+
+FINETUNE_RECORD = "mechinterp_finetune.json"
+
+
 def _load_hf(directory: Path, dtype, rope_theta, n_ctx):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -231,6 +248,9 @@ def _load_lora(directory: Path, *, dtype, device, rope_theta, n_ctx) -> Transfor
     if not base:
         raise ValueError(f"{directory}/adapter_config.json names no base_model_name_or_path")
     base_dir, base_id, base_sha = _base_location(base, directory)
+    record = directory / FINETUNE_RECORD
+    if rope_theta is None and record.is_file():  # trained with a RoPE change: load it the same way
+        rope_theta = json.loads(record.read_text()).get("rope_theta")
     hf_model, tokenizer = _load_hf(base_dir, dtype, rope_theta, n_ctx)
     try:
         merged = PeftModel.from_pretrained(hf_model, directory).merge_and_unload()
