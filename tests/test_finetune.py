@@ -94,3 +94,60 @@ def test_bad_inputs_are_refused(base, tmp_path):
         train_lora(base, [], LoraSpec(steps=1), tmp_path / "x", device="cpu", progress=False)
     with pytest.raises(ValueError, match="lr must be positive"):
         LoraSpec(lr=0)
+
+
+# ---------------------------------------------------------------- LoFiT
+
+
+def test_a_large_l1_zeroes_most_scaling_vectors_and_none_without_it(base, examples):
+    from mechinterp.finetune.lofit import LofitSpec, train_lofit_scales
+
+    free = train_lofit_scales(base, examples, LofitSpec(l1=0.0, steps=8), progress=False)
+    sparse = train_lofit_scales(base, examples, LofitSpec(l1=5.0, steps=8), progress=False)
+    n = free.vectors.shape[0] * free.vectors.shape[1]
+    assert int((free.norms()["norm"] > 0).sum()) == n
+    assert int((sparse.norms()["norm"] == 0).sum()) >= 0.9 * n
+    ranked = free.ranking()
+    assert str(ranked[0]) == free.norms()["head_name"].iloc[0] and len(ranked) == n
+
+
+def test_bias_step_tunes_only_the_chosen_heads_and_round_trips(base, examples, tmp_path):
+    from mechinterp.finetune.lofit import LofitSpec, LofitVectors, apply_lofit, train_lofit_biases
+    from mechinterp.heads import parse_heads
+
+    chosen = parse_heads("L0H1 L1H3")
+    res = train_lofit_biases(base, examples, chosen, LofitSpec(lr=1e-2, steps=6), progress=False)
+    norms = res.norms().set_index("head_name")["norm"]
+    assert set(norms[norms > 0].index) == {"L0H1", "L1H3"}
+    res.save(tmp_path / "lofit")
+    back = LofitVectors.load(tmp_path / "lofit", "bias")
+    assert torch.equal(back.vectors, res.vectors) and back.heads == res.heads
+    model = load_model(base, device="cpu")
+    with torch.no_grad():
+        before = model(_ids())
+        with apply_lofit(model, back):
+            after = model(_ids())
+        assert torch.equal(model(_ids()), before)  # hooks removed
+    assert (after - before).abs().max().item() > 1e-4
+    with pytest.raises(ValueError, match="needs the heads"):
+        train_lofit_biases(base, examples, [], LofitSpec(steps=1), progress=False)
+
+
+def test_lofit_on_the_bridge_equals_lofit_on_the_hf_model(base):
+    from transformers import AutoModelForCausalLM
+
+    from mechinterp.finetune.lofit import LofitSpec, LofitVectors, _o_proj_hooks, apply_lofit
+
+    torch.manual_seed(0)
+    vec = torch.randn(2, 4, 16) * 0.3
+    hf = AutoModelForCausalLM.from_pretrained(base, attn_implementation="eager").eval()
+    model = load_model(base, device="cpu")
+    for kind in ("scale", "bias"):
+        handles = _o_proj_hooks(hf, vec, kind)
+        with torch.no_grad():
+            ref = hf(_ids()).logits
+        for h in handles:
+            h.remove()
+        with torch.no_grad(), apply_lofit(model, LofitVectors(kind, vec, (), LofitSpec())):
+            ours = model(_ids())
+        assert (ours - ref).abs().max().item() < 1e-4

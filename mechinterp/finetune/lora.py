@@ -104,6 +104,18 @@ def _batch(pairs, pad: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.T
     return ids.to(device), mask.to(device), labels.to(device)
 
 
+def batches(pairs, *, steps: int, batch_size: int, pad: int, device, seed: int):
+    """`steps` training batches (ids, mask, labels): seeded shuffles of the pairs, epoch after
+    epoch."""
+    order, queue = random.Random(seed), []
+    for _ in range(steps):
+        if len(queue) < batch_size:
+            more = list(range(len(pairs)))
+            order.shuffle(more)
+            queue += more
+        yield _batch([pairs[queue.pop(0)] for _ in range(batch_size)], pad, device)
+
+
 def _save(peft_model, tokenizer, directory: Path, record: dict) -> None:
     """Adapter + tokenizer + record into `directory`, replacing it only once complete (a
     temp directory beside it, then renames), so a kill never leaves half a checkpoint."""
@@ -159,21 +171,15 @@ def train_lora(
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optim = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.0)
-    order = random.Random(spec.seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     result = TrainResult(directory)
     record = {"base": str(base), "base_id": base_id, "spec": asdict(spec),
               "rope_theta": spec.rope_theta, "n_examples": len(pairs)}  # fmt: skip
     t0 = time.perf_counter()
-    queue: list[int] = []
-    bar = tqdm(range(spec.steps), desc=f"LoRA {directory.name}", disable=not progress)
-    for step in bar:
-        if len(queue) < spec.batch_size:
-            more = list(range(len(pairs)))
-            order.shuffle(more)
-            queue += more
-        batch = [pairs[queue.pop(0)] for _ in range(spec.batch_size)]
-        ids, mask, labels = _batch(batch, pad, device)
+    data = batches(pairs, steps=spec.steps, batch_size=spec.batch_size, pad=pad, device=device,
+                   seed=spec.seed)  # fmt: skip
+    bar = tqdm(data, total=spec.steps, desc=f"LoRA {directory.name}", disable=not progress)
+    for step, (ids, mask, labels) in enumerate(bar):
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         if not math.isfinite(loss.item()):
             result.seconds = time.perf_counter() - t0
