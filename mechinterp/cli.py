@@ -381,6 +381,14 @@ def _study_parser(sub) -> None:
         help="the main job: detect retrieval heads, knock them out vs random heads, patch them, "
         "and write a claims report with figures",
     )
+    p.add_argument(
+        "kind",
+        nargs="?",
+        default="retrieval",
+        choices=["retrieval", "extension"],
+        help="retrieval: the necessity & sufficiency study (default); extension: fine-tune on "
+        "task variants and compare their heads (experiments/extension-mini.yaml)",
+    )
     p.add_argument("--config", default=None, help="a YAML config (e.g. experiments/study.yaml)")
     p.add_argument(
         "--set",
@@ -401,10 +409,19 @@ def _study_parser(sub) -> None:
 def cmd_study(args) -> int:
     from mechinterp.config import dump_yaml, load_config
     from mechinterp.study import StudyConfig, run_study
+    from mechinterp.study.extension import ExtensionConfig, run_extension
 
-    config = load_config(StudyConfig, args.config, args.overrides)
+    kind = ExtensionConfig if args.kind == "extension" else StudyConfig
+    config = load_config(kind, args.config, args.overrides)
     if args.print_config:
         print(dump_yaml(config), end="")
+        return 0
+    if args.kind == "extension":
+        out = run_extension(
+            config, args.root, out=args.out, engine=args.engine, ray_address=args.ray_address,
+            png=not args.no_png,
+        )  # fmt: skip
+        print(f"wrote {out}")
         return 0
     try:
         out = run_study(

@@ -139,11 +139,13 @@ def run_shards(
     desc: str = "shards",
     progress: bool = True,
     stats: ShardStats | None = None,
+    load: bool = True,
 ) -> pd.DataFrame:
     """Run the unfinished shards, then return every shard's table concatenated in shard order.
 
     `model` (a loaded model) or `model_spec` (anything with `.load()`, e.g. `ModelSpec`) gives
-    the model; the `ray` engine needs `model_spec`, since workers load their own copy.
+    the model; the `ray` engine needs `model_spec`, since workers load their own copy. With
+    `load=False` the shards get `model=None` (they load their own, e.g. fine-tuned checkpoints).
     """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
@@ -165,6 +167,8 @@ def run_shards(
             stats.repaired.append(shard.name)
         todo.append(shard)
     if todo:
+        if not load:
+            model, model_spec = None, _NoModel()
         if engine == "local":
             _run_local(todo, directory, model, model_spec, desc, progress, stats)
         else:
@@ -177,6 +181,13 @@ def run_shards(
     frames = [read_shard(directory, s) for s in shards]
     frames = [f for f in frames if len(f)]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+class _NoModel:
+    """The model "spec" of shards that load their own models."""
+
+    def load(self) -> None:
+        return None
 
 
 def _run_local(todo, directory, model, model_spec, desc, progress, stats) -> None:
@@ -205,12 +216,16 @@ def _ray_task(spec, fn, args: dict, threads: int) -> tuple[pd.DataFrame, float]:
     import torch
 
     torch.set_num_threads(threads)
-    key = json.dumps(store.to_jsonable(spec), sort_keys=True)
-    if key not in _WORKER_MODELS:
-        _WORKER_MODELS.clear()
-        _WORKER_MODELS[key] = spec.load()
+    if isinstance(spec, _NoModel):
+        model = None
+    else:
+        key = json.dumps(store.to_jsonable(spec), sort_keys=True)
+        if key not in _WORKER_MODELS:
+            _WORKER_MODELS.clear()
+            _WORKER_MODELS[key] = spec.load()
+        model = _WORKER_MODELS[key]
     t0 = time.perf_counter()
-    df = fn(_WORKER_MODELS[key], **args)
+    df = fn(model, **args)
     return df, time.perf_counter() - t0
 
 

@@ -95,3 +95,26 @@ def tiny_study(tiny_study_config, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("tiny-study") / "run"
     return run_study(tiny_study_config(), out=out, png=False, progress=False)
+
+
+@pytest.fixture
+def kill_after(monkeypatch):
+    """`restore = kill_after(n)`: sweeps stop with KeyboardInterrupt (a simulated kill) once n
+    more shards are written; `restore()` lets them run normally again."""
+    from mechinterp import runner
+
+    real = runner.write_shard
+
+    def install(n: int):
+        written = []
+
+        def killed(*args, **kwargs):
+            if len(written) == n:
+                raise KeyboardInterrupt
+            written.append(args[1].name)
+            real(*args, **kwargs)
+
+        monkeypatch.setattr(runner, "write_shard", killed)
+        return lambda: monkeypatch.setattr(runner, "write_shard", real)
+
+    return install

@@ -9,7 +9,6 @@ import shutil
 import pandas as pd
 import pytest
 
-from mechinterp import runner
 from mechinterp.runs.common import ModelSpec
 from mechinterp.study import RunDirError, read_tables, run_study, write_report
 from mechinterp.study.claims import compute_claims
@@ -66,22 +65,13 @@ def test_the_report_numbers_are_recomputed_from_the_tables(tiny_study):
 
 
 def test_a_killed_study_resumes_without_recomputing_finished_shards(
-    tiny_study_config, tiny_study, tmp_path, monkeypatch
+    tiny_study_config, tiny_study, tmp_path, kill_after
 ):
-    real = runner.write_shard
-    written = []
-
-    def killed_after_five(*args, **kwargs):
-        if len(written) == 5:
-            raise KeyboardInterrupt
-        written.append(args[1].name)
-        real(*args, **kwargs)
-
-    monkeypatch.setattr(runner, "write_shard", killed_after_five)
+    restore = kill_after(5)
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         run_study(tiny_study_config(), out=out, png=False, progress=False)
-    monkeypatch.setattr(runner, "write_shard", real)
+    restore()
     run_study(tiny_study_config(), out=out, png=False, progress=False)
     prov = json.loads((out / "provenance.json").read_text())
     total = len(list((tiny_study / "shards").rglob("*.json")))

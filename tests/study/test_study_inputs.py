@@ -17,7 +17,7 @@ def test_the_demo_yaml_spells_out_the_default_config():
     assert load_config(StudyConfig, EXPERIMENTS / "study.yaml") == StudyConfig()
 
 
-@pytest.mark.parametrize("path", sorted(EXPERIMENTS.glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted(EXPERIMENTS.glob("study*.yaml")), ids=lambda p: p.name)
 def test_every_experiment_config_loads(path):
     assert isinstance(load_config(StudyConfig, path), StudyConfig)
 
