@@ -16,6 +16,7 @@ Every stage resumes (finished shards are skipped) and runs in-process or on Ray.
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -153,6 +154,7 @@ def head_sets(scores: pd.DataFrame, detect: DetectStage) -> dict[str, list[str]]
     """Each model's retrieval heads (score > threshold, or its top_k), best first."""
     out = {}
     for variant, g in scores.groupby("model_variant", sort=False):
+        g = g[g["score"].notna()]  # a model with no gated instance has no scores, no heads
         g = g.sort_values(["score", "layer", "head"], ascending=[False, True, True])
         chosen = g.head(detect.top_k) if detect.top_k else g[g["score"] > detect.threshold]
         out[variant] = list(chosen["head_name"])
@@ -182,6 +184,17 @@ def compare_heads(scores: pd.DataFrame, sets: dict[str, list[str]], reference: s
             "synthetic_subset_of_reference": set(heads) <= ref,
         })  # fmt: skip
     return pd.DataFrame(rows)
+
+
+def _no_heads(per_instance: pd.DataFrame) -> pd.DataFrame:
+    """The score table of a model none of whose detection instances passed the gate."""
+    from mechinterp.heads import Head
+
+    heads = per_instance.drop_duplicates(["layer", "head"])[["layer", "head"]]
+    names = [str(Head(a, b)) for a, b in zip(heads["layer"], heads["head"], strict=True)]
+    return heads.assign(head_name=names, score=float("nan"), frequency=float("nan"),
+                        rank=range(1, len(heads) + 1), retrieval_head=False,
+                        n_instances=0).reset_index(drop=True)  # fmt: skip
 
 
 def run_extension(
@@ -226,10 +239,15 @@ def run_extension(
     per = run_shards([Shard(f"detect/{v}", detect_model_shard, {"config": cfg, "variant": v,
                                                                  "checkpoint": point[v]})
                       for v in everyone], shard_dir, desc="3/4 detect", **common)  # fmt: skip
-    scores = pd.concat(
-        [combine_detect(g, config.detect.threshold, config.detect.top_k).assign(model_variant=v)
-         for v, g in per.groupby("model_variant", sort=False)], ignore_index=True,
-    )  # fmt: skip
+    frames = []
+    for v, g in per.groupby("model_variant", sort=False):
+        try:
+            frames.append(combine_detect(g, config.detect.threshold, config.detect.top_k))
+        except ValueError as e:  # no instance passed the gate: this model gets no heads
+            warnings.warn(f"{v}: {e}; its head set is empty", stacklevel=2)
+            frames.append(_no_heads(g))
+        frames[-1] = frames[-1].assign(model_variant=v)
+    scores = pd.concat(frames, ignore_index=True)
     sets = head_sets(scores, config.detect)
     heads = compare_heads(scores, sets, config.reference)
     perf = evals.groupby("model_variant", sort=False)["f1"].mean().rename("performance")
@@ -261,11 +279,12 @@ def run_extension(
     if len(cross):
         store.write_table(cross, out / "cross.parquet")
     store.write_json(out / "correlation.json", corr or {})
-    if png is not None:
+    drawable = heads.dropna(subset=["recall", "performance"])
+    if png is not None and len(drawable):  # no recall when the reference model has no heads
         from mechinterp.plots import recall_scatter
 
         fig = recall_scatter(
-            heads.rename(columns={"label": "variant"}), reference=REFERENCE_LABEL,
+            drawable.rename(columns={"label": "variant"}), reference=REFERENCE_LABEL,
             correlation=corr, title=f"{Path(config.model.name).name} · {config.task}: head recall "
             "vs task F1 per fine-tuning variant",
         )  # fmt: skip

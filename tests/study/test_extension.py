@@ -70,3 +70,14 @@ def test_the_mini_config_loads():
     path = Path(__file__).parents[2] / "experiments" / "extension-mini.yaml"
     config = load_config(ExtensionConfig, path)
     assert config.lora.steps == 100 and len(config.variants) == 4
+
+
+def test_a_model_that_passes_no_detection_gate_gets_an_empty_head_set(config, tmp_path):
+    import dataclasses
+
+    strict = dataclasses.replace(config, detect=dataclasses.replace(config.detect, gate=0.99))
+    with pytest.warns(UserWarning, match="its head set is empty"):
+        out = run_extension(strict, out=tmp_path / "run", png=False, progress=False)
+    assert not (out / "recall_vs_performance.html").exists()
+    heads = pd.read_csv(out / "heads.csv")
+    assert heads["n_heads"].eq(0).all() and not (out / "cross.parquet").exists()
