@@ -66,82 +66,94 @@ class ExtensionConfig:
         return f"extension-{Path(self.model.name).name}-{self.task}"
 
 
-def examples_for(config: ExtensionConfig, variant: str, split: Literal["train", "eval"]):
-    """A variant's training examples, or the reference task's held-out examples (other seed)."""
+def data_args(config: ExtensionConfig, variant: str, split: Literal["train", "eval"]) -> dict:
+    """What builds one split of one variant (only these go into a shard's inputs, so changing
+    another part of the config does not recompute the shard)."""
+    return {
+        "task": config.task,
+        "variant": variant,
+        "n": config.n_train if split == "train" else config.n_eval,
+        "seed": 0 if split == "train" else 1,
+        "n_docs": config.n_docs,
+        "doc_words": config.doc_words,
+        "data": config.reference_data if split == "eval" else None,
+    }
+
+
+def build_data(*, task, variant, n, seed, n_docs, doc_words, data) -> list:
+    """A variant's synthetic examples, or a user's JSONL file (`data`)."""
     from mechinterp.runs.common import parse_variant
     from mechinterp.tasks.mdqa import load_mdqa, synthetic_mdqa
     from mechinterp.tasks.multihop import load_musique, synthetic_multihop
 
-    if split == "eval" and config.reference_data:
-        load = load_mdqa if config.task == "mdqa" else load_musique
-        return load(config.reference_data, limit=config.n_eval)
+    if data:
+        return (load_mdqa if task == "mdqa" else load_musique)(data, limit=n)
     realism, diversity = parse_variant(variant)
-    make = synthetic_mdqa if config.task == "mdqa" else synthetic_multihop
-    n, seed = (config.n_train, 0) if split == "train" else (config.n_eval, 1)
-    return make(n, n_docs=config.n_docs, realism=realism, diversity=diversity, seed=seed,
-                doc_words=config.doc_words)  # fmt: skip
+    make = synthetic_mdqa if task == "mdqa" else synthetic_multihop
+    return make(n, n_docs=n_docs, realism=realism, diversity=diversity, seed=seed,
+                doc_words=doc_words)  # fmt: skip
 
 
 # ---------------------------------------------------------------- shard functions
 
 
-def finetune_shard(model, *, config: dict, variant: str, directory: str) -> pd.DataFrame:
+def finetune_shard(
+    model, *, base: dict, data: dict, lora: dict, template, directory: str
+) -> pd.DataFrame:
     """Train one variant's LoRA adapter; one row per step (loss)."""
-    from mechinterp.config import from_dict
     from mechinterp.finetune.lora import train_lora
 
-    cfg = from_dict(ExtensionConfig, config)
-    result = train_lora(cfg.model.name, examples_for(cfg, variant, "train"), cfg.lora, directory,
-                        device=cfg.model.device, template=cfg.template, progress=False)  # fmt: skip
-    return pd.DataFrame({"variant": variant, "step": range(1, len(result.losses) + 1),
+    result = train_lora(base["name"], build_data(**data), LoraSpec(**lora), directory,
+                        device=base["device"], template=template, progress=False)  # fmt: skip
+    return pd.DataFrame({"variant": data["variant"], "step": range(1, len(result.losses) + 1),
                          "loss": result.losses, "seconds": result.seconds})  # fmt: skip
 
 
-def _load(config: ExtensionConfig, checkpoint: str):
+def _load(base: dict, checkpoint: str):
     from mechinterp.models import load_model
 
-    return load_model(checkpoint, dtype=config.model.dtype, device=config.model.device)
+    return load_model(checkpoint, dtype=base["dtype"], device=base["device"])
 
 
-def eval_shard(model, *, config: dict, variant: str, checkpoint: str) -> pd.DataFrame:
-    """The fine-tuned model on the reference task's held-out examples."""
-    from mechinterp.config import from_dict
+def eval_shard(
+    model, *, base: dict, data: dict, variant: str, checkpoint: str, trained: str,
+    max_new_tokens: int, template,
+) -> pd.DataFrame:  # fmt: skip
+    """The fine-tuned model on the reference task's held-out examples (`trained`: the
+    checkpoint's fingerprint, part of the shard's inputs only)."""
     from mechinterp.evaluate import evaluate
 
-    cfg = from_dict(ExtensionConfig, config)
-    df = evaluate(_load(cfg, checkpoint), examples_for(cfg, cfg.reference, "eval"),
-                  max_new_tokens=cfg.max_new_tokens, template=cfg.template, score=True,
-                  progress=False)  # fmt: skip
+    df = evaluate(_load(base, checkpoint), build_data(**data), max_new_tokens=max_new_tokens,
+                  template=template, score=True, progress=False)  # fmt: skip
     return df.assign(model_variant=variant)
 
 
-def detect_model_shard(model, *, config: dict, variant: str, checkpoint: str) -> pd.DataFrame:
+def detect_model_shard(
+    model, *, base: dict, detect: dict, variant: str, checkpoint: str, trained: str, template
+) -> pd.DataFrame:
     """Retrieval scores of the fine-tuned model on the detection grid (instance × head rows)."""
     from mechinterp.config import from_dict
     from mechinterp.study.stages import detect_shard
     from mechinterp.tasks.niah import niah_grid
 
-    cfg = from_dict(ExtensionConfig, config)
-    d, fine = cfg.detect, _load(cfg, checkpoint)
+    d, fine = from_dict(DetectStage, detect), _load(base, checkpoint)
     grid = d.niah
     exs = niah_grid(fine.tokenizer, lengths=grid.lengths, depths=grid.depths,
                     needles=list(grid.needles), haystack=grid.haystack, seed=grid.seed)  # fmt: skip
     return detect_shard(fine, examples=[e.to_dict() for e in exs], convention=d.convention,
                         gate=d.gate, max_new_tokens=d.max_new_tokens, batch_size=d.batch_size,
-                        template=cfg.template).assign(model_variant=variant)  # fmt: skip
+                        template=template).assign(model_variant=variant)  # fmt: skip
 
 
 def cross_shard(
-    model, *, config: dict, variant: str, donor: str, recipient: str, sets: dict[str, list[str]]
-) -> pd.DataFrame:
+    model, *, base: dict, data: dict, variant: str, donor: str, recipient: str,
+    sets: dict[str, list[str]], max_new_tokens: int, trained: list[str], template,
+) -> pd.DataFrame:  # fmt: skip
     """Reference model's head outputs patched into a synthetic model on each head set."""
-    from mechinterp.config import from_dict
     from mechinterp.interventions.cross import cross_model_patching
 
-    cfg = from_dict(ExtensionConfig, config)
-    df = cross_model_patching(_load(cfg, donor), _load(cfg, recipient),
-                              examples_for(cfg, cfg.reference, "eval"), sets,
-                              max_new_tokens=cfg.max_new_tokens, template=cfg.template,
+    df = cross_model_patching(_load(base, donor), _load(base, recipient), build_data(**data),
+                              sets, max_new_tokens=max_new_tokens, template=template,
                               progress=False)  # fmt: skip
     sizes = {name: len(hs) for name, hs in sets.items()}
     return df.assign(model_variant=variant, set_size=df["condition"].map(sizes).fillna(0))
@@ -221,7 +233,6 @@ def run_extension(
     store.write_json(out / "config.json", to_dict(config))
     t0, stats = time.perf_counter(), ShardStats()
     shard_dir, ckpt = out / "shards", out / "checkpoints"
-    cfg = to_dict(config)
     everyone = (config.reference, *config.variants)
     common = {"model": None, "engine": engine, "ray_address": ray_address, "progress": progress,
               "stats": stats, "load": False}  # fmt: skip
@@ -229,16 +240,23 @@ def run_extension(
         if not (ckpt / v / "adapter_config.json").is_file():
             for suffix in (".json", ".parquet"):
                 (shard_dir / "finetune" / f"{v}{suffix}").unlink(missing_ok=True)
-    losses = run_shards([Shard(f"finetune/{v}", finetune_shard,
-                               {"config": cfg, "variant": v, "directory": str(ckpt / v)})
-                         for v in everyone], shard_dir, desc="1/4 fine-tune", **common)  # fmt: skip
+    base, ev = to_dict(config.model), data_args(config, config.reference, "eval")
+    tpl = config.template
+    finetune = [Shard(f"finetune/{v}", finetune_shard, {
+        "base": base, "data": data_args(config, v, "train"), "lora": to_dict(config.lora),
+        "template": tpl, "directory": str(ckpt / v)}) for v in everyone]  # fmt: skip
+    losses = run_shards(finetune, shard_dir, desc="1/4 fine-tune", **common)
     point = {v: str(ckpt / v) for v in everyone}
-    evals = run_shards([Shard(f"eval/{v}", eval_shard, {"config": cfg, "variant": v,
-                                                         "checkpoint": point[v]})
-                        for v in everyone], shard_dir, desc="2/4 evaluate", **common)  # fmt: skip
-    per = run_shards([Shard(f"detect/{v}", detect_model_shard, {"config": cfg, "variant": v,
-                                                                 "checkpoint": point[v]})
-                      for v in everyone], shard_dir, desc="3/4 detect", **common)  # fmt: skip
+    # a checkpoint's fingerprint: later shards that read it recompute when it is retrained
+    trained = {s.args["data"]["variant"]: s.args_hash for s in finetune}
+    evals = run_shards([Shard(f"eval/{v}", eval_shard, {
+        "base": base, "data": ev, "variant": v, "checkpoint": point[v], "trained": trained[v],
+        "max_new_tokens": config.max_new_tokens, "template": tpl}) for v in everyone],
+        shard_dir, desc="2/4 evaluate", **common)  # fmt: skip
+    per = run_shards([Shard(f"detect/{v}", detect_model_shard, {
+        "base": base, "detect": to_dict(config.detect), "variant": v, "checkpoint": point[v],
+        "trained": trained[v], "template": tpl}) for v in everyone],
+        shard_dir, desc="3/4 detect", **common)  # fmt: skip
     frames = []
     for v, g in per.groupby("model_variant", sort=False):
         try:
@@ -268,8 +286,9 @@ def run_extension(
         built = patch_head_sets(sets[config.reference], sets[v], shape, seeds=config.cross_seeds)
         named = {k: [str(h) for h in hs] for k, hs in built.items()}
         cross_shards.append(Shard(f"cross/{v}", cross_shard, {
-            "config": cfg, "variant": v, "donor": point[config.reference],
-            "recipient": point[v], "sets": named}))  # fmt: skip
+            "base": base, "data": ev, "variant": v, "donor": point[config.reference],
+            "recipient": point[v], "sets": named, "max_new_tokens": config.max_new_tokens,
+            "trained": [trained[config.reference], trained[v]], "template": tpl}))  # fmt: skip
     cross = run_shards(cross_shards, shard_dir, desc="4/4 cross-model patching", **common)
     store.write_table(losses, out / "losses.parquet")
     store.write_table(evals, out / "eval.parquet")

@@ -81,3 +81,20 @@ def test_a_model_that_passes_no_detection_gate_gets_an_empty_head_set(config, tm
     assert not (out / "recall_vs_performance.html").exists()
     heads = pd.read_csv(out / "heads.csv")
     assert heads["n_heads"].eq(0).all() and not (out / "cross.parquet").exists()
+
+
+def test_changing_one_stage_recomputes_only_what_depends_on_it(config, tmp_path):
+    import dataclasses
+
+    out = tmp_path / "run"
+    run_extension(config, out=out, png=None, progress=False)
+    more_tokens = dataclasses.replace(config, max_new_tokens=5)  # evaluation + patching only
+    run_extension(more_tokens, out=out, png=None, progress=False)
+    prov = json.loads((out / "provenance.json").read_text())
+    n = 1 + len(config.variants)
+    assert prov["shards"]["skipped"] == 2 * n  # fine-tunes and detections reused
+    assert prov["shards"]["computed"] == n + len(config.variants)  # evals and cross
+    retrained = dataclasses.replace(config, lora=dataclasses.replace(config.lora, seed=1))
+    run_extension(retrained, out=out, png=None, progress=False)
+    prov = json.loads((out / "provenance.json").read_text())
+    assert prov["shards"]["skipped"] == 0  # new checkpoints: everything downstream recomputes
