@@ -330,9 +330,3 @@ def _sufficient_text(tables, config) -> list[str]:
         "shortest pair); metric: logit(clean token) − logit(corrupt token) where the clean "
         "response writes it."
     ]
-
-
-def recovery_by_set(patch: pd.DataFrame) -> pd.DataFrame:
-    """Mean joint recovery per head set over flipped pairs (for tables and notebooks)."""
-    sets = patch[(patch["kind"] == "set") & patch["flipped"]]
-    return sets.groupby("name")["recovery"].agg(["mean", "std", "size"]).reset_index()

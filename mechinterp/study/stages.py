@@ -214,26 +214,23 @@ def baseline_shards(examples: list[Example], stage, template) -> list[Shard]:
 
 
 def knockout_conditions(
-    ranked, shape, *, ks: Sequence[int], seeds: Sequence[int], mode: str, with_none: bool
+    ranked, shape, *, ks: Sequence[int], seeds: Sequence[int], modes: Sequence[str]
 ) -> list[dict]:
-    """The sweep's conditions for one mode: top-k and, per seed, k random heads from the
-    complement of the top max(ks) (so a random draw never holds a head the ranking calls a
-    retrieval head at any tested k)."""
+    """The sweep's conditions: no knockout, then per mode and k the top-k and, per seed, k random
+    heads from the complement of the top max(ks) (so a random draw never holds a head the
+    ranking calls a retrieval head at any tested k)."""
     from mechinterp.analysis.headsets import random_complement
 
     pool = ranked[: max(ks)]
-    out = (
-        [{"mode": "none", "k": 0, "condition": "none", "seed": -1, "heads": []}]
-        if with_none
-        else []
-    )
-    for k in sorted(set(ks)):
-        out.append({"mode": mode, "k": k, "condition": "top", "seed": -1,
-                    "heads": [str(h) for h in ranked[:k]]})  # fmt: skip
-        for s in seeds:
-            drawn = random_complement(pool, k, shape, seed=s)
-            out.append({"mode": mode, "k": k, "condition": "random", "seed": s,
-                        "heads": [str(h) for h in drawn]})  # fmt: skip
+    out = [{"mode": "none", "k": 0, "condition": "none", "seed": -1, "heads": []}]
+    for mode in modes:
+        for k in sorted(set(ks)):
+            out.append({"mode": mode, "k": k, "condition": "top", "seed": -1,
+                        "heads": [str(h) for h in ranked[:k]]})  # fmt: skip
+            for s in seeds:
+                drawn = random_complement(pool, k, shape, seed=s)
+                out.append({"mode": mode, "k": k, "condition": "random", "seed": s,
+                            "heads": [str(h) for h in drawn]})  # fmt: skip
     return out
 
 
@@ -286,7 +283,8 @@ def knockout_shard(
 def knockout_shards(
     examples: list[Example], baseline: pd.DataFrame, ranked, shape, stage, template
 ) -> list[Shard]:
-    """Shards per (task, chunk of answered examples, mode); `none` rides with the first mode."""
+    """One shard per (task, chunk of answered examples): every condition of every mode runs as
+    one batch per example, so each prompt's prefix cache is computed once."""
     base = baseline.set_index("example_id")
     out = []
     for task in dict.fromkeys(e.task for e in examples):
@@ -300,18 +298,17 @@ def knockout_shards(
                 }
                 for e in chunk
             ]
-            for j, mode in enumerate(stage.modes):
-                conds = knockout_conditions(
-                    ranked, shape, ks=stage.ks, seeds=stage.seeds, mode=mode, with_none=j == 0
-                )
-                args = {
-                    "examples": [e.to_dict() for e in chunk],
-                    "responses": responses,
-                    "conditions": conds,
-                    "scope": stage.scope,
-                    "template": template,
-                }
-                out.append(Shard(f"knockout/{task}-{i:03d}-{mode}", knockout_shard, args))
+            conds = knockout_conditions(
+                ranked, shape, ks=stage.ks, seeds=stage.seeds, modes=stage.modes
+            )
+            args = {
+                "examples": [e.to_dict() for e in chunk],
+                "responses": responses,
+                "conditions": conds,
+                "scope": stage.scope,
+                "template": template,
+            }
+            out.append(Shard(f"knockout/{task}-{i:03d}", knockout_shard, args))
     return out
 
 

@@ -18,6 +18,13 @@ from mechinterp.study.report import read_config
 TABLES = ("detect_scores", "detect_instances", "baseline", "knockout", "patch")
 
 
+def _assert_same_tables(a, b) -> None:
+    for name in TABLES:
+        pd.testing.assert_frame_equal(
+            pd.read_parquet(a / f"{name}.parquet"), pd.read_parquet(b / f"{name}.parquet")
+        )
+
+
 def _tables(run):
     return {name: pd.read_parquet(run / f"{name}.parquet") for name in TABLES}
 
@@ -77,11 +84,7 @@ def test_a_killed_study_resumes_without_recomputing_finished_shards(
     total = len(list((tiny_study / "shards").rglob("*.json")))
     assert prov["shards"]["skipped"] == 5
     assert prov["shards"]["computed"] == total - 5
-    for name in TABLES:
-        pd.testing.assert_frame_equal(
-            pd.read_parquet(out / f"{name}.parquet"),
-            pd.read_parquet(tiny_study / f"{name}.parquet"),
-        )
+    _assert_same_tables(out, tiny_study)
 
 
 def test_a_truncated_shard_in_a_finished_study_is_recomputed(
@@ -109,11 +112,7 @@ def test_ray_and_in_process_studies_give_identical_tables(tiny_study_config, tin
     finally:
         ray.shutdown()
     assert json.loads((out / "provenance.json").read_text())["engine"] == "ray"
-    for name in TABLES:
-        pd.testing.assert_frame_equal(
-            pd.read_parquet(out / f"{name}.parquet"),
-            pd.read_parquet(tiny_study / f"{name}.parquet"),
-        )
+    _assert_same_tables(out, tiny_study)
 
 
 def test_figures_and_report_regenerate_from_tables_without_a_model(
