@@ -416,15 +416,9 @@ def cmd_study(args) -> int:
     if args.print_config:
         print(dump_yaml(config), end="")
         return 0
-    if args.kind == "extension":
-        out = run_extension(
-            config, args.root, out=args.out, engine=args.engine, ray_address=args.ray_address,
-            png=not args.no_png,
-        )  # fmt: skip
-        print(f"wrote {out}")
-        return 0
+    run = run_extension if args.kind == "extension" else run_study
     try:
-        out = run_study(
+        out = run(
             config,
             args.root,
             out=args.out,
@@ -473,7 +467,13 @@ def cmd_figures(args) -> int:
 
     run = Path(args.run)
     formats = ("html",) if args.no_png else ("html", "png")
-    if (run / "detect_instances.parquet").is_file():
+    from mechinterp.study.extension_report import is_extension_run
+
+    if is_extension_run(run):
+        from mechinterp.study.extension_report import draw_figures as draw_extension
+
+        written = draw_extension(run, png=not args.no_png)
+    elif (run / "detect_instances.parquet").is_file():
         from mechinterp.study import draw_figures
 
         written = draw_figures(run, png=not args.no_png)
@@ -496,8 +496,12 @@ def cmd_report(args) -> int:
     from pathlib import Path
 
     from mechinterp.study import write_report
+    from mechinterp.study.extension_report import analyse, is_extension_run
 
-    path = write_report(Path(args.run))
+    if is_extension_run(args.run):
+        path = analyse(Path(args.run), png=None)  # claims and report; `figures` redraws figures
+    else:
+        path = write_report(Path(args.run))
     _print_headline(Path(args.run))
     print(f"wrote {path}")
     return 0

@@ -444,8 +444,9 @@ def recall_scatter(
     """Task performance vs head recall (against the reference model's heads), one labelled marker
     per variant (columns `label`, `x`, `y`).
 
-    The `reference` variant (its `label` value) is drawn as a star, legend "reference (real
-    data)". `correlation` (keys method, estimate, and optionally low, high, n) is shown as an
+    The `reference` variant (its `label` value) is drawn as a star, with that label as its
+    legend entry (say what the reference is, e.g. "reference (realistic needles in real
+    essays)"). `correlation` (keys method, estimate, and optionally low, high, n) is shown as an
     annotation, e.g. "Spearman ρ = 0.90 [0.40, 1.00], n = 5". A least-squares line is fitted to
     the non-reference points when they have at least 2 distinct x values.
     """
@@ -487,7 +488,7 @@ def recall_scatter(
     slope = 0.0 if fit is None else float(fit[0])
     for part, name, marker in (
         (rest, "variants", {"size": 11, "color": "#1f77b4", "symbol": "circle"}),
-        (df[is_ref], "reference (real data)", {"size": 16, "color": "#d62728", "symbol": "star"}),
+        (df[is_ref], str(reference), {"size": 16, "color": "#d62728", "symbol": "star"}),
     ):
         if part.empty:
             continue
@@ -547,5 +548,134 @@ def recall_scatter(
         width=720,
         height=560,
         template="plotly_white",
+    )
+    return fig
+
+
+def cross_patch_by_variant(
+    summary: pd.DataFrame, *, metric: str = "f1", title: str | None = None
+) -> go.Figure:
+    """Cross-model patching, one bar group per recipient variant: the task metric on the
+    recipient alone, with Inter / Compl / Rand heads patched in from the donor, and on the donor
+    (columns `model_variant`, `condition`, `metric`; Rand is the mean over its seeds, `n` and
+    `n_heads` go into the hover and the bar labels)."""
+    missing = {"model_variant", "condition", metric} - set(summary.columns)
+    if missing:
+        raise ValueError(f"cross_patch_by_variant needs columns {sorted(missing)}")
+    if summary.empty:
+        raise ValueError("cross_patch_by_variant got an empty table")
+    order = ["recipient", "inter", "compl", "rand", "donor"]
+    colours = {"recipient": "#7f7f7f", "inter": "#2ca02c", "compl": "#ff7f0e",
+               "rand": "#9467bd", "donor": "#d62728"}  # fmt: skip
+    names = {"recipient": "recipient (synthetic model)", "inter": "Inter = H_real ∩ H_syn",
+             "compl": "Compl = H_real \\ H_syn", "rand": "Rand (|Inter| heads, mean of seeds)",
+             "donor": "donor (reference model)"}  # fmt: skip
+    df = summary.assign(condition=summary["condition"].str.replace(r"^rand-s\d+$", "rand",
+                                                                   regex=True))  # fmt: skip
+    agg = {metric: "mean"} | ({"n_heads": "first"} if "n_heads" in df else {})
+    df = df.groupby(["model_variant", "condition"], sort=False).agg(agg).reset_index()
+    variants = list(dict.fromkeys(df["model_variant"]))
+    fig = go.Figure()
+    for cond in order:
+        part = df[df["condition"] == cond].set_index("model_variant").reindex(variants)
+        if part[metric].isna().all():
+            continue
+        heads = part["n_heads"] if "n_heads" in part else pd.Series(np.nan, index=part.index)
+        labels = [
+            "" if pd.isna(v) else f"{v:.2f}" + (f"<br>{int(h)}h" if h and pd.notna(h) else "")
+            for v, h in zip(part[metric], heads, strict=True)
+        ]
+        fig.add_trace(go.Bar(x=variants, y=part[metric], name=names[cond], text=labels,
+                             textposition="outside", marker_color=colours[cond]))  # fmt: skip
+    top = float(df[metric].max()) if len(df) else 1.0
+    fig.update_layout(
+        barmode="group",
+        title=title or f"cross-model patching: {metric} before and after patching",
+        xaxis_title="recipient (fine-tuned on variant)",
+        yaxis_title=metric,
+        yaxis_range=[0, max(1.0, top) * 1.18],
+        legend={"orientation": "h", "y": -0.25},
+        width=820,
+        height=480,
+        margin={"b": 140},
+    )
+    return fig
+
+
+def overlap_heatmap(sets: dict[str, list[str]], *, title: str | None = None) -> go.Figure:
+    """Head-set overlap between models: cell (row A, column B) = |A ∩ B| / |A|, the share of A's
+    heads that B also has (row = a synthetic model, column = the reference: its subset share;
+    row = the reference: the recall of each column). Cells show the share and the count."""
+    if not sets:
+        raise ValueError("overlap_heatmap got no head sets")
+    names = list(sets)
+    z, text = [], []
+    for a in names:
+        zr, tr = [], []
+        for b in names:
+            both = len(set(sets[a]) & set(sets[b]))
+            share = both / len(sets[a]) if sets[a] else float("nan")
+            zr.append(share)
+            tr.append("" if math.isnan(share) else f"{share:.2f}<br>{both}/{len(sets[a])}")
+        z.append(zr)
+        text.append(tr)
+    ticks = [f"{n} ({len(sets[n])})" for n in names]
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            x=ticks,
+            y=ticks,
+            zmin=0,
+            zmax=1,
+            colorscale="Blues",
+            text=text,
+            texttemplate="%{text}",
+            colorbar={"title": "|A∩B|/|A|"},
+        )  # fmt: skip
+    )
+    fig.update_layout(
+        title=title or "retrieval-head overlap between models",
+        xaxis_title="B (heads in brackets)",
+        yaxis_title="A",
+        yaxis_autorange="reversed",
+        width=760,
+        height=620,
+    )
+    return fig
+
+
+def knockout_by_model(summary: pd.DataFrame, *, title: str | None = None) -> go.Figure:
+    """Per model: answer-retrieved rate with no knockout, its top-k heads and k random heads
+    knocked out (columns `model_variant`, `condition` in none/top/random, `value`, optional `lo`,
+    `hi` for error bars, `k`)."""
+    missing = {"model_variant", "condition", "value"} - set(summary.columns)
+    if missing:
+        raise ValueError(f"knockout_by_model needs columns {sorted(missing)}")
+    if summary.empty:
+        raise ValueError("knockout_by_model got an empty table")
+    fig = go.Figure()
+    k = int(summary.loc[summary["condition"] == "top", "k"].max()) if "k" in summary else None
+    names = {"none": "no knockout", "top": f"own top-{k}", "random": f"random-{k}"}
+    colours = {"none": "#7f7f7f", "top": "#d62728", "random": "#1f77b4"}
+    for cond in ("none", "top", "random"):
+        part = summary[summary["condition"] == cond]
+        if part.empty:
+            continue
+        err = None
+        if {"lo", "hi"} <= set(part.columns):
+            err = {"type": "data", "symmetric": False, "array": part["hi"] - part["value"],
+                   "arrayminus": part["value"] - part["lo"]}  # fmt: skip
+        fig.add_trace(go.Bar(x=part["model_variant"], y=part["value"], name=names[cond],
+                             error_y=err, marker_color=colours[cond],
+                             text=[f"{v:.2f}" for v in part["value"]],
+                             textposition="inside"))  # fmt: skip
+    fig.update_layout(
+        barmode="group",
+        title=title or "knockout per model: answer retrieved",
+        xaxis_title="model (fine-tuned on variant)",
+        yaxis_title="answer retrieved (fraction of answered examples)",
+        yaxis_range=[0, 1.05],
+        width=820,
+        height=460,
     )
     return fig

@@ -96,6 +96,39 @@ def test_bad_inputs_are_refused(base, tmp_path):
         LoraSpec(lr=0)
 
 
+def test_a_checkpoint_for_another_base_and_patching_across_bases_are_refused(
+    base, examples, tmp_path
+):
+    from mechinterp.interventions.cross import cross_model_patching
+    from mechinterp.models.tiny import tiny_model
+
+    ckpt = tmp_path / "ckpt"
+    train_lora(base, examples, LoraSpec(steps=1, r=2), ckpt, device="cpu", progress=False)
+    # the adapter pointed at a base of another width: merging fails with a clear error
+    wider = tmp_path / "wider"
+    tiny_model(n_kv_heads=2, d_model=96, directory=wider)
+    cfg = json.loads((ckpt / "adapter_config.json").read_text())
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for f in ckpt.iterdir():
+        (moved / f.name).write_bytes(f.read_bytes())
+    (moved / "adapter_config.json").write_text(
+        json.dumps({**cfg, "base_model_name_or_path": str(wider)})
+    )
+    with pytest.raises(ValueError, match="does not fit its base .*another base model"):
+        load_model(moved)
+    # same shape and tokenizer, other weights: a fine-tune of another base is not a donor
+    other = tmp_path / "other"
+    tiny_model(n_kv_heads=2, seed=1, directory=other)
+    with pytest.raises(ValueError, match="different base models"):
+        cross_model_patching(load_model(other), load_model(ckpt), examples[:1], {"a": ["L0H0"]},
+                             max_new_tokens=2, progress=False)  # fmt: skip
+    # its own base is fine (the check compares the base weights' hashes)
+    df = cross_model_patching(load_model(base), load_model(ckpt), examples[:1], {"a": ["L0H0"]},
+                              max_new_tokens=2, progress=False)  # fmt: skip
+    assert set(df["condition"]) == {"recipient", "donor", "a"}
+
+
 # ---------------------------------------------------------------- LoFiT
 
 

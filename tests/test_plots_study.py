@@ -133,7 +133,7 @@ def test_recall_scatter_places_markers_and_fits_the_variants(variants):
     fit, points, ref = fig.data
     assert list(points.x) == [0.2, 0.5, 0.8] and list(points.y) == [0.3, 0.5, 0.7]
     assert list(points.text) == ["synth-a", "synth-b", "synth-c"]
-    assert list(ref.x) == [1.0] and list(ref.y) == [0.9] and ref.name == "reference (real data)"
+    assert list(ref.x) == [1.0] and list(ref.y) == [0.9] and ref.name == "real"
     assert ref.marker.symbol != points.marker.symbol
     # the fit is over the variants only: y = 2/3 x + 1/6 here, not pulled by the reference
     np.testing.assert_allclose(fit.x, [0.2, 0.8])
@@ -169,7 +169,7 @@ def test_recall_figure_script_draws_from_a_csv_and_its_correlation(variants, tmp
     out = tmp_path / "fig"
     assert main([str(table), "--out", str(out), "--reference", "real", "--no-png"]) == 0
     html = (out / "recall_vs_performance.html").read_text()
-    assert "= 0.90 [0.40, 1.00], n = 5" in html and "reference (real data)" in html  # ρ is escaped
+    assert "= 0.90 [0.40, 1.00], n = 5" in html and '"name":"real"' in html  # ρ is escaped
     assert not (out / "recall_vs_performance.png").exists()
     assert "recall_vs_performance.html" in capsys.readouterr().out
 

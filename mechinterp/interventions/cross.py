@@ -33,7 +33,8 @@ from mechinterp.tasks.example import Example
 
 
 def check_same_shape(donor, recipient) -> None:
-    """Refuse cross-model patching between models of different shapes or tokenizers."""
+    """Refuse cross-model patching between models of different shapes or tokenizers, or between
+    a LoRA fine-tune and a model of another base (their base weights' hashes differ)."""
     a, b = HeadShape.of(donor), HeadShape.of(recipient)
     if (
         a != b
@@ -44,6 +45,15 @@ def check_same_shape(donor, recipient) -> None:
             f"donor and recipient differ in shape ({a}, d_head {donor.cfg.d_head} vs {b}, "
             f"d_head {recipient.cfg.d_head}); cross-model patching needs one architecture"
         )
+    ca, cb = (getattr(m, "mechinterp_card", None) for m in (donor, recipient))
+    if ca is not None and cb is not None and (ca.lora or cb.lora):
+        sa, sb = ca.source_sha256, cb.source_sha256  # a LoRA model's card holds its base's hash
+        if sa and sb and sa != sb:
+            raise ValueError(
+                f"donor ({ca.id}) and recipient ({cb.id}) come from different base models "
+                f"(weights sha256 {sa[:12]} vs {sb[:12]}); cross-model patching compares "
+                "fine-tunes of one base"
+            )
     if donor.tokenizer.get_vocab() != recipient.tokenizer.get_vocab():
         raise ValueError(
             "donor and recipient tokenizers differ; patch between models that "

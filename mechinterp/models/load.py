@@ -255,9 +255,12 @@ def _load_lora(directory: Path, *, dtype, device, rope_theta, n_ctx) -> Transfor
     try:
         merged = PeftModel.from_pretrained(hf_model, directory).merge_and_unload()
     except (RuntimeError, ValueError, KeyError) as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        first = next((ln for ln in lines if "mismatch" in ln), lines[0] if lines else repr(e))
+        more = f" (+{len(lines) - 2} more)" if len(lines) > 2 else ""
         raise ValueError(
-            f"LoRA checkpoint {directory} does not fit its base {base} ({e}); was it trained on "
-            "another base model?"
+            f"LoRA checkpoint {directory} does not fit its base {base}: {first}{more}. Was it "
+            "trained on another base model?"
         ) from e
     if (directory / "tokenizer.json").is_file():
         tokenizer_dir = directory

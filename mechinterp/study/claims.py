@@ -216,10 +216,10 @@ def compute_claims(tables: dict[str, pd.DataFrame], config) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def headline(claims: pd.DataFrame) -> pd.DataFrame:
+def headline(claims: pd.DataFrame, statements: dict[str, str] = CLAIMS) -> pd.DataFrame:
     """One row per claim: its statement and the verdict of its primary rows."""
     out = []
-    for claim, statement in CLAIMS.items():
+    for claim, statement in statements.items():
         prim = claims[(claims["claim"] == claim) & claims["primary"]]
         verdicts = set(prim["verdict"])
         if not verdicts:

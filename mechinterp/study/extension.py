@@ -27,9 +27,44 @@ from mechinterp import store
 from mechinterp.finetune.lora import LoraSpec
 from mechinterp.runner import Engine, Shard, ShardStats, run_shards
 from mechinterp.runs.common import ModelSpec
-from mechinterp.study.config import DetectStage
+from mechinterp.study.config import ClaimSettings, DetectStage, KnockoutScope
 
 REFERENCE_LABEL = "reference (realistic needles in real essays)"
+
+
+@dataclass(frozen=True)
+class ModelKnockout:
+    """Step 5, per model: its own top-k heads vs k random heads from the complement of its top
+    max(ks) (one draw per seed), on the reference task's held-out examples. As in the study, each
+    example is answered once and the response teacher-forced under every condition; the answer
+    counts as retrieved while every answer token stays the greedy choice."""
+
+    ks: tuple[int, ...] = (5, 10)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    modes: tuple[Literal["zero", "uniform"], ...] = ("zero",)
+    scope: KnockoutScope = "decode"
+    target: Literal["response", "gold"] = "response"  # gold: teacher-force the gold answer
+
+    def __post_init__(self) -> None:
+        if not self.ks or min(self.ks) < 1 or not self.seeds or not self.modes:
+            raise ValueError("knockout needs ks >= 1, at least one seed and one mode")
+
+
+@dataclass(frozen=True)
+class ExtensionClaims:
+    """How the report judges the paper's claims (a bootstrap CI and a minimum effect each; see
+    `mechinterp.study.extension_report`)."""
+
+    min_correlation: float = 0.5  # recall predicts performance: Spearman ρ
+    min_subset: float = 0.5  # "mostly a subset": share of a synthetic model's heads in H_real
+    min_gain: float = 0.0  # Inter minus Rand, F1 after patching
+    k: int = 10  # the knockout k whose rows are judged (largest tested k when absent)
+    min_drop: float = 0.2
+    n_boot: int = 2000
+    level: float = 0.95
+    seed: int = 0
+
+    __post_init__ = ClaimSettings.__post_init__  # the same checks of level and n_boot
 
 
 @dataclass(frozen=True)
@@ -45,7 +80,11 @@ class ExtensionConfig:
     doc_words: int = 100
     lora: LoraSpec = field(default_factory=lambda: LoraSpec(steps=100, save_every=25))
     detect: DetectStage = field(default_factory=DetectStage)
+    detect_on: Literal["niah", "task"] = "niah"
+    n_detect: int = 16
+    knockout: ModelKnockout = field(default_factory=ModelKnockout)
     cross_seeds: tuple[int, ...] = (0, 1, 2)
+    claims: ExtensionClaims = field(default_factory=ExtensionClaims)
     max_new_tokens: int = 32
     template: Literal["chat", "plain"] | None = None
 
@@ -58,40 +97,58 @@ class ExtensionConfig:
             raise ValueError(f"variants repeat the reference variant {self.reference!r}")
         if not self.variants:
             raise ValueError("at least one synthetic variant is needed")
-        if self.n_train < 1 or self.n_eval < 1:
-            raise ValueError("n_train and n_eval must be >= 1")
+        if self.n_train < 1 or self.n_eval < 1 or self.n_detect < 1:
+            raise ValueError("n_train, n_eval and n_detect must be >= 1")
 
     @property
     def slug(self) -> str:
         return f"extension-{Path(self.model.name).name}-{self.task}"
 
 
-def data_args(config: ExtensionConfig, variant: str, split: Literal["train", "eval"]) -> dict:
+SPLITS = {"train": 0, "eval": 1, "detect": 2}  # split -> generation seed (disjoint examples)
+
+
+def data_args(
+    config: ExtensionConfig, variant: str, split: Literal["train", "eval", "detect"]
+) -> dict:
     """What builds one split of one variant (only these go into a shard's inputs, so changing
-    another part of the config does not recompute the shard)."""
+    another part of the config does not recompute the shard). A user's `reference_data` file
+    serves evaluation; detection on the task uses the held-out examples after those."""
+    n = {"train": config.n_train, "eval": config.n_eval, "detect": config.n_detect}[split]
+    user = config.reference_data if split != "train" else None
     return {
         "task": config.task,
         "variant": variant,
-        "n": config.n_train if split == "train" else config.n_eval,
-        "seed": 0 if split == "train" else 1,
+        "n": n,
+        "seed": SPLITS[split],
         "n_docs": config.n_docs,
         "doc_words": config.doc_words,
-        "data": config.reference_data if split == "eval" else None,
+        "data": user,
+        "skip": config.n_eval if user and split == "detect" else 0,
     }
 
 
-def build_data(*, task, variant, n, seed, n_docs, doc_words, data) -> list:
-    """A variant's synthetic examples, or a user's JSONL file (`data`)."""
+def build_data(*, task, variant, n, seed, n_docs, doc_words, data, skip=0) -> list:
+    """A variant's synthetic examples, or examples `skip`..`skip + n` of a user's JSONL file."""
     from mechinterp.runs.common import parse_variant
     from mechinterp.tasks.mdqa import load_mdqa, synthetic_mdqa
     from mechinterp.tasks.multihop import load_musique, synthetic_multihop
 
     if data:
-        return (load_mdqa if task == "mdqa" else load_musique)(data, limit=n)
+        exs = (load_mdqa if task == "mdqa" else load_musique)(data, limit=skip + n)[skip:]
+        if not exs:
+            raise ValueError(
+                f"{data} holds no {task} examples after the first {skip}: point reference_data "
+                "at a file with more examples, or lower n_eval / n_detect"
+            )
+        return exs
     realism, diversity = parse_variant(variant)
     make = synthetic_mdqa if task == "mdqa" else synthetic_multihop
-    return make(n, n_docs=n_docs, realism=realism, diversity=diversity, seed=seed,
-                doc_words=doc_words)  # fmt: skip
+    exs = make(n, n_docs=n_docs, realism=realism, diversity=diversity, seed=seed,
+               doc_words=doc_words)  # fmt: skip
+    if not exs:
+        raise ValueError(f"variant {variant!r} produced no {task} examples; raise n")
+    return exs
 
 
 # ---------------------------------------------------------------- shard functions
@@ -129,20 +186,56 @@ def eval_shard(
 
 
 def detect_model_shard(
-    model, *, base: dict, detect: dict, variant: str, checkpoint: str, trained: str, template
-) -> pd.DataFrame:
-    """Retrieval scores of the fine-tuned model on the detection grid (instance × head rows)."""
+    model, *, base: dict, detect: dict, data: dict | None, variant: str, checkpoint: str,
+    trained: str, template,
+) -> pd.DataFrame:  # fmt: skip
+    """Retrieval scores of the fine-tuned model (instance × head rows): on the NIAH grid
+    (needle span), or with `data` on the reference task's own examples, where the needle is the
+    gold answer's span in the gold document (models fine-tuned on short answers copy just that)."""
     from mechinterp.config import from_dict
     from mechinterp.study.stages import detect_shard
     from mechinterp.tasks.niah import niah_grid
 
     d, fine = from_dict(DetectStage, detect), _load(base, checkpoint)
-    grid = d.niah
-    exs = niah_grid(fine.tokenizer, lengths=grid.lengths, depths=grid.depths,
-                    needles=list(grid.needles), haystack=grid.haystack, seed=grid.seed)  # fmt: skip
+    if data is None:
+        g = d.niah
+        exs = niah_grid(fine.tokenizer, lengths=g.lengths, depths=g.depths,
+                        needles=list(g.needles), haystack=g.haystack, seed=g.seed)  # fmt: skip
+    else:
+        exs = build_data(**data)
     return detect_shard(fine, examples=[e.to_dict() for e in exs], convention=d.convention,
                         gate=d.gate, max_new_tokens=d.max_new_tokens, batch_size=d.batch_size,
-                        template=template).assign(model_variant=variant)  # fmt: skip
+                        template=template, span="needle" if data is None else "answer",
+                        ).assign(model_variant=variant)  # fmt: skip
+
+
+def knockout_model_shard(
+    model, *, base: dict, data: dict, variant: str, checkpoint: str, trained: str,
+    ranked: list[str], shape: list[int], knockout: dict, max_new_tokens: int, template,
+) -> pd.DataFrame:  # fmt: skip
+    """A model's own top-k heads vs random complement heads on the reference task (the study's
+    knockout: answered once, then every condition teacher-forced in one batch per example)."""
+    from mechinterp.config import from_dict
+    from mechinterp.heads import HeadShape, parse_heads
+    from mechinterp.study.stages import baseline_shard, knockout_conditions, knockout_shard
+
+    ko, fine = from_dict(ModelKnockout, knockout), _load(base, checkpoint)
+    exs = [e.to_dict() for e in build_data(**data)]
+    clean = baseline_shard(fine, examples=exs, max_new_tokens=max_new_tokens, batch_size=4,
+                           target=ko.target, template=template)  # fmt: skip
+    keep = clean["scorable"].to_numpy()
+    grid = HeadShape(shape[0], shape[1], shape[1])
+    conds = knockout_conditions(parse_heads(ranked, grid), grid, ks=ko.ks, seeds=ko.seeds,
+                                modes=ko.modes)  # fmt: skip
+    responses = [{"response_ids": list(r.target_ids), "answer_start": int(r.answer_start),
+                  "answer_end": int(r.answer_end)} for r in clean[keep].itertuples()]  # fmt: skip
+    if not responses:  # the model never wrote the answer: nothing to knock out
+        return pd.DataFrame(columns=["example_id", "mode", "k", "condition", "seed", "retrieved",
+                                     "answer_logprob", "model_variant", "n_answered"])  # fmt: skip
+    kept = [e for e, k in zip(exs, keep, strict=True) if k]
+    df = knockout_shard(fine, examples=kept, responses=responses, conditions=conds,
+                        scope=ko.scope, template=template)  # fmt: skip
+    return df.assign(model_variant=variant, n_answered=len(kept), n_examples=len(exs))
 
 
 def cross_shard(
@@ -162,6 +255,22 @@ def cross_shard(
 # ---------------------------------------------------------------- analysis (tables only)
 
 
+def model_scores(per_instance: pd.DataFrame, detect: DetectStage) -> pd.DataFrame:
+    """Per model and head: score, frequency, rank (`combine_detect` per model); a model none of
+    whose instances passed the gate gets NaN scores and no heads, with a warning."""
+    from mechinterp.study.stages import combine_detect
+
+    frames = []
+    for v, g in per_instance.groupby("model_variant", sort=False):
+        try:
+            frames.append(combine_detect(g, detect.threshold, detect.top_k))
+        except ValueError as e:  # no instance passed the gate: this model gets no heads
+            warnings.warn(f"{v}: {e}; its head set is empty", stacklevel=2)
+            frames.append(_no_heads(g))
+        frames[-1] = frames[-1].assign(model_variant=v)
+    return pd.concat(frames, ignore_index=True)
+
+
 def head_sets(scores: pd.DataFrame, detect: DetectStage) -> dict[str, list[str]]:
     """Each model's retrieval heads (score > threshold, or its top_k), best first."""
     out = {}
@@ -174,7 +283,8 @@ def head_sets(scores: pd.DataFrame, detect: DetectStage) -> dict[str, list[str]]
 
 
 def compare_heads(scores: pd.DataFrame, sets: dict[str, list[str]], reference: str) -> pd.DataFrame:
-    """Per model: recall of the reference model's heads, Jaccard, Spearman of the score vectors."""
+    """Per model: recall of the reference model's heads, the share of its own heads that are
+    reference heads (`subset_share`; "mostly a subset"), Jaccard, Spearman of the score vectors."""
     from scipy import stats
 
     ref = set(sets[reference])
@@ -183,13 +293,14 @@ def compare_heads(scores: pd.DataFrame, sets: dict[str, list[str]], reference: s
     for variant, heads in sets.items():
         mine = scores[scores["model_variant"] == variant].set_index("head_name")["score"]
         mine = mine.reindex(ref_scores.index)
-        union = ref | set(heads)
+        both, union = ref & set(heads), ref | set(heads)
         varied = mine.nunique() > 1 and ref_scores.nunique() > 1
         rows.append({
             "model_variant": variant,
             "n_heads": len(heads),
-            "recall": len(ref & set(heads)) / len(ref) if ref else float("nan"),
-            "jaccard": len(ref & set(heads)) / len(union) if union else float("nan"),
+            "recall": len(both) / len(ref) if ref else float("nan"),
+            "subset_share": len(both) / len(heads) if heads else float("nan"),
+            "jaccard": len(both) / len(union) if union else float("nan"),
             "spearman": (
                 float(stats.spearmanr(mine, ref_scores).statistic) if varied else float("nan")
             ),
@@ -209,6 +320,17 @@ def _no_heads(per_instance: pd.DataFrame) -> pd.DataFrame:
                         n_instances=0).reset_index(drop=True)  # fmt: skip
 
 
+def finetune_shards(config: ExtensionConfig, checkpoints: Path) -> list[Shard]:
+    """Stage 1: one LoRA fine-tune per variant, the reference first."""
+    from mechinterp.config import to_dict
+
+    everyone = (config.reference, *config.variants)
+    return [Shard(f"finetune/{v}", finetune_shard, {
+        "base": to_dict(config.model), "data": data_args(config, v, "train"),
+        "lora": to_dict(config.lora), "template": config.template,
+        "directory": str(checkpoints / v)}) for v in everyone]  # fmt: skip
+
+
 def run_extension(
     config: ExtensionConfig,
     root: str | Path = "runs",
@@ -219,19 +341,19 @@ def run_extension(
     png: bool | None = True,
     progress: bool = True,
 ) -> Path:
-    """Run (or resume) the pipeline; write the `losses`, `eval`, `detect_scores`, `heads` and
-    `cross` tables, `correlation.json` and `recall_vs_performance.html/.png` (`png=False`: HTML
-    only; `png=None`: no figure)."""
-    from mechinterp.analysis.stats import correlate
+    """Run (or resume) the pipeline; write its tables (`losses`, `eval`, `detect_instances`,
+    `knockout`, `cross`), then the analysis from those tables alone (`extension_report.analyse`:
+    head sets and recall, the correlation, claims, report.md and figures; `png=False`: HTML
+    figures only, `png=None`: none)."""
     from mechinterp.config import to_dict
     from mechinterp.heads import HeadShape
     from mechinterp.interventions.cross import patch_head_sets
-    from mechinterp.study.stages import combine_detect
+    from mechinterp.study.extension_report import analyse
 
     out = Path(out) if out is not None else store.run_dir(root, config.slug, config)
     out.mkdir(parents=True, exist_ok=True)
     store.write_json(out / "config.json", to_dict(config))
-    t0, stats = time.perf_counter(), ShardStats()
+    t0, stats, timings = time.perf_counter(), ShardStats(), {}
     shard_dir, ckpt = out / "shards", out / "checkpoints"
     everyone = (config.reference, *config.variants)
     common = {"model": None, "engine": engine, "ray_address": ray_address, "progress": progress,
@@ -240,47 +362,47 @@ def run_extension(
         if not (ckpt / v / "adapter_config.json").is_file():
             for suffix in (".json", ".parquet"):
                 (shard_dir / "finetune" / f"{v}{suffix}").unlink(missing_ok=True)
-    base, ev = to_dict(config.model), data_args(config, config.reference, "eval")
-    tpl = config.template
-    finetune = [Shard(f"finetune/{v}", finetune_shard, {
-        "base": base, "data": data_args(config, v, "train"), "lora": to_dict(config.lora),
-        "template": tpl, "directory": str(ckpt / v)}) for v in everyone]  # fmt: skip
-    losses = run_shards(finetune, shard_dir, desc="1/4 fine-tune", **common)
+    base, ev, tpl = (
+        to_dict(config.model),
+        data_args(config, config.reference, "eval"),
+        config.template,
+    )
+
+    def stage(name, shards, desc):
+        t = time.perf_counter()
+        df = run_shards(shards, shard_dir, desc=desc, **common)
+        timings[f"{name}_s"] = round(time.perf_counter() - t, 1)
+        return df
+
+    finetune = finetune_shards(config, ckpt)
+    losses = stage("finetune", finetune, "1/5 fine-tune")
     point = {v: str(ckpt / v) for v in everyone}
     # a checkpoint's fingerprint: later shards that read it recompute when it is retrained
     trained = {s.args["data"]["variant"]: s.args_hash for s in finetune}
-    evals = run_shards([Shard(f"eval/{v}", eval_shard, {
+    evals = stage("eval", [Shard(f"eval/{v}", eval_shard, {
         "base": base, "data": ev, "variant": v, "checkpoint": point[v], "trained": trained[v],
         "max_new_tokens": config.max_new_tokens, "template": tpl}) for v in everyone],
-        shard_dir, desc="2/4 evaluate", **common)  # fmt: skip
-    per = run_shards([Shard(f"detect/{v}", detect_model_shard, {
-        "base": base, "detect": to_dict(config.detect), "variant": v, "checkpoint": point[v],
-        "trained": trained[v], "template": tpl}) for v in everyone],
-        shard_dir, desc="3/4 detect", **common)  # fmt: skip
-    frames = []
-    for v, g in per.groupby("model_variant", sort=False):
-        try:
-            frames.append(combine_detect(g, config.detect.threshold, config.detect.top_k))
-        except ValueError as e:  # no instance passed the gate: this model gets no heads
-            warnings.warn(f"{v}: {e}; its head set is empty", stacklevel=2)
-            frames.append(_no_heads(g))
-        frames[-1] = frames[-1].assign(model_variant=v)
-    scores = pd.concat(frames, ignore_index=True)
+        "2/5 evaluate")  # fmt: skip
+    on_task = data_args(config, config.reference, "detect") if config.detect_on == "task" else None
+    per = stage("detect", [Shard(f"detect/{v}", detect_model_shard, {
+        "base": base, "detect": to_dict(config.detect), "data": on_task, "variant": v,
+        "checkpoint": point[v], "trained": trained[v], "template": tpl}) for v in everyone],
+        "3/5 detect")  # fmt: skip
+    scores = model_scores(per, config.detect)
     sets = head_sets(scores, config.detect)
-    heads = compare_heads(scores, sets, config.reference)
-    perf = evals.groupby("model_variant", sort=False)["f1"].mean().rename("performance")
-    heads = heads.merge(perf.reset_index(), on="model_variant")
-    heads["label"] = heads["model_variant"].where(
-        heads["model_variant"] != config.reference, REFERENCE_LABEL
-    )
-    syn = heads[heads["model_variant"] != config.reference]
-    corr = None
-    if len(syn) >= 3 and syn["recall"].nunique() > 1 and syn["performance"].nunique() > 1:
-        c = correlate(syn["recall"], syn["performance"], method="spearman", n_boot=2000)
-        corr = {"method": c.method, "estimate": c.estimate, "low": c.low, "high": c.high, "n": c.n}
     # the head grid, read from the score table (random heads only need layers × heads)
     n_layers, n_heads = int(scores["layer"].max()) + 1, int(scores["head"].max()) + 1
     shape = HeadShape(n_layers, n_heads, n_heads)
+    ko_shards = []
+    for v, g in scores.groupby("model_variant", sort=False):
+        if g["score"].notna().any():  # a model with no scores has no ranking to knock out
+            ranked = g.sort_values("rank")["head_name"].tolist()
+            ko_shards.append(Shard(f"knockout/{v}", knockout_model_shard, {
+                "base": base, "data": ev, "variant": v, "checkpoint": point[v],
+                "trained": trained[v], "ranked": ranked, "shape": [n_layers, n_heads],
+                "knockout": to_dict(config.knockout), "max_new_tokens": config.max_new_tokens,
+                "template": tpl}))  # fmt: skip
+    knockout = stage("knockout", ko_shards, "4/5 knockout")
     cross_shards = []
     for v in config.variants if sets[config.reference] else ():
         built = patch_head_sets(sets[config.reference], sets[v], shape, seeds=config.cross_seeds)
@@ -289,29 +411,17 @@ def run_extension(
             "base": base, "data": ev, "variant": v, "donor": point[config.reference],
             "recipient": point[v], "sets": named, "max_new_tokens": config.max_new_tokens,
             "trained": [trained[config.reference], trained[v]], "template": tpl}))  # fmt: skip
-    cross = run_shards(cross_shards, shard_dir, desc="4/4 cross-model patching", **common)
-    store.write_table(losses, out / "losses.parquet")
-    store.write_table(evals, out / "eval.parquet")
-    store.write_table(scores, out / "detect_scores.parquet")
-    store.write_table(heads, out / "heads.csv")
-    store.write_table(heads.rename(columns={"label": "variant"}), out / "recall.csv")
-    if len(cross):
-        store.write_table(cross, out / "cross.parquet")
-    store.write_json(out / "correlation.json", corr or {})
-    drawable = heads.dropna(subset=["recall", "performance"])
-    if png is not None and len(drawable):  # no recall when the reference model has no heads
-        from mechinterp.plots import recall_scatter
-
-        fig = recall_scatter(
-            drawable.rename(columns={"label": "variant"}), reference=REFERENCE_LABEL,
-            correlation=corr, title=f"{Path(config.model.name).name} · {config.task}: head recall "
-            "vs task F1 per fine-tuning variant",
-        )  # fmt: skip
-        store.write_figure(
-            fig, out / "recall_vs_performance", formats=("html", "png") if png else ("html",)
-        )
+    cross = stage("cross", cross_shards, "5/5 cross-model patching")
+    for name, df in (("losses", losses), ("eval", evals), ("detect_instances", per),
+                     ("knockout", knockout), ("cross", cross)):  # fmt: skip
+        if len(df):
+            store.write_table(df, out / f"{name}.parquet")
+        else:
+            (out / f"{name}.parquet").unlink(missing_ok=True)
+    analyse(out, png=png)
+    timings["total_s"] = round(time.perf_counter() - t0, 1)
     store.write_json(out / "provenance.json", store.provenance(
         engine=engine, spec=asdict(config.lora),
         shards={"computed": len(stats.computed), "skipped": len(stats.skipped)},
-        timings={"total_s": round(time.perf_counter() - t0, 1)}))  # fmt: skip
+        timings=timings))  # fmt: skip
     return out

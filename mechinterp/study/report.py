@@ -17,25 +17,30 @@ from mechinterp.study.claims import bootstrap, compute_claims, headline
 TABLES = ("detect_scores", "detect_instances", "baseline", "knockout", "patch")
 
 
-def read_config(run_dir: str | Path):
+def read_config(run_dir: str | Path, kind=None, what: str = "study"):
+    """The run's config as `kind` (default `StudyConfig`), from its config.json."""
     from mechinterp.config import from_dict
     from mechinterp.study.config import StudyConfig
 
     path = Path(run_dir) / "config.json"
     if not path.is_file():
-        raise ValueError(f"{run_dir} is not a study run directory (no config.json)")
-    return from_dict(StudyConfig, json.loads(path.read_text()))
+        raise ValueError(f"{run_dir} is not a {what} run directory (no config.json)")
+    return from_dict(kind or StudyConfig, json.loads(path.read_text()))
 
 
-def read_tables(run_dir: str | Path) -> dict[str, pd.DataFrame]:
+def read_tables(
+    run_dir: str | Path, names=TABLES, required=("detect_instances",), what: str = "study"
+) -> dict[str, pd.DataFrame]:
+    """The run's `names` tables that exist; a missing `required` one is an error."""
     run_dir = Path(run_dir)
     out = {}
-    for name in TABLES:
+    for name in names:
         path = run_dir / f"{name}.parquet"
         if path.is_file():
             out[name] = pd.read_parquet(path)
-    if "detect_instances" not in out:
-        raise ValueError(f"{run_dir} has no detect_instances.parquet: the study has not finished")
+    for name in required:
+        if name not in out:
+            raise ValueError(f"{run_dir} has no {name}.parquet: the {what} has not finished")
     return out
 
 

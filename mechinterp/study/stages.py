@@ -61,9 +61,11 @@ def detect_shard(
     max_new_tokens: int,
     batch_size: int,
     template: str | None,
+    span: str = "needle",
 ) -> pd.DataFrame:
     """Wu retrieval scores of every head on some detection instances: one row per (instance,
-    head) with the instance's ROUGE-1 recall and whether it passes the gate (`counted`)."""
+    head) with the instance's ROUGE-1 recall and whether it passes the gate (`counted`).
+    `span` names the prompt span a copied token must come from."""
     from mechinterp.detect.retrieval import retrieval_scores
     from mechinterp.evaluate import render_all
 
@@ -77,6 +79,7 @@ def detect_shard(
         gate=None,  # gate below, over the whole grid: a shard may hold no passing instance
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
+        span=span,
     )
     inst = det.instances.set_index("instance_id")
     per = det.per_instance_frame().drop(columns="counted")

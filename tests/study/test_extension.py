@@ -10,7 +10,12 @@ import pytest
 from mechinterp.finetune import LoraSpec
 from mechinterp.runs.common import ModelSpec
 from mechinterp.study.config import DetectStage, NiahSpec
-from mechinterp.study.extension import REFERENCE_LABEL, ExtensionConfig, run_extension
+from mechinterp.study.extension import (
+    REFERENCE_LABEL,
+    ExtensionConfig,
+    ModelKnockout,
+    run_extension,
+)
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +31,7 @@ def config(tmp_path_factory):
         lora=LoraSpec(r=2, lr=1e-2, steps=3, save_every=3),
         detect=DetectStage(niah=NiahSpec(needles=(0,), lengths=(400,), depths=(0.5,)),
                            gate=None, top_k=3, max_new_tokens=6),
+        knockout=ModelKnockout(ks=(1, 2), seeds=(0,), target="gold"),  # random model: never answers
         cross_seeds=(0,),
     )  # fmt: skip
 
@@ -53,6 +59,43 @@ def test_the_pipeline_runs_end_to_end_and_resumes_after_a_kill(config, tmp_path,
     cross = pd.read_parquet(out / "cross.parquet")
     assert {"recipient", "donor"} <= set(cross["condition"])
     assert set(cross["model_variant"]) == set(config.variants)
+    knockout = pd.read_parquet(out / "knockout.parquet")
+    assert set(knockout["model_variant"]) <= {"realistic-high", *config.variants}
+    claims = pd.read_csv(out / "claims_headline.csv")
+    assert list(claims["claim"]) == ["recall_predicts", "subset", "inter_beats_rand", "necessary"]
+    assert "## Verdicts" in (out / "report.md").read_text()
+    assert set(json.loads((out / "provenance.json").read_text())["timings"]) >= {
+        "finetune_s", "eval_s", "detect_s", "knockout_s", "cross_s", "total_s"}  # fmt: skip
+
+
+def test_the_report_and_figures_regenerate_from_the_tables_alone(config, tmp_path, monkeypatch):
+    from mechinterp import cli
+    from mechinterp.models import load as load_module
+
+    out = run_extension(config, out=tmp_path / "run", png=False, progress=False)
+    before = pd.read_csv(out / "claims.csv")
+    (out / "claims.csv").unlink()
+    (out / "report.md").unlink()
+
+    def no_model(*a, **k):
+        raise AssertionError("the report must not load a model")
+
+    monkeypatch.setattr(load_module, "load_model", no_model)
+    assert cli.main(["report", str(out)]) == 0
+    pd.testing.assert_frame_equal(pd.read_csv(out / "claims.csv"), before)
+    assert cli.main(["figures", str(out), "--no-png"]) == 0
+    for name in ("head_overlap", "cross_patching", "knockout_by_model"):
+        assert (out / "figures" / f"{name}.html").is_file()
+
+
+def test_detection_on_the_task_uses_the_answer_span(config, tmp_path):
+    import dataclasses
+
+    on_task = dataclasses.replace(config, detect_on="task", n_detect=2)
+    out = run_extension(on_task, out=tmp_path / "run", png=None, progress=False)
+    per = pd.read_parquet(out / "detect_instances.parquet")
+    assert per["instance_id"].str.startswith("mdqa-realistic-high-s2-").all()  # held-out seed
+    assert per.groupby("model_variant")["instance_id"].nunique().eq(2).all()
 
 
 def test_bad_extension_configs_are_refused():
@@ -69,7 +112,19 @@ def test_the_mini_config_loads():
 
     path = Path(__file__).parents[2] / "experiments" / "extension-mini.yaml"
     config = load_config(ExtensionConfig, path)
-    assert config.lora.steps == 100 and len(config.variants) == 4
+    assert config.lora.steps == 150 and len(config.variants) == 4
+    assert config.detect_on == "task" and config.knockout.ks == (5, 10)
+
+
+@pytest.mark.parametrize("name", ["extension-multihop-mini", "extension-full"])
+def test_the_other_extension_configs_load(name):
+    from pathlib import Path
+
+    from mechinterp.config import load_config
+
+    path = Path(__file__).parents[2] / "experiments" / f"{name}.yaml"
+    config = load_config(ExtensionConfig, path)
+    assert config.detect_on == "task" and config.reference == "realistic-high"
 
 
 def test_a_model_that_passes_no_detection_gate_gets_an_empty_head_set(config, tmp_path):
@@ -78,7 +133,7 @@ def test_a_model_that_passes_no_detection_gate_gets_an_empty_head_set(config, tm
     strict = dataclasses.replace(config, detect=dataclasses.replace(config.detect, gate=0.99))
     with pytest.warns(UserWarning, match="its head set is empty"):
         out = run_extension(strict, out=tmp_path / "run", png=False, progress=False)
-    assert not (out / "recall_vs_performance.html").exists()
+    assert not (out / "figures" / "recall_vs_performance.html").exists()
     heads = pd.read_csv(out / "heads.csv")
     assert heads["n_heads"].eq(0).all() and not (out / "cross.parquet").exists()
 
@@ -88,12 +143,12 @@ def test_changing_one_stage_recomputes_only_what_depends_on_it(config, tmp_path)
 
     out = tmp_path / "run"
     run_extension(config, out=out, png=None, progress=False)
-    more_tokens = dataclasses.replace(config, max_new_tokens=5)  # evaluation + patching only
+    more_tokens = dataclasses.replace(config, max_new_tokens=5)  # the stages that generate
     run_extension(more_tokens, out=out, png=None, progress=False)
     prov = json.loads((out / "provenance.json").read_text())
     n = 1 + len(config.variants)
     assert prov["shards"]["skipped"] == 2 * n  # fine-tunes and detections reused
-    assert prov["shards"]["computed"] == n + len(config.variants)  # evals and cross
+    assert prov["shards"]["computed"] == 2 * n + len(config.variants)  # eval, knockout, cross
     retrained = dataclasses.replace(config, lora=dataclasses.replace(config.lora, seed=1))
     run_extension(retrained, out=out, png=None, progress=False)
     prov = json.loads((out / "provenance.json").read_text())

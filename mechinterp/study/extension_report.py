@@ -1,0 +1,384 @@
+"""The extension pipeline's analysis, claims report and figures, from its stored tables only.
+
+analyse(run_dir)    # detect_scores, heads.csv, recall.csv, correlation.json, cross_summary.csv,
+                    # knockout_summary.csv, claims.csv, report.md, figures/*
+
+Claims (each row: an effect, a percentile bootstrap CI, a verdict as in `study.claims.verdict`):
+
+1. recall_predicts — "head recall predicts task performance": Spearman ρ between each synthetic
+   model's recall of the reference model's heads and its F1 on the reference task (primary;
+   bootstrap over variants, so N is the number of variants), Pearson r (secondary).
+2. subset — "synthetic heads are mostly a subset of the reference heads": per synthetic model, the
+   share of its heads that the reference model also has; the mean over models (primary,
+   bootstrap over models) must exceed `min_subset`; per model (secondary, bootstrap over heads).
+3. inter_beats_rand — "patching Inter heads recovers more than Rand": per (synthetic model,
+   example), F1 with Inter patched in minus the mean F1 over the Rand draws (primary; bootstrap
+   over those pairs); the same on the answer's log-prob (secondary).
+4. necessary — "each model's own top-k heads matter more than k random heads": the study's
+   necessity rows, per model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from mechinterp import store
+from mechinterp.study.claims import _row, bootstrap, headline, necessity_rows
+
+CLAIMS = {
+    "recall_predicts": "Head recall (vs the reference model) predicts task performance across "
+    "fine-tuning variants",
+    "subset": "Synthetic models' retrieval heads are mostly a subset of the reference model's",
+    "inter_beats_rand": "Patching Inter heads from the reference model recovers more than Rand "
+    "heads",
+    "necessary": "Each model's own top-k heads matter more than k random heads (knockout)",
+}
+TABLES = ("losses", "eval", "detect_instances", "knockout", "cross")
+
+
+def read_config(run_dir: str | Path):
+    from mechinterp.study.extension import ExtensionConfig
+    from mechinterp.study.report import read_config as read
+
+    return read(run_dir, ExtensionConfig, what="extension")
+
+
+def read_tables(run_dir: str | Path) -> dict[str, pd.DataFrame]:
+    from mechinterp.study.report import read_tables as read
+
+    return read(run_dir, TABLES, required=("eval", "detect_instances"), what="pipeline")
+
+
+def is_extension_run(run_dir: str | Path) -> bool:
+    return (Path(run_dir) / "losses.parquet").is_file()
+
+
+# ---------------------------------------------------------------- derived tables
+
+
+def label_of(variant: str, config) -> str:
+    from mechinterp.study.extension import REFERENCE_LABEL
+
+    return REFERENCE_LABEL if variant == config.reference else variant
+
+
+def cross_summary(cross: pd.DataFrame) -> pd.DataFrame:
+    """Per (recipient variant, condition): mean F1 and answer log-prob, the normalised recovery
+    of each ((M − M_recipient) / (M_donor − M_recipient); NaN where the two tie), heads, n."""
+    from mechinterp.interventions.cross import summarise_cross
+
+    frames = []
+    for v, g in cross.groupby("model_variant", sort=False):
+        s = summarise_cross(g).assign(model_variant=v, n=g["example_id"].nunique())
+        frames.append(s)
+    return pd.concat(frames, ignore_index=True)
+
+
+def knockout_table(knockout: pd.DataFrame, settings) -> pd.DataFrame:
+    """Per (model, mode, condition) at the judged k: answer-retrieved rate over the answered
+    examples (random: mean over seeds per example first), bootstrap CI."""
+    k = judged_k(knockout, settings)
+    rows = []
+    for (v, mode), g in knockout.groupby(["model_variant", "mode"], sort=False):
+        if mode == "none":
+            continue
+        none = knockout[(knockout["model_variant"] == v) & (knockout["mode"] == "none")]
+        for cond, part in (("none", none), *((c, g[(g["k"] == k) & (g["condition"] == c)])
+                                             for c in ("top", "random"))):  # fmt: skip
+            per = part.groupby("example_id")["retrieved"].mean().astype(float).to_numpy()
+            if not len(per):
+                continue
+            est, lo, hi = bootstrap(lambda i, p=per: p[i].mean(), len(per),
+                                    n_boot=settings.n_boot, level=settings.level,
+                                    seed=settings.seed)  # fmt: skip
+            rows.append({"model_variant": v, "mode": mode, "k": 0 if cond == "none" else k,
+                         "condition": cond, "value": est, "lo": lo, "hi": hi,
+                         "n": len(per)})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def judged_k(knockout: pd.DataFrame, settings) -> int:
+    ks = sorted(set(knockout.loc[knockout["k"] > 0, "k"]))
+    return settings.k if settings.k in ks else ks[-1]
+
+
+def head_table(tables: dict[str, pd.DataFrame], config) -> tuple[pd.DataFrame, dict]:
+    """Per model: head count, recall / subset share / Jaccard / Spearman vs the reference model,
+    task F1 and EM on the reference task, and the knockout and patching effects; plus the
+    head sets (name -> heads, best first)."""
+    from mechinterp.study.extension import compare_heads, head_sets, model_scores
+
+    scores = model_scores(tables["detect_instances"], config.detect)
+    sets = head_sets(scores, config.detect)
+    heads = compare_heads(scores, sets, config.reference)
+    ev = tables["eval"].groupby("model_variant", sort=False)
+    perf = pd.DataFrame({"performance": ev["f1"].mean(), "em": ev["em"].mean(),
+                         "n_eval": ev.size()}).reset_index()  # fmt: skip
+    heads = heads.merge(perf, on="model_variant", how="left")
+    inst = tables["detect_instances"].drop_duplicates(["model_variant", "instance_id"])
+    counted = inst.groupby("model_variant")["counted"].sum().rename("n_detect_counted")
+    heads = heads.merge(counted.reset_index(), on="model_variant", how="left")
+    heads["label"] = [label_of(v, config) for v in heads["model_variant"]]
+    heads["heads"] = [" ".join(sets[v]) for v in heads["model_variant"]]
+    return heads, {"scores": scores, "sets": sets}
+
+
+def correlation(heads: pd.DataFrame, config, method: str = "spearman") -> dict:
+    """Recall vs F1 across the synthetic variants, with a bootstrap CI ({} if undefined)."""
+    from mechinterp.analysis.stats import correlate
+
+    syn = heads[heads["model_variant"] != config.reference].dropna(subset=["recall", "performance"])
+    if len(syn) < 3 or syn["recall"].nunique() < 2 or syn["performance"].nunique() < 2:
+        return {}
+    c = config.claims
+    r = correlate(syn["recall"], syn["performance"], method=method, n_boot=c.n_boot,
+                  level=c.level, seed=c.seed)  # fmt: skip
+    return {"method": r.method, "estimate": r.estimate, "low": r.low, "high": r.high,
+            "p_value": r.p_value, "n": r.n}  # fmt: skip
+
+
+# ---------------------------------------------------------------- claims
+
+
+def _nan_row(claim, label, metric, n, unit, *, minimum, why):
+    nan = float("nan")
+    return _row(claim, f"{label} ({why})", metric, nan, nan, nan, n, unit, primary=True,
+                null=0.0, minimum=minimum, rule="above")  # fmt: skip
+
+
+def compute_claims(tables, heads: pd.DataFrame, config) -> pd.DataFrame:
+    c = config.claims
+    boot = {"n_boot": c.n_boot, "level": c.level, "seed": c.seed}
+    syn = heads[heads["model_variant"] != config.reference]
+    rows = []
+    for method, primary in (("spearman", True), ("pearson", False)):
+        r = correlation(heads, config, method)
+        label = f"{method} correlation of recall with F1 across synthetic variants"
+        if not r:
+            if primary:
+                rows.append(_nan_row("recall_predicts", label, "correlation", len(syn), "ρ",
+                                     minimum=c.min_correlation,
+                                     why="undefined: < 3 variants or no variation"))  # fmt: skip
+            continue
+        rows.append(_row("recall_predicts", label, "correlation", r["estimate"], r["low"],
+                         r["high"], r["n"], "ρ" if method == "spearman" else "r",
+                         primary=primary, null=0.0, minimum=c.min_correlation if primary else 0.0,
+                         rule="above", p_value=r["p_value"]))  # fmt: skip
+    shares = syn.dropna(subset=["subset_share"])
+    if len(shares):
+        v = shares["subset_share"].to_numpy(dtype=float)
+        est, lo, hi = bootstrap(lambda i: v[i].mean(), len(v), **boot)
+        rows.append(_row("subset", "share of a synthetic model's heads that the reference model "
+                         "also has, mean over models", "subset_share", est, lo, hi, len(v),
+                         "share", primary=True, null=c.min_subset, minimum=c.min_subset,
+                         rule="above"))  # fmt: skip
+        ref = set(heads.loc[heads["model_variant"] == config.reference, "heads"].iloc[0].split())
+        for r in shares.itertuples():
+            inside = np.array([h in ref for h in r.heads.split()], dtype=float)
+            est, lo, hi = bootstrap(lambda i, x=inside: x[i].mean(), len(inside), **boot)
+            rows.append(_row("subset", f"{r.model_variant}: share of its {len(inside)} heads",
+                             "subset_share", est, lo, hi, len(inside), "share", primary=False,
+                             null=c.min_subset, minimum=c.min_subset, rule="above",
+                             model_variant=r.model_variant))  # fmt: skip
+    else:
+        rows.append(_nan_row("subset", "share of synthetic heads in the reference set",
+                             "subset_share", 0, "share", minimum=c.min_subset,
+                             why="no synthetic model has heads"))  # fmt: skip
+    rows += _inter_rows(tables.get("cross"), c, boot)
+    if len(tables.get("knockout", ())):
+        ko = tables["knockout"]
+        settings = _Settings(judged_k(ko, c), c)
+        for v, g in ko.groupby("model_variant", sort=False):
+            for r in necessity_rows(g, settings):
+                rows.append({**r, "label": f"{label_of(v, config)} · {r['label']}",
+                             "model_variant": v})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+class _Settings:
+    """`necessity_rows`' settings at the judged k."""
+
+    def __init__(self, k: int, c) -> None:
+        self.k, self.min_drop = k, c.min_drop
+        self.n_boot, self.level, self.seed = c.n_boot, c.level, c.seed
+
+
+def _inter_rows(cross: pd.DataFrame | None, c, boot) -> list[dict]:
+    label = "Inter minus Rand (mean of seeds), per synthetic model × example"
+    if cross is None or not len(cross):
+        return [_nan_row("inter_beats_rand", label, "f1", 0, "F1", minimum=c.min_gain,
+                         why="no cross-model patching ran")]  # fmt: skip
+    rand = cross["condition"].str.startswith("rand-")
+    out = []
+    for metric, primary, unit in (("f1", True, "F1"), ("answer_logprob", False, "nats/token")):
+        inter = cross[cross["condition"] == "inter"].set_index(["model_variant", "example_id"])
+        rnd = cross[rand].groupby(["model_variant", "example_id"])[metric].mean()
+        ids = inter.index.intersection(rnd.index)
+        if not len(ids):
+            if primary:
+                out.append(_nan_row("inter_beats_rand", label, metric, 0, unit,
+                                    minimum=c.min_gain, why="no model had both sets"))  # fmt: skip
+            continue
+        d = (inter.loc[ids, metric] - rnd.loc[ids]).to_numpy(dtype=float)
+        est, lo, hi = bootstrap(lambda i, d=d: d[i].mean(), len(d), **boot)
+        out.append(_row("inter_beats_rand", f"{label} ({metric})", metric, est, lo, hi, len(d),
+                        unit, primary=primary, null=0.0, minimum=c.min_gain if primary else 0.0,
+                        rule="above",
+                        n_models=ids.get_level_values(0).nunique()))  # fmt: skip
+    return out
+
+
+# ---------------------------------------------------------------- figures
+
+
+def draw_figures(run_dir: str | Path, *, png: bool = True) -> list[Path]:
+    """recall_vs_performance, cross_patching, head_overlap and knockout_by_model under
+    `figures/`, from the tables and `heads.csv` / `correlation.json` / the summaries."""
+    from mechinterp import plots
+
+    run_dir = Path(run_dir)
+    config = read_config(run_dir)
+    model = Path(config.model.name).name
+    formats = ("html", "png") if png else ("html",)
+    heads = pd.read_csv(run_dir / "heads.csv", keep_default_na=False, na_values=[""])
+    corr = json.loads((run_dir / "correlation.json").read_text()) or None
+    figs = {}
+    drawable = heads.dropna(subset=["recall", "performance"])
+    if len(drawable):  # no recall when the reference model has no heads
+        figs["recall_vs_performance"] = plots.recall_scatter(
+            drawable.rename(columns={"label": "variant"}), reference=label_of(config.reference,
+            config), correlation=corr, title=f"{model} · {config.task}: head recall vs task F1 "
+            "per fine-tuning variant",
+        )  # fmt: skip
+    sets = {label_of(v, config): ("" if pd.isna(h) else h).split()
+            for v, h in zip(heads["model_variant"], heads["heads"], strict=True)}  # fmt: skip
+    figs["head_overlap"] = plots.overlap_heatmap(
+        sets, title=f"{model} · {config.task}: retrieval-head overlap (|A∩B| / |A|)"
+    )
+    if (run_dir / "cross_summary.csv").is_file():
+        summary = pd.read_csv(run_dir / "cross_summary.csv")
+        figs["cross_patching"] = plots.cross_patch_by_variant(
+            summary, title=f"{model} · {config.task}: reference model's heads patched into each "
+            "synthetic model (F1 on the reference task)",
+        )  # fmt: skip
+    if (run_dir / "knockout_summary.csv").is_file():
+        ko = pd.read_csv(run_dir / "knockout_summary.csv")
+        ko = ko[ko["mode"] == ko["mode"].iloc[0]]
+        figs["knockout_by_model"] = plots.knockout_by_model(
+            ko, title=f"{model} · {config.task}: knockout of each model's own heads "
+            f"({ko['mode'].iloc[0]}, {int(config.claims.level * 100)}% CI)",
+        )  # fmt: skip
+    written = []
+    for name, fig in figs.items():
+        written += store.write_figure(fig, run_dir / "figures" / name, formats=formats)
+    return written
+
+
+# ---------------------------------------------------------------- the whole analysis
+
+
+def analyse(run_dir: str | Path, *, png: bool | None = True) -> Path:
+    """Everything after the shards, from the tables alone (`mechinterp report` reruns it)."""
+    run_dir = Path(run_dir)
+    config, tables = read_config(run_dir), read_tables(run_dir)
+    heads, parts = head_table(tables, config)
+    store.write_table(parts["scores"], run_dir / "detect_scores.parquet")
+    c = config.claims
+    if len(tables.get("cross", ())):
+        cs = cross_summary(tables["cross"])
+        store.write_table(cs, run_dir / "cross_summary.csv")
+        inter = cs[cs["condition"] == "inter"].set_index("model_variant")
+        heads["inter_f1_recovery"] = heads["model_variant"].map(inter["f1_recovery"])
+    if len(tables.get("knockout", ())):
+        ks = knockout_table(tables["knockout"], c)
+        store.write_table(ks, run_dir / "knockout_summary.csv")
+        first = ks[ks["mode"] == ks["mode"].iloc[0]].pivot(
+            index="model_variant", columns="condition", values="value"
+        )
+        heads["knockout_drop"] = heads["model_variant"].map(first["random"] - first["top"])
+    store.write_table(heads, run_dir / "heads.csv")
+    store.write_table(heads.rename(columns={"label": "variant"}), run_dir / "recall.csv")
+    store.write_json(run_dir / "correlation.json", correlation(heads, config))
+    claims = compute_claims(tables, heads, config)
+    store.write_table(claims, run_dir / "claims.csv")
+    store.write_table(headline(claims, CLAIMS), run_dir / "claims_headline.csv")
+    if png is not None:
+        draw_figures(run_dir, png=png)
+    return write_report(run_dir, tables, heads, claims, config)
+
+
+def _fmt(x, unit: str = "") -> str:
+    if x is None or pd.isna(x):
+        return "n/a"
+    return f"{x:+.2f}" if "nats" in unit else f"{x:.2f}"
+
+
+def write_report(run_dir: Path, tables, heads, claims, config) -> Path:
+    prov_path = run_dir / "provenance.json"
+    prov = json.loads(prov_path.read_text()) if prov_path.is_file() else {}
+    c = config.claims
+    verdicts = headline(claims, CLAIMS)
+    model = Path(config.model.name).name
+    where = ("the reference task's own examples (needle = the gold answer in the gold document)"
+             if config.detect_on == "task" else "a NIAH grid")  # fmt: skip
+    lines = [
+        f"# Synthetic context extension on {model} ({config.task}): what the retrieval heads say",
+        "",
+        "Every number is computed by `mechinterp.study.extension_report` from the tables in this "
+        "directory (`mechinterp report <dir>` recomputes it). CIs are "
+        f"{int(c.level * 100)}% percentile bootstrap intervals ({c.n_boot} resamples).",
+        "",
+        f"- reference: `{config.reference}` = {label_of(config.reference, config)}"
+        + (f" (evaluation data: `{config.reference_data}`)" if config.reference_data else ""),
+        f"- variants: {', '.join(config.variants)}; LoRA r={config.lora.r} on "
+        f"{'/'.join(config.lora.targets)}, {config.lora.steps} steps at lr {config.lora.lr:g}, "
+        f"{config.n_train} training examples per variant",
+        f"- evaluation: {config.n_eval} held-out `{config.reference}` examples "
+        f"({config.n_docs} documents); detection on {where}; heads: score > "
+        f"{config.detect.threshold:g}" + (f" (top {config.detect.top_k})" if config.detect.top_k
+                                          else "") + f", gate ROUGE-1 > {config.detect.gate}",
+        f"- commit `{prov.get('git_commit')}`; config hash `{store.config_hash(config)}`",
+    ]  # fmt: skip
+    if "timings" in prov:
+        t = prov["timings"]
+        parts = ", ".join(f"{k.removesuffix('_s')} {v:.0f} s" for k, v in t.items()
+                          if k != "total_s")  # fmt: skip
+        lines.append(f"- wall time of the last invocation: {t.get('total_s', 0):.0f} s ({parts})")
+    lines += ["", "## Verdicts", "", "| claim | verdict |", "| --- | --- |"]
+    lines += [f"| {h.statement} | **{h.verdict}** |" for h in verdicts.itertuples()]
+    lines += ["", "## Per model", "",
+              "| model | heads | recall | subset share | Jaccard | Spearman | F1 | EM | "
+              "knockout drop | Inter F1 recovery |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    for r in heads.itertuples():
+        lines.append(
+            f"| {r.label} | {r.n_heads} | {_fmt(r.recall)} | {_fmt(r.subset_share)} | "
+            f"{_fmt(r.jaccard)} | {_fmt(r.spearman)} | {_fmt(r.performance)} | {_fmt(r.em)} | "
+            f"{_fmt(getattr(r, 'knockout_drop', None))} | "
+            f"{_fmt(getattr(r, 'inter_f1_recovery', None))} |"
+        )
+    lines += ["", "knockout drop: answer-retrieved rate under k random heads minus under the "
+              "model's own top-k; Inter F1 recovery: (F1 with Inter patched − F1 of the "
+              "recipient) / (F1 of the donor − F1 of the recipient).", "",
+              "## Claims", "", "| claim | row | estimate | CI | n | minimum | verdict |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    for r in claims.itertuples():
+        tag = "" if r.primary else " (secondary)"
+        lines.append(f"| {r.claim} | {r.label}{tag} | {_fmt(r.estimate, r.unit)} | "
+                     f"[{_fmt(r.ci_low, r.unit)}, {_fmt(r.ci_high, r.unit)}] | {r.n} | "
+                     f"{_fmt(r.min_effect, r.unit)} | {r.verdict} |")  # fmt: skip
+    for name in ("recall_vs_performance", "cross_patching", "head_overlap", "knockout_by_model"):
+        if (run_dir / "figures" / f"{name}.png").is_file():
+            lines += ["", f"![{name}](figures/{name}.png)"]
+    lines += ["", "## How the verdicts are decided", "",
+              "- supported: the CI excludes the null and the estimate reaches the minimum effect "
+              "(the subset claim's null is the minimum share itself); not supported: the CI lies "
+              "below the minimum effect; inconclusive: anything else. A claim's verdict combines "
+              "its primary rows.",
+              "- With few variants the correlation's CI is wide by construction: N is the number "
+              "of synthetic variants."]  # fmt: skip
+    return store.write_text(run_dir / "report.md", "\n".join(lines) + "\n")
