@@ -124,7 +124,7 @@ def data_args(
         "n_docs": config.n_docs,
         "doc_words": config.doc_words,
         "data": user,
-        "skip": config.n_eval if user and split == "detect" else 0,
+        **({"skip": config.n_eval} if user and split == "detect" else {}),
     }
 
 
