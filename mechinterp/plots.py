@@ -486,6 +486,7 @@ def recall_scatter(
     x_range = [-0.05, 1.05] if unit else [xs.min() - 0.08 * span, xs.max() + 0.08 * span]
     per_px = (x_range[1] - x_range[0]) / 560
     slope = 0.0 if fit is None else float(fit[0])
+    placed: list[tuple[float, float, float, str]] = []  # label boxes: x0, x1, y, side
     for part, name, marker in (
         (rest, "variants", {"size": 11, "color": "#1f77b4", "symbol": "circle"}),
         (df[is_ref], str(reference), {"size": 16, "color": "#d62728", "symbol": "star"}),
@@ -494,34 +495,43 @@ def recall_scatter(
             continue
         px, py = part[x].astype(float), part[y].astype(float)
         positions = []
-        for a, b, text in zip(px, py, part[label].astype(str), strict=True):
+        shown = ["reference"] * len(part) if name != "variants" else list(part[label].astype(str))
+        for a, b, text in zip(px, py, shown, strict=True):
             width = 6.5 * len(text) * per_px
             extent = {"left": (a - width, a), "center": (a - width / 2, a + width / 2)}
             extent["right"] = (a, a + width)
             if fit is None or name != "variants":
-                mid = (x_range[0] + x_range[1]) / 2
-                positions.append(f"middle {'left' if a > mid else 'right'}")
-                continue
-            above = b >= np.polyval(fit, a)
-            away = "center" if slope == 0 else "left" if (slope > 0) == above else "right"
-            order = [away, "center", "right" if away == "left" else "left"]
-            fits = [
-                o for o in order
-                if extent[o][0] >= x_range[0] and extent[o][1] <= x_range[1] + 50 * per_px
-            ]  # fmt: skip
-            positions.append(f"{'top' if above else 'bottom'} {(fits or order)[0]}")
+                side, anchor = "top", "center"
+            else:
+                above = b >= np.polyval(fit, a)
+                away = "center" if slope == 0 else "left" if (slope > 0) == above else "right"
+                order = [away, "center", "right" if away == "left" else "left"]
+                fits = [
+                    o for o in order
+                    if extent[o][0] >= x_range[0] and extent[o][1] <= x_range[1] + 50 * per_px
+                ]  # fmt: skip
+                side, anchor = "top" if above else "bottom", (fits or order)[0]
+            box = (*extent[anchor], b)
+            if any(  # a label already there: put this one on the other side of its point
+                s_ == side and box[0] < x1 and x0 < box[1] and abs(box[2] - y_) < 0.06
+                for x0, x1, y_, s_ in placed
+            ):
+                side = "bottom" if side == "top" else "top"
+            placed.append((*box, side))
+            positions.append(f"{side} {anchor}")
         fig.add_trace(
             go.Scatter(
                 x=px,
                 y=py,
                 mode="markers+text",
-                text=[str(v) for v in part[label]],
+                text=shown,
+                customdata=[str(v) for v in part[label]],
                 textposition=positions,
                 textfont={"size": 11},
                 cliponaxis=False,
                 marker={**marker, "line": {"width": 1, "color": "white"}},
                 name=name,
-                hovertemplate=f"%{{text}}<br>{x}=%{{x:.3f}}<br>{y}=%{{y:.3f}}<extra></extra>",
+                hovertemplate=f"%{{customdata}}<br>{x}=%{{x:.3f}}<br>{y}=%{{y:.3f}}<extra></extra>",
             )
         )
     if correlation is not None:
@@ -592,7 +602,7 @@ def cross_patch_by_variant(
         barmode="group",
         title=title or f"cross-model patching: {metric} before and after patching",
         xaxis_title="recipient (fine-tuned on variant)",
-        yaxis_title=metric,
+        yaxis_title=f"{metric} on the reference task" if metric == "f1" else metric,
         yaxis_range=[0, max(1.0, top) * 1.18],
         legend={"orientation": "h", "y": -0.25},
         width=820,
@@ -668,12 +678,12 @@ def knockout_by_model(summary: pd.DataFrame, *, title: str | None = None) -> go.
         fig.add_trace(go.Bar(x=part["model_variant"], y=part["value"], name=names[cond],
                              error_y=err, marker_color=colours[cond],
                              text=[f"{v:.2f}" for v in part["value"]],
-                             textposition="inside"))  # fmt: skip
+                             textposition="inside", insidetextanchor="start"))  # fmt: skip
     fig.update_layout(
         barmode="group",
         title=title or "knockout per model: answer retrieved",
         xaxis_title="model (fine-tuned on variant)",
-        yaxis_title="answer retrieved (fraction of answered examples)",
+        yaxis_title="answer retrieved (share)",
         yaxis_range=[0, 1.05],
         width=820,
         height=460,

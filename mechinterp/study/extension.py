@@ -24,6 +24,7 @@ from typing import Literal
 import pandas as pd
 
 from mechinterp import store
+from mechinterp.finetune.lofit import LofitSpec
 from mechinterp.finetune.lora import LoraSpec
 from mechinterp.runner import Engine, Shard, ShardStats, run_shards
 from mechinterp.runs.common import ModelSpec
@@ -48,6 +49,21 @@ class ModelKnockout:
     def __post_init__(self) -> None:
         if not self.ks or min(self.ks) < 1 or not self.seeds or not self.modes:
             raise ValueError("knockout needs ks >= 1, at least one seed and one mode")
+
+
+@dataclass(frozen=True)
+class LofitStage:
+    """Optional (DESIGN.md "Learned localisation"): LoFiT from the base model on the reference
+    variant's training examples. Scaling vectors on every head (L1) rank heads by ‖A‖₂; bias
+    vectors are then trained on the top `top_share` of heads. The report compares the ranking
+    with the reference model's retrieval scores."""
+
+    spec: LofitSpec = field(default_factory=lambda: LofitSpec(steps=60))
+    top_share: float = 0.05
+
+    def __post_init__(self) -> None:
+        if not 0 < self.top_share <= 1:
+            raise ValueError(f"top_share must lie in (0, 1], got {self.top_share}")
 
 
 @dataclass(frozen=True)
@@ -84,6 +100,7 @@ class ExtensionConfig:
     n_detect: int = 16
     knockout: ModelKnockout = field(default_factory=ModelKnockout)
     cross_seeds: tuple[int, ...] = (0, 1, 2)
+    lofit: LofitStage | None = None
     claims: ExtensionClaims = field(default_factory=ExtensionClaims)
     max_new_tokens: int = 32
     template: Literal["chat", "plain"] | None = None
@@ -236,6 +253,28 @@ def knockout_model_shard(
     df = knockout_shard(fine, examples=kept, responses=responses, conditions=conds,
                         scope=ko.scope, template=template)  # fmt: skip
     return df.assign(model_variant=variant, n_answered=len(kept), n_examples=len(exs))
+
+
+def lofit_shard(model, *, base: dict, data: dict, lofit: dict, directory: str) -> pd.DataFrame:
+    """LoFiT step 1 (scales, every head) then step 2 (biases, top heads), from the base model;
+    both saved under `directory`. One row per head: its ‖A‖₂, rank and whether step 2 tuned it."""
+    import math
+
+    from mechinterp.config import from_dict
+    from mechinterp.finetune.lofit import train_lofit_biases, train_lofit_scales
+
+    stage, exs = from_dict(LofitStage, lofit), build_data(**data)
+    device = base["device"] or "cpu"
+    scales = train_lofit_scales(base["name"], exs, stage.spec, progress=False, device=device)
+    scales.save(directory)
+    norms = scales.norms()
+    top = scales.ranking()[: max(1, math.ceil(stage.top_share * len(norms)))]
+    biases = train_lofit_biases(base["name"], exs, top, stage.spec, progress=False, device=device)
+    biases.save(directory)
+    chosen = {str(h) for h in top}
+    return norms.assign(model_variant=data["variant"], bias_tuned=norms["head_name"].isin(chosen),
+                        scale_loss=scales.losses[-1], bias_loss=biases.losses[-1],
+                        seconds=scales.seconds + biases.seconds)  # fmt: skip
 
 
 def cross_shard(
@@ -412,16 +451,22 @@ def run_extension(
             "recipient": point[v], "sets": named, "max_new_tokens": config.max_new_tokens,
             "trained": [trained[config.reference], trained[v]], "template": tpl}))  # fmt: skip
     cross = stage("cross", cross_shards, "5/5 cross-model patching")
+    lofit = pd.DataFrame()
+    if config.lofit is not None:
+        lofit = stage("lofit", [Shard(f"lofit/{config.reference}", lofit_shard, {
+            "base": base, "data": data_args(config, config.reference, "train"),
+            "lofit": to_dict(config.lofit), "directory": str(ckpt / f"lofit-{config.reference}")})],
+            "LoFiT (reference data)")  # fmt: skip
     for name, df in (("losses", losses), ("eval", evals), ("detect_instances", per),
-                     ("knockout", knockout), ("cross", cross)):  # fmt: skip
+                     ("knockout", knockout), ("cross", cross), ("lofit", lofit)):  # fmt: skip
         if len(df):
             store.write_table(df, out / f"{name}.parquet")
         else:
             (out / f"{name}.parquet").unlink(missing_ok=True)
-    analyse(out, png=png)
-    timings["total_s"] = round(time.perf_counter() - t0, 1)
+    timings["total_s"] = round(time.perf_counter() - t0, 1)  # the shards; analysis follows
     store.write_json(out / "provenance.json", store.provenance(
         engine=engine, spec=asdict(config.lora),
         shards={"computed": len(stats.computed), "skipped": len(stats.skipped)},
         timings=timings))  # fmt: skip
+    analyse(out, png=png)
     return out

@@ -13,7 +13,8 @@ Claims (each row: an effect, a percentile bootstrap CI, a verdict as in `study.c
    bootstrap over models) must exceed `min_subset`; per model (secondary, bootstrap over heads).
 3. inter_beats_rand — "patching Inter heads recovers more than Rand": per (synthetic model,
    example), F1 with Inter patched in minus the mean F1 over the Rand draws (primary; bootstrap
-   over those pairs); the same on the answer's log-prob (secondary).
+   over those pairs); the same on the answer's log-prob (secondary). Models whose mean metric
+   already equals the donor's have nothing to recover and are left out of that row.
 4. necessary — "each model's own top-k heads matter more than k random heads": the study's
    necessity rows, per model.
 """
@@ -37,7 +38,7 @@ CLAIMS = {
     "heads",
     "necessary": "Each model's own top-k heads matter more than k random heads (knockout)",
 }
-TABLES = ("losses", "eval", "detect_instances", "knockout", "cross")
+TABLES = ("losses", "eval", "detect_instances", "knockout", "cross", "lofit")
 
 
 def read_config(run_dir: str | Path):
@@ -141,6 +142,29 @@ def correlation(heads: pd.DataFrame, config, method: str = "spearman") -> dict:
             "p_value": r.p_value, "n": r.n}  # fmt: skip
 
 
+def lofit_vs_retrieval(lofit: pd.DataFrame, scores: pd.DataFrame, sets: dict, config) -> dict:
+    """LoFiT's learned importance (‖A‖₂, reference data) against the reference model's retrieval
+    scores: Spearman over all heads, and the share of the reference retrieval heads among
+    LoFiT's top |H_ref| heads and among the heads step 2 tuned."""
+    from scipy import stats
+
+    ref = scores[scores["model_variant"] == config.reference].set_index("head_name")["score"]
+    norm = lofit.set_index("head_name")["norm"].reindex(ref.index)
+    heads = set(sets[config.reference])
+    top = set(lofit.sort_values("rank")["head_name"].head(len(heads)))
+    tuned = set(lofit.loc[lofit["bias_tuned"], "head_name"])
+    varied = ref.notna().all() and ref.nunique() > 1 and norm.nunique() > 1
+    return {
+        "spearman_norm_vs_score": float(stats.spearmanr(norm, ref).statistic) if varied else None,
+        "n_heads": int(len(ref)),
+        "n_reference_heads": len(heads),
+        "reference_heads_in_lofit_top": len(heads & top) / len(heads) if heads else None,
+        "n_bias_tuned": len(tuned),
+        "reference_heads_among_tuned": len(heads & tuned) / len(tuned) if tuned else None,
+        "lofit_zero_heads": int((lofit["norm"] == 0).sum()),
+    }
+
+
 # ---------------------------------------------------------------- claims
 
 
@@ -208,15 +232,22 @@ class _Settings:
 
 
 def _inter_rows(cross: pd.DataFrame | None, c, boot) -> list[dict]:
-    label = "Inter minus Rand (mean of seeds), per synthetic model × example"
+    label = (
+        "Inter minus Rand (mean of seeds), per synthetic model × example, models whose "
+        "recipient differs from the donor"
+    )
     if cross is None or not len(cross):
         return [_nan_row("inter_beats_rand", label, "f1", 0, "F1", minimum=c.min_gain,
                          why="no cross-model patching ran")]  # fmt: skip
-    rand = cross["condition"].str.startswith("rand-")
     out = []
     for metric, primary, unit in (("f1", True, "F1"), ("answer_logprob", False, "nats/token")):
-        inter = cross[cross["condition"] == "inter"].set_index(["model_variant", "example_id"])
-        rnd = cross[rand].groupby(["model_variant", "example_id"])[metric].mean()
+        # only recipients that differ from the donor on the metric have anything to recover
+        means = cross.groupby(["model_variant", "condition"])[metric].mean().unstack()
+        open_ = means.index[(means["donor"] - means["recipient"]).abs() > 1e-9]
+        part = cross[cross["model_variant"].isin(open_)]
+        rand = part["condition"].str.startswith("rand-")
+        inter = part[part["condition"] == "inter"].set_index(["model_variant", "example_id"])
+        rnd = part[rand].groupby(["model_variant", "example_id"])[metric].mean()
         ids = inter.index.intersection(rnd.index)
         if not len(ids):
             if primary:
@@ -249,10 +280,11 @@ def draw_figures(run_dir: str | Path, *, png: bool = True) -> list[Path]:
     figs = {}
     drawable = heads.dropna(subset=["recall", "performance"])
     if len(drawable):  # no recall when the reference model has no heads
+        f1 = "F1 on the reference task"
         figs["recall_vs_performance"] = plots.recall_scatter(
-            drawable.rename(columns={"label": "variant"}), reference=label_of(config.reference,
-            config), correlation=corr, title=f"{model} · {config.task}: head recall vs task F1 "
-            "per fine-tuning variant",
+            drawable.rename(columns={"label": "variant", "performance": f1}), y=f1,
+            reference=label_of(config.reference, config), correlation=corr,
+            title=f"{model} · {config.task}: head recall vs F1 per fine-tuning variant",
         )  # fmt: skip
     sets = {label_of(v, config): ("" if pd.isna(h) else h).split()
             for v, h in zip(heads["model_variant"], heads["heads"], strict=True)}  # fmt: skip
@@ -262,12 +294,13 @@ def draw_figures(run_dir: str | Path, *, png: bool = True) -> list[Path]:
     if (run_dir / "cross_summary.csv").is_file():
         summary = pd.read_csv(run_dir / "cross_summary.csv")
         figs["cross_patching"] = plots.cross_patch_by_variant(
-            summary, title=f"{model} · {config.task}: reference model's heads patched into each "
-            "synthetic model (F1 on the reference task)",
+            summary, title=f"{model} · {config.task}: reference heads patched into each "
+            "synthetic model",
         )  # fmt: skip
     if (run_dir / "knockout_summary.csv").is_file():
         ko = pd.read_csv(run_dir / "knockout_summary.csv")
         ko = ko[ko["mode"] == ko["mode"].iloc[0]]
+        ko = ko.assign(model_variant=[label_of(v, config) for v in ko["model_variant"]])
         figs["knockout_by_model"] = plots.knockout_by_model(
             ko, title=f"{model} · {config.task}: knockout of each model's own heads "
             f"({ko['mode'].iloc[0]}, {int(config.claims.level * 100)}% CI)",
@@ -303,12 +336,25 @@ def analyse(run_dir: str | Path, *, png: bool | None = True) -> Path:
     store.write_table(heads, run_dir / "heads.csv")
     store.write_table(heads.rename(columns={"label": "variant"}), run_dir / "recall.csv")
     store.write_json(run_dir / "correlation.json", correlation(heads, config))
+    if len(tables.get("lofit", ())):
+        cmp = lofit_vs_retrieval(tables["lofit"], parts["scores"], parts["sets"], config)
+        store.write_json(run_dir / "lofit_vs_retrieval.json", cmp)
     claims = compute_claims(tables, heads, config)
     store.write_table(claims, run_dir / "claims.csv")
     store.write_table(headline(claims, CLAIMS), run_dir / "claims_headline.csv")
     if png is not None:
         draw_figures(run_dir, png=png)
     return write_report(run_dir, tables, heads, claims, config)
+
+
+def shard_seconds(run_dir: Path) -> dict[str, float]:
+    """Seconds each stage's finished shards took to compute (their records), in stage order."""
+    out: dict[str, float] = {}
+    for stage in ("finetune", "eval", "detect", "knockout", "cross", "lofit"):
+        records = sorted((run_dir / "shards" / stage).glob("*.json"))
+        if records:
+            out[stage] = sum(json.loads(r.read_text()).get("seconds", 0.0) for r in records)
+    return out
 
 
 def _fmt(x, unit: str = "") -> str:
@@ -344,10 +390,15 @@ def write_report(run_dir: Path, tables, heads, claims, config) -> Path:
         f"- commit `{prov.get('git_commit')}`; config hash `{store.config_hash(config)}`",
     ]  # fmt: skip
     if "timings" in prov:
-        t = prov["timings"]
-        parts = ", ".join(f"{k.removesuffix('_s')} {v:.0f} s" for k, v in t.items()
-                          if k != "total_s")  # fmt: skip
-        lines.append(f"- wall time of the last invocation: {t.get('total_s', 0):.0f} s ({parts})")
+        t, sh = prov["timings"], prov.get("shards", {})
+        lines.append(f"- last invocation: {t.get('total_s', 0):.0f} s wall time, "
+                     f"{sh.get('computed', '?')} shards computed, {sh.get('skipped', '?')} "
+                     "reused")  # fmt: skip
+    spent = shard_seconds(run_dir)
+    if spent:
+        lines.append("- compute time per stage (its shards, summed over invocations): " + ", ".join(
+            f"{k} {v / 60:.1f} min" for k, v in spent.items()) + f"; total "
+            f"{sum(spent.values()) / 60:.1f} min")  # fmt: skip
     lines += ["", "## Verdicts", "", "| claim | verdict |", "| --- | --- |"]
     lines += [f"| {h.statement} | **{h.verdict}** |" for h in verdicts.itertuples()]
     lines += ["", "## Per model", "",
@@ -371,6 +422,17 @@ def write_report(run_dir: Path, tables, heads, claims, config) -> Path:
         lines.append(f"| {r.claim} | {r.label}{tag} | {_fmt(r.estimate, r.unit)} | "
                      f"[{_fmt(r.ci_low, r.unit)}, {_fmt(r.ci_high, r.unit)}] | {r.n} | "
                      f"{_fmt(r.min_effect, r.unit)} | {r.verdict} |")  # fmt: skip
+    lofit_path = run_dir / "lofit_vs_retrieval.json"
+    if len(tables.get("lofit", ())) and lofit_path.is_file():
+        m = json.loads(lofit_path.read_text())
+        lines += ["", "## LoFiT vs retrieval heads (reference data, from the base model)", "",
+                  f"- Spearman of ‖A‖₂ with the reference model's retrieval score over "
+                  f"{m['n_heads']} heads: {_fmt(m['spearman_norm_vs_score'])}",
+                  f"- {m['lofit_zero_heads']} heads have A = 0 exactly (L1 "
+                  f"{config.lofit.spec.l1:g}); the reference model's {m['n_reference_heads']} "
+                  f"retrieval heads make up {_fmt(m['reference_heads_in_lofit_top'])} of LoFiT's "
+                  f"top {m['n_reference_heads']}, and {_fmt(m['reference_heads_among_tuned'])} of "
+                  f"the {m['n_bias_tuned']} heads whose bias vectors step 2 tuned"]  # fmt: skip
     for name in ("recall_vs_performance", "cross_patching", "head_overlap", "knockout_by_model"):
         if (run_dir / "figures" / f"{name}.png").is_file():
             lines += ["", f"![{name}](figures/{name}.png)"]

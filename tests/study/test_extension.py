@@ -7,12 +7,13 @@ import json
 import pandas as pd
 import pytest
 
-from mechinterp.finetune import LoraSpec
+from mechinterp.finetune import LofitSpec, LoraSpec
 from mechinterp.runs.common import ModelSpec
 from mechinterp.study.config import DetectStage, NiahSpec
 from mechinterp.study.extension import (
     REFERENCE_LABEL,
     ExtensionConfig,
+    LofitStage,
     ModelKnockout,
     run_extension,
 )
@@ -33,6 +34,7 @@ def config(tmp_path_factory):
                            gate=None, top_k=3, max_new_tokens=6),
         knockout=ModelKnockout(ks=(1, 2), seeds=(0,), target="gold"),  # random model: never answers
         cross_seeds=(0,),
+        lofit=LofitStage(spec=LofitSpec(steps=2, lr=1e-2), top_share=0.25),
     )  # fmt: skip
 
 
@@ -61,6 +63,11 @@ def test_the_pipeline_runs_end_to_end_and_resumes_after_a_kill(config, tmp_path,
     assert set(cross["model_variant"]) == set(config.variants)
     knockout = pd.read_parquet(out / "knockout.parquet")
     assert set(knockout["model_variant"]) <= {"realistic-high", *config.variants}
+    lofit = pd.read_parquet(out / "lofit.parquet")
+    assert len(lofit) == 8 and lofit["bias_tuned"].sum() == 2  # 2 layers x 4 heads, top 25 %
+    assert (out / "checkpoints" / "lofit-realistic-high" / "lofit_bias.safetensors").is_file()
+    assert set(json.loads((out / "lofit_vs_retrieval.json").read_text())) >= {
+        "spearman_norm_vs_score", "reference_heads_in_lofit_top"}  # fmt: skip
     claims = pd.read_csv(out / "claims_headline.csv")
     assert list(claims["claim"]) == ["recall_predicts", "subset", "inter_beats_rand", "necessary"]
     assert "## Verdicts" in (out / "report.md").read_text()
@@ -147,9 +154,9 @@ def test_changing_one_stage_recomputes_only_what_depends_on_it(config, tmp_path)
     run_extension(more_tokens, out=out, png=None, progress=False)
     prov = json.loads((out / "provenance.json").read_text())
     n = 1 + len(config.variants)
-    assert prov["shards"]["skipped"] == 2 * n  # fine-tunes and detections reused
+    assert prov["shards"]["skipped"] == 2 * n + 1  # fine-tunes, detections and LoFiT reused
     assert prov["shards"]["computed"] == 2 * n + len(config.variants)  # eval, knockout, cross
     retrained = dataclasses.replace(config, lora=dataclasses.replace(config.lora, seed=1))
     run_extension(retrained, out=out, png=None, progress=False)
     prov = json.loads((out / "provenance.json").read_text())
-    assert prov["shards"]["skipped"] == 0  # new checkpoints: everything downstream recomputes
+    assert prov["shards"]["skipped"] == 1  # new checkpoints: all but LoFiT (from the base)

@@ -57,6 +57,13 @@ def test_planted_tables_give_known_estimates_and_verdicts(config, heads, cross):
     assert prim.loc["inter_beats_rand", "estimate"] == pytest.approx(0.75)
     assert prim.loc["inter_beats_rand", "n"] == 6
     assert prim.loc["inter_beats_rand", "verdict"] == "supported"
+    # a recipient already as good as the donor has nothing to recover: left out, not a zero
+    solved = cross[cross["model_variant"] == "templated-high"].assign(
+        model_variant="templated-low", f1=1.0
+    )
+    again = compute_claims({"cross": pd.concat([cross, solved])}, heads, config)
+    row = again[(again["claim"] == "inter_beats_rand") & again["primary"]].iloc[0]
+    assert row["estimate"] == pytest.approx(0.75) and row["n"] == 6
     per = claims[(claims["claim"] == "subset") & ~claims["primary"]].set_index("model_variant")
     assert per.loc["templated-high", "estimate"] == pytest.approx(0.5)  # 2 of its 4 heads
     logprob = claims[(claims["claim"] == "inter_beats_rand") & ~claims["primary"]]
