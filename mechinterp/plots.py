@@ -616,15 +616,19 @@ def overlap_heatmap(sets: dict[str, list[str]], *, title: str | None = None) -> 
     """Head-set overlap between models: cell (row A, column B) = |A ∩ B| / |A|, the share of A's
     heads that B also has (row = a synthetic model, column = the reference: its subset share;
     row = the reference: the recall of each column). Cells show the share and the count."""
+    from mechinterp.analysis.headsets import precision
+    from mechinterp.heads import parse_heads
+
     if not sets:
         raise ValueError("overlap_heatmap got no head sets")
+    heads = {name: list(parse_heads(hs)) for name, hs in sets.items()}
     names = list(sets)
     z, text = [], []
     for a in names:
         zr, tr = [], []
         for b in names:
             both = len(set(sets[a]) & set(sets[b]))
-            share = both / len(sets[a]) if sets[a] else float("nan")
+            share = precision(heads[a], heads[b]) if sets[a] else float("nan")
             zr.append(share)
             tr.append("" if math.isnan(share) else f"{share:.2f}<br>{both}/{len(sets[a])}")
         z.append(zr)

@@ -1,15 +1,18 @@
-"""The synthetic-context-extension pipeline (DESIGN.md "The question", steps 1–4 and 6), as shards:
+"""The synthetic-context-extension pipeline (DESIGN.md "The question", steps 1–6), as shards:
 
 1. `finetune/<variant>`: LoRA on the variant's training examples (the reference variant too).
 2. `eval/<variant>`: the fine-tuned model on the *reference* task's held-out examples.
-3. `detect/<variant>`: Wu retrieval scores of the fine-tuned model on a NIAH grid.
-4. analysis (no model): head recall / Jaccard / Spearman of every model's heads vs the reference
-   model's, and the correlation of recall with task performance across variants (bootstrap CI).
+3. `detect/<variant>`: Wu retrieval scores of the fine-tuned model, on a NIAH grid or on further
+   held-out reference examples (`detect_on`).
+4. `knockout/<variant>`: the model's own top-k heads vs k random complement heads.
 5. `cross/<variant>`: cross-model patching from the reference model (donor) into each synthetic
    model (recipient) on Inter / Compl / Rand head sets.
+6. optionally `lofit/<reference>`: LoFiT from the base on the reference data.
 
-Offline, the reference variant is `realistic-high` (realistic needles in real essay text) and is
-labelled as such in every table; `reference_data` takes a user's real JSONL file instead.
+Then, from the tables alone (`extension_report.analyse`): head recall / subset share / Jaccard /
+Spearman vs the reference model's heads, the recall–F1 correlation, the claims, report and
+figures. Offline, the reference variant is `realistic-high` (realistic needles in real essay
+text) and is labelled as such in every table; `reference_data` takes a user's real JSONL file.
 Every stage resumes (finished shards are skipped) and runs in-process or on Ray.
 """
 
@@ -247,8 +250,7 @@ def knockout_model_shard(
     responses = [{"response_ids": list(r.target_ids), "answer_start": int(r.answer_start),
                   "answer_end": int(r.answer_end)} for r in clean[keep].itertuples()]  # fmt: skip
     if not responses:  # the model never wrote the answer: nothing to knock out
-        return pd.DataFrame(columns=["example_id", "mode", "k", "condition", "seed", "retrieved",
-                                     "answer_logprob", "model_variant", "n_answered"])  # fmt: skip
+        return pd.DataFrame()
     kept = [e for e, k in zip(exs, keep, strict=True) if k]
     df = knockout_shard(fine, examples=kept, responses=responses, conditions=conds,
                         scope=ko.scope, template=template)  # fmt: skip
@@ -323,27 +325,37 @@ def head_sets(scores: pd.DataFrame, detect: DetectStage) -> dict[str, list[str]]
 
 def compare_heads(scores: pd.DataFrame, sets: dict[str, list[str]], reference: str) -> pd.DataFrame:
     """Per model: recall of the reference model's heads, the share of its own heads that are
-    reference heads (`subset_share`; "mostly a subset"), Jaccard, Spearman of the score vectors."""
+    reference heads (`subset_share`; "mostly a subset"), Jaccard, Spearman of the score vectors
+    (NaN where a set is empty)."""
     from scipy import stats
 
-    ref = set(sets[reference])
+    from mechinterp.analysis.headsets import jaccard, precision, recall
+    from mechinterp.heads import parse_heads
+
+    def defined(fn, a, b) -> float:
+        try:
+            return fn(a, b)
+        except ValueError:  # an empty set: the metric is undefined
+            return float("nan")
+
+    parsed = {v: list(parse_heads(hs)) for v, hs in sets.items()}
+    ref = parsed[reference]
     ref_scores = scores[scores["model_variant"] == reference].set_index("head_name")["score"]
     rows = []
-    for variant, heads in sets.items():
+    for variant, heads in parsed.items():
         mine = scores[scores["model_variant"] == variant].set_index("head_name")["score"]
         mine = mine.reindex(ref_scores.index)
-        both, union = ref & set(heads), ref | set(heads)
         varied = mine.nunique() > 1 and ref_scores.nunique() > 1
         rows.append({
             "model_variant": variant,
             "n_heads": len(heads),
-            "recall": len(both) / len(ref) if ref else float("nan"),
-            "subset_share": len(both) / len(heads) if heads else float("nan"),
-            "jaccard": len(both) / len(union) if union else float("nan"),
+            "recall": defined(recall, heads, ref),
+            "subset_share": defined(precision, heads, ref),
+            "jaccard": defined(jaccard, heads, ref),
             "spearman": (
                 float(stats.spearmanr(mine, ref_scores).statistic) if varied else float("nan")
             ),
-            "synthetic_subset_of_reference": set(heads) <= ref,
+            "synthetic_subset_of_reference": set(heads) <= set(ref),
         })  # fmt: skip
     return pd.DataFrame(rows)
 

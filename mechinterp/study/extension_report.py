@@ -29,6 +29,7 @@ import pandas as pd
 
 from mechinterp import store
 from mechinterp.study.claims import _row, bootstrap, headline, necessity_rows
+from mechinterp.study.config import ClaimSettings
 
 CLAIMS = {
     "recall_predicts": "Head recall (vs the reference model) predicts task performance across "
@@ -215,20 +216,13 @@ def compute_claims(tables, heads: pd.DataFrame, config) -> pd.DataFrame:
     rows += _inter_rows(tables.get("cross"), c, boot)
     if len(tables.get("knockout", ())):
         ko = tables["knockout"]
-        settings = _Settings(judged_k(ko, c), c)
+        settings = ClaimSettings(k=judged_k(ko, c), min_drop=c.min_drop, n_boot=c.n_boot,
+                                 level=c.level, seed=c.seed)  # fmt: skip
         for v, g in ko.groupby("model_variant", sort=False):
             for r in necessity_rows(g, settings):
                 rows.append({**r, "label": f"{label_of(v, config)} · {r['label']}",
                              "model_variant": v})  # fmt: skip
     return pd.DataFrame(rows)
-
-
-class _Settings:
-    """`necessity_rows`' settings at the judged k."""
-
-    def __init__(self, k: int, c) -> None:
-        self.k, self.min_drop = k, c.min_drop
-        self.n_boot, self.level, self.seed = c.n_boot, c.level, c.seed
 
 
 def _inter_rows(cross: pd.DataFrame | None, c, boot) -> list[dict]:
