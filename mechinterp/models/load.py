@@ -18,6 +18,7 @@ import torch
 from transformer_lens.model_bridge import TransformerBridge
 
 from mechinterp.models.embedded import EMBEDDED, converted_dir, file_sha256, resolve_embedded
+from mechinterp.models.kv_cache import adapt_bridge
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
@@ -178,6 +179,7 @@ def _boot(hf_model, tokenizer, directory: Path, *, model_id, source, sha, dtype,
         str(directory), hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
     )
     bridge.eval()
+    adapt_bridge(bridge)
     cfg = hf_model.config
     bridge.mechinterp_card = ModelCard(
         id=model_id,

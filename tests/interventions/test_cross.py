@@ -16,6 +16,7 @@ from mechinterp.interventions import (
     summarise_cross,
 )
 from mechinterp.interventions.patching import run_from_layer
+from mechinterp.models.kv_cache import cache_kwargs, new_cache
 from mechinterp.models.tiny import tiny_model
 from mechinterp.tasks.niah import niah_grid
 
@@ -129,10 +130,11 @@ def test_bad_cross_patches_are_clear_errors(pair, tiny_gqa):
             with cross_patch(recipient, tiny_gqa, "L0H0"):
                 pass
     ids = torch.tensor([PROMPTS[0]])
-    _, cache = recipient(ids, use_cache=True, return_type="logits_and_cache")
+    cache = new_cache(recipient)
+    recipient(ids, **cache_kwargs(recipient, cache))
     with pytest.raises(RuntimeError, match="did not start"):
         with cross_patch(recipient, donor, "L0H0"):
-            recipient(ids[:, -1:], past_key_values=cache)
+            recipient(ids[:, -1:], **cache_kwargs(recipient, cache))
     resid = torch.zeros(1, 3, recipient.cfg.d_model)
     with pytest.raises(RuntimeError, match="without a donor run"):
         with cross_patch(recipient, donor, "L1H0"):
