@@ -21,12 +21,14 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: setup demo test test-fast lint bench chromium lock canary clean
 
-# Install exactly the lock: torch first (its own pip resolution picks the local CPU build here and
-# keeps a CUDA build's runtime with it elsewhere), then every locked package without resolving
+# Install exactly the lock, in a new venv whenever the lock (or what reads it) changed, so nothing
+# unlocked lingers: torch first (its own pip resolution picks the local CPU build here and keeps
+# a CUDA build's runtime with it elsewhere), then every locked package without resolving
 # anything, the package itself without build isolation (setuptools comes from the lock), and the
 # embedded assets. `pip check` then proves the lock is complete for what pyproject.toml asks.
 $(STAMP): pyproject.toml $(LOCK) Makefile
-	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	rm -rf $(VENV)
+	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q pip==$(PIP_VERSION)
 	$(BIN)/python -m pip install -q "$$(grep -E '^torch==' $(LOCK))"
 	$(BIN)/python -m pip install -q --no-deps -r $(LOCK)
