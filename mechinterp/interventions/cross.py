@@ -1,12 +1,14 @@
 """Cross-model activation patching: the donor's per-head outputs written into the recipient, on
-the same input (DESIGN.md step 6).
+the same input (DESIGN.md step 6). A head's output is its contribution to the residual stream,
+z_h · W_O[h] with the donor's own W_O (`patched="output"`, the default); `patched="z"` moves z only.
 
     with cross_patch(recipient, donor, heads=inter):
         evaluate(recipient, examples)          # generation, teacher-forced scoring, any forward
 
 Inside the block, every forward of the recipient first runs the donor on the same tokens and
-attention mask, keeps the donor's z (`hook_z`) of the patched heads, and writes it over the
-recipient's z for those query heads (GQA siblings untouched). The donor keeps its own KV cache in
+attention mask and keeps the donor's z (`hook_z`). In each patched layer, the recipient's
+attention output is then rebuilt from its own heads and the donor's patched heads, each through
+its own model's output projection (GQA siblings untouched). The donor keeps its own KV cache in
 step with the recipient's, so the patch holds at every decode step of cached generation: each
 decode step sees the donor's z for exactly the new positions.
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from functools import partial
+from typing import Literal
 
 import pandas as pd
 import torch
@@ -66,24 +69,62 @@ def _cache_length(cache) -> int:
     return 0 if cache is None else int(cache.get_seq_length())
 
 
+#: What cross-model patching moves: `output`, each head's contribution to the residual stream
+#: (z_h · W_O[h] with the donor's own W_O, plus its share of the output bias), or `z`, the head's
+#: value-weighted sum before the output projection (then read through the recipient's W_O).
+Patched = Literal["output", "z"]
+PATCHED: tuple[Patched, ...] = ("output", "z")
+
+
+def _o_proj(model, layer: int) -> torch.nn.Linear:
+    """The HF output projection of `layer`'s attention (weight `[d_model, head · d_head]`)."""
+    o = model.blocks[layer].attn.o
+    linear = getattr(o, "original_component", o)
+    if not isinstance(linear, torch.nn.Linear):
+        raise NotImplementedError(
+            f"layer {layer}: the attention output projection is a {type(linear).__name__}, not a "
+            "Linear; patch what='z' instead"
+        )
+    return linear
+
+
+def _head_mask(n_heads: int, d_head: int, heads: list[int], device) -> Tensor:
+    """1 on the d_head columns of `heads` in a flattened `head · d_head` z, 0 elsewhere."""
+    mask = torch.zeros(n_heads, d_head, device=device)
+    mask[heads] = 1.0
+    return mask.flatten()
+
+
 @contextmanager
-def cross_patch(recipient, donor, heads: Sequence[Head] | str) -> Iterator[dict]:
-    """Write the donor's z of `heads` into the recipient on every recipient forward in the block.
+def cross_patch(
+    recipient, donor, heads: Sequence[Head] | str, *, patched: Patched = "output"
+) -> Iterator[dict]:
+    """Patch the donor's `heads` into the recipient on every recipient forward in the block.
+
+    `patched="output"` (the default, and what the studies use) replaces each head's contribution
+    to the residual stream: the recipient's attention output becomes
+    Σ_{h ∉ S} z_h^rec W_O^rec[h] + Σ_{h ∈ S} z_h^don W_O^don[h], with the output bias shared per
+    head ((1 − |S|/n) b_O^rec + |S|/n b_O^don). Patching every head therefore gives the donor's
+    attention output exactly, even where fine-tuning changed W_O. `patched="z"` writes the
+    donor's z into the recipient's z, which then goes through the recipient's W_O.
 
     Yields counters (`forwards`: donor runs, `patched`: recipient layers written). Raises when
-    the recipient's z hook fires without a donor run (a forward that bypassed the bridge, such as
+    the recipient's hooks fire without a donor run (a forward that bypassed the bridge, such as
     `run_from_layer`), or when the recipient continues a KV cache this block did not start.
     """
+    if patched not in PATCHED:
+        raise ValueError(f"patched must be one of {PATCHED}, got {patched!r}")
     check_same_shape(donor, recipient)
-    heads = parse_heads(heads, HeadShape.of(recipient))
+    shape = HeadShape.of(recipient)
+    heads = parse_heads(heads, shape)
     if not heads:
         raise ValueError("cross-model patching needs a non-empty head set")
     by_layer = _by_layer(heads)
-    state: dict = {"cache": None, "z": {}}
+    state: dict = {"cache": None, "z": {}, "z_rec": {}}
     stats = {"forwards": 0, "patched": 0}
 
     def grab(z: Tensor, hook, *, layer: int) -> None:
-        state["z"][layer] = z[:, :, by_layer[layer]].detach()
+        state["z"][layer] = z.detach() if patched == "output" else z[:, :, by_layer[layer]].detach()
 
     donor_hooks = [(f"blocks.{la}.attn.hook_z", partial(grab, layer=la)) for la in by_layer]
 
@@ -107,24 +148,55 @@ def cross_patch(recipient, donor, heads: Sequence[Head] | str) -> Iterator[dict]
             donor(*args[:1], **kw)  # extends the donor's own cache in place
         stats["forwards"] += 1
 
-    def write(z: Tensor, hook, *, layer: int) -> Tensor:
+    def donor_z(layer: int, like: Tensor) -> Tensor:
         src = state["z"].pop(layer, None)
         if src is None:
             raise RuntimeError(
                 f"layer {layer}: the recipient ran without a donor run on the same input (a "
                 "forward that bypassed the bridge's __call__?); cross_patch cannot patch it"
             )
-        if src.shape[:2] != z.shape[:2]:
+        if src.shape[:2] != like.shape[:2]:
             raise RuntimeError(
-                f"donor z {tuple(src.shape[:2])} and recipient z {tuple(z.shape[:2])} differ in "
-                "batch or positions"
+                f"donor z {tuple(src.shape[:2])} and recipient z {tuple(like.shape[:2])} differ "
+                "in batch or positions"
             )
+        return src.to(like.device, like.dtype)
+
+    def write_z(z: Tensor, hook, *, layer: int) -> Tensor:
+        src = donor_z(layer, z)
         z = z.clone()
-        z[:, :, by_layer[layer]] = src.to(z.device, z.dtype)
+        z[:, :, by_layer[layer]] = src
         stats["patched"] += 1
         return z
 
-    recipient_hooks = [(f"blocks.{la}.attn.hook_z", partial(write, layer=la)) for la in by_layer]
+    def keep_z(z: Tensor, hook, *, layer: int) -> None:
+        state["z_rec"][layer] = z.reshape(*z.shape[:2], -1)  # the o_proj input, heads flattened
+
+    def write_output(out: Tensor, hook, *, layer: int) -> Tensor:
+        z_rec = state["z_rec"].pop(layer)
+        z_don = donor_z(layer, z_rec).reshape(z_rec.shape)
+        o_rec, o_don = _o_proj(recipient, layer), _o_proj(donor, layer)
+        share = len(by_layer[layer]) / shape.n_heads
+        mask = _head_mask(shape.n_heads, z_rec.shape[-1] // shape.n_heads, by_layer[layer],
+                          z_rec.device).to(z_rec.dtype)
+        b_rec = None if o_rec.bias is None else (1.0 - share) * o_rec.bias
+        b_don = None if o_don.bias is None else share * o_don.bias
+        mixed = torch.nn.functional.linear(z_rec * (1 - mask), o_rec.weight, b_rec)
+        mixed = mixed + torch.nn.functional.linear(z_don * mask, o_don.weight.to(out.device), b_don)
+        stats["patched"] += 1
+        return mixed.to(out.dtype)
+
+    if patched == "z":
+        recipient_hooks = [
+            (f"blocks.{la}.attn.hook_z", partial(write_z, layer=la)) for la in by_layer
+        ]
+    else:
+        recipient_hooks = [
+            hook for la in by_layer for hook in (
+                (f"blocks.{la}.attn.o.hook_in", partial(keep_z, layer=la)),
+                (f"blocks.{la}.attn.o.hook_out", partial(write_output, layer=la)),
+            )
+        ]
     handle = recipient.register_forward_pre_hook(run_donor, with_kwargs=True)
     try:
         with recipient.hooks(fwd_hooks=recipient_hooks):
@@ -169,12 +241,14 @@ def cross_model_patching(
     batch_size: int = 4,
     template=None,
     score: bool = True,
+    patched: Patched = "output",
     progress: bool = True,
 ) -> pd.DataFrame:
     """The task on the recipient, on the donor, and on the recipient with each head set patched in
-    from the donor. One row per (condition, example): `condition` is `recipient`, `donor`, or a
-    head-set name; generation metrics as `evaluate` gives them, plus `answer_logprob` (mean
-    teacher-forced log-prob of the gold answer) when `score`."""
+    from the donor (`patched`: head outputs or z, see `cross_patch`). One row per (condition,
+    example): `condition` is `recipient`, `donor`, or a head-set name; generation metrics as
+    `evaluate` gives them, plus `answer_logprob` (mean teacher-forced log-prob of the gold answer)
+    when `score`, and `patched`."""
     from mechinterp.evaluate import evaluate
 
     check_same_shape(donor, recipient)
@@ -190,7 +264,7 @@ def cross_model_patching(
     runs += [(name, recipient, hs) for name, hs in parsed.items()]
     frames = []
     for condition, model, hs in tqdm(runs, desc="cross-model patching", disable=not progress):
-        with cross_patch(recipient, donor, hs) if hs else nullcontext():
+        with cross_patch(recipient, donor, hs, patched=patched) if hs else nullcontext():
             df = evaluate(
                 model,
                 examples,
@@ -201,7 +275,12 @@ def cross_model_patching(
                 progress=False,
             )
         frames.append(
-            df.assign(condition=condition, n_heads=len(hs), heads=" ".join(str(h) for h in hs))
+            df.assign(
+                condition=condition,
+                n_heads=len(hs),
+                heads=" ".join(str(h) for h in hs),
+                patched=patched,
+            )
         )
     return pd.concat(frames, ignore_index=True)
 

@@ -61,9 +61,11 @@ def tiny_model(
     n_ctx: int = 2048,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    attention_bias: bool = False,
     directory: str | Path | None = None,
 ) -> TransformerBridge:
-    """A randomly initialised Llama (seeded) wrapped in a TransformerBridge, with a model card."""
+    """A randomly initialised Llama (seeded) wrapped in a TransformerBridge, with a model card.
+    `attention_bias` gives the q/k/v/o projections biases (random, so that they matter)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if n_heads % n_kv_heads:
@@ -84,6 +86,7 @@ def tiny_model(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
+        attention_bias=attention_bias,
         attn_implementation="eager",
     )
     torch.manual_seed(seed)
@@ -93,6 +96,8 @@ def tiny_model(
         for layer in model.model.layers:
             layer.self_attn.q_proj.weight.mul_(4.0)
             layer.self_attn.k_proj.weight.mul_(4.0)
+            for proj in "qkvo" if attention_bias else "":
+                getattr(layer.self_attn, f"{proj}_proj").bias.normal_(0.0, 0.1)
     model.save_pretrained(directory)
     return boot_bridge(
         model,

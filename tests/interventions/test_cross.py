@@ -1,8 +1,8 @@
 """Oracle tests of cross-model patching on tiny MHA/GQA/MQA models.
 
-The recipient is the donor with perturbed Q/K/V projections (as an attention-only fine-tune
-would be, output projection and MLPs shared), so patching every head's z from the donor must give
-the donor's logits exactly."""
+The recipient is the donor with every attention projection perturbed, weights and biases (as a
+LoRA fine-tune of q/k/v/o would be; MLPs shared), so patching every head's output from the donor
+must give the donor's attention outputs and logits, while patching z alone must not."""
 
 import pytest
 import torch
@@ -26,27 +26,99 @@ KV = {"mha": 4, "gqa": 2, "mqa": 1}
 
 @pytest.fixture(scope="module", params=list(KV), ids=list(KV))
 def pair(request, tmp_path_factory):
-    """(donor, recipient): one tiny model, and a copy with its Q/K/V weights perturbed."""
+    """(donor, recipient): one tiny model with attention biases, and a copy with its q/k/v/o
+    weights and biases perturbed."""
     n_kv = KV[request.param]
-    donor = tiny_model(n_kv_heads=n_kv, directory=tmp_path_factory.mktemp("donor"))
-    recipient = tiny_model(n_kv_heads=n_kv, directory=tmp_path_factory.mktemp("recipient"))
+    donor = tiny_model(
+        n_kv_heads=n_kv, attention_bias=True, directory=tmp_path_factory.mktemp("donor")
+    )
+    recipient = tiny_model(
+        n_kv_heads=n_kv, attention_bias=True, directory=tmp_path_factory.mktemp("recipient")
+    )
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, p in recipient.original_model.named_parameters():
-            if any(f"{x}_proj" in name for x in "qkv"):
+            if any(f"{x}_proj" in name for x in "qkvo"):
                 p.add_(0.5 * p.std() * torch.randn(p.shape, generator=g))
     return donor, recipient
 
 
-def logits(model, heads=None, donor=None):
+def logits(model, heads=None, donor=None, patched="output"):
     ids, mask = left_pad(model, PROMPTS)
     with torch.no_grad():
         if heads is None:
             return model(ids, attention_mask=mask)
-        with cross_patch(model, donor, heads) as stats:
+        with cross_patch(model, donor, heads, patched=patched) as stats:
             out = model(ids, attention_mask=mask)
         assert stats["forwards"] == 1
         return out
+
+
+def attention_outputs(model, heads=None, donor=None):
+    """Per layer, the attention output (what the block adds to the residual stream)."""
+    ids, mask = left_pad(model, PROMPTS)
+    got = {}
+
+    def keep(x, hook):
+        got[hook.name] = x.detach().clone()
+
+    hooks = [(f"blocks.{la}.attn.hook_out", keep) for la in range(model.cfg.n_layers)]
+    with torch.no_grad(), model.hooks(fwd_hooks=hooks):
+        if heads is None:
+            model(ids, attention_mask=mask)
+        else:
+            with cross_patch(model, donor, heads):
+                model(ids, attention_mask=mask)
+    return [got[f"blocks.{la}.attn.hook_out"] for la in range(model.cfg.n_layers)]
+
+
+def test_patching_every_head_output_gives_the_donors_attention_output(pair):
+    donor, recipient = pair
+    real = left_pad(recipient, PROMPTS)[1].bool()
+    every = HeadShape.of(recipient).all_heads()
+    theirs, ours = attention_outputs(donor), attention_outputs(recipient)
+    patched = attention_outputs(recipient, every, donor)
+    for la, (t, o, p) in enumerate(zip(theirs, ours, patched, strict=True)):
+        assert (t - o)[real].abs().max() > 0.05, la  # the models' attention really differs
+        torch.testing.assert_close(p[real], t[real], atol=1e-5, rtol=0)
+    # Only layer 1 patched: layer 0 is the recipient's, bit for bit.
+    layer1 = [h for h in every if h.layer == 1]
+    assert torch.equal(attention_outputs(recipient, layer1, donor)[0], ours[0])
+
+
+def test_one_head_output_equals_a_hand_computed_swap_of_its_contribution(pair):
+    donor, recipient = pair
+    head = Head(1, 2)
+    shape = HeadShape.of(recipient)
+    ids, mask = left_pad(recipient, PROMPTS)
+    z, out = {}, {}
+
+    def run(model, name, patch=None):
+        hooks = [
+            ("blocks.1.attn.hook_z", lambda x, hook: z.__setitem__(name, x.detach().clone())),
+            ("blocks.1.attn.hook_out", lambda x, hook: out.__setitem__(name, x.detach())),
+        ]
+        with torch.no_grad(), model.hooks(fwd_hooks=hooks):
+            if patch is None:
+                model(ids, attention_mask=mask)
+            else:
+                with cross_patch(model, donor, patch):
+                    model(ids, attention_mask=mask)
+
+    run(donor, "donor")
+    run(recipient, "recipient", [head])
+    o_rec = recipient.original_model.model.layers[1].self_attn.o_proj
+    o_don = donor.original_model.model.layers[1].self_attn.o_proj
+    d = recipient.cfg.d_head
+    cols = slice(head.head * d, (head.head + 1) * d)
+    z_rec, z_don = z["recipient"][:, :, head.head], z["donor"][:, :, head.head]
+    full = torch.einsum("bpd,md->bpm", z["recipient"].flatten(2), o_rec.weight) + o_rec.bias
+    expected = (
+        full
+        - torch.einsum("bpd,md->bpm", z_rec, o_rec.weight[:, cols]) - o_rec.bias / shape.n_heads
+        + torch.einsum("bpd,md->bpm", z_don, o_don.weight[:, cols]) + o_don.bias / shape.n_heads
+    )
+    torch.testing.assert_close(out["recipient"], expected, atol=1e-5, rtol=0)
 
 
 def test_patching_every_head_from_the_donor_gives_the_donors_logits(pair):
@@ -57,9 +129,12 @@ def test_patching_every_head_from_the_donor_gives_the_donors_logits(pair):
     every = HeadShape.of(recipient).all_heads()
     patched = logits(recipient, every, donor)
     torch.testing.assert_close(patched[real], theirs[real], atol=1e-5, rtol=0)
+    # z alone goes through the recipient's own W_O: not the donor's head outputs.
+    z_only = logits(recipient, every, donor, patched="z")
+    assert (z_only - theirs)[real].abs().max() > 0.05
 
 
-def test_cross_patch_writes_donor_z_into_its_heads_only(pair):
+def test_z_patching_writes_donor_z_into_its_heads_only(pair):
     donor, recipient = pair
     head = Head(1, 1)  # siblings share its KV head under GQA/MQA
     name = "blocks.1.attn.hook_z"
@@ -73,7 +148,7 @@ def test_cross_patch_writes_donor_z_into_its_heads_only(pair):
         for key, model in (("donor", donor), ("recipient", recipient)):
             with model.hooks(fwd_hooks=[(name, lambda z, hook, k=key: grab(z, hook, key=k))]):
                 model(ids, attention_mask=mask)
-        with cross_patch(recipient, donor, [head]):
+        with cross_patch(recipient, donor, [head], patched="z"):
             with recipient.hooks(fwd_hooks=[(name, lambda z, hook: grab(z, hook, key="p"))]):
                 recipient(ids, attention_mask=mask)
     real = mask.bool()
