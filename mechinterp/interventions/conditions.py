@@ -26,7 +26,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mechinterp.heads import HeadShape
-from mechinterp.interventions.knockout import KnockoutSpec, check_pre_softmax
+from mechinterp.interventions.knockout import KnockoutSpec, check_pre_softmax, masked_threshold
 from mechinterp.models.kv_cache import cache_kwargs
 
 ROW_MODES = ("zero", "uniform_attention")
@@ -76,8 +76,7 @@ def knockout_rows(model, specs: Sequence[KnockoutSpec]) -> Iterator[dict]:
             check_pre_softmax(scores)
             checked.append(True)
         mask = masks["uniform_attention"][layer].to(scores.device)  # [row, head]
-        masked_value = torch.finfo(scores.dtype).min / 2
-        visible = scores > masked_value
+        visible = scores > masked_threshold(scores.dtype)
         stats["edited"] += 1
         return torch.where(mask[:, :, None, None] & visible, torch.zeros_like(scores), scores)
 

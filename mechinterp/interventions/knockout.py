@@ -41,8 +41,17 @@ MODES: tuple[KnockoutMode, ...] = ("zero", "mean", "resample", "uniform_attentio
 Z_MODES = ("zero", "mean", "resample")
 SCORE_MODES = ("uniform_attention", "edge_knockout")
 
-#: The "large negative number" of edge knockout (never −inf: an all-cut row would become NaN).
-LARGE_NEGATIVE = -1e9
+
+
+def large_negative(dtype: torch.dtype) -> float:
+    """The "large negative number" of edge knockout for scores of `dtype`: finite in every dtype
+    (−1e9 is −inf in float16, and an all-cut row would become NaN), far below any real logit."""
+    return torch.finfo(dtype).min / 4
+
+
+def masked_threshold(dtype: torch.dtype) -> float:
+    """Scores at or below this are masked out (HF masks with the dtype's minimum)."""
+    return torch.finfo(dtype).min / 2
 
 
 @dataclass(frozen=True)
@@ -175,12 +184,30 @@ def check_pre_softmax(scores: Tensor) -> None:
 
 
 class _Geometry:
-    """Per forward and layer: which rows/positions are real, read from the masked scores."""
+    """Per forward: each row's left padding (from the attention mask) and where its queries sit."""
 
     def __init__(self) -> None:
-        self.offsets: Tensor | None = None
+        self.ran = False  # set by the bridge's forward pre-hook, cleared after the forward
+        self.mask: Tensor | None = None  # the forward's 2-D attention mask (None: no padding)
+        self.offsets: Tensor | None = None  # [batch] left padding of each row
         self.q_start = 0  # absolute (padded) index of the first query of this forward
         self.q_len = 0
+
+    def place(self, b: int, q: int, k: int, layer: int) -> None:
+        """Queries of this forward are keys k − q … k − 1. The mask spans the cached prefix and
+        the new tokens, so each row's leading zeros are its left padding, whatever the attention
+        pattern (sliding windows and local layers do not move them)."""
+        if self.mask is None:
+            self.offsets = torch.zeros(b, dtype=torch.long)
+        elif self.mask.shape != (b, k):
+            raise RuntimeError(
+                f"layer {layer}: scores cover {k} keys for {b} rows but the attention mask is "
+                f"{tuple(self.mask.shape)}; knockout cannot place positions (a cache that "
+                "dropped keys, such as a sliding-window cache?)"
+            )
+        else:
+            self.offsets = (self.mask.long().cumsum(-1) == 0).sum(-1)
+        self.q_start, self.q_len = k - q, q
 
 
 def _in_scope(spec: KnockoutSpec, q_len: int) -> bool:
@@ -190,7 +217,8 @@ def _in_scope(spec: KnockoutSpec, q_len: int) -> bool:
 
 def _query_mask(spec: KnockoutSpec, geo: _Geometry, device) -> Tensor:
     """[batch, q] bool: which of this forward's queries the spec touches."""
-    q_abs = geo.q_start + torch.arange(geo.q_len, device=device)[None, :] - geo.offsets[:, None]
+    offsets = geo.offsets.to(device)
+    q_abs = geo.q_start + torch.arange(geo.q_len, device=device)[None, :] - offsets[:, None]
     if spec.query_positions is None:
         return q_abs >= 0
     wanted = torch.tensor(spec.query_positions, device=device)
@@ -228,20 +256,34 @@ def knockout(model, spec: KnockoutSpec, *, reference: Reference | None = None) -
         yield stats
         return
     by_layer = _by_layer(spec.heads)
-    geos = {la: _Geometry() for la in by_layer}
+    geo = _Geometry()
     checked = []
 
+    def read_inputs(module, args, kwargs) -> None:
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.ndim != 2:
+            raise ValueError("knockout reads left padding from a 2-D attention mask")
+        geo.ran, geo.mask = True, mask
+
+    def forward_done(module, args, output) -> None:
+        geo.ran, geo.mask, geo.offsets = False, None, None
+
+    def placed(layer: int) -> _Geometry:
+        if not geo.ran:
+            raise RuntimeError(
+                f"layer {layer}: the model ran without going through the bridge's __call__ (e.g. "
+                "run_from_layer or original_model), so knockout cannot place positions"
+            )
+        return geo
+
     def geometry(scores: Tensor, hook, *, layer: int) -> Tensor:
-        geo = geos[layer]
+        geo = placed(layer)
         b, _, q, k = scores.shape
-        masked_value = torch.finfo(scores.dtype).min / 2
+        masked_value = masked_threshold(scores.dtype)
         if not checked:
             check_pre_softmax(scores)
             checked.append(True)
-        # leading keys masked for the last query of a row = that row's left padding
-        visible = scores[:, 0, -1, :] > masked_value
-        geo.offsets = visible.float().argmax(-1)
-        geo.q_start, geo.q_len = k - q, q
+        geo.place(b, q, k, layer)
         stats["score_hooks"] += 1
         stats["positions"] = max(stats["positions"], k - int(geo.offsets.min()))
         if spec.mode not in SCORE_MODES or not _in_scope(spec, q):
@@ -252,9 +294,11 @@ def knockout(model, spec: KnockoutSpec, *, reference: Reference | None = None) -
         if spec.mode == "uniform_attention":
             new = torch.where(sub > masked_value, torch.zeros_like(sub), sub)
         else:
-            k_abs = torch.arange(k, device=scores.device)[None, :] - geo.offsets[:, None]  # [b, k]
+            offsets = geo.offsets.to(scores.device)
+            k_abs = torch.arange(k, device=scores.device)[None, :] - offsets[:, None]  # [b, k]
             cut = torch.isin(k_abs, torch.tensor(spec.key_positions, device=scores.device))
-            new = torch.where(cut[:, None, None, :], torch.clamp(sub, max=LARGE_NEGATIVE), sub)
+            floor = large_negative(scores.dtype)
+            new = torch.where(cut[:, None, None, :], torch.clamp(sub, max=floor), sub)
         sub = torch.where(qmask[:, None, :, None], new, sub)
         scores = scores.clone()
         scores[:, heads] = sub
@@ -262,12 +306,7 @@ def knockout(model, spec: KnockoutSpec, *, reference: Reference | None = None) -
         return scores
 
     def edit_z(z: Tensor, hook, *, layer: int) -> Tensor:
-        geo = geos[layer]
-        if geo.offsets is None:
-            raise RuntimeError(
-                f"layer {layer}: hook_z fired before hook_attn_scores; this attention "
-                "implementation does not expose pre-softmax scores, so positions are unknown"
-            )
+        geo = placed(layer)
         if not _in_scope(spec, geo.q_len):
             return z
         qmask = _query_mask(spec, geo, z.device)  # [b, q]
@@ -284,7 +323,7 @@ def knockout(model, spec: KnockoutSpec, *, reference: Reference | None = None) -
                 q_abs = (
                     geo.q_start
                     + torch.arange(geo.q_len, device=z.device)[None, :]
-                    - (geo.offsets[:, None])
+                    - geo.offsets.to(z.device)[:, None]
                 )
                 need = int(q_abs[qmask].max()) + 1 if bool(qmask.any()) else 0
                 if need > ref.shape[0]:
@@ -308,8 +347,16 @@ def knockout(model, spec: KnockoutSpec, *, reference: Reference | None = None) -
     ]
     if spec.mode in Z_MODES:
         hooks += [(f"blocks.{la}.attn.hook_z", partial(edit_z, layer=la)) for la in by_layer]
-    with model.hooks(fwd_hooks=hooks):
-        yield stats
+    handles = [
+        model.register_forward_pre_hook(read_inputs, with_kwargs=True),
+        model.register_forward_hook(forward_done),
+    ]
+    try:
+        with model.hooks(fwd_hooks=hooks):
+            yield stats
+    finally:
+        for handle in handles:
+            handle.remove()
     if stats["score_hooks"] == 0 and stats["forwards"] > 0:
         raise RuntimeError("hook_attn_scores never fired: the knockout was a silent no-op")
     for name in ("query_positions", "key_positions"):

@@ -70,6 +70,39 @@ def _blocks_from(model, layer: int):
 
 
 @torch.no_grad()
+def check_resumable(model) -> None:
+    """Refuse a model that `run_from_layer` would run wrongly: feeding the residual entering layer
+    0 back as `inputs_embeds` must reproduce the model's own forward. A model whose `forward`
+    transforms `inputs_embeds` (scales embeddings, as older Gemma code did, or adds position
+    embeddings) would apply it twice. Probed once per model (`load_model` does it at load, with
+    no hooks attached) and remembered on it."""
+    known = getattr(model, "mechinterp_resumable", None)
+    if known is None:
+        ids = (torch.arange(1, 9, device=model.cfg.device) % model.cfg.d_vocab)[None, :]
+        got: dict[str, Tensor] = {}
+
+        def keep(x: Tensor, hook) -> None:
+            got["resid"] = x.detach()
+
+        with model.hooks(fwd_hooks=[("blocks.0.hook_resid_pre", keep)]):
+            full = model(ids, logits_to_keep=1)[:, -1]
+        position_ids = torch.arange(ids.shape[1], device=ids.device)[None, :]
+        with _blocks_from(model, 0):
+            resumed = model.original_model(
+                inputs_embeds=got["resid"], position_ids=position_ids, logits_to_keep=1,
+                use_cache=False,
+            ).logits[:, -1]
+        known = bool(torch.allclose(resumed.float(), full.float(), atol=1e-3, rtol=1e-3))
+        model.mechinterp_resumable = known
+    if not known:
+        raise NotImplementedError(
+            "this model transforms inputs_embeds inside its forward (e.g. scales embeddings): "
+            "running it from a layer on a stored residual stream would apply that twice, so "
+            "per-head patching from cached residuals is refused for it"
+        )
+
+
+@torch.no_grad()
 def run_from_layer(
     model,
     resid: Float[Tensor, "batch pos d_model"],
@@ -87,6 +120,7 @@ def run_from_layer(
     n_layers = model.cfg.n_layers
     if not 0 <= layer < n_layers:
         raise ValueError(f"layer {layer} is outside the model's {n_layers} layers")
+    check_resumable(model)
     b, pos, _ = resid.shape
     start = 0 if prefix_kv is None else prefix_kv[0][0].shape[2]
     position_ids = torch.arange(start, start + pos, device=resid.device)[None, :].expand(b, -1)
