@@ -45,7 +45,7 @@ class ModelKnockout:
 
     ks: tuple[int, ...] = (5, 10)
     seeds: tuple[int, ...] = (0, 1, 2)
-    modes: tuple[Literal["zero", "uniform"], ...] = ("zero",)
+    modes: tuple[Literal["zero", "uniform_attention"], ...] = ("zero",)
     scope: KnockoutScope = "decode"
     target: Literal["response", "gold"] = "response"  # gold: teacher-force the gold answer
 
