@@ -69,11 +69,26 @@ def _row(claim, label, metric, est, lo, hi, n, unit, *, primary, null, minimum, 
         "min_effect": minimum,
         "rule": rule,
         "primary": primary,
-        "verdict": verdict(lo, hi, est, null=null, minimum=minimum)
+        "verdict": _correlation_verdict(extra["p_permutation"], hi, est, minimum=minimum,
+                                        alpha=extra["alpha"])
+        if rule == "correlation"
+        else verdict(lo, hi, est, null=null, minimum=minimum)
         if rule == "above"
         else _share_verdict(lo, hi, maximum=minimum),
         **extra,
     }
+
+
+def _correlation_verdict(p: float, hi: float, estimate: float, *, minimum: float,
+                         alpha: float) -> str:
+    """supported: the exact permutation p-value is at most `alpha` and the estimate reaches
+    `minimum`; not supported: the bootstrap CI lies below `minimum`; inconclusive otherwise. (At
+    N <= 10 a percentile bootstrap alone is not a verdict.)"""
+    if p <= alpha and estimate >= minimum:
+        return "supported"
+    if hi < minimum:
+        return "not supported"
+    return "inconclusive"
 
 
 def _share_verdict(lo: float, hi: float, *, maximum: float) -> str:

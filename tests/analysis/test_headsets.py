@@ -133,3 +133,34 @@ def test_random_complements_vary_with_the_seed_and_avoid_the_ranked_set():
     assert len({tuple(d) for d in draws.values()}) == 5
     assert all(len(d) == 10 and not set(d) & set(ranked) for d in draws.values())
     assert all(d.grid == (30, 9) for d in draws.values())
+
+
+def test_the_permutation_p_value_equals_brute_force_enumeration():
+    import itertools
+
+    from scipy import stats as sps
+
+    from mechinterp.analysis.stats import correlate
+
+    x, y = [1, 2, 3, 4, 5], [1, 3, 2, 5, 4]
+    r = correlate(x, y, n_boot=500)
+    assert r.estimate == pytest.approx(0.8) and r.exact and r.n_permutations == 120
+    observed = abs(sps.spearmanr(x, y).statistic)
+    hits = sum(
+        abs(sps.spearmanr(x, list(p)).statistic) >= observed - 1e-12
+        for p in itertools.permutations(y)
+    )
+    assert r.p_permutation == pytest.approx(hits / 120)
+    assert r.p_permutation == pytest.approx(16 / 120)  # the p = 0.13 at N = 5
+    assert r.low > 0  # where a percentile bootstrap alone would call ρ = 0.8 "supported"
+
+
+def test_claims_at_small_n_rest_on_the_permutation_p_value():
+    from mechinterp.study.claims import _row
+
+    def row(p):
+        return _row("c", "l", "correlation", 0.8, 0.11, 1.0, 5, "ρ", primary=True, null=0.0,
+                    minimum=0.5, rule="correlation", p_permutation=p, alpha=0.05)["verdict"]
+
+    assert row(16 / 120) == "inconclusive"
+    assert row(0.01) == "supported"

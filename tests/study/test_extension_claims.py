@@ -51,7 +51,11 @@ def test_planted_tables_give_known_estimates_and_verdicts(config, heads, cross):
     # a perfectly monotone recall -> F1 relation across 4 variants
     assert prim.loc["recall_predicts", "estimate"] == pytest.approx(1.0)
     assert prim.loc["recall_predicts", "n"] == 4  # the reference is not a data point
-    assert prim.loc["recall_predicts", "verdict"] == "supported"
+    # ...yet 4 points cannot decide it: 2 of the 4! = 24 pairings reach |ρ| = 1 (p = 1/12),
+    # although the bootstrap CI collapses to [1, 1].
+    assert prim.loc["recall_predicts", "p_permutation"] == pytest.approx(2 / 24)
+    assert prim.loc["recall_predicts", "ci_low"] == pytest.approx(1.0)
+    assert prim.loc["recall_predicts", "verdict"] == "inconclusive"
     assert prim.loc["subset", "estimate"] == pytest.approx(0.875)
     # Inter F1 1.0 minus the mean of Rand (0 and 0.5) on each of 6 (model, example) pairs
     assert prim.loc["inter_beats_rand", "estimate"] == pytest.approx(0.75)
