@@ -31,17 +31,26 @@ def _shape_of(scores: HeadScores) -> HeadShape:
     return HeadShape(scores.shape[0], scores.shape[1], 1)
 
 
-def rank_heads(scores: HeadScores) -> HeadSet:
-    """Every head, best score first (ties: lower layer, then lower head, first)."""
-    _shape_of(scores)
-    flat = [
-        (-float(scores[layer, h]), layer, h)
-        for layer in range(scores.shape[0])
-        for h in range(scores.shape[1])
-    ]
-    if any(math.isnan(s) for s, _, _ in flat):
+#: Seed of the tie-break among equal scores (every ranking in the suite uses it).
+TIE_SEED = 0
+
+
+def rank_order(scores, *, seed: int = TIE_SEED) -> list[int]:
+    """Indices of `scores` (1-D, layer-major when flattened heads), best first. Equal scores are
+    ordered by a seeded random permutation, never by position: otherwise the many heads tied at
+    score 0 would rank layer 0 first, and a large top-k would knock out the first layers."""
+    values = [float(v) for v in scores]
+    if any(math.isnan(v) for v in values):
         raise ValueError("head scores contain NaN")
-    return HeadSet((Head(layer, h) for _, layer, h in sorted(flat)), grid=tuple(scores.shape))
+    key = random.Random(seed).sample(range(len(values)), len(values))
+    return sorted(range(len(values)), key=lambda i: (-values[i], key[i]))
+
+
+def rank_heads(scores: HeadScores, *, seed: int = TIE_SEED) -> HeadSet:
+    """Every head, best score first; ties in a seeded random order (`rank_order`)."""
+    n_layers, n_heads = _shape_of(scores).n_layers, scores.shape[1]
+    order = rank_order(scores.flatten().tolist(), seed=seed)
+    return HeadSet((Head(i // n_heads, i % n_heads) for i in order), grid=(n_layers, n_heads))
 
 
 def select_heads(

@@ -94,8 +94,9 @@ class Detection:
         )
         df["n_instances"] = self.n_counted
         df["detector"] = self.detector
-        order = df.sort_values(["score", "layer", "head"], ascending=[False, True, True]).index
-        df.loc[order, "rank"] = range(1, len(df) + 1)
+        from mechinterp.analysis.headsets import rank_order
+
+        df.loc[df.index[rank_order(df["score"])], "rank"] = range(1, len(df) + 1)
         df["rank"] = df["rank"].astype(int)
         return df
 

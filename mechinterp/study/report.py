@@ -313,12 +313,19 @@ def _necessary_text(tables, config) -> list[str]:
                      f"the task's rule, {int(g['scorable'].sum())} with the exact answer in the "
                      "response (the knockout set)")  # fmt: skip
     ks = config.knockout
+    ranked = tables["detect_scores"].sort_values("rank")
+    above = [
+        f"k={k}: {int((ranked['score'].head(k) > config.detect.threshold).sum())}" for k in ks.ks
+    ]
     return [
         "; ".join(parts) + ".",
         f"Conditions: top-k vs k random heads from the complement of the top {max(ks.ks)} "
         f"(seeds {list(ks.seeds)}), k ∈ {list(ks.ks)}, modes {list(ks.modes)}, scope "
         f"`{ks.scope}`. Metric: the clean response is teacher-forced and the answer counts as "
         "retrieved while every answer token stays the greedy choice.",
+        f"Top-k heads that pass the retrieval threshold (score > {config.detect.threshold}): "
+        + ", ".join(above) + ". Heads tied in score are ranked in a seeded random order, not by "
+        "layer.",
     ]
 
 

@@ -118,6 +118,7 @@ def combine_detect(
 ) -> pd.DataFrame:
     """One row per head: mean score over the counted instances, activation frequency, rank,
     and whether it is a retrieval head (score > threshold, or rank <= top_k when given)."""
+    from mechinterp.analysis.headsets import rank_order
     from mechinterp.heads import Head
 
     counted = per_instance[per_instance["counted"]]
@@ -134,7 +135,8 @@ def combine_detect(
     df.insert(
         2, "head_name", [str(Head(a, b)) for a, b in zip(df["layer"], df["head"], strict=True)]
     )
-    df = df.sort_values(["score", "layer", "head"], ascending=[False, True, True])
+    df = df.sort_values(["layer", "head"]).reset_index(drop=True)  # layer-major, as rank_order
+    df = df.iloc[rank_order(df["score"])]  # ties in a seeded random order, not layer 0 first
     df["rank"] = range(1, len(df) + 1)
     df["retrieval_head"] = df["rank"] <= top_k if top_k is not None else df["score"] > threshold
     df["n_instances"] = counted["instance_id"].nunique()

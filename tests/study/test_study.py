@@ -176,3 +176,16 @@ def test_each_figure_script_redraws_its_figure_from_the_tables(tiny_study, tmp_p
     from mechinterp.study.report import figure_main
 
     assert figure_main("no_such_figure", [str(out)]) == 2
+
+
+def test_the_report_says_how_many_top_k_heads_pass_the_threshold(tiny_study_config):
+    import pandas as pd
+
+    from mechinterp.study.report import _necessary_text
+
+    config = tiny_study_config()  # ks (1, 2, 4), threshold 0.1
+    scores = pd.DataFrame({"rank": [3, 1, 2, 4, 5], "score": [0.1, 0.5, 0.2, 0.0, 0.0]})
+    base = pd.DataFrame({"task": ["niah"], "correct": [True], "scorable": [True]})
+    text = " ".join(_necessary_text({"detect_scores": scores, "baseline": base}, config))
+    # ranks 1, 2 score above 0.1; rank 3 sits exactly at it (not above)
+    assert "(score > 0.1): k=1: 1, k=2: 2, k=4: 2." in text
