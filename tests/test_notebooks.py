@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
+VERDICTS = ("supported", "not supported", "inconclusive", "not tested")
 
 
 def execute(name: str):
@@ -52,7 +55,18 @@ def test_results_explorer_shows_the_verdicts_and_redraws_every_figure(tiny_study
     nb = execute("results_explorer.py")
     text = output_text(nb)
     assert str(tiny_study) in text  # it read the run it was pointed at, not the newest in runs/
-    assert any(v in text for v in ("supported", "inconclusive", "not tested"))
+    # the verdict table shows each claim with exactly the verdict the run stored (a cell equal
+    # to it: "not supported" does not pass for "supported")
+    headline = pd.read_csv(tiny_study / "claims_headline.csv")
+    html = "\n".join(
+        out.get("data", {}).get("text/html", "") for cell in nb.cells
+        for out in cell.get("outputs", [])
+    )
+    rows = re.findall(r"<tr>(.*?)</tr>", html, flags=re.S)
+    for claim, verdict in zip(headline["claim"], headline["verdict"], strict=True):
+        cells = [re.findall(r"<td>(.*?)</td>", r, flags=re.S) for r in rows]
+        shown = [c for c in cells if claim in c and any(v in c for v in VERDICTS)]
+        assert shown and verdict in shown[0], (claim, verdict, shown)
     assert "sufficient" in text and "detect_scores" in text and "shards" in text
     assert figures(nb) == 4  # retrieval heatmap, knockout CI curves, NIAH panels, recovery
 

@@ -101,7 +101,11 @@ def test_bootstrap_correlation_with_five_points():
     f1 = [0.30, 0.35, 0.50, 0.55, 0.70]
     r = correlate(recall_, f1, method="spearman", n_boot=2000, seed=0)
     assert r.estimate == pytest.approx(1.0) and r.n == 5
-    assert r.low <= r.estimate <= r.high and r.n_valid_boot <= 2000
+    # every resample of a monotone relation is monotone: the percentile CI collapses to [1, 1]
+    # (why it is no verdict at this N); the exact permutation p is 2 / 5! (ρ = +1 or −1)
+    assert r.low == pytest.approx(1.0) and r.high == pytest.approx(1.0)
+    assert 1000 < r.n_valid_boot < 2000  # resamples with a constant x or y are dropped
+    assert r.p_permutation == pytest.approx(2 / 120) and r.exact
     p = correlate(recall_, f1, method="pearson", n_boot=2000, seed=0)
     assert 0.9 < p.estimate < 1.0 and p.low < p.estimate
     assert correlate(recall_, f1, n_boot=500, seed=1) == correlate(recall_, f1, n_boot=500, seed=1)

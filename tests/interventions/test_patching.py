@@ -93,10 +93,20 @@ def test_noising_and_denoising_bracket_the_baselines(tiny_gqa):
     noi = patch_heads(tiny_gqa, CLEAN, CORRUPT, logit_diff_metric(good, bad), direction="noise")
     assert den.clean == noi.clean and den.corrupt == noi.corrupt and den.clean > den.corrupt
     assert not torch.allclose(den.values, noi.values)
-    # layer-0 heads at clean positions hold nothing corrupt-specific before the corruption
-    torch.testing.assert_close(
-        den.recovery, normalised_recovery(den.values, den.clean, den.corrupt)
-    )
+    # Per position: before the corruption (positions 0-2) a head's z is the same in both runs, so
+    # patching it leaves each run at its own baseline exactly: the bracket's two ends.
+    pden = patch_heads(tiny_gqa, CLEAN, CORRUPT, logit_diff_metric(good, bad), per_position=True)
+    pnoi = patch_heads(tiny_gqa, CLEAN, CORRUPT, logit_diff_metric(good, bad), per_position=True,
+                       direction="noise")  # fmt: skip
+    torch.testing.assert_close(pden.values[..., :3], torch.full_like(pden.values[..., :3],
+                               den.corrupt), atol=1e-5, rtol=0)  # fmt: skip
+    torch.testing.assert_close(pnoi.values[..., :3], torch.full_like(pnoi.values[..., :3],
+                               den.clean), atol=1e-5, rtol=0)  # fmt: skip
+    # Whole heads: denoising moves some heads up from the corrupt baseline and noising some down
+    # from the clean one, and no single head overshoots either baseline by the whole gap.
+    assert float(den.values.max()) > den.corrupt and float(noi.values.min()) < den.clean
+    gap = den.clean - den.corrupt
+    assert den.corrupt - gap < float(den.values.min()) <= float(den.values.max()) < den.clean + gap
 
 
 def test_patching_every_head_from_clean_recovers_clean_exactly(tiny):
