@@ -281,7 +281,8 @@ def accuracy_panels(
 
 _CONDITION_STYLE = {
     "top": ("top-k ranked heads", "214,39,40"),
-    "random": ("random k heads", "31,119,180"),
+    "random": ("random k heads, same layers", "31,119,180"),
+    "random_uniform": ("random k heads, any layer", "148,103,189"),
 }
 
 

@@ -89,7 +89,7 @@ def test_knockout_ci_curves_draws_bands_from_lo_and_hi(sweep):
     assert {t.line.color for t in lines if t.legendgroup == "top"} == {"rgb(214,39,40)"}
     assert {t.line.color for t in lines if t.legendgroup == "random"} == {"rgb(31,119,180)"}
     assert sorted(t.name for t in fig.data if t.showlegend is not False) == [
-        "no knockout", "random k heads", "top-k ranked heads"
+        "no knockout", "random k heads, same layers", "top-k ranked heads"
     ]  # fmt: skip
 
 

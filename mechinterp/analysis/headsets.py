@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Collection, Iterable, Sequence
+from typing import Literal
 
 import torch
 from jaxtyping import Float
@@ -159,9 +160,11 @@ def random_complement(
 ) -> HeadSet:
     """k heads drawn uniformly from the heads *not* in `ranked`.
 
-    With `match_layers` (usually the top-k set itself) the draw takes, in each layer, as many
-    heads as `match_layers` has there, from that layer's complement. The result never holds a
-    head of `ranked` (unlike the Wu reference sampler).
+    With `match_layers` (usually the top-k set itself) the draw is layer-matched: in each layer it
+    takes as many heads as `match_layers` has there, from that layer's complement. Where a layer's
+    complement runs short (the ranked heads fill it), the rest come from the nearest layers that
+    still have heads (seeded among equally near ones). The result never holds a head of `ranked`
+    (unlike the Wu reference sampler).
     """
     excluded = set(ranked)
     for h in excluded:
@@ -174,17 +177,34 @@ def random_complement(
         return HeadSet(sorted(rng.sample(pool, k)), grid=(shape.n_layers, shape.n_heads))
     if len(match_layers) != k:
         raise ValueError(f"match_layers has {len(match_layers)} heads but k is {k}")
+    if k > len(pool):
+        raise ValueError(f"cannot draw {k} heads from a complement of {len(pool)} heads")
+    left = {layer: [h for h in pool if h.layer == layer] for layer in range(shape.n_layers)}
+    for heads in left.values():
+        rng.shuffle(heads)
     out: list[Head] = []
-    for layer in sorted({h.layer for h in match_layers}):
-        need = sum(h.layer == layer for h in match_layers)
-        layer_pool = [h for h in pool if h.layer == layer]
-        if need > len(layer_pool):
-            raise ValueError(
-                f"layer {layer} has only {len(layer_pool)} heads outside the ranked set; cannot "
-                f"match {need} there (drop match_layers or rank fewer heads)"
-            )
-        out += rng.sample(layer_pool, need)
+    for target in sorted(h.layer for h in match_layers):
+        near = min(
+            (la for la in left if left[la]),
+            key=lambda la: (abs(la - target), rng.random()),
+        )
+        out.append(left[near].pop())
     return HeadSet(sorted(out), grid=(shape.n_layers, shape.n_heads))
+
+
+#: How a random baseline set is drawn: with the top-k set's per-layer counts, or from any layer.
+Draw = Literal["layer_matched", "uniform"]
+DRAWS: tuple[Draw, ...] = ("layer_matched", "uniform")
+
+
+def draw_baseline(
+    ranked: Iterable[Head], like: Sequence[Head], shape: HeadShape, *, seed: int, draw: Draw
+) -> HeadSet:
+    """|like| heads outside `ranked`, layer-matched to `like` or uniform over layers."""
+    if draw not in DRAWS:
+        raise ValueError(f"draw must be one of {DRAWS}, got {draw!r}")
+    match = tuple(like) if draw == "layer_matched" else None
+    return random_complement(ranked, len(like), shape, seed=seed, match_layers=match)
 
 
 def random_complements(

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mechinterp.analysis.headsets import Draw
 from mechinterp.heads import Head, HeadShape, parse_heads
 from mechinterp.interventions.knockout import _by_layer
 from mechinterp.models.kv_cache import NEW_NAME, OLD_NAME, cache_kwargs, new_cache, passed_cache
@@ -212,11 +213,13 @@ def patch_head_sets(
     shape: HeadShape,
     *,
     seeds: Sequence[int] = (0, 1, 2),
+    draw: Draw = "layer_matched",
 ) -> dict[str, tuple[Head, ...]]:
     """The paper's head sets, in donor rank order: `inter` = H_donor ∩ H_recipient, `compl` =
-    H_donor \\ H_recipient, and `rand-s{seed}` = |inter| heads drawn from neither set. Empty sets
-    are left out (there is nothing to patch)."""
-    from mechinterp.analysis.headsets import random_complement
+    H_donor \\ H_recipient, and `rand-s{seed}` = |inter| heads drawn from neither set, in the
+    same layers as `inter` (`draw="layer_matched"`, the default) or from any layer
+    (`"uniform"`). Empty sets are left out (there is nothing to patch)."""
+    from mechinterp.analysis.headsets import draw_baseline
 
     donor_heads = parse_heads(donor_heads, shape)
     recipient_heads = parse_heads(recipient_heads, shape)
@@ -226,7 +229,7 @@ def patch_head_sets(
     inter = tuple(h for h in donor_heads if h in theirs)
     sets = {"inter": inter, "compl": tuple(h for h in donor_heads if h not in theirs)}
     for s in seeds if inter else ():
-        drawn = random_complement(donor_heads + recipient_heads, len(inter), shape, seed=s)
+        drawn = draw_baseline(donor_heads + recipient_heads, inter, shape, seed=s, draw=draw)
         sets[f"rand-s{s}"] = tuple(drawn)
     return {name: hs for name, hs in sets.items() if hs}
 

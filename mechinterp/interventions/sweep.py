@@ -32,7 +32,7 @@ def knockout_sweep(
     seeds: Sequence[int] = (0, 1, 2),
     modes: Sequence[str] = ("zero",),
     ranked_pool: int | None = None,
-    match_layers: bool = False,
+    match_layers: bool = True,
     max_new_tokens: int = 32,
     batch_size: int = 4,
     score: bool = False,

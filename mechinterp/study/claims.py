@@ -133,17 +133,25 @@ def sparse_rows(per_instance: pd.DataFrame, threshold: float, settings) -> list[
     ]
 
 
+#: Random-baseline conditions of the knockout tables: layer-matched draws (the verdict's
+#: baseline) and uniform draws over all layers (reported beside it).
+BASELINES = {"random": "layer-matched", "random_uniform": "uniform over layers"}
+
+
 def necessity_rows(knockout: pd.DataFrame, settings) -> list[dict]:
     k = settings.k
     rows = []
     at_k = knockout[knockout["k"] == k]
     for (task, mode), g in at_k.groupby(["task", "mode"], sort=True):
-        for metric, primary, minimum, unit in (
-            ("retrieved", True, settings.min_drop, "fraction of examples"),
-            ("answer_logprob", False, 0.0, "nats per answer token"),
+        for metric, primary, minimum, unit, baseline in (
+            ("retrieved", True, settings.min_drop, "fraction of examples", "random"),
+            ("answer_logprob", False, 0.0, "nats per answer token", "random"),
+            ("retrieved", False, settings.min_drop, "fraction of examples", "random_uniform"),
         ):
+            if not (g["condition"] == baseline).any():
+                continue
             top = g[g["condition"] == "top"].set_index("example_id")[metric].astype(float)
-            rand = g[g["condition"] == "random"].groupby("example_id")[metric].mean().astype(float)
+            rand = g[g["condition"] == baseline].groupby("example_id")[metric].mean().astype(float)
             ids = sorted(set(top.index) & set(rand.index))
             diff = (rand.reindex(ids) - top.reindex(ids)).to_numpy()
             est, lo, hi = bootstrap(lambda i, d=diff: d[i].mean(), len(ids),
@@ -152,7 +160,7 @@ def necessity_rows(knockout: pd.DataFrame, settings) -> list[dict]:
             rows.append(
                 _row(
                     "necessary",
-                    f"{task} · {mode} · k={k}: random-{k} minus top-{k}",
+                    f"{task} · {mode} · k={k}: random-{k} ({BASELINES[baseline]}) minus top-{k}",
                     metric,
                     est,
                     lo,
@@ -165,6 +173,7 @@ def necessity_rows(knockout: pd.DataFrame, settings) -> list[dict]:
                     rule="above",
                     task=task,
                     mode=mode,
+                    baseline=BASELINES[baseline],
                     top=float(top.reindex(ids).mean()),
                     random=float(rand.reindex(ids).mean()),
                 )  # fmt: skip

@@ -93,6 +93,9 @@ class KnockoutStage:
     ks: tuple[int, ...] = (1, 2, 5, 10, 20)
     seeds: tuple[int, ...] = (0, 1, 2)
     modes: tuple[Literal["zero", "uniform_attention"], ...] = ("zero", "uniform_attention")
+    # Random baselines: layer-matched (the top-k's per-layer counts; condition `random`, what the
+    # verdict rests on) and uniform over layers (`random_uniform`, reported beside it).
+    draws: tuple[Literal["layer_matched", "uniform"], ...] = ("layer_matched", "uniform")
     scope: KnockoutScope = "decode"
     target: Literal["response", "gold"] = "response"
     max_new_tokens: int = 32
@@ -106,6 +109,13 @@ class KnockoutStage:
             raise ValueError("at least one seed is needed for the random baseline")
         if not self.modes:
             raise ValueError("at least one knockout mode is needed")
+        if not self.draws or self.draws[0] != "layer_matched" or len(set(self.draws)) != len(
+            self.draws
+        ):
+            raise ValueError(
+                "draws must start with layer_matched (the verdict's baseline), optionally "
+                f"followed by uniform; got {self.draws}"
+            )
         if self.examples_per_shard < 1:
             raise ValueError("examples_per_shard must be >= 1")
 

@@ -46,6 +46,7 @@ class ModelKnockout:
     ks: tuple[int, ...] = (5, 10)
     seeds: tuple[int, ...] = (0, 1, 2)
     modes: tuple[Literal["zero", "uniform_attention"], ...] = ("zero",)
+    draws: tuple[Literal["layer_matched", "uniform"], ...] = ("layer_matched", "uniform")
     scope: KnockoutScope = "decode"
     target: Literal["response", "gold"] = "response"  # gold: teacher-force the gold answer
 
@@ -246,7 +247,7 @@ def knockout_model_shard(
     keep = clean["scorable"].to_numpy()
     grid = HeadShape(shape[0], shape[1], shape[1])
     conds = knockout_conditions(parse_heads(ranked, grid), grid, ks=ko.ks, seeds=ko.seeds,
-                                modes=ko.modes)  # fmt: skip
+                                modes=ko.modes, draws=ko.draws)  # fmt: skip
     responses = [{"response_ids": list(r.target_ids), "answer_start": int(r.answer_start),
                   "answer_end": int(r.answer_end)} for r in clean[keep].itertuples()]  # fmt: skip
     if not responses:  # the model never wrote the answer: nothing to knock out

@@ -87,7 +87,7 @@ def niah_panels(tables: dict[str, pd.DataFrame], config) -> pd.DataFrame:
     panels = [(("none", 0, "none"), "no knockout")]
     for mode in config.knockout.modes:
         panels.append(((mode, k, "top"), f"top-{k} · {mode}"))
-        panels.append(((mode, k, "random"), f"random-{k} · {mode}"))
+        panels.append(((mode, k, "random"), f"random-{k} (same layers) · {mode}"))
     for key, label in panels:
         if key in per:
             frames.append(coords.assign(panel=label, accuracy=per[key].to_numpy()).reset_index())
@@ -320,7 +320,9 @@ def _necessary_text(tables, config) -> list[str]:
     return [
         "; ".join(parts) + ".",
         f"Conditions: top-k vs k random heads from the complement of the top {max(ks.ks)} "
-        f"(seeds {list(ks.seeds)}), k ∈ {list(ks.ks)}, modes {list(ks.modes)}, scope "
+        f"(seeds {list(ks.seeds)}), drawn {' and '.join(ks.draws)} (layer-matched: the top-k's "
+        "per-layer counts, the verdict's baseline; uniform: any layer, reported beside it), "
+        f"k ∈ {list(ks.ks)}, modes {list(ks.modes)}, scope "
         f"`{ks.scope}`. Metric: the clean response is teacher-forced and the answer counts as "
         "retrieved while every answer token stays the greedy choice.",
         f"Top-k heads that pass the retrieval threshold (score > {config.detect.threshold}): "

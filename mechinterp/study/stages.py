@@ -218,13 +218,19 @@ def baseline_shards(examples: list[Example], stage, template) -> list[Shard]:
 # ---------------------------------------------------------------- 2b. knockout
 
 
+#: The condition name of each random baseline draw in the knockout tables.
+RANDOM_CONDITION = {"layer_matched": "random", "uniform": "random_uniform"}
+
+
 def knockout_conditions(
-    ranked, shape, *, ks: Sequence[int], seeds: Sequence[int], modes: Sequence[str]
+    ranked, shape, *, ks: Sequence[int], seeds: Sequence[int], modes: Sequence[str],
+    draws: Sequence[str] = ("layer_matched",),
 ) -> list[dict]:
-    """The sweep's conditions: no knockout, then per mode and k the top-k and, per seed, k random
-    heads from the complement of the top max(ks) (so a random draw never holds a head the
-    ranking calls a retrieval head at any tested k)."""
-    from mechinterp.analysis.headsets import random_complement
+    """The sweep's conditions: no knockout, then per mode and k the top-k and, per draw and seed,
+    k random heads from the complement of the top max(ks) (so a random draw never holds a head
+    the ranking calls a retrieval head at any tested k). Layer-matched draws (condition `random`)
+    take the top-k's per-layer counts; uniform draws (`random_uniform`) take any layer."""
+    from mechinterp.analysis.headsets import draw_baseline
 
     pool = ranked[: max(ks)]
     out = [{"mode": "none", "k": 0, "condition": "none", "seed": -1, "heads": []}]
@@ -232,10 +238,11 @@ def knockout_conditions(
         for k in sorted(set(ks)):
             out.append({"mode": mode, "k": k, "condition": "top", "seed": -1,
                         "heads": [str(h) for h in ranked[:k]]})  # fmt: skip
-            for s in seeds:
-                drawn = random_complement(pool, k, shape, seed=s)
-                out.append({"mode": mode, "k": k, "condition": "random", "seed": s,
-                            "heads": [str(h) for h in drawn]})  # fmt: skip
+            for draw in draws:
+                for s in seeds:
+                    drawn = draw_baseline(pool, ranked[:k], shape, seed=s, draw=draw)
+                    out.append({"mode": mode, "k": k, "condition": RANDOM_CONDITION[draw],
+                                "seed": s, "heads": [str(h) for h in drawn]})  # fmt: skip
     return out
 
 
@@ -304,7 +311,8 @@ def knockout_shards(
                 for e in chunk
             ]
             conds = knockout_conditions(
-                ranked, shape, ks=stage.ks, seeds=stage.seeds, modes=stage.modes
+                ranked, shape, ks=stage.ks, seeds=stage.seeds, modes=stage.modes,
+                draws=stage.draws,
             )
             args = {
                 "examples": [e.to_dict() for e in chunk],
@@ -417,7 +425,7 @@ def patch_shards(
 ) -> list[Shard]:
     """One shard per pair: `n_pairs` NIAH examples the model answered, shortest contexts first
     (then needle, then depth: the cheapest pairs, spread over needles)."""
-    from mechinterp.analysis.headsets import random_complement
+    from mechinterp.analysis.headsets import draw_baseline
 
     base = baseline.set_index("example_id")
     answered = [e for e in examples if e.task == "niah" and bool(base.loc[e.id, "scorable"])]
@@ -427,9 +435,8 @@ def patch_shards(
     if retrieval:
         sets["retrieval"] = names
         for s in stage.seeds:
-            sets[f"random-s{s}"] = [
-                str(h) for h in random_complement(retrieval, len(retrieval), shape, seed=s)
-            ]
+            drawn = draw_baseline(retrieval, retrieval, shape, seed=s, draw="layer_matched")
+            sets[f"random-s{s}"] = [str(h) for h in drawn]
     out = []
     for e in answered[: stage.n_pairs]:
         resp = {

@@ -87,8 +87,27 @@ def test_random_complement_can_match_layers():
     assert sorted(h.layer for h in drawn) == [0, 2, 2]
     # layer 2's complement is exactly {L2H2, L2H3}; layer 0's draw avoids L0H1
     assert {Head(2, 2), Head(2, 3)} <= set(drawn) and Head(0, 1) not in drawn
-    with pytest.raises(ValueError, match="layer 2 has only 1 heads outside the ranked set"):
-        random_complement(top, 3, HeadShape(3, 3, 1), seed=0, match_layers=top)
+    # with 3 heads per layer, layer 2 has one head left (L2H2): the other comes from the nearest
+    # layer with heads to spare (layer 1, distance 1; never layer 0, distance 2)
+    short = random_complement(top, 3, HeadShape(3, 3, 1), seed=0, match_layers=top)
+    assert Head(2, 2) in short and sorted(h.layer for h in short) == [0, 1, 2]
+    assert not set(short) & set(top)
+
+
+def test_layer_matched_draws_follow_the_top_k_and_uniform_draws_do_not():
+    from mechinterp.analysis.headsets import draw_baseline
+
+    shape = HeadShape(30, 9, 3)
+    top = parse_heads("L17H3 L18H6 L18H7 L23H2 L17H4 L20H6 L23H7 L21H8 L24H4 L23H1")
+    layers = sorted(h.layer for h in top)
+    uniform_layers = []
+    for s in range(10):
+        matched = draw_baseline(top, top, shape, seed=s, draw="layer_matched")
+        assert sorted(h.layer for h in matched) == layers and not set(matched) & set(top)
+        uniform = draw_baseline(top, top, shape, seed=s, draw="uniform")
+        assert len(uniform) == 10 and not set(uniform) & set(top)
+        uniform_layers += [h.layer for h in uniform]
+    assert min(uniform_layers) < 10  # uniform draws reach the early layers the top-10 avoid
 
 
 def test_random_complement_too_large_is_refused():

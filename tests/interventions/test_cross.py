@@ -226,8 +226,11 @@ def test_patch_head_sets_are_inter_compl_and_matched_random():
     for s in (0, 1):
         rand = sets[f"rand-s{s}"]
         assert len(rand) == 2 and not set(rand) & (set(donor) | set(recipient))
+        assert sorted(h.layer for h in rand) == [2, 3]  # layer-matched to inter
     assert sets == patch_head_sets(donor, recipient, shape, seeds=(0, 1))  # seeded
-    assert sets["rand-s0"] != sets["rand-s1"]  # 11 eligible heads: two seeds differ
+    uniform = patch_head_sets(donor, recipient, shape, seeds=range(6), draw="uniform")
+    draws = {uniform[f"rand-s{s}"] for s in range(6)}
+    assert len(draws) > 1 and any(min(h.layer for h in d) < 2 for d in draws)
     disjoint = patch_head_sets([Head(0, 0)], [Head(1, 1)], shape)
     assert set(disjoint) == {"compl"}  # no shared heads: no inter, no rand of size 0
     with pytest.raises(ValueError, match="donor's head set is empty"):

@@ -35,10 +35,11 @@ def test_the_study_writes_every_table_with_the_expected_shape(tiny_study):
     assert len(t["detect_instances"]) == 2 * n_heads
     assert set(t["baseline"]["task"]) == {"niah", "mdqa"} and len(t["baseline"]) == 6
     ko = t["knockout"]
-    # per example: none + per mode (2) x k (3) x (top + 2 seeds)
-    assert len(ko) == 6 * (1 + 2 * 3 * 3)
-    assert ko.groupby("example_id").size().eq(19).all()
-    random = ko[ko["condition"] == "random"]
+    # per example: none + per mode (2) x k (3) x (top + 2 draws (layer-matched, uniform) x 2 seeds)
+    assert len(ko) == 6 * (1 + 2 * 3 * 5)
+    assert ko.groupby("example_id").size().eq(31).all()
+    assert (ko["condition"] == "random_uniform").sum() == (ko["condition"] == "random").sum()
+    random = ko[ko["condition"].str.startswith("random")]
     top2 = set(t["detect_scores"].head(4)["head_name"])
     assert not any(set(h.split()) & top2 for h in random["heads"])  # never a top-max(k) head
     p = t["patch"]
@@ -70,11 +71,13 @@ def test_the_report_numbers_are_recomputed_from_the_tables(tiny_study):
     ko = pd.read_parquet(tiny_study / "knockout.parquet")
     ko = ko[ko["k"] == config.claims.k]
     rows = claims[(claims["claim"] == "necessary") & (claims["metric"] == "retrieved")]
-    assert len(rows) == ko.groupby(["task", "mode"]).ngroups > 0
+    assert len(rows) == 2 * ko.groupby(["task", "mode"]).ngroups > 0  # both baselines
+    assert set(rows.loc[rows["primary"], "baseline"]) == {"layer-matched"}
     for r in rows.itertuples():
         g = ko[(ko["task"] == r.task) & (ko["mode"] == r.mode)]
         top = g[g["condition"] == "top"].set_index("example_id")["retrieved"].astype(float)
-        rand = g[g["condition"] == "random"].groupby("example_id")["retrieved"].mean()
+        cond = "random" if r.baseline == "layer-matched" else "random_uniform"
+        rand = g[g["condition"] == cond].groupby("example_id")["retrieved"].mean()
         assert r.estimate == pytest.approx((rand - top.reindex(rand.index)).mean())
         assert r.n == len(rand)
     # sufficient: mean joint recovery of the retrieval set over the flipped pairs
