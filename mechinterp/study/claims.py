@@ -181,6 +181,16 @@ def necessity_rows(knockout: pd.DataFrame, settings) -> list[dict]:
     return rows
 
 
+def _coverage(pairs: pd.DataFrame) -> str:
+    """What the pairs cover, for a claim's label: " (pairs at lengths … × depths …)"."""
+    if not {"length", "depth"} <= set(pairs.columns):
+        return ""
+    one = pairs.drop_duplicates("example_id")
+    lengths = sorted(int(v) for v in one["length"].dropna().unique())
+    depths = sorted(float(v) for v in one["depth"].dropna().unique())
+    return f" (pairs at lengths {lengths} × depths {depths})" if lengths else ""
+
+
 def sufficiency_rows(patch: pd.DataFrame, settings) -> list[dict]:
     flipped = patch[patch["flipped"]]
     n_pairs = patch["example_id"].nunique()
@@ -200,7 +210,8 @@ def sufficiency_rows(patch: pd.DataFrame, settings) -> list[dict]:
         n_ret = int(flipped.loc[flipped["name"] == "retrieval", "n_heads"].iloc[0])
         est, lo, hi = bootstrap(lambda i: ret[i].mean(), len(ids), **boot)
         rows.append(_row("sufficient", f"recovery when the {n_ret} retrieval heads are patched "
-                         "jointly", "recovery", est, lo, hi, len(ids), "normalised recovery",
+                         f"jointly{_coverage(flipped)}", "recovery", est, lo, hi, len(ids),
+                         "normalised recovery",
                          primary=True, null=0.0, minimum=settings.min_recovery, rule="above",
                          n_pairs=n_pairs))  # fmt: skip
         rand_cols = [c for c in sets.columns if c.startswith("random-")]

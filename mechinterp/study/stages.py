@@ -420,16 +420,40 @@ def patch_shard(
     return df
 
 
+def stratified_pairs(examples: list[Example], n: int) -> list[Example]:
+    """n examples spread over the (length, depth) cells: cells are visited in a Latin-square
+    order (round r takes, for the i-th length, the (i + r)-th depth), one example per cell per
+    pass, so that a few pairs already cover every length and every depth. Within a cell, needles
+    in order."""
+    lengths = sorted({e.meta["length"] for e in examples})
+    depths = sorted({e.meta["depth"] for e in examples})
+    cells: dict[tuple, list[Example]] = {}
+    for e in sorted(examples, key=lambda e: e.meta["needle_index"]):
+        cells.setdefault((e.meta["length"], e.meta["depth"]), []).append(e)
+
+    def visit(cell: tuple) -> tuple[int, int]:
+        i, j = lengths.index(cell[0]), depths.index(cell[1])
+        return ((j - i) % len(depths), i)
+
+    order = sorted(cells, key=visit)
+    out: list[Example] = []
+    while len(out) < n and any(cells.values()):
+        for cell in order:
+            if cells[cell] and len(out) < n:
+                out.append(cells[cell].pop(0))
+    return out
+
+
 def patch_shards(
     examples: list[Example], baseline: pd.DataFrame, retrieval, shape, stage, seed, scope, template
 ) -> list[Shard]:
-    """One shard per pair: `n_pairs` NIAH examples the model answered, shortest contexts first
-    (then needle, then depth: the cheapest pairs, spread over needles)."""
+    """One shard per pair: `n_pairs` NIAH examples the model answered, stratified over the
+    (length, depth) grid (`stratified_pairs`), not the shortest corner of it."""
     from mechinterp.analysis.headsets import draw_baseline
 
     base = baseline.set_index("example_id")
     answered = [e for e in examples if e.task == "niah" and bool(base.loc[e.id, "scorable"])]
-    answered.sort(key=lambda e: (e.meta["length"], e.meta["depth"], e.meta["needle_index"]))
+    answered = stratified_pairs(answered, stage.n_pairs)
     names = [str(h) for h in retrieval]
     sets = {"all": [str(h) for h in shape.all_heads()]}
     if retrieval:
@@ -438,7 +462,7 @@ def patch_shards(
             drawn = draw_baseline(retrieval, retrieval, shape, seed=s, draw="layer_matched")
             sets[f"random-s{s}"] = [str(h) for h in drawn]
     out = []
-    for e in answered[: stage.n_pairs]:
+    for e in answered:
         resp = {
             "response_ids": [int(t) for t in base.loc[e.id, "target_ids"]],
             "answer_start": int(base.loc[e.id, "answer_start"]),

@@ -207,3 +207,23 @@ def test_the_report_says_how_many_top_k_heads_pass_the_threshold(tiny_study_conf
     text = " ".join(_necessary_text({"detect_scores": scores, "baseline": base}, config))
     # ranks 1, 2 score above 0.1; rank 3 sits exactly at it (not above)
     assert "(score > 0.1): k=1: 1, k=2: 2, k=4: 2." in text
+
+
+def test_sufficiency_pairs_cover_the_lengths_and_depths():
+    from mechinterp.study.stages import stratified_pairs
+    from mechinterp.tasks.example import Document, Example
+
+    def ex(length, depth, needle):
+        return Example(id=f"n{needle}-L{length}-d{depth}", task="niah", variant="essays",
+                       documents=(Document("a haystack", gold=True),), question="q",
+                       answers=("a",),
+                       meta={"length": length, "depth": depth, "needle_index": needle})
+
+    grid = [ex(L, d, n) for L in (256, 512, 1024) for d in (0.0, 0.5, 1.0) for n in (4, 5)]
+    six = stratified_pairs(grid, 6)
+    assert len(six) == 6 and len({e.id for e in six}) == 6
+    for key in ("length", "depth"):  # every length and every depth, twice each
+        counts = pd.Series([e.meta[key] for e in six]).value_counts()
+        assert len(counts) == 3 and (counts == 2).all(), counts
+    assert all(e.meta["needle_index"] == 4 for e in six)  # one pass over 9 cells: first needles
+    assert len(stratified_pairs(grid, 30)) == 18  # no more pairs than examples
