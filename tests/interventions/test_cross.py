@@ -4,6 +4,8 @@ The recipient is the donor with every attention projection perturbed, weights an
 LoRA fine-tune of q/k/v/o would be; MLPs shared), so patching every head's output from the donor
 must give the donor's attention outputs and logits, while patching z alone must not."""
 
+from functools import partial
+
 import pytest
 import torch
 
@@ -54,22 +56,29 @@ def logits(model, heads=None, donor=None, patched="output"):
         return out
 
 
-def attention_outputs(model, heads=None, donor=None):
-    """Per layer, the attention output (what the block adds to the residual stream)."""
+def captured(model, names, heads=None, donor=None) -> dict:
+    """The activations at hook `names` on the padded batch, with `heads` patched from `donor`."""
     ids, mask = left_pad(model, PROMPTS)
     got = {}
 
-    def keep(x, hook):
-        got[hook.name] = x.detach().clone()
+    def keep(x, hook, *, name):
+        got[name] = x.detach().clone()
 
-    hooks = [(f"blocks.{la}.attn.hook_out", keep) for la in range(model.cfg.n_layers)]
+    hooks = [(n, partial(keep, name=n)) for n in names]
     with torch.no_grad(), model.hooks(fwd_hooks=hooks):
         if heads is None:
             model(ids, attention_mask=mask)
         else:
             with cross_patch(model, donor, heads):
                 model(ids, attention_mask=mask)
-    return [got[f"blocks.{la}.attn.hook_out"] for la in range(model.cfg.n_layers)]
+    return got
+
+
+def attention_outputs(model, heads=None, donor=None):
+    """Per layer, the attention output (what the block adds to the residual stream)."""
+    names = [f"blocks.{la}.attn.hook_out" for la in range(model.cfg.n_layers)]
+    got = captured(model, names, heads, donor)
+    return [got[n] for n in names]
 
 
 def test_patching_every_head_output_gives_the_donors_attention_output(pair):
@@ -90,23 +99,11 @@ def test_one_head_output_equals_a_hand_computed_swap_of_its_contribution(pair):
     donor, recipient = pair
     head = Head(1, 2)
     shape = HeadShape.of(recipient)
-    ids, mask = left_pad(recipient, PROMPTS)
-    z, out = {}, {}
-
-    def run(model, name, patch=None):
-        hooks = [
-            ("blocks.1.attn.hook_z", lambda x, hook: z.__setitem__(name, x.detach().clone())),
-            ("blocks.1.attn.hook_out", lambda x, hook: out.__setitem__(name, x.detach())),
-        ]
-        with torch.no_grad(), model.hooks(fwd_hooks=hooks):
-            if patch is None:
-                model(ids, attention_mask=mask)
-            else:
-                with cross_patch(model, donor, patch):
-                    model(ids, attention_mask=mask)
-
-    run(donor, "donor")
-    run(recipient, "recipient", [head])
+    names = ["blocks.1.attn.hook_z", "blocks.1.attn.hook_out"]
+    theirs = captured(donor, names)
+    ours = captured(recipient, names, [head], donor)
+    z = {"donor": theirs[names[0]], "recipient": ours[names[0]]}
+    out = {"recipient": ours[names[1]]}
     o_rec = recipient.original_model.model.layers[1].self_attn.o_proj
     o_don = donor.original_model.model.layers[1].self_attn.o_proj
     d = recipient.cfg.d_head
