@@ -43,10 +43,11 @@ def _row_masks(specs: Sequence[KnockoutSpec], shape: HeadShape) -> dict[str, Ten
             continue
         if spec.mode not in ROW_MODES:
             raise ValueError(f"knockout_rows supports modes {ROW_MODES}, not {spec.mode!r}")
-        if spec.scope != "both" or spec.query_positions is not None:
+        if spec.scope != "all" or spec.query_positions is not None:
             raise ValueError(
                 "knockout_rows applies each row's spec to every position it runs; leave scope "
-                "and query_positions at their defaults (share a prefix to exclude positions)"
+                "and query_positions at their defaults (a shared prefix of "
+                "scope_start(prompt, scope) positions sets the scope)"
             )
         for h in spec.heads:
             shape.validate(h)

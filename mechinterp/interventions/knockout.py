@@ -14,15 +14,19 @@ Modes (DESIGN.md "Interventions"):
 - `edge_knockout`: attention logits from the chosen query positions to `key_positions` are set to
   a large negative number (not −inf) and the row renormalises over the remaining keys.
 
-Scope: `prefill` (forwards over more than one new token), `decode` (one new token per row, with a
-KV cache), or `both`; `query_positions` limits the intervention to those absolute positions
-(counted from each row's first real token, so left padding is handled). Heads are query heads:
-under GQA an intervention on one query head leaves its KV siblings intact.
+Scope is a set of query positions (DESIGN.md), never a property of how a forward is chunked:
+`all` — every position; `response` — the prompt's last position (it writes the first response
+token, and the retrieval score reads its row) and every later one; `query` — from the end of the
+context on (question, template, response). `scope_start(prompt, scope)` gives the first position,
+and the same start serves cached generation, teacher-forced scoring (`score_conditions`'s shared
+prefix) and patching (`patch_from`). `query_positions` further limits the intervention to those
+absolute positions. Positions count from each row's first real token, so left padding is handled.
+Heads are query heads: under GQA an intervention on one query head leaves its KV siblings intact.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -35,7 +39,9 @@ from torch import Tensor
 from mechinterp.heads import Head, HeadShape, parse_heads
 
 KnockoutMode = Literal["zero", "mean", "resample", "uniform_attention", "edge_knockout"]
-Scope = Literal["prefill", "decode", "both"]
+Scope = Literal["all", "response", "query"]
+SCOPES: tuple[Scope, ...] = ("all", "response", "query")
+_RENAMED = {"decode": "response", "both": "all"}
 MeanOver = Literal["pooled", "position"]
 MODES: tuple[KnockoutMode, ...] = ("zero", "mean", "resample", "uniform_attention", "edge_knockout")
 Z_MODES = ("zero", "mean", "resample")
@@ -60,7 +66,7 @@ class KnockoutSpec:
 
     heads: tuple[Head, ...] = ()
     mode: KnockoutMode = "zero"
-    scope: Scope = "both"
+    scope: Scope = "all"
     query_positions: tuple[int, ...] | None = None
     key_positions: tuple[int, ...] | None = None
     mean_over: MeanOver = "pooled"
@@ -69,8 +75,10 @@ class KnockoutSpec:
         object.__setattr__(self, "heads", tuple(parse_heads(self.heads)))
         if self.mode not in MODES:
             raise ValueError(f"unknown knockout mode {self.mode!r}; expected one of {MODES}")
-        if self.scope not in ("prefill", "decode", "both"):
-            raise ValueError(f"scope must be prefill, decode or both, got {self.scope!r}")
+        if self.scope not in SCOPES:
+            hint = (f" (scopes are sets of positions now: {self.scope!r} is "
+                    f"{_RENAMED[self.scope]!r})" if self.scope in _RENAMED else "")  # fmt: skip
+            raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}{hint}")
         if self.mean_over not in ("pooled", "position"):
             raise ValueError(f"mean_over must be 'pooled' or 'position', got {self.mean_over!r}")
         for name in ("query_positions", "key_positions"):
@@ -192,6 +200,8 @@ class _Geometry:
         self.offsets: Tensor | None = None  # [batch] left padding of each row
         self.q_start = 0  # absolute (padded) index of the first query of this forward
         self.q_len = 0
+        self.cached = False  # the forward runs on (and extends) a KV cache: generation
+        self.starts: Tensor | None = None  # [batch] first in-scope position of each row
 
     def place(self, b: int, q: int, k: int, layer: int) -> None:
         """Queries of this forward are keys k − q … k − 1. The mask spans the cached prefix and
@@ -210,31 +220,62 @@ class _Geometry:
         self.q_start, self.q_len = k - q, q
 
 
-def _in_scope(spec: KnockoutSpec, q_len: int) -> bool:
-    is_decode = q_len == 1
-    return spec.scope == "both" or (spec.scope == "decode") == is_decode
+def scope_start(prompt, scope: Scope) -> int:
+    """First position (from the prompt's first token) an intervention of `scope` acts on:
+    `response` — the prompt's last position, which writes the first response token (the rows a
+    retrieval score reads: the prefill's last row, then every decode step); `query` — the end of
+    the context (question, template and response after it); `all` — 0."""
+    from mechinterp.tasks.prompt import context_end
+
+    if scope == "response":
+        return prompt.n_tokens - 1
+    if scope == "query":
+        return context_end(prompt)
+    if scope == "all":
+        return 0
+    raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
 
 
-def _query_mask(spec: KnockoutSpec, geo: _Geometry, device) -> Tensor:
+def _query_mask(spec: KnockoutSpec, geo: _Geometry, starts: Tensor, device) -> Tensor:
     """[batch, q] bool: which of this forward's queries the spec touches."""
     offsets = geo.offsets.to(device)
     q_abs = geo.q_start + torch.arange(geo.q_len, device=device)[None, :] - offsets[:, None]
+    inside = (q_abs >= 0) & (q_abs >= starts.to(device)[:, None])
     if spec.query_positions is None:
-        return q_abs >= 0
+        return inside
     wanted = torch.tensor(spec.query_positions, device=device)
-    return torch.isin(q_abs, wanted)
+    return inside & torch.isin(q_abs, wanted)
 
 
 @contextmanager
-def knockout(model, spec: KnockoutSpec, *, reference: Reference | None = None) -> Iterator[dict]:
+def knockout(
+    model,
+    spec: KnockoutSpec,
+    *,
+    reference: Reference | None = None,
+    starts: Sequence[int] | int | None = None,
+) -> Iterator[dict]:
     """Apply `spec` to every forward inside the block (batched, with or without a KV cache).
 
-    Yields a dict of counters (`forwards`, `edited`, `positions`: the longest sequence seen) for
-    checks. Raises when a needed hook never fired while the model ran (a silent no-op), when
+    `starts`: per batch row (or one for every row), the first position in the spec's scope,
+    from `scope_start(prompt, spec.scope)`. Scope `all` needs none. Scope `response` without
+    `starts` is read off cached generation: a forward on an empty KV cache is the prompt, and each
+    row's last position starts the response. A forward without a KV cache (teacher forcing) may
+    hold the response itself and cannot be told from a prompt, so it is refused there: pass
+    `starts`. Scope `query` always needs `starts`.
+
+    Yields a dict of counters (`forwards`, `edited`, `positions`: the longest sequence seen,
+    `in_scope`: query positions the scope covered) for checks. Raises when a needed hook never
+    fired while the model ran (a silent no-op), when the scope covered no position, when
     `query_positions` / `key_positions` name positions beyond every sequence the block ran, or
     when the model's `hook_attn_scores` is post-softmax (native attention, where score edits
     are dropped).
     """
+    if spec.scope == "query" and starts is None:
+        raise ValueError(
+            "scope 'query' needs starts= (per row: scope_start(prompt, 'query'), the end of the "
+            "context)"
+        )
     shape = HeadShape.of(model)
     for h in spec.heads:
         shape.validate(h)
@@ -251,19 +292,53 @@ def knockout(model, spec: KnockoutSpec, *, reference: Reference | None = None) -
                 f"spec.mean_over={spec.mean_over!r} but the reference is "
                 f"{'pooled' if reference.pooled else 'per position'}"
             )
-    stats = {"forwards": 0, "edited": 0, "score_hooks": 0, "positions": 0}
+    stats = {"forwards": 0, "edited": 0, "score_hooks": 0, "positions": 0, "in_scope": 0}
     if not spec.heads:
         yield stats
         return
     by_layer = _by_layer(spec.heads)
     geo = _Geometry()
     checked = []
+    row_starts: dict[str, Tensor | None] = {"given": None, "inferred": None}
+    if starts is not None and spec.scope != "all":
+        given = [starts] if isinstance(starts, int) else list(starts)
+        if not given or min(given) < 0:
+            raise ValueError(f"starts must be non-negative positions, got {starts!r}")
+        row_starts["given"] = torch.tensor(given, dtype=torch.long)
 
     def read_inputs(module, args, kwargs) -> None:
+        from mechinterp.models.kv_cache import passed_cache
+
         mask = kwargs.get("attention_mask")
         if mask is not None and mask.ndim != 2:
             raise ValueError("knockout reads left padding from a 2-D attention mask")
-        geo.ran, geo.mask = True, mask
+        geo.ran, geo.mask, geo.starts = True, mask, None
+        geo.cached = passed_cache(kwargs) is not None
+        if spec.scope == "response" and row_starts["given"] is None and not geo.cached:
+            raise ValueError(
+                "scope 'response' without starts= applies to cached generation only (its prompt "
+                "forward marks where the response starts); a forward without a KV cache may hold "
+                "the response itself: pass starts=scope_start(prompt, 'response')"
+            )
+
+    def scope_starts(geo: _Geometry) -> Tensor:
+        """[batch] first in-scope position of each row of this forward."""
+        b = geo.offsets.shape[0]
+        if spec.scope == "all":
+            return torch.zeros(b, dtype=torch.long)
+        given = row_starts["given"]
+        if given is not None:
+            if len(given) not in (1, b):
+                raise ValueError(f"starts has {len(given)} entries but the batch has {b} rows")
+            return given.expand(b) if len(given) == 1 else given
+        if geo.q_start == 0:  # a generation's prompt: its last real position starts the response
+            row_starts["inferred"] = (geo.q_len - geo.offsets.cpu() - 1).clamp(min=0)
+        elif row_starts["inferred"] is None:
+            raise RuntimeError(
+                "scope 'response' without starts= needs the generation's prompt forward inside "
+                "the block"
+            )
+        return row_starts["inferred"]
 
     def forward_done(module, args, output) -> None:
         geo.ran, geo.mask, geo.offsets = False, None, None
@@ -283,12 +358,16 @@ def knockout(model, spec: KnockoutSpec, *, reference: Reference | None = None) -
         if not checked:
             check_pre_softmax(scores)
             checked.append(True)
+        first = geo.offsets is None
         geo.place(b, q, k, layer)
+        if first:  # once per forward, at its first knocked-out layer
+            geo.starts = scope_starts(geo)
+            stats["in_scope"] += int(_query_mask(spec, geo, geo.starts, "cpu").sum())
         stats["score_hooks"] += 1
         stats["positions"] = max(stats["positions"], k - int(geo.offsets.min()))
-        if spec.mode not in SCORE_MODES or not _in_scope(spec, q):
+        if spec.mode not in SCORE_MODES:
             return scores
-        qmask = _query_mask(spec, geo, scores.device)  # [b, q]
+        qmask = _query_mask(spec, geo, geo.starts, scores.device)  # [b, q]
         heads = by_layer[layer]
         sub = scores[:, heads]  # [b, n, q, k]
         if spec.mode == "uniform_attention":
@@ -307,9 +386,7 @@ def knockout(model, spec: KnockoutSpec, *, reference: Reference | None = None) -
 
     def edit_z(z: Tensor, hook, *, layer: int) -> Tensor:
         geo = placed(layer)
-        if not _in_scope(spec, geo.q_len):
-            return z
-        qmask = _query_mask(spec, geo, z.device)  # [b, q]
+        qmask = _query_mask(spec, geo, geo.starts, z.device)  # [b, q]
         heads = by_layer[layer]
         sub = z[:, :, heads]  # [b, q, n, d]
         if spec.mode == "zero":
@@ -359,6 +436,12 @@ def knockout(model, spec: KnockoutSpec, *, reference: Reference | None = None) -
             handle.remove()
     if stats["score_hooks"] == 0 and stats["forwards"] > 0:
         raise RuntimeError("hook_attn_scores never fired: the knockout was a silent no-op")
+    if stats["forwards"] and stats["in_scope"] == 0:
+        raise ValueError(
+            f"scope {spec.scope!r} covered no position of any forward in the block: the "
+            "knockout touched nothing"
+        )
+
     for name in ("query_positions", "key_positions"):
         wanted = getattr(spec, name)
         outside = sorted(p for p in wanted or () if p >= stats["positions"])

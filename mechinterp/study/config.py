@@ -17,7 +17,7 @@ from mechinterp.runs.common import ModelSpec
 #: refused rather than mixed with new shards.
 STUDY_VERSION = 1
 
-KnockoutScope = Literal["decode", "query", "all"]
+KnockoutScope = Literal["response", "query", "all"]  # interventions.knockout.Scope
 
 
 @dataclass(frozen=True)
@@ -78,8 +78,9 @@ class KnockoutStage:
 
     Each example is answered once without knockout (greedy). Under each condition the clean
     response is then teacher-forced and the answer counts as retrieved while every answer token
-    stays the greedy choice. Scope `decode` knocks the heads out where the response is written
-    (as Wu et al.'s retrieval score is defined at decoding steps) and shares the prompt's KV cache
+    stays the greedy choice. Scope `response` knocks the heads out where the response is written
+    (the prompt's last position and every later one: the rows Wu et al.'s retrieval score reads)
+    and shares the prompt's KV cache
     across conditions; `query` also covers the question and template after the context; `all`
     covers every position (no sharing: slowest). Patching uses the same positions.
     `target = "gold"` teacher-forces the gold answer right after the prompt instead of the
@@ -96,7 +97,7 @@ class KnockoutStage:
     # Random baselines: layer-matched (the top-k's per-layer counts; condition `random`, what the
     # verdict rests on) and uniform over layers (`random_uniform`, reported beside it).
     draws: tuple[Literal["layer_matched", "uniform"], ...] = ("layer_matched", "uniform")
-    scope: KnockoutScope = "decode"
+    scope: KnockoutScope = "response"
     target: Literal["response", "gold"] = "response"
     max_new_tokens: int = 32
     batch_size: int = 4

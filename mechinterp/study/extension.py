@@ -47,7 +47,7 @@ class ModelKnockout:
     seeds: tuple[int, ...] = (0, 1, 2)
     modes: tuple[Literal["zero", "uniform_attention"], ...] = ("zero",)
     draws: tuple[Literal["layer_matched", "uniform"], ...] = ("layer_matched", "uniform")
-    scope: KnockoutScope = "decode"
+    scope: KnockoutScope = "response"
     target: Literal["response", "gold"] = "response"  # gold: teacher-force the gold answer
 
     def __post_init__(self) -> None:

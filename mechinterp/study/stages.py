@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import pandas as pd
 
+from mechinterp.interventions.knockout import scope_start
 from mechinterp.runner import Shard
 from mechinterp.tasks.example import Example
 from mechinterp.tasks.prompt import context_end
@@ -19,19 +20,6 @@ from mechinterp.tasks.prompt import context_end
 
 def _examples(dicts: Sequence[dict]) -> list[Example]:
     return [Example.from_dict(d) for d in dicts]
-
-
-def scope_start(prompt, scope: str) -> int:
-    """First position an intervention of this scope acts on: `decode` — the positions that
-    write the response (the prompt's last position writes its first token); `query` — every
-    position after the context (question, template, response); `all` — every position."""
-    if scope == "decode":
-        return prompt.n_tokens - 1
-    if scope == "query":
-        return context_end(prompt)
-    if scope == "all":
-        return 0
-    raise ValueError(f"scope must be decode, query or all, got {scope!r}")
 
 
 def _coordinates(ex: Example) -> dict:

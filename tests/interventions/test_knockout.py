@@ -85,7 +85,7 @@ def test_spec_round_trips_through_json():
     spec = KnockoutSpec(
         heads=("L1H1", "0-2"),
         mode="edge_knockout",
-        scope="decode",
+        scope="response",
         query_positions=(5, 6),
         key_positions=(1, 2),
     )
@@ -194,14 +194,70 @@ def test_knockout_holds_across_cached_generation_steps(tiny_gqa, mode):
     assert [g.tokens for g in plain] != [g.tokens for g in gens] or mode == "edge_knockout"
 
 
-def test_decode_scope_leaves_the_prefill_alone(tiny_gqa):
-    spec = KnockoutSpec(heads=(HEAD,), mode="zero", scope="decode")
-    ids, mask = batch(tiny_gqa)
-    with torch.no_grad():
-        base = tiny_gqa(ids, attention_mask=mask)
-        with knockout(tiny_gqa, spec) as stats:
-            assert torch.equal(tiny_gqa(ids, attention_mask=mask), base)
-    assert stats["edited"] == 0 and stats["forwards"] == 1
+def _last_logits(model, seq, spec, **kw):
+    with knockout(model, spec, **kw), torch.no_grad():
+        return model(torch.tensor([seq]))[0, -1]
+
+
+@pytest.mark.parametrize("mode", ["zero", "uniform_attention"])
+def test_response_scope_means_the_same_positions_in_generation_and_teacher_forcing(tiny_gqa, mode):
+    """Scope `response` = the prompt's last position and every later one, whether read off cached
+    generation (inferred) or given as starts= to one teacher-forced forward; the old `decode`
+    scope missed the prompt's last position, which writes the first token."""
+    spec = KnockoutSpec(heads=(HEAD, Head(0, 2)), mode=mode, scope="response")
+    with knockout(tiny_gqa, spec) as stats:
+        gens = generate(tiny_gqa, PROMPTS, max_new_tokens=5, stop_ids=frozenset())
+    assert stats["in_scope"] == 2 * 5  # per row: the prompt's last position, then 4 steps
+    for p, g in zip(PROMPTS, gens, strict=True):
+        seq = list(p)
+        for tok in g.tokens:  # each step: one cache-free forward over everything so far
+            nxt = int(_last_logits(tiny_gqa, seq, spec, starts=len(p) - 1).argmax())
+            assert nxt == tok
+            seq.append(nxt)
+    # the first token is written under knockout: its logits are not the plain model's
+    p = PROMPTS[0]
+    plain = _last_logits(tiny_gqa, p, KnockoutSpec())
+    knocked = _last_logits(tiny_gqa, p, spec, starts=len(p) - 1)
+    assert (plain - knocked).abs().max() > 1e-3
+    # and a start past the prompt leaves that position alone: only later positions are in scope
+    with pytest.raises(ValueError, match="covered no position"):
+        _last_logits(tiny_gqa, p, spec, starts=len(p))
+
+
+def test_scopes_that_cannot_be_placed_are_refused(tiny_gqa):
+    ids = torch.tensor([PROMPTS[0]])
+    with pytest.raises(ValueError, match="applies to cached generation only"):
+        with knockout(tiny_gqa, KnockoutSpec(heads=(HEAD,), scope="response")):
+            tiny_gqa(ids)  # a teacher-forced forward: where the response starts is unknown
+    with pytest.raises(ValueError, match="needs starts="):
+        with knockout(tiny_gqa, KnockoutSpec(heads=(HEAD,), scope="query")):
+            pass
+    with pytest.raises(ValueError, match="'decode' is 'response'"):
+        KnockoutSpec(heads=(HEAD,), scope="decode")
+    with pytest.raises(ValueError, match="starts has 3 entries but the batch has 1 rows"):
+        _last_logits(tiny_gqa, PROMPTS[0], KnockoutSpec(heads=(HEAD,), scope="query"),
+                     starts=[1, 2, 3])
+
+
+def test_the_condition_scorer_knocks_out_the_scopes_positions(tiny_gqa):
+    """score_conditions with a shared prefix of scope_start positions = one forward under
+    knockout(starts=scope_start): the same positions, so the same answer log-probs."""
+    from mechinterp.interventions.conditions import score_conditions
+
+    prompt = PROMPTS[0]
+    ids = list(prompt) + [30, 31, 32]
+    answer = (len(prompt), len(ids))
+    start = len(prompt) - 1  # scope_start(prompt, "response")
+    for mode in ("zero", "uniform_attention"):
+        spec = KnockoutSpec(heads=(HEAD, Head(0, 2)), mode=mode)
+        scored = score_conditions(tiny_gqa, ids, answer, [KnockoutSpec(), spec],
+                                  shared_prefix=start)  # fmt: skip
+        scoped = KnockoutSpec(heads=spec.heads, mode=mode, scope="response")
+        with knockout(tiny_gqa, scoped, starts=start), torch.no_grad():
+            logits = tiny_gqa(torch.tensor([ids]))[0, answer[0] - 1 : answer[1] - 1]
+        logp = logits.float().log_softmax(-1).gather(-1, torch.tensor(ids[answer[0]:])[:, None])
+        torch.testing.assert_close(scored.logprobs[1], logp[:, 0], atol=1e-5, rtol=0)
+        assert (scored.logprobs[1] - scored.logprobs[0]).abs().max() > 1e-4
 
 
 def test_bad_specs_are_clear_errors(tiny):
