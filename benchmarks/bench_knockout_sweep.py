@@ -7,7 +7,7 @@ The sweep is the study's: k ∈ {1, 2, 5, 10, 20}, top-k plus 3 random draws eac
 zero ablation) and no knockout, scored on a chat-templated NIAH instance with the model's own
 response teacher-forced (the answer tokens' log-probs).
 - ours: `score_conditions` — one batched forward, a row per condition (`knockout_rows`), over the
-  response only (scope `decode`: the prompt's KV cache is shared by every row).
+  response only (scope `response`: the prompt's KV cache is shared by every row).
 - peer: TransformerLens `run_with_hooks` with a `hook_z` zero-ablation hook, one full forward
   per condition (the knockout applied at the response positions only, so both compute the same
   numbers).
