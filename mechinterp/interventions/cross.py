@@ -84,7 +84,7 @@ def _o_proj(model, layer: int) -> torch.nn.Linear:
     if not isinstance(linear, torch.nn.Linear):
         raise NotImplementedError(
             f"layer {layer}: the attention output projection is a {type(linear).__name__}, not a "
-            "Linear; patch what='z' instead"
+            "Linear; use patched='z' instead"
         )
     return linear
 

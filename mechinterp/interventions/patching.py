@@ -70,9 +70,9 @@ def _blocks_from(model, layer: int):
 
 
 @torch.no_grad()
-def check_resumable(model) -> None:
-    """Refuse a model that `run_from_layer` would run wrongly: feeding the residual entering layer
-    0 back as `inputs_embeds` must reproduce the model's own forward. A model whose `forward`
+def resumable(model) -> bool:
+    """Whether `run_from_layer` runs `model` correctly: feeding the residual entering layer 0
+    back as `inputs_embeds` must reproduce the model's own forward. A model whose `forward`
     transforms `inputs_embeds` (scales embeddings, as older Gemma code did, or adds position
     embeddings) would apply it twice. Probed once per model (`load_model` does it at load, with
     no hooks attached) and remembered on it."""
@@ -85,7 +85,7 @@ def check_resumable(model) -> None:
             got["resid"] = x.detach()
 
         with model.hooks(fwd_hooks=[("blocks.0.hook_resid_pre", keep)]):
-            full = model(ids, logits_to_keep=1)[:, -1]
+            full = model(ids, logits_to_keep=1, use_cache=False)[:, -1]
         position_ids = torch.arange(ids.shape[1], device=ids.device)[None, :]
         with _blocks_from(model, 0):
             resumed = model.original_model(
@@ -94,7 +94,12 @@ def check_resumable(model) -> None:
             ).logits[:, -1]
         known = bool(torch.allclose(resumed.float(), full.float(), atol=1e-3, rtol=1e-3))
         model.mechinterp_resumable = known
-    if not known:
+    return known
+
+
+def check_resumable(model) -> None:
+    """Raise for a model `run_from_layer` would run wrongly (see `resumable`)."""
+    if not resumable(model):
         raise NotImplementedError(
             "this model transforms inputs_embeds inside its forward (e.g. scales embeddings): "
             "running it from a layer on a stored residual stream would apply that twice, so "

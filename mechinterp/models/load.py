@@ -180,12 +180,9 @@ def _boot(hf_model, tokenizer, directory: Path, *, model_id, source, sha, dtype,
     )
     bridge.eval()
     adapt_bridge(bridge)
-    try:  # whether patching may resume it from a layer (probed now, with no hooks attached)
-        from mechinterp.interventions.patching import check_resumable
+    from mechinterp.interventions.patching import resumable
 
-        check_resumable(bridge)
-    except NotImplementedError:
-        pass  # remembered on the bridge; run_from_layer refuses it
+    resumable(bridge)  # probed now, with no hooks attached; run_from_layer refuses a False
     cfg = hf_model.config
     bridge.mechinterp_card = ModelCard(
         id=model_id,
