@@ -115,18 +115,29 @@ def left_pad(
 
 
 def generate_batch(
-    model, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_ids: frozenset[int]
+    model,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    stop_ids: frozenset[int],
+    *,
+    cache=None,
 ) -> list[Generation]:
     """Greedy decoding of one left-padded batch (see `left_pad`).
 
     Forward i (i = 0 is the prefill) predicts generated token i, so a hook that fires once per
     forward sees the query that produced each token; a row that has stopped keeps running on pad
-    tokens until the whole batch stops.
+    tokens until the whole batch stops. `cache`: a KV cache already holding a prefix shared by
+    every row (`patching.filled_cache`); the prompts are then what follows it, unpadded.
     """
     device = model.cfg.device
     pad = pad_id(model)
     ids, mask = left_pad(model, prompts)
-    cached = cache_kwargs(model, new_cache(model))  # extended in place by every forward
+    if cache is not None:
+        if len({len(p) for p in prompts}) > 1:
+            raise ValueError("after a shared cached prefix the rows must have equal lengths")
+        prefix = cache.get_seq_length()
+        mask = torch.cat([torch.ones_like(mask[:, :1]).expand(-1, prefix), mask], dim=1)
+    cached = cache_kwargs(model, cache if cache is not None else new_cache(model))
     # logits_to_keep=1: only the last position's logits are needed (as HF generate does).
     logits = model(ids, attention_mask=mask, logits_to_keep=1, **cached)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)

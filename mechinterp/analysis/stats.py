@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -44,8 +44,12 @@ def _rows_corr(x: np.ndarray, ys: np.ndarray) -> np.ndarray:
 
 
 def permutation_test(
-    x: Sequence[float], y: Sequence[float], *, method: Method = "spearman",
-    n_draws: int = 100_000, seed: int = 0,
+    x: Sequence[float],
+    y: Sequence[float],
+    *,
+    method: Method = "spearman",
+    n_draws: int = 100_000,
+    seed: int = 0,
 ) -> tuple[float, int, bool]:
     """Two-sided permutation p-value of the correlation of x with y: (p, permutations, exact).
 
@@ -123,3 +127,97 @@ def correlate(
         n_perm,
         exact,
     )
+
+
+# ---------------------------------------------------------------- clustered intervals
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A percentile-bootstrap interval and what it resampled: `n_clusters` clusters (holding
+    `n_items` items) and, when the values carry random baseline draws, `n_draws` draws."""
+
+    estimate: float
+    low: float
+    high: float
+    n_items: int
+    n_clusters: int
+    n_draws: int = 1
+
+    def unit(self, cluster: str = "clusters", item: str = "examples") -> str:
+        """How the interval resampled, for a report: "5 needles (45 examples) × 10 draws"."""
+        if self.n_clusters == self.n_items:
+            text = f"{self.n_items} {item}"
+        else:
+            text = f"{self.n_clusters} {cluster} ({self.n_items} {item})"
+        return text + (f" × {self.n_draws} random draws" if self.n_draws > 1 else "")
+
+
+def _cluster_weights(clusters: Sequence, n_boot: int, rng) -> tuple[np.ndarray, int]:
+    """[n_boot, n_items] weights: each item gets its cluster's multiplicity in a resample of the
+    clusters with replacement (items inside a cluster move together)."""
+    _, which = np.unique(np.asarray(clusters, dtype=object).astype(str), return_inverse=True)
+    n_clusters = int(which.max()) + 1
+    counts = rng.multinomial(n_clusters, np.full(n_clusters, 1 / n_clusters), size=n_boot)
+    return counts[:, which].astype(float), n_clusters
+
+
+def _percentiles(boots: np.ndarray, level: float) -> tuple[float, float]:
+    alpha = (1 - level) / 2
+    lo, hi = np.quantile(boots, [alpha, 1 - alpha])
+    return float(lo), float(hi)
+
+
+def cluster_bootstrap(
+    values: Sequence[float] | np.ndarray,
+    clusters: Sequence | None = None,
+    *,
+    n_boot: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> Interval:
+    """The mean of `values` with a hierarchical percentile-bootstrap interval.
+
+    `values` is [item] or [item, draw]: column d holds the items' values under random baseline
+    draw d (one draw is shared by every item, as a random head set is shared by every example).
+    Each resample draws the clusters with replacement (all items of a drawn cluster come along:
+    examples that share a needle, a document or a haystack are not independent) and, crossed
+    with them, the draws with replacement. `clusters=None` makes every item its own cluster.
+    The estimate is the plain mean over items and draws."""
+    x = np.asarray(values, dtype=float)
+    if x.ndim == 1:
+        x = x[:, None]
+    if x.ndim != 2 or x.shape[0] < 1 or x.shape[1] < 1:
+        raise ValueError(f"values must be [item] or [item, draw] with items, got {x.shape}")
+    if not np.isfinite(x).all():
+        raise ValueError("values contain NaN or inf: drop those items before bootstrapping")
+    n, d = x.shape
+    labels = np.arange(n) if clusters is None else np.asarray(clusters, dtype=object)
+    if len(labels) != n:
+        raise ValueError(f"{len(labels)} cluster labels for {n} items")
+    rng = np.random.default_rng(seed)
+    w, n_clusters = _cluster_weights(labels, n_boot, rng)  # [boot, item]
+    v = rng.multinomial(d, np.full(d, 1 / d), size=n_boot).astype(float)  # [boot, draw]
+    boots = np.einsum("bi,id,bd->b", w, x, v) / (w.sum(1) * v.sum(1))
+    lo, hi = _percentiles(boots, level)
+    return Interval(float(x.mean()), lo, hi, n, n_clusters, d)
+
+
+def cluster_bootstrap_stat(
+    stat: Callable[[np.ndarray], float],
+    clusters: Sequence,
+    *,
+    n_boot: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> Interval:
+    """Any statistic of weighted items: `stat(weights)` with all weights 1 is the estimate; the
+    interval resamples the clusters as `cluster_bootstrap` does (weights = multiplicities)."""
+    n = len(clusters)
+    if n < 1:
+        raise ValueError("the bootstrap needs at least one item")
+    rng = np.random.default_rng(seed)
+    w, n_clusters = _cluster_weights(clusters, n_boot, rng)
+    boots = np.array([stat(row) for row in w], dtype=float)
+    lo, hi = _percentiles(boots, level)
+    return Interval(float(stat(np.ones(n))), lo, hi, n, n_clusters)

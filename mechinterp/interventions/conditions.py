@@ -3,13 +3,12 @@
     with knockout_rows(model, [KnockoutSpec(), top10, random10_seed0, ...]):
         model(tokens.expand(3, -1))
 
-`score_conditions` builds on it to score a sweep's conditions on one example at the cost of one
-batched forward over the example's *query part*: the context (haystack or documents) runs once
-without hooks and its KV cache is shared by every row, then the rows run the rest of the prompt
-(question, chat template) and the teacher-forced response under their own knockout. This is the
-knockout scope `query`: heads are knocked out at every position after the context, the positions
-where a retrieval head copies from it. Scope `all` (every position, the context too) is the same
-call with no shared prefix.
+`score_conditions` builds on it to score a sweep's conditions on one example in one batched
+forward over the positions the knockout covers: the positions before `shared_prefix` (for a
+knockout scope, `knockout.scope_start(prompt, scope)`) run once without hooks and their KV cache
+is shared by every row; the rows then run the rest (the teacher-forced response, and for scope
+`query` the question and template too) under their own knockout. `generate_conditions` does the
+same for free greedy generation.
 
 Modes: `zero` and `uniform_attention` (the sweep modes; both need no per-example reference).
 """
@@ -159,3 +158,30 @@ def score_conditions(
     logp = logits.log_softmax(-1).gather(-1, target)[..., 0]
     top1 = logits.argmax(-1) == target[..., 0]
     return ConditionScores(logp.cpu(), top1.cpu())
+
+
+@torch.no_grad()
+def generate_conditions(
+    model,
+    ids: Sequence[int],
+    specs: Sequence[KnockoutSpec],
+    *,
+    shared_prefix: int = 0,
+    max_new_tokens: int = 32,
+):
+    """Greedy generation from the prompt `ids` under each spec, one batch row per spec
+    (`evaluate.Generation` per row). Positions before `shared_prefix` run once with no knockout
+    and are shared from the KV cache; the knockout acts on every later prompt position and on
+    every generated one."""
+    from mechinterp.evaluate import generate_batch, stop_token_ids
+    from mechinterp.interventions.patching import filled_cache, prefix_cache
+
+    if not 0 <= shared_prefix < len(ids):
+        raise ValueError(f"shared_prefix {shared_prefix} must lie inside the {len(ids)} tokens")
+    rows = len(specs)
+    cache = None
+    if shared_prefix:
+        cache = filled_cache(model, prefix_cache(model, ids[:shared_prefix]), rows=rows)
+    tail = [list(ids[shared_prefix:])] * rows
+    with knockout_rows(model, specs):
+        return generate_batch(model, tail, max_new_tokens, stop_token_ids(model), cache=cache)

@@ -1,15 +1,19 @@
 """The claims report's numbers, computed from the study's stored tables only.
 
-Each claim has one or more rows: an effect size, a percentile bootstrap CI (resampling detection
-instances, examples or pairs) and a verdict from `verdict`. The claim's headline verdict comes
-from its primary rows: supported when all are, not supported when all are, else inconclusive.
+Each claim has one or more rows: an effect size, a percentile bootstrap CI and a verdict from
+`verdict`. The intervals are hierarchical (`analysis.stats.cluster_bootstrap`): NIAH examples
+that share a needle resample together (MDQA examples, each its own fact and documents, are their
+own clusters), and the random baseline's draws are resampled crossed with them; each row names
+what it resampled (`resampled`) and its baseline draw (`baseline`). The claim's headline verdict
+comes from its primary rows: supported when all are, not supported when all are, else
+inconclusive.
 
 1. sparse — "retrieval heads are sparse": the share of heads scoring > threshold (resampling
-   detection instances); supported when the CI lies inside (0, max_share).
-2. necessary — "knocking them out hurts more than random heads": per example, answer retrieved
-   under k random heads (mean over seeds) minus under the top k, for each task and mode (primary),
-   and the same for the answer's log-prob (secondary); supported when the CI excludes 0 and the
-   estimate reaches min_drop.
+   detection needles); supported when the CI lies inside (0, max_share).
+2. necessary — "knocking them out hurts more than random heads": per example and random draw,
+   answer retrieved under k layer-matched random heads minus under the top k, for each task and
+   mode (primary), the same for the answer's log-prob and against uniform draws (secondary);
+   supported when the CI excludes 0 and the estimate reaches min_drop.
 3. sufficient — "patching them recovers the answer": normalised recovery when the retrieval
    heads are patched jointly, over pairs the corruption flips (primary; min_recovery); the
    excess over random sets of the same size, and the per-head recovery of retrieval heads minus
@@ -23,26 +27,13 @@ from collections.abc import Callable
 import numpy as np
 import pandas as pd
 
+from mechinterp.analysis.stats import cluster_bootstrap, cluster_bootstrap_stat
+
 CLAIMS = {
     "sparse": "Retrieval heads are sparse",
     "necessary": "Knocking out retrieval heads hurts retrieval more than knocking out random heads",
     "sufficient": "Patching retrieval heads recovers the answer",
 }
-
-
-def bootstrap(
-    stat: Callable[[np.ndarray], float], n: int, *, n_boot: int, level: float, seed: int
-) -> tuple[float, float, float]:
-    """(estimate, low, high): `stat(indices)` on all n items, and the percentile CI of `stat`
-    over `n_boot` resamples of the indices with replacement."""
-    if n < 1:
-        raise ValueError("bootstrap needs at least one item")
-    est = float(stat(np.arange(n)))
-    rng = np.random.default_rng(seed)
-    boots = np.array([stat(rng.integers(0, n, n)) for _ in range(n_boot)], dtype=float)
-    alpha = (1 - level) / 2
-    lo, hi = np.quantile(boots, [alpha, 1 - alpha])
-    return est, float(lo), float(hi)
 
 
 def verdict(lo: float, hi: float, estimate: float, *, null: float, minimum: float) -> str:
@@ -69,8 +60,9 @@ def _row(claim, label, metric, est, lo, hi, n, unit, *, primary, null, minimum, 
         "min_effect": minimum,
         "rule": rule,
         "primary": primary,
-        "verdict": _correlation_verdict(extra["p_permutation"], hi, est, minimum=minimum,
-                                        alpha=extra["alpha"])
+        "verdict": _correlation_verdict(
+            extra["p_permutation"], hi, est, minimum=minimum, alpha=extra["alpha"]
+        )
         if rule == "correlation"
         else verdict(lo, hi, est, null=null, minimum=minimum)
         if rule == "above"
@@ -79,8 +71,9 @@ def _row(claim, label, metric, est, lo, hi, n, unit, *, primary, null, minimum, 
     }
 
 
-def _correlation_verdict(p: float, hi: float, estimate: float, *, minimum: float,
-                         alpha: float) -> str:
+def _correlation_verdict(
+    p: float, hi: float, estimate: float, *, minimum: float, alpha: float
+) -> str:
     """supported: the exact permutation p-value is at most `alpha` and the estimate reaches
     `minimum`; not supported: the bootstrap CI lies below `minimum`; inconclusive otherwise. (At
     N <= 10 a percentile bootstrap alone is not a verdict.)"""
@@ -99,6 +92,27 @@ def _share_verdict(lo: float, hi: float, *, maximum: float) -> str:
     return "inconclusive"
 
 
+def cluster_labels(frame: pd.DataFrame, id_column: str = "example_id") -> pd.Series:
+    """Each item's cluster, indexed by `id_column`: its needle (`needle N`) where it has one
+    (NIAH examples and detection instances share a needle across lengths and depths), else the
+    item itself (each synthetic MDQA example has its own fact and documents)."""
+    one = frame.drop_duplicates(id_column).set_index(id_column)
+    needle = one["needle_index"] if "needle_index" in one else pd.Series(np.nan, one.index)
+    return pd.Series(
+        [f"needle {int(n)}" if pd.notna(n) else str(i) for i, n in needle.items()], one.index
+    )
+
+
+def _cluster_name(labels) -> tuple[str, str]:
+    """(cluster, item) words for `Interval.unit`."""
+    needles = any(str(c).startswith("needle ") for c in labels)
+    return ("needles", "examples") if needles else ("clusters", "examples")
+
+
+def _boot(settings) -> dict:
+    return {"n_boot": settings.n_boot, "level": settings.level, "seed": settings.seed}
+
+
 def sparse_rows(per_instance: pd.DataFrame, threshold: float, settings) -> list[dict]:
     counted = per_instance[per_instance["counted"]]
     ids = sorted(counted["instance_id"].unique())
@@ -108,27 +122,28 @@ def sparse_rows(per_instance: pd.DataFrame, threshold: float, settings) -> list[
         .to_numpy()
     )  # [instance, head]
 
-    def share(idx: np.ndarray) -> float:
-        return float((cube[idx].mean(0) > threshold).mean())
+    def share(w: np.ndarray) -> float:
+        return float(((w @ cube) / w.sum() > threshold).mean())
 
-    est, lo, hi = bootstrap(share, len(ids), n_boot=settings.n_boot, level=settings.level,
-                            seed=settings.seed)  # fmt: skip
+    clusters = cluster_labels(counted, "instance_id").reindex(ids).to_numpy()
+    iv = cluster_bootstrap_stat(share, clusters, **_boot(settings))
     return [
         _row(
             "sparse",
             f"share of heads with retrieval score > {threshold:g}",
             "share_of_heads",
-            est,
-            lo,
-            hi,
+            iv.estimate,
+            iv.low,
+            iv.high,
             len(ids),
             "fraction of heads",
             primary=True,
             null=0.0,
             minimum=settings.max_share,
             rule="share",
+            resampled=iv.unit("needles", "detection instances"),
             n_heads=cube.shape[1],
-            n_retrieval_heads=int(round(est * cube.shape[1])),
+            n_retrieval_heads=int(round(iv.estimate * cube.shape[1])),
         )  # fmt: skip
     ]
 
@@ -138,10 +153,18 @@ def sparse_rows(per_instance: pd.DataFrame, threshold: float, settings) -> list[
 BASELINES = {"random": "layer-matched", "random_uniform": "uniform over layers"}
 
 
+def paired_draws(top: pd.Series, rand: pd.DataFrame) -> tuple[list, np.ndarray]:
+    """(items, [item, draw] random − top) over the items that have the top value and every
+    draw (`rand`: one column per draw, indexed like `top`)."""
+    both = rand.join(top.rename("_top"), how="inner").dropna()
+    return list(both.index), both[rand.columns].to_numpy(float) - both[["_top"]].to_numpy(float)
+
+
 def necessity_rows(knockout: pd.DataFrame, settings) -> list[dict]:
     k = settings.k
     rows = []
     at_k = knockout[knockout["k"] == k]
+    clusters = cluster_labels(knockout)
     for (task, mode), g in at_k.groupby(["task", "mode"], sort=True):
         for metric, primary, minimum, unit, baseline in (
             ("retrieved", True, settings.min_drop, "fraction of examples", "random"),
@@ -151,31 +174,33 @@ def necessity_rows(knockout: pd.DataFrame, settings) -> list[dict]:
             if not (g["condition"] == baseline).any():
                 continue
             top = g[g["condition"] == "top"].set_index("example_id")[metric].astype(float)
-            rand = g[g["condition"] == baseline].groupby("example_id")[metric].mean().astype(float)
-            ids = sorted(set(top.index) & set(rand.index))
-            diff = (rand.reindex(ids) - top.reindex(ids)).to_numpy()
-            est, lo, hi = bootstrap(lambda i, d=diff: d[i].mean(), len(ids),
-                                    n_boot=settings.n_boot, level=settings.level,
-                                    seed=settings.seed)  # fmt: skip
+            rand = (
+                g[g["condition"] == baseline]
+                .pivot_table(index="example_id", columns="seed", values=metric, aggfunc="mean")
+                .astype(float)
+            )  # [example, draw]
+            ids, diff = paired_draws(top, rand)
+            iv = cluster_bootstrap(diff, clusters.reindex(ids).to_numpy(), **_boot(settings))
             rows.append(
                 _row(
                     "necessary",
                     f"{task} · {mode} · k={k}: random-{k} ({BASELINES[baseline]}) minus top-{k}",
                     metric,
-                    est,
-                    lo,
-                    hi,
+                    iv.estimate,
+                    iv.low,
+                    iv.high,
                     len(ids),
                     unit,
                     primary=primary,
                     null=0.0,
                     minimum=minimum,
                     rule="above",
+                    resampled=iv.unit(*_cluster_name(clusters.reindex(ids))),
                     task=task,
                     mode=mode,
                     baseline=BASELINES[baseline],
                     top=float(top.reindex(ids).mean()),
-                    random=float(rand.reindex(ids).mean()),
+                    random=float(rand.reindex(ids).to_numpy().mean()),
                 )  # fmt: skip
             )
     return rows
@@ -198,46 +223,74 @@ def sufficiency_rows(patch: pd.DataFrame, settings) -> list[dict]:
         return [_row("sufficient", "no pair flipped the answer: nothing to recover", "recovery",
                      float("nan"), float("nan"), float("nan"), 0, "normalised recovery",
                      primary=True, null=0.0, minimum=settings.min_recovery, rule="above",
-                     n_pairs=n_pairs)]  # fmt: skip
+                     resampled="", n_pairs=n_pairs)]  # fmt: skip
     sets = flipped[flipped["kind"] == "set"].pivot_table(
         index="example_id", columns="name", values="recovery"
     )
     ids = list(sets.index)
-    boot = {"n_boot": settings.n_boot, "level": settings.level, "seed": settings.seed}
+    clusters = cluster_labels(flipped).reindex(ids)
+    words = _cluster_name(clusters)
+
+    def judged(values, label, metric, *, primary, minimum, **extra):
+        iv = cluster_bootstrap(values, clusters.to_numpy(), **_boot(settings))
+        return _row("sufficient", label, metric, iv.estimate, iv.low, iv.high, len(ids),
+                    "normalised recovery", primary=primary, null=0.0, minimum=minimum,
+                    rule="above", resampled=iv.unit(*words), n_pairs=n_pairs,
+                    **extra)  # fmt: skip
+
     rows = []
     if "retrieval" in sets.columns:
         ret = sets["retrieval"].to_numpy()
         n_ret = int(flipped.loc[flipped["name"] == "retrieval", "n_heads"].iloc[0])
-        est, lo, hi = bootstrap(lambda i: ret[i].mean(), len(ids), **boot)
-        rows.append(_row("sufficient", f"recovery when the {n_ret} retrieval heads are patched "
-                         f"jointly{_coverage(flipped)}", "recovery", est, lo, hi, len(ids),
-                         "normalised recovery",
-                         primary=True, null=0.0, minimum=settings.min_recovery, rule="above",
-                         n_pairs=n_pairs))  # fmt: skip
+        rows.append(judged(ret, f"recovery when the {n_ret} retrieval heads are patched jointly"
+                           f"{_coverage(flipped)}", "recovery", primary=True,
+                           minimum=settings.min_recovery))  # fmt: skip
         rand_cols = [c for c in sets.columns if c.startswith("random-")]
         if rand_cols:
-            excess = ret - sets[rand_cols].mean(axis=1).to_numpy()
-            est, lo, hi = bootstrap(lambda i: excess[i].mean(), len(ids), **boot)
-            rows.append(_row("sufficient", f"retrieval set minus random sets of {n_ret} heads "
-                             f"({len(rand_cols)} seeds)", "recovery", est, lo, hi, len(ids),
-                             "normalised recovery", primary=False, null=0.0, minimum=0.0,
-                             rule="above", n_pairs=n_pairs))  # fmt: skip
+            excess = ret[:, None] - sets[rand_cols].to_numpy()  # [pair, draw]
+            rows.append(judged(excess, f"retrieval set minus random sets of {n_ret} heads "
+                               f"({len(rand_cols)} layer-matched draws)", "recovery",
+                               primary=False, minimum=0.0,
+                               baseline=BASELINES["random"]))  # fmt: skip
     heads = flipped[flipped["kind"] == "head"]
     per = heads.groupby(["example_id", "in_set"])["recovery"].mean().unstack("in_set")
     if True in per.columns and False in per.columns:
         gap = (per[True] - per[False]).reindex(ids).to_numpy()
-        est, lo, hi = bootstrap(lambda i: gap[i].mean(), len(ids), **boot)
-        rows.append(_row("sufficient", "mean per-head recovery: retrieval heads minus the rest",
-                         "recovery_per_head", est, lo, hi, len(ids), "normalised recovery",
-                         primary=False, null=0.0, minimum=0.0, rule="above",
-                         n_pairs=n_pairs))  # fmt: skip
+        rows.append(judged(gap, "mean per-head recovery: retrieval heads minus the rest",
+                           "recovery_per_head", primary=False, minimum=0.0))  # fmt: skip
     if "all" in sets.columns:
-        allr = sets["all"].to_numpy()
-        est, lo, hi = bootstrap(lambda i: allr[i].mean(), len(ids), **boot)
-        rows.append(_row("sufficient", "check: every head patched jointly (exactly 1 expected)",
-                         "recovery", est, lo, hi, len(ids), "normalised recovery", primary=False,
-                         null=0.0, minimum=0.99, rule="above", n_pairs=n_pairs))  # fmt: skip
+        rows.append(judged(sets["all"].to_numpy(), "check: every head patched jointly "
+                           "(exactly 1 expected)", "recovery", primary=False,
+                           minimum=0.99))  # fmt: skip
     return rows
+
+
+def table_lines(
+    claims: pd.DataFrame, fmt: Callable[[float, str], str], *, with_claim: bool = False
+) -> list[str]:
+    """A claims table in Markdown: per row its estimate and CI, what the interval resampled,
+    the random baseline's draw, the exact permutation p (correlations), the minimum effect and
+    the verdict."""
+    head = ["row", "estimate", "CI", "n", "resampled", "baseline", "permutation p", "minimum",
+            "verdict"]  # fmt: skip
+    head = ["claim", *head] if with_claim else head
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for r in claims.itertuples():
+        p = getattr(r, "p_permutation", float("nan"))
+        resampled, baseline = (getattr(r, c, None) for c in ("resampled", "baseline"))
+        cells = [
+            r.label + ("" if r.primary else " (secondary)"),
+            fmt(r.estimate, r.unit),
+            f"[{fmt(r.ci_low, r.unit)}, {fmt(r.ci_high, r.unit)}]",
+            str(r.n),
+            resampled if isinstance(resampled, str) and resampled else "—",
+            baseline if isinstance(baseline, str) and baseline else "—",
+            f"{p:.3f}" if p == p else "—",
+            fmt(r.min_effect, r.unit),
+            r.verdict,
+        ]
+        lines.append("| " + " | ".join([r.claim, *cells] if with_claim else cells) + " |")
+    return lines
 
 
 def compute_claims(tables: dict[str, pd.DataFrame], config) -> pd.DataFrame:

@@ -110,8 +110,10 @@ class KnockoutStage:
             raise ValueError("at least one seed is needed for the random baseline")
         if not self.modes:
             raise ValueError("at least one knockout mode is needed")
-        if not self.draws or self.draws[0] != "layer_matched" or len(set(self.draws)) != len(
-            self.draws
+        if (
+            not self.draws
+            or self.draws[0] != "layer_matched"
+            or len(set(self.draws)) != len(self.draws)
         ):
             raise ValueError(
                 "draws must start with layer_matched (the verdict's baseline), optionally "

@@ -7,14 +7,16 @@ Claims (each row: an effect, a percentile bootstrap CI, a verdict as in `study.c
 
 1. recall_predicts — "head recall predicts task performance": Spearman ρ between each synthetic
    model's recall of the reference model's heads and its F1 on the reference task (primary;
-   bootstrap over variants, so N is the number of variants), Pearson r (secondary).
+   judged by the exact permutation p-value; the bootstrap CI over variants only describes),
+   Pearson r (secondary).
 2. subset — "synthetic heads are mostly a subset of the reference heads": per synthetic model, the
    share of its heads that the reference model also has; the mean over models (primary,
    bootstrap over models) must exceed `min_subset`; per model (secondary, bootstrap over heads).
 3. inter_beats_rand — "patching Inter heads recovers more than Rand": per (synthetic model,
-   example), F1 with Inter patched in minus the mean F1 over the Rand draws (primary; bootstrap
-   over those pairs); the same on the answer's log-prob (secondary). Models whose mean metric
-   already equals the donor's have nothing to recover and are left out of that row.
+   example × Rand draw), F1 with Inter patched in minus F1 with that Rand set (primary;
+   hierarchical bootstrap over examples, shared by every model, crossed with the draws); the
+   same on the answer's log-prob (secondary). Models whose mean metric already equals the
+   donor's have nothing to recover and are left out of that row.
 4. necessary — "each model's own top-k heads matter more than k random heads": the study's
    necessity rows, per model.
 """
@@ -28,7 +30,16 @@ import numpy as np
 import pandas as pd
 
 from mechinterp import store
-from mechinterp.study.claims import _row, bootstrap, headline, necessity_rows
+from mechinterp.analysis.stats import cluster_bootstrap
+from mechinterp.study.claims import (
+    BASELINES,
+    _row,
+    cluster_labels,
+    headline,
+    necessity_rows,
+    paired_draws,
+    table_lines,
+)
 from mechinterp.study.config import ClaimSettings
 
 CLAIMS = {
@@ -82,7 +93,7 @@ def cross_summary(cross: pd.DataFrame) -> pd.DataFrame:
 
 def knockout_table(knockout: pd.DataFrame, settings) -> pd.DataFrame:
     """Per (model, mode, condition) at the judged k: answer-retrieved rate over the answered
-    examples (random: mean over seeds per example first), bootstrap CI."""
+    examples, with a bootstrap CI over examples (× random draws for `random`)."""
     k = judged_k(knockout, settings)
     rows = []
     for (v, mode), g in knockout.groupby(["model_variant", "mode"], sort=False):
@@ -91,15 +102,16 @@ def knockout_table(knockout: pd.DataFrame, settings) -> pd.DataFrame:
         none = knockout[(knockout["model_variant"] == v) & (knockout["mode"] == "none")]
         for cond, part in (("none", none), *((c, g[(g["k"] == k) & (g["condition"] == c)])
                                              for c in ("top", "random"))):  # fmt: skip
-            per = part.groupby("example_id")["retrieved"].mean().astype(float).to_numpy()
-            if not len(per):
+            if not len(part):
                 continue
-            est, lo, hi = bootstrap(lambda i, p=per: p[i].mean(), len(per),
-                                    n_boot=settings.n_boot, level=settings.level,
-                                    seed=settings.seed)  # fmt: skip
+            wide = part.pivot_table(index="example_id", columns="seed", values="retrieved",
+                                    aggfunc="mean").astype(float).dropna()  # fmt: skip
+            iv = cluster_bootstrap(wide.to_numpy(), cluster_labels(part).reindex(wide.index),
+                                   n_boot=settings.n_boot, level=settings.level,
+                                   seed=settings.seed)  # fmt: skip
             rows.append({"model_variant": v, "mode": mode, "k": 0 if cond == "none" else k,
-                         "condition": cond, "value": est, "lo": lo, "hi": hi,
-                         "n": len(per)})  # fmt: skip
+                         "condition": cond, "value": iv.estimate, "lo": iv.low, "hi": iv.high,
+                         "n": len(wide)})  # fmt: skip
     return pd.DataFrame(rows)
 
 
@@ -194,22 +206,24 @@ def compute_claims(tables, heads: pd.DataFrame, config) -> pd.DataFrame:
                          r["high"], r["n"], "ρ" if method == "spearman" else "r",
                          primary=primary, null=0.0, minimum=c.min_correlation if primary else 0.0,
                          rule="correlation", p_value=r["p_value"],
+                         resampled=f"{r['n']} variants (the CI describes; p decides)",
                          p_permutation=r["p_permutation"], alpha=1 - c.level))  # fmt: skip
     shares = syn.dropna(subset=["subset_share"])
     if len(shares):
-        v = shares["subset_share"].to_numpy(dtype=float)
-        est, lo, hi = bootstrap(lambda i: v[i].mean(), len(v), **boot)
+        iv = cluster_bootstrap(shares["subset_share"].to_numpy(dtype=float), **boot)
         rows.append(_row("subset", "share of a synthetic model's heads that the reference model "
-                         "also has, mean over models", "subset_share", est, lo, hi, len(v),
-                         "share", primary=True, null=c.min_subset, minimum=c.min_subset,
-                         rule="above"))  # fmt: skip
+                         "also has, mean over models", "subset_share", iv.estimate, iv.low,
+                         iv.high, iv.n_items, "share", primary=True, null=c.min_subset,
+                         minimum=c.min_subset, rule="above",
+                         resampled=iv.unit(item="models")))  # fmt: skip
         ref = set(heads.loc[heads["model_variant"] == config.reference, "heads"].iloc[0].split())
         for r in shares.itertuples():
             inside = np.array([h in ref for h in r.heads.split()], dtype=float)
-            est, lo, hi = bootstrap(lambda i, x=inside: x[i].mean(), len(inside), **boot)
+            iv = cluster_bootstrap(inside, **boot)
             rows.append(_row("subset", f"{r.model_variant}: share of its {len(inside)} heads",
-                             "subset_share", est, lo, hi, len(inside), "share", primary=False,
-                             null=c.min_subset, minimum=c.min_subset, rule="above",
+                             "subset_share", iv.estimate, iv.low, iv.high, len(inside), "share",
+                             primary=False, null=c.min_subset, minimum=c.min_subset,
+                             rule="above", resampled=iv.unit(item="heads"),
                              model_variant=r.model_variant))  # fmt: skip
     else:
         rows.append(_nan_row("subset", "share of synthetic heads in the reference set",
@@ -229,8 +243,8 @@ def compute_claims(tables, heads: pd.DataFrame, config) -> pd.DataFrame:
 
 def _inter_rows(cross: pd.DataFrame | None, c, boot) -> list[dict]:
     label = (
-        "Inter minus Rand (mean of seeds), per synthetic model × example, models whose "
-        "recipient differs from the donor"
+        "Inter minus Rand, per synthetic model × example × Rand draw, models whose recipient "
+        "differs from the donor"
     )
     if cross is None or not len(cross):
         return [_nan_row("inter_beats_rand", label, "f1", 0, "F1", minimum=c.min_gain,
@@ -241,21 +255,25 @@ def _inter_rows(cross: pd.DataFrame | None, c, boot) -> list[dict]:
         means = cross.groupby(["model_variant", "condition"])[metric].mean().unstack()
         open_ = means.index[(means["donor"] - means["recipient"]).abs() > 1e-9]
         part = cross[cross["model_variant"].isin(open_)]
-        rand = part["condition"].str.startswith("rand-")
-        inter = part[part["condition"] == "inter"].set_index(["model_variant", "example_id"])
-        rnd = part[rand].groupby(["model_variant", "example_id"])[metric].mean()
-        ids = inter.index.intersection(rnd.index)
-        if not len(ids):
+        key = ["model_variant", "example_id"]
+        inter = part[part["condition"] == "inter"].set_index(key)[metric].astype(float)
+        rand = part[part["condition"].str.startswith("rand-")].pivot_table(
+            index=key, columns="condition", values=metric, aggfunc="mean"
+        )  # [(model, example), draw]: draw d of every model is resampled together
+        ids, d = paired_draws(inter, rand)
+        if not ids:
             if primary:
                 out.append(_nan_row("inter_beats_rand", label, metric, 0, unit,
                                     minimum=c.min_gain, why="no model had both sets"))  # fmt: skip
             continue
-        d = (inter.loc[ids, metric] - rnd.loc[ids]).to_numpy(dtype=float)
-        est, lo, hi = bootstrap(lambda i, d=d: d[i].mean(), len(d), **boot)
-        out.append(_row("inter_beats_rand", f"{label} ({metric})", metric, est, lo, hi, len(d),
-                        unit, primary=primary, null=0.0, minimum=c.min_gain if primary else 0.0,
-                        rule="above",
-                        n_models=ids.get_level_values(0).nunique()))  # fmt: skip
+        # every model sees the same examples: an example resamples with all its models' rows
+        iv = cluster_bootstrap(-d, [e for _, e in ids], **boot)
+        out.append(_row("inter_beats_rand", f"{label} ({metric})", metric, iv.estimate, iv.low,
+                        iv.high, len(ids), unit, primary=primary, null=0.0,
+                        minimum=c.min_gain if primary else 0.0, rule="above",
+                        resampled=iv.unit("examples", "model × example pairs"),
+                        baseline=BASELINES["random"],
+                        n_models=len({m for m, _ in ids})))  # fmt: skip
     return out
 
 
@@ -372,7 +390,9 @@ def write_report(run_dir: Path, tables, heads, claims, config) -> Path:
         "",
         "Every number is computed by `mechinterp.study.extension_report` from the tables in this "
         "directory (`mechinterp report <dir>` recomputes it). CIs are "
-        f"{int(c.level * 100)}% percentile bootstrap intervals ({c.n_boot} resamples).",
+        f"{int(c.level * 100)}% percentile bootstrap intervals ({c.n_boot} resamples) over what "
+        "each row's `resampled` names: examples (with every model's row of an example moving "
+        "together) crossed with the random baseline's draws.",
         "",
         f"- reference: `{config.reference}` = {label_of(config.reference, config)}"
         + (f" (evaluation data: `{config.reference_data}`)" if config.reference_data else ""),
@@ -411,16 +431,7 @@ def write_report(run_dir: Path, tables, heads, claims, config) -> Path:
     lines += ["", "knockout drop: answer-retrieved rate under k random heads minus under the "
               "model's own top-k; Inter F1 recovery: (F1 with Inter patched − F1 of the "
               "recipient) / (F1 of the donor − F1 of the recipient).", "",
-              "## Claims", "", "| claim | row | estimate | CI | n | minimum | verdict |",
-              "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
-    for r in claims.itertuples():
-        tag = "" if r.primary else " (secondary)"
-        p = getattr(r, "p_permutation", float("nan"))
-        if p == p:  # a correlation: its exact permutation p-value decides
-            tag += f"; exact permutation p = {p:.3f}"
-        lines.append(f"| {r.claim} | {r.label}{tag} | {_fmt(r.estimate, r.unit)} | "
-                     f"[{_fmt(r.ci_low, r.unit)}, {_fmt(r.ci_high, r.unit)}] | {r.n} | "
-                     f"{_fmt(r.min_effect, r.unit)} | {r.verdict} |")  # fmt: skip
+              "## Claims", "", *table_lines(claims, _fmt, with_claim=True)]  # fmt: skip
     lofit_path = run_dir / "lofit_vs_retrieval.json"
     if len(tables.get("lofit", ())) and lofit_path.is_file():
         m = json.loads(lofit_path.read_text())

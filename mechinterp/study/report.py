@@ -12,7 +12,8 @@ from pathlib import Path
 import pandas as pd
 
 from mechinterp import store
-from mechinterp.study.claims import bootstrap, compute_claims, headline
+from mechinterp.analysis.stats import cluster_bootstrap
+from mechinterp.study.claims import cluster_labels, compute_claims, headline, table_lines
 
 TABLES = ("detect_scores", "detect_instances", "baseline", "knockout", "patch")
 
@@ -48,32 +49,34 @@ def read_tables(
 
 
 def _per_example(knockout: pd.DataFrame, baseline: pd.DataFrame, task: str, value: str):
-    """[example] values per (mode, k, condition): random averaged over seeds; examples the model
-    did not answer (absent from the knockout table) count as not retrieved (0)."""
+    """(ids, {(mode, k, condition): [example, draw] values}): one column per random draw (one
+    for `none` and `top`); examples the model did not answer (absent from the knockout table)
+    count as not retrieved (0)."""
     ids = list(baseline.loc[baseline["task"] == task, "example_id"])
     g = knockout[knockout["task"] == task]
-    per = g.groupby(["mode", "k", "condition", "example_id"])[value].mean().astype(float)
     out = {}
-    for key, s in per.groupby(level=[0, 1, 2]):
-        s = s.droplevel([0, 1, 2]).reindex(ids).fillna(0.0)
-        out[key] = s
+    for key, part in g.groupby(["mode", "k", "condition"]):
+        wide = part.pivot_table(index="example_id", columns="seed", values=value, aggfunc="mean")
+        out[key] = wide.astype(float).reindex(ids).fillna(0.0)
     return ids, out
 
 
 def knockout_summary(tables: dict[str, pd.DataFrame], config) -> pd.DataFrame:
     """Answer-retrieved rate per (task, mode, k, condition) over every held-out example, with a
-    bootstrap CI over examples (the `none` rows are the no-knockout baseline, k = 0)."""
+    hierarchical bootstrap CI (needles × random draws, as the claims) (the `none` rows are the
+    no-knockout baseline, k = 0)."""
     s = config.claims
     ko, base = tables["knockout"], tables["baseline"]
+    clusters = cluster_labels(base)
     rows = []
     for task in sorted(ko["task"].unique()):
         ids, per = _per_example(ko, base, task, "retrieved")
-        for (mode, k, cond), vals in per.items():
-            v = vals.to_numpy()
-            est, lo, hi = bootstrap(lambda i, v=v: v[i].mean(), len(v), n_boot=s.n_boot,
-                                    level=s.level, seed=s.seed)  # fmt: skip
+        for (mode, k, cond), wide in per.items():
+            iv = cluster_bootstrap(wide.to_numpy(), clusters.reindex(ids).to_numpy(),
+                                   n_boot=s.n_boot, level=s.level, seed=s.seed)  # fmt: skip
             rows.append({"task": task, "mode": mode, "k": int(k), "condition": cond,
-                         "value": est, "lo": lo, "hi": hi, "n": len(v)})  # fmt: skip
+                         "value": iv.estimate, "lo": iv.low, "hi": iv.high,
+                         "n": len(ids)})  # fmt: skip
     return pd.DataFrame(rows)
 
 
@@ -90,7 +93,8 @@ def niah_panels(tables: dict[str, pd.DataFrame], config) -> pd.DataFrame:
         panels.append(((mode, k, "random"), f"random-{k} (same layers) · {mode}"))
     for key, label in panels:
         if key in per:
-            frames.append(coords.assign(panel=label, accuracy=per[key].to_numpy()).reset_index())
+            accuracy = per[key].mean(axis=1).to_numpy()  # random: mean over draws
+            frames.append(coords.assign(panel=label, accuracy=accuracy).reset_index())
     return pd.concat(frames, ignore_index=True)
 
 
@@ -231,7 +235,9 @@ def write_report(run_dir: str | Path) -> Path:
         "",
         "Every number below is computed by `mechinterp.study.claims` from the tables in this "
         "directory (`mechinterp report <dir>` recomputes it); nothing is typed by hand. "
-        f"CIs are {level}% percentile bootstrap intervals ({config.claims.n_boot} resamples).",
+        f"CIs are {level}% percentile bootstrap intervals ({config.claims.n_boot} resamples), "
+        "hierarchical: examples that share a needle resample together, crossed with the random "
+        "baseline's draws (each row's `resampled` says what it resampled).",
         "",
         f"- model: `{prov.get('model_card', {}).get('id', config.model.name)}` "
         f"({config.model.dtype}); commit `{prov.get('git_commit')}`; config hash "
@@ -268,15 +274,7 @@ def write_report(run_dir: str | Path) -> Path:
     ):
         figure, text = sections[claim]
         rows = claims[claims["claim"] == claim]
-        lines += ["", f"## {i}. {statement}", "", *text, "",
-                  "| row | estimate | CI | n | minimum effect | verdict |",
-                  "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
-        for r in rows.itertuples():
-            tag = "" if r.primary else " (secondary)"
-            lines.append(
-                f"| {r.label}{tag} | {_fmt(r.estimate, r.unit)} | [{_fmt(r.ci_low, r.unit)}, "
-                f"{_fmt(r.ci_high, r.unit)}] | {r.n} | {_fmt(r.min_effect, r.unit)} | {r.verdict} |"
-            )
+        lines += ["", f"## {i}. {statement}", "", *text, "", *table_lines(rows, _fmt)]
         if (run_dir / "figures" / figure).is_file():
             lines += ["", f"![{claim}](figures/{figure})"]
         if claim == "necessary" and (run_dir / "figures" / "niah_knockout.png").is_file():
@@ -326,7 +324,8 @@ def _necessary_text(tables, config) -> list[str]:
         f"`{ks.scope}`. Metric: the clean response is teacher-forced and the answer counts as "
         "retrieved while every answer token stays the greedy choice.",
         f"Top-k heads that pass the retrieval threshold (score > {config.detect.threshold}): "
-        + ", ".join(above) + ". Heads tied in score are ranked in a seeded random order, not by "
+        + ", ".join(above)
+        + ". Heads tied in score are ranked in a seeded random order, not by "
         "layer.",
     ]
 

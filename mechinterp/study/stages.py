@@ -211,7 +211,12 @@ RANDOM_CONDITION = {"layer_matched": "random", "uniform": "random_uniform"}
 
 
 def knockout_conditions(
-    ranked, shape, *, ks: Sequence[int], seeds: Sequence[int], modes: Sequence[str],
+    ranked,
+    shape,
+    *,
+    ks: Sequence[int],
+    seeds: Sequence[int],
+    modes: Sequence[str],
     draws: Sequence[str] = ("layer_matched",),
 ) -> list[dict]:
     """The sweep's conditions: no knockout, then per mode and k the top-k and, per draw and seed,
@@ -299,7 +304,11 @@ def knockout_shards(
                 for e in chunk
             ]
             conds = knockout_conditions(
-                ranked, shape, ks=stage.ks, seeds=stage.seeds, modes=stage.modes,
+                ranked,
+                shape,
+                ks=stage.ks,
+                seeds=stage.seeds,
+                modes=stage.modes,
                 draws=stage.draws,
             )
             args = {

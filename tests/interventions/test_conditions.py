@@ -6,7 +6,11 @@ import pytest
 import torch
 
 from mechinterp.heads import parse_heads
-from mechinterp.interventions.conditions import knockout_rows, score_conditions
+from mechinterp.interventions.conditions import (
+    generate_conditions,
+    knockout_rows,
+    score_conditions,
+)
 from mechinterp.interventions.knockout import KnockoutSpec, knockout
 
 SPECS = [
@@ -34,6 +38,32 @@ def _reference(model, ids, answer, spec, query_from):
     logp = logits.log_softmax(-1)
     target = torch.tensor(ids[a0:a1])
     return logp.gather(-1, target[:, None])[:, 0], logits.argmax(-1) == target
+
+
+def _greedy_reference(model, ids, spec, query_from, n_new):
+    """Greedy decoding with no KV cache: every step reruns the whole sequence under a plain
+    knockout limited to positions >= query_from."""
+    seq = list(ids)
+    for _ in range(n_new):
+        knock = spec
+        if spec.heads:
+            positions = tuple(range(query_from, len(seq)))
+            knock = KnockoutSpec(heads=spec.heads, mode=spec.mode, query_positions=positions)
+        with torch.no_grad(), knockout(model, knock):
+            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+    return seq[len(ids) :]
+
+
+@pytest.mark.parametrize("shared", [0, 15, 19])
+def test_generate_conditions_equals_uncached_greedy_decoding_per_condition(tiny, shared):
+    ids = _ids(tiny, 20, seed=2)
+    gens = generate_conditions(tiny, ids, SPECS, shared_prefix=shared, max_new_tokens=6)
+    got = [list(g.tokens) for g in gens]
+    want = [_greedy_reference(tiny, ids, spec, shared, len(got[r])) for r, spec in enumerate(SPECS)]
+    assert got == want
+    assert got[1] != got[0] or got[2] != got[0]  # some knockout changed what is written
+    with pytest.raises(ValueError, match="shared_prefix"):
+        generate_conditions(tiny, ids, SPECS, shared_prefix=len(ids))
 
 
 @pytest.mark.parametrize("shared", [0, 10])

@@ -214,10 +214,15 @@ def test_sufficiency_pairs_cover_the_lengths_and_depths():
     from mechinterp.tasks.example import Document, Example
 
     def ex(length, depth, needle):
-        return Example(id=f"n{needle}-L{length}-d{depth}", task="niah", variant="essays",
-                       documents=(Document("a haystack", gold=True),), question="q",
-                       answers=("a",),
-                       meta={"length": length, "depth": depth, "needle_index": needle})
+        return Example(
+            id=f"n{needle}-L{length}-d{depth}",
+            task="niah",
+            variant="essays",
+            documents=(Document("a haystack", gold=True),),
+            question="q",
+            answers=("a",),
+            meta={"length": length, "depth": depth, "needle_index": needle},
+        )
 
     grid = [ex(L, d, n) for L in (256, 512, 1024) for d in (0.0, 0.5, 1.0) for n in (4, 5)]
     six = stratified_pairs(grid, 6)
