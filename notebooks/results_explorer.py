@@ -53,7 +53,9 @@ print(f"run: {run}\nmodel: {config.model.name}")
 # ## The claims
 #
 # One verdict per claim (sparse, necessary, sufficient), then every row behind them: the
-# estimate, its bootstrap CI, the minimum effect and the row's verdict.
+# estimate, its bootstrap CI and what it resampled (needles × random draws), the baseline draw,
+# the minimum effect and the row's verdict. Rows with `robustness` set show where necessity
+# holds (other scopes, free generation); they never decide the verdict.
 
 # %%
 pd.read_csv(run / "claims_headline.csv")
@@ -80,7 +82,7 @@ head_heatmap(tables["detect_scores"])
 # ## Knockout: answer retrieved vs heads knocked out
 #
 # Per task, mode, k and condition (top-k vs k random heads; `none` is the no-knockout
-# baseline), with a bootstrap CI over the held-out examples.
+# baseline), with a bootstrap CI that resamples needles and random draws.
 
 # %%
 summary = knockout_summary(tables, config)

@@ -160,6 +160,20 @@ def paired_draws(top: pd.Series, rand: pd.DataFrame) -> tuple[list, np.ndarray]:
     return list(both.index), both[rand.columns].to_numpy(float) - both[["_top"]].to_numpy(float)
 
 
+def _versus(g: pd.DataFrame, metric: str, baseline: str, clusters: pd.Series, settings):
+    """(interval of random − top over examples × draws, examples, mean top, mean random) for
+    one group of knockout rows."""
+    top = g[g["condition"] == "top"].set_index("example_id")[metric].astype(float)
+    rand = (
+        g[g["condition"] == baseline]
+        .pivot_table(index="example_id", columns="seed", values=metric, aggfunc="mean")
+        .astype(float)
+    )  # [example, draw]
+    ids, diff = paired_draws(top, rand)
+    iv = cluster_bootstrap(diff, clusters.reindex(ids).to_numpy(), **_boot(settings))
+    return iv, ids, float(top.reindex(ids).mean()), float(rand.reindex(ids).to_numpy().mean())
+
+
 def necessity_rows(knockout: pd.DataFrame, settings) -> list[dict]:
     k = settings.k
     rows = []
@@ -173,14 +187,7 @@ def necessity_rows(knockout: pd.DataFrame, settings) -> list[dict]:
         ):
             if not (g["condition"] == baseline).any():
                 continue
-            top = g[g["condition"] == "top"].set_index("example_id")[metric].astype(float)
-            rand = (
-                g[g["condition"] == baseline]
-                .pivot_table(index="example_id", columns="seed", values=metric, aggfunc="mean")
-                .astype(float)
-            )  # [example, draw]
-            ids, diff = paired_draws(top, rand)
-            iv = cluster_bootstrap(diff, clusters.reindex(ids).to_numpy(), **_boot(settings))
+            iv, ids, top, rand = _versus(g, metric, baseline, clusters, settings)
             rows.append(
                 _row(
                     "necessary",
@@ -199,10 +206,46 @@ def necessity_rows(knockout: pd.DataFrame, settings) -> list[dict]:
                     task=task,
                     mode=mode,
                     baseline=BASELINES[baseline],
-                    top=float(top.reindex(ids).mean()),
-                    random=float(rand.reindex(ids).to_numpy().mean()),
+                    top=top,
+                    random=rand,
                 )  # fmt: skip
             )
+    return rows
+
+
+def robustness_rows(knockout: pd.DataFrame, robustness: pd.DataFrame, config) -> list[dict]:
+    """Secondary necessity rows at the claim's k: random minus top (retrieved) per task, mode,
+    scope and method (teacher-forced, or free generation), against each random draw, over the
+    robustness stage's seeds. The knockout stage's scope comes from its own table."""
+    s = config.claims
+    primary = knockout[
+        (knockout["k"].isin([0, s.k]))
+        & knockout["mode"].isin([*config.robustness_modes, "none"])
+        & knockout["seed"].isin([*config.robustness_seeds, -1])
+    ].assign(method="teacher-forced", scope=config.knockout.scope)
+    both = pd.concat([primary, robustness], ignore_index=True)
+    clusters = cluster_labels(both)
+    rows = []
+    for (task, method, scope, mode), g in both[both["k"] == s.k].groupby(
+        ["task", "method", "scope", "mode"], sort=True
+    ):
+        none = both[(both["task"] == task) & (both["method"] == method)
+                    & (both["scope"] == scope) & (both["condition"] == "none")]  # fmt: skip
+        for baseline in ("random", "random_uniform"):
+            if not (g["condition"] == baseline).any():
+                continue
+            iv, ids, top, rand = _versus(g, "retrieved", baseline, clusters, s)
+            rows.append(_row(
+                "necessary",
+                f"{task} · {mode} · k={s.k} · scope {scope}, {method}: random-{s.k} "
+                f"({BASELINES[baseline]}) minus top-{s.k}",
+                "retrieved", iv.estimate, iv.low, iv.high, len(ids), "fraction of examples",
+                primary=False, null=0.0, minimum=s.min_drop, rule="above",
+                resampled=iv.unit(*_cluster_name(clusters.reindex(ids))), task=task, mode=mode,
+                baseline=BASELINES[baseline], top=top, random=rand, robustness=True,
+                scope=scope, method=method,
+                none=float(none.set_index("example_id")["retrieved"].reindex(ids).mean()),
+            ))  # fmt: skip
     return rows
 
 
@@ -294,11 +337,14 @@ def table_lines(
 
 
 def compute_claims(tables: dict[str, pd.DataFrame], config) -> pd.DataFrame:
-    """Every claim row from the study's tables (`detect_instances`, `knockout`, `patch`)."""
+    """Every claim row from the study's tables (`detect_instances`, `knockout`, `robustness`,
+    `patch`)."""
     s = config.claims
     rows = sparse_rows(tables["detect_instances"], config.detect.threshold, s)
     if len(tables.get("knockout", ())):
         rows += necessity_rows(tables["knockout"], s)
+        if len(tables.get("robustness", ())):
+            rows += robustness_rows(tables["knockout"], tables["robustness"], config)
     if len(tables.get("patch", ())):
         rows += sufficiency_rows(tables["patch"], s)
     return pd.DataFrame(rows)

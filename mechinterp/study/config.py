@@ -88,11 +88,11 @@ class KnockoutStage:
     answer)."""
 
     niah: NiahSpec = field(
-        default_factory=lambda: NiahSpec(needles=(4, 5), depths=(0.0, 0.5, 1.0), seed=1)
+        default_factory=lambda: NiahSpec(needles=(2, 4, 5, 6, 7), depths=(0.0, 0.5, 1.0), seed=1)
     )
     mdqa: MdqaSpec = field(default_factory=MdqaSpec)
     ks: tuple[int, ...] = (1, 2, 5, 10, 20)
-    seeds: tuple[int, ...] = (0, 1, 2)
+    seeds: tuple[int, ...] = tuple(range(10))
     modes: tuple[Literal["zero", "uniform_attention"], ...] = ("zero", "uniform_attention")
     # Random baselines: layer-matched (the top-k's per-layer counts; condition `random`, what the
     # verdict rests on) and uniform over layers (`random_uniform`, reported beside it).
@@ -124,6 +124,31 @@ class KnockoutStage:
 
 
 @dataclass(frozen=True)
+class RobustnessStage:
+    """Step 2c: where the necessity claim holds and where it does not. At the claim's k, on the
+    knockout stage's answered examples, top-k against the same random draws (`seeds`, default
+    the first 3 of `knockout.seeds`, in every draw of `knockout.draws`; `modes`, default the
+    first of `knockout.modes`) under each of `scopes`, teacher-forced as in step 2
+    (`knockout.scope`'s rows come from step 2 itself), and, with `generate`, by free greedy
+    generation under `knockout.scope` (the answer scored by the task's rule, as the clean
+    answers). The verdict stays on step 2's row. Empty `scopes` and `generate: false` skip it.
+    Scope `all` shares no prefix: each condition costs a whole forward."""
+
+    scopes: tuple[KnockoutScope, ...] = ("response", "query", "all")
+    generate: bool = True
+    modes: tuple[Literal["zero", "uniform_attention"], ...] | None = None  # None: knockout's first
+    seeds: tuple[int, ...] | None = None  # None: the first 3 of knockout.seeds
+    examples_per_shard: int = 6
+
+    def __post_init__(self) -> None:
+        if self.seeds == () or self.modes == ():
+            raise ValueError("robustness needs at least one seed and one mode (or skip it with "
+                             "scopes: [] and generate: false)")  # fmt: skip
+        if self.examples_per_shard < 1:
+            raise ValueError("examples_per_shard must be >= 1")
+
+
+@dataclass(frozen=True)
 class PatchStage:
     """Step 3: per-head denoising patching, clean needle → corrupted needle, on held-out NIAH
     examples the model answered. One answer token of the needle is replaced (the first of up to
@@ -132,8 +157,8 @@ class PatchStage:
     positions of the knockout scope (`knockout.scope`); the retrieval set and `seeds` random sets
     of the same size are also patched jointly."""
 
-    n_pairs: int = 6
-    seeds: tuple[int, ...] = (0, 1, 2)
+    n_pairs: int = 9
+    seeds: tuple[int, ...] = tuple(range(10))
     max_tries: int = 4
     batch_size: int = 32
 
@@ -164,11 +189,12 @@ class ClaimSettings:
 
 @dataclass(frozen=True)
 class StudyConfig:
-    """Detect → knock out → patch → judge the claims."""
+    """Detect → knock out (and check where it holds) → patch → judge the claims."""
 
     model: ModelSpec = field(default_factory=ModelSpec)
     detect: DetectStage = field(default_factory=DetectStage)
     knockout: KnockoutStage = field(default_factory=KnockoutStage)
+    robustness: RobustnessStage = field(default_factory=RobustnessStage)
     patch: PatchStage = field(default_factory=PatchStage)
     claims: ClaimSettings = field(default_factory=ClaimSettings)
     template: Literal["chat", "plain"] | None = None
@@ -186,10 +212,30 @@ class StudyConfig:
                 f"knockout.niah shares needles {sorted(shared)} and the seed with detect.niah: "
                 "the held-out set would repeat detection instances. Use other needles or seed."
             )
+        if not set(self.robustness_modes) <= set(self.knockout.modes):
+            raise ValueError(
+                f"robustness.modes {self.robustness.modes} must be among knockout.modes "
+                f"{self.knockout.modes}"
+            )
+        if not set(self.robustness_seeds) <= set(self.knockout.seeds):
+            raise ValueError(
+                f"robustness.seeds {self.robustness.seeds} must be among knockout.seeds "
+                f"{self.knockout.seeds} (the same draws as the primary rows)"
+            )
         if self.claims.k not in self.knockout.ks:
             raise ValueError(
                 f"claims.k={self.claims.k} must be one of knockout.ks {self.knockout.ks}"
             )
+
+    @property
+    def robustness_seeds(self) -> tuple[int, ...]:
+        r = self.robustness.seeds
+        return r if r is not None else self.knockout.seeds[:3]
+
+    @property
+    def robustness_modes(self) -> tuple[str, ...]:
+        r = self.robustness.modes
+        return r if r is not None else self.knockout.modes[:1]
 
     @property
     def slug(self) -> str:

@@ -15,7 +15,7 @@ from mechinterp import store
 from mechinterp.analysis.stats import cluster_bootstrap
 from mechinterp.study.claims import cluster_labels, compute_claims, headline, table_lines
 
-TABLES = ("detect_scores", "detect_instances", "baseline", "knockout", "patch")
+TABLES = ("detect_scores", "detect_instances", "baseline", "knockout", "robustness", "patch")
 
 
 def read_config(run_dir: str | Path, kind=None, what: str = "study"):
@@ -274,7 +274,10 @@ def write_report(run_dir: str | Path) -> Path:
     ):
         figure, text = sections[claim]
         rows = claims[claims["claim"] == claim]
-        lines += ["", f"## {i}. {statement}", "", *text, "", *table_lines(rows, _fmt)]
+        robust = rows["robustness"].eq(True) if "robustness" in rows else rows["claim"].isna()
+        lines += ["", f"## {i}. {statement}", "", *text, "", *table_lines(rows[~robust], _fmt)]
+        if robust.any():
+            lines += ["", *_robustness_text(rows[robust], config)]
         if (run_dir / "figures" / figure).is_file():
             lines += ["", f"![{claim}](figures/{figure})"]
         if claim == "necessary" and (run_dir / "figures" / "niah_knockout.png").is_file():
@@ -328,6 +331,54 @@ def _necessary_text(tables, config) -> list[str]:
         + ". Heads tied in score are ranked in a seeded random order, not by "
         "layer.",
     ]
+
+
+def _robustness_text(rows: pd.DataFrame, config) -> list[str]:
+    """Where the necessity claim holds: one line per (task, mode, scope, method), with both
+    random draws side by side. The verdict stays on the primary row above."""
+    k, pct = config.claims.k, (lambda x: f"{x:.2f}")
+    out = [
+        "### Where it holds: other scopes, uniform draws, free generation",
+        "",
+        f"At k = {k}, over random draws (seeds {list(config.robustness_seeds)}): the answer-"
+        "retrieved rate with no knockout, under the top-k and under k random heads, and random "
+        "minus top [CI]. Scope `response`: the prompt's last position and the response; "
+        "`query`: also the question and template after the context; `all`: every position. "
+        "Teacher-forced rows score the clean response; generation rows regenerate freely under "
+        f"scope `{config.knockout.scope}` and score the answer by the task's rule. The claim's "
+        "verdict stays on its primary row above.",
+        "",
+        "| task · mode | scope | method | none | top | random, layer-matched | random − top "
+        "(layer-matched) | random, uniform | random − top (uniform) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    order = {"response": 0, "query": 1, "all": 2}
+    rows = rows.sort_values(
+        ["task", "mode", "method", "scope"],
+        key=lambda c: (
+            c.map(order)
+            if c.name == "scope"
+            else c.map({"teacher-forced": "0"}).fillna(c)
+            if c.name == "method"
+            else c
+        ),
+    )
+    for (task, mode, scope, method), g in rows.groupby(
+        ["task", "mode", "scope", "method"], sort=False
+    ):
+        by = g.set_index("baseline")
+        cells = []
+        for draw in ("layer-matched", "uniform over layers"):
+            if draw in by.index:
+                r = by.loc[draw]
+                cells += [pct(r["random"]), f"{r['estimate']:+.2f} [{r['ci_low']:+.2f}, "
+                          f"{r['ci_high']:+.2f}] ({r['verdict']})"]  # fmt: skip
+            else:
+                cells += ["—", "—"]
+        first = g.iloc[0]
+        out.append(f"| {task} · {mode} | {scope} | {method} | {pct(first['none'])} | "
+                   f"{pct(first['top'])} | " + " | ".join(cells) + " |")  # fmt: skip
+    return out
 
 
 def _sufficient_text(tables, config) -> list[str]:

@@ -100,7 +100,7 @@ def run_study(
                              needles=list(d.niah.needles), haystack=d.niah.haystack,
                              seed=d.niah.seed)  # fmt: skip
     per_instance = run_shards(
-        stages.detect_shards(det_examples, d, config.template), shard_dir, desc="1/4 detect",
+        stages.detect_shards(det_examples, d, config.template), shard_dir, desc="1/5 detect",
         **common,
     )  # fmt: skip
     scores = stages.combine_detect(per_instance, d.threshold, d.top_k).assign(
@@ -127,7 +127,7 @@ def run_study(
         held += synthetic_mdqa(k.mdqa.n, n_docs=k.mdqa.n_docs, realism=realism,
                                diversity=diversity, seed=k.mdqa.seed)  # fmt: skip
     baseline = run_shards(
-        stages.baseline_shards(held, k, config.template), shard_dir, desc="2/4 clean answers",
+        stages.baseline_shards(held, k, config.template), shard_dir, desc="2/5 clean answers",
         **common,
     )  # fmt: skip
     store.write_table(baseline, out / "baseline.parquet")
@@ -140,17 +140,23 @@ def run_study(
         )
     knock = run_shards(
         stages.knockout_shards(held, baseline, ranked, shape, k, config.template), shard_dir,
-        desc="3/4 knockout", **common,
+        desc="3/5 knockout", **common,
     )  # fmt: skip
     store.write_table(knock, out / "knockout.parquet")
     timings["knockout_s"] = time.perf_counter() - tic
+    tic = time.perf_counter()
+    shards = stages.robustness_shards(held, baseline, ranked, shape, config)
+    if shards:
+        robust = run_shards(shards, shard_dir, desc="4/5 robustness", **common)
+        store.write_table(robust, out / "robustness.parquet")
+        timings["robustness_s"] = time.perf_counter() - tic
 
     # 3. patching
     tic = time.perf_counter()
     patch = run_shards(
         stages.patch_shards(held, baseline, retrieval, shape, config.patch, k.niah.seed,
                             k.scope, config.template),
-        shard_dir, desc="4/4 patch", **common,
+        shard_dir, desc="5/5 patch", **common,
     )  # fmt: skip
     store.write_table(patch, out / "patch.parquet")
     timings["patch_s"] = time.perf_counter() - tic

@@ -239,6 +239,17 @@ def knockout_conditions(
     return out
 
 
+def _specs(conditions: list[dict]):
+    """One `KnockoutSpec` per condition (no heads: no knockout)."""
+    from mechinterp.heads import parse_heads
+    from mechinterp.interventions.knockout import KnockoutSpec
+
+    return [
+        KnockoutSpec(heads=parse_heads(c["heads"]), mode=c["mode"] if c["heads"] else "zero")
+        for c in conditions
+    ]
+
+
 def knockout_shard(
     model,
     *,
@@ -251,16 +262,11 @@ def knockout_shard(
     """Every condition on every example (one batch row per condition): the clean response is
     teacher-forced and the answer's tokens scored. One row per (example, condition)."""
     from mechinterp.evaluate import render_all
-    from mechinterp.heads import parse_heads
     from mechinterp.interventions.conditions import score_conditions
-    from mechinterp.interventions.knockout import KnockoutSpec
 
     exs = _examples(examples)
     prompts = render_all(model, exs, template=template)
-    specs = [
-        KnockoutSpec(heads=parse_heads(c["heads"]), mode=c["mode"] if c["heads"] else "zero")
-        for c in conditions
-    ]
+    specs = _specs(conditions)
     rows = []
     for ex, prompt, resp in zip(exs, prompts, responses, strict=True):
         n = prompt.n_tokens
@@ -295,14 +301,7 @@ def knockout_shards(
     for task in dict.fromkeys(e.task for e in examples):
         group = [e for e in examples if e.task == task and bool(base.loc[e.id, "scorable"])]
         for i, chunk in enumerate(_chunks(group, stage.examples_per_shard)):
-            responses = [
-                {
-                    "response_ids": [int(t) for t in base.loc[e.id, "target_ids"]],
-                    "answer_start": int(base.loc[e.id, "answer_start"]),
-                    "answer_end": int(base.loc[e.id, "answer_end"]),
-                }
-                for e in chunk
-            ]
+            responses = [_response(base, e.id) for e in chunk]
             conds = knockout_conditions(
                 ranked,
                 shape,
@@ -320,6 +319,104 @@ def knockout_shards(
             }
             out.append(Shard(f"knockout/{task}-{i:03d}", knockout_shard, args))
     return out
+
+
+# ---------------------------------------------------------------- 2c. robustness
+
+
+def robustness_shard(
+    model,
+    *,
+    examples: list[dict],
+    responses: list[dict],
+    conditions: list[dict],
+    scopes: list[str],
+    generate_scope: str | None,
+    max_new_tokens: int,
+    template: str | None,
+) -> pd.DataFrame:
+    """The claim's conditions under other scopes (teacher-forced, as `knockout_shard`) and by
+    free greedy generation under `generate_scope` (None: none). One row per (example, method,
+    scope, condition); `retrieved` is, for generation, the task's correctness rule on the
+    generated answer."""
+    from mechinterp.evaluate import is_correct, render_all
+    from mechinterp.interventions.conditions import generate_conditions, score_conditions
+
+    exs = _examples(examples)
+    prompts = render_all(model, exs, template=template)
+    specs = _specs(conditions)
+    rows = []
+
+    def add(ex, method, scope, cond, retrieved, extra):
+        rows.append({**_coordinates(ex), "method": method, "scope": scope, "mode": cond["mode"],
+                     "k": cond["k"], "condition": cond["condition"], "seed": cond["seed"],
+                     "heads": " ".join(cond["heads"]), "retrieved": bool(retrieved),
+                     **extra})  # fmt: skip
+
+    for ex, prompt, resp in zip(exs, prompts, responses, strict=True):
+        n = prompt.n_tokens
+        ids = list(prompt.input_ids) + list(resp["response_ids"])
+        answer = (n + resp["answer_start"], n + resp["answer_end"])
+        for scope in scopes:
+            res = score_conditions(
+                model, ids, answer, specs, shared_prefix=scope_start(prompt, scope)
+            )
+            for r, cond in enumerate(conditions):
+                add(ex, "teacher-forced", scope, cond, res.retrieved[r],
+                    {"answer_logprob": float(res.mean_logprob[r]), "prediction": None})  # fmt: skip
+        if generate_scope is not None:
+            gens = generate_conditions(model, prompt.input_ids, specs,
+                                       shared_prefix=scope_start(prompt, generate_scope),
+                                       max_new_tokens=max_new_tokens)  # fmt: skip
+            for gen, cond in zip(gens, conditions, strict=True):
+                ok = is_correct(ex.task, gen.text, ex.answers)
+                add(ex, "generation", generate_scope, cond, ok,
+                    {"answer_logprob": float("nan"), "prediction": gen.text})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def robustness_shards(
+    examples: list[Example], baseline: pd.DataFrame, ranked, shape, config
+) -> list[Shard]:
+    """Shards of step 2c: the knockout stage's answered examples, its conditions at the claim's
+    k in the robustness modes and seeds (no knockout, top-k, each draw), every scope but the
+    knockout stage's own (its rows are step 2's) and free generation under the knockout stage's
+    scope."""
+    knockout, stage, k = config.knockout, config.robustness, config.claims.k
+    base = baseline.set_index("example_id")
+    conds = [
+        c for c in knockout_conditions(ranked, shape, ks=knockout.ks,
+                                       seeds=config.robustness_seeds,
+                                       modes=config.robustness_modes, draws=knockout.draws)
+        if c["condition"] == "none" or c["k"] == k
+    ]  # fmt: skip
+    scopes = [sc for sc in stage.scopes if sc != knockout.scope]
+    if not scopes and not stage.generate:
+        return []
+    out = []
+    for task in dict.fromkeys(e.task for e in examples):
+        group = [e for e in examples if e.task == task and bool(base.loc[e.id, "scorable"])]
+        for i, chunk in enumerate(_chunks(group, stage.examples_per_shard)):
+            args = {
+                "examples": [e.to_dict() for e in chunk],
+                "responses": [_response(base, e.id) for e in chunk],
+                "conditions": conds,
+                "scopes": scopes,
+                "generate_scope": knockout.scope if stage.generate else None,
+                "max_new_tokens": knockout.max_new_tokens,
+                "template": config.template,
+            }
+            out.append(Shard(f"robustness/{task}-{i:03d}", robustness_shard, args))
+    return out
+
+
+def _response(base: pd.DataFrame, example_id: str) -> dict:
+    """The clean response a later stage teacher-forces, and where the answer lies in it."""
+    return {
+        "response_ids": [int(t) for t in base.loc[example_id, "target_ids"]],
+        "answer_start": int(base.loc[example_id, "answer_start"]),
+        "answer_end": int(base.loc[example_id, "answer_end"]),
+    }
 
 
 # ---------------------------------------------------------------- 3. patching
@@ -418,10 +515,11 @@ def patch_shard(
 
 
 def stratified_pairs(examples: list[Example], n: int) -> list[Example]:
-    """n examples spread over the (length, depth) cells: cells are visited in a Latin-square
-    order (round r takes, for the i-th length, the (i + r)-th depth), one example per cell per
-    pass, so that a few pairs already cover every length and every depth. Within a cell, needles
-    in order."""
+    """n examples spread over the (length, depth) cells and the needles: cells are visited in a
+    Latin-square order (round r takes, for the i-th length, the (i + r)-th depth), one example
+    per cell per pass, so that a few pairs already cover every length and every depth; within a
+    cell the example whose needle has been picked least so far (then the lower needle index), so
+    the pairs also spread over needles (the intervals resample needles)."""
     lengths = sorted({e.meta["length"] for e in examples})
     depths = sorted({e.meta["depth"] for e in examples})
     cells: dict[tuple, list[Example]] = {}
@@ -433,11 +531,15 @@ def stratified_pairs(examples: list[Example], n: int) -> list[Example]:
         return ((j - i) % len(depths), i)
 
     order = sorted(cells, key=visit)
+    used: dict[int, int] = {}
     out: list[Example] = []
     while len(out) < n and any(cells.values()):
         for cell in order:
             if cells[cell] and len(out) < n:
-                out.append(cells[cell].pop(0))
+                pick = min(cells[cell], key=lambda e: used.get(e.meta["needle_index"], 0))
+                cells[cell].remove(pick)
+                used[pick.meta["needle_index"]] = used.get(pick.meta["needle_index"], 0) + 1
+                out.append(pick)
     return out
 
 
@@ -460,14 +562,9 @@ def patch_shards(
             sets[f"random-s{s}"] = [str(h) for h in drawn]
     out = []
     for e in answered:
-        resp = {
-            "response_ids": [int(t) for t in base.loc[e.id, "target_ids"]],
-            "answer_start": int(base.loc[e.id, "answer_start"]),
-            "answer_end": int(base.loc[e.id, "answer_end"]),
-        }
         args = {
             "example": e.to_dict(),
-            "response": resp,
+            "response": _response(base, e.id),
             "retrieval": names,
             "sets": sets,
             "batch_size": stage.batch_size,

@@ -61,6 +61,9 @@ def test_planted_tables_give_known_estimates_and_verdicts(config, heads, cross):
     assert prim.loc["inter_beats_rand", "estimate"] == pytest.approx(0.75)
     assert prim.loc["inter_beats_rand", "n"] == 6
     assert prim.loc["inter_beats_rand", "verdict"] == "supported"
+    assert prim.loc["inter_beats_rand", "resampled"] == (
+        "3 examples (6 model × example pairs) × 2 random draws"
+    )
     # a recipient already as good as the donor has nothing to recover: left out, not a zero
     solved = cross[cross["model_variant"] == "templated-high"].assign(
         model_variant="templated-low", f1=1.0
@@ -117,3 +120,21 @@ def test_extension_figures_draw_what_the_tables_say(cross):
     assert list(fig.data[1].error_y.arrayminus) == pytest.approx([0.2])
     with pytest.raises(ValueError, match="needs columns"):
         knockout_by_model(ko.drop(columns="value"))
+
+
+def test_inter_minus_rand_resamples_the_rand_draws(config, heads):
+    """One Rand draw happens to be as good as Inter, the other useless: the effect (0.5) rests
+    on two draws, so its interval must reach 0 (a per-pair bootstrap of the mean over draws
+    would call it a certain 0.5)."""
+    rows = []
+    for v in ("realistic-low", "templated-high"):
+        for ex in range(4):
+            for cond, f1 in (("recipient", 0.0), ("donor", 1.0), ("inter", 1.0),
+                             ("rand-s0", 0.0), ("rand-s1", 1.0)):  # fmt: skip
+                rows.append({"model_variant": v, "example_id": f"e{ex}", "condition": cond,
+                             "f1": f1, "answer_logprob": -f1, "n_heads": 2})  # fmt: skip
+    claims = compute_claims({"cross": pd.DataFrame(rows)}, heads, config)
+    row = claims[(claims["claim"] == "inter_beats_rand") & claims["primary"]].iloc[0]
+    assert row["estimate"] == pytest.approx(0.5)
+    assert row["ci_low"] == pytest.approx(0.0) and row["ci_high"] == pytest.approx(1.0)
+    assert row["verdict"] == "inconclusive"

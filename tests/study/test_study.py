@@ -14,7 +14,7 @@ from mechinterp.study import RunDirError, run_study, write_report
 from mechinterp.study.config import ClaimSettings
 from mechinterp.study.report import read_config
 
-TABLES = ("detect_scores", "detect_instances", "baseline", "knockout", "patch")
+TABLES = ("detect_scores", "detect_instances", "baseline", "knockout", "robustness", "patch")
 
 
 def _assert_same_tables(a, b) -> None:
@@ -42,6 +42,19 @@ def test_the_study_writes_every_table_with_the_expected_shape(tiny_study):
     random = ko[ko["condition"].str.startswith("random")]
     top2 = set(t["detect_scores"].head(4)["head_name"])
     assert not any(set(h.split()) & top2 for h in random["heads"])  # never a top-max(k) head
+    rb = t["robustness"]
+    # per example: (scopes query, all teacher-forced + generation) x (none + top + 2 draws x 2)
+    assert len(rb) == 6 * 3 * 6
+    assert set(rb.groupby("method")["scope"].unique().map(tuple)) == {
+        ("query", "all"),
+        ("response",),
+    }
+    assert set(rb["k"]) == {0, 2} and set(rb["mode"]) == {"none", "zero"}
+    # free generation without knockout, its prompt shared from a KV cache, writes exactly the
+    # clean greedy answer of step 2
+    gen = rb[(rb["method"] == "generation") & (rb["condition"] == "none")]
+    clean = t["baseline"].set_index("example_id")["prediction"]
+    assert (gen.set_index("example_id")["prediction"] == clean.reindex(gen["example_id"])).all()
     p = t["patch"]
     assert set(p["kind"]) == {"head", "set"}
     sets = p[p["kind"] == "set"]
@@ -71,6 +84,7 @@ def test_the_report_numbers_are_recomputed_from_the_tables(tiny_study):
     ko = pd.read_parquet(tiny_study / "knockout.parquet")
     ko = ko[ko["k"] == config.claims.k]
     rows = claims[(claims["claim"] == "necessary") & (claims["metric"] == "retrieved")]
+    rows = rows[rows["robustness"].ne(True)]  # the robustness rows are checked below
     assert len(rows) == 2 * ko.groupby(["task", "mode"]).ngroups > 0  # both baselines
     assert set(rows.loc[rows["primary"], "baseline"]) == {"layer-matched"}
     for r in rows.itertuples():
@@ -80,6 +94,27 @@ def test_the_report_numbers_are_recomputed_from_the_tables(tiny_study):
         rand = g[g["condition"] == cond].groupby("example_id")["retrieved"].mean()
         assert r.estimate == pytest.approx((rand - top.reindex(rand.index)).mean())
         assert r.n == len(rand)
+    # robustness: the same difference per scope and method, the primary scope from step 2
+    rb = pd.read_parquet(tiny_study / "robustness.parquet")
+    rob = claims[claims["label"].str.contains("scope")]
+    assert set(zip(rob["scope"], rob["method"], strict=True)) == {
+        ("response", "teacher-forced"), ("query", "teacher-forced"), ("all", "teacher-forced"),
+        ("response", "generation")}  # fmt: skip
+    assert not rob["primary"].any()
+    for r in rob.itertuples():
+        src = (
+            ko
+            if (r.scope, r.method) == (config.knockout.scope, "teacher-forced")
+            else rb[
+                (rb["scope"] == r.scope) & (rb["method"] == r.method) & (rb["k"] == config.claims.k)
+            ]
+        )
+        g = src[(src["task"] == r.task) & (src["mode"] == r.mode)]
+        top = g[g["condition"] == "top"].set_index("example_id")["retrieved"].astype(float)
+        cond = "random" if r.baseline == "layer-matched" else "random_uniform"
+        rand = g[g["condition"] == cond].groupby("example_id")["retrieved"].mean()
+        assert r.estimate == pytest.approx((rand - top.reindex(rand.index)).mean())
+    assert "### Where it holds" in report
     # sufficient: mean joint recovery of the retrieval set over the flipped pairs
     patch = pd.read_parquet(tiny_study / "patch.parquet")
     flipped = patch[patch["flipped"] & (patch["kind"] == "set") & (patch["name"] == "retrieval")]
@@ -224,11 +259,11 @@ def test_sufficiency_pairs_cover_the_lengths_and_depths():
             meta={"length": length, "depth": depth, "needle_index": needle},
         )
 
-    grid = [ex(L, d, n) for L in (256, 512, 1024) for d in (0.0, 0.5, 1.0) for n in (4, 5)]
+    needles = (2, 4, 5)
+    grid = [ex(L, d, n) for L in (256, 512, 1024) for d in (0.0, 0.5, 1.0) for n in needles]
     six = stratified_pairs(grid, 6)
     assert len(six) == 6 and len({e.id for e in six}) == 6
-    for key in ("length", "depth"):  # every length and every depth, twice each
+    for key in ("length", "depth", "needle_index"):  # every length, depth and needle, twice each
         counts = pd.Series([e.meta[key] for e in six]).value_counts()
         assert len(counts) == 3 and (counts == 2).all(), counts
-    assert all(e.meta["needle_index"] == 4 for e in six)  # one pass over 9 cells: first needles
-    assert len(stratified_pairs(grid, 30)) == 18  # no more pairs than examples
+    assert len(stratified_pairs(grid, 60)) == 27  # no more pairs than examples
