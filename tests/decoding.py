@@ -13,12 +13,10 @@ def hf_greedy(hf, prompt, n: int) -> list[int]:
     hf.generation_config.eos_token_id = None
     with torch.no_grad():
         out = hf.generate(
-            torch.tensor([prompt]),
-            max_new_tokens=n,
-            do_sample=False,
+            torch.tensor([prompt]), max_new_tokens=n, do_sample=False,
             pad_token_id=hf.config.pad_token_id,
         )
-    return out[0, len(prompt) :].tolist()
+    return out[0, len(prompt):].tolist()
 
 
 def cached_step_errors(model, prompts, n_steps: int) -> list[float]:

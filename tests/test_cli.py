@@ -16,23 +16,8 @@ def tiny_dir(tiny_gqa):
 
 
 def test_eval_writes_a_complete_run_directory(tiny_dir, tmp_path, capsys):
-    args = [
-        "eval",
-        "--model",
-        tiny_dir,
-        "--task",
-        "mdqa",
-        "--variant",
-        "templated-low",
-        "--n",
-        "3",
-        "--n-docs",
-        "3",
-        "--max-new-tokens",
-        "3",
-        "--out",
-        str(tmp_path),
-    ]
+    args = ["eval", "--model", tiny_dir, "--task", "mdqa", "--variant", "templated-low",
+            "--n", "3", "--n-docs", "3", "--max-new-tokens", "3", "--out", str(tmp_path)]
     assert main(args) == 0
     (run,) = tmp_path.iterdir()
     df = pd.read_parquet(run / "results.parquet")
@@ -56,20 +41,9 @@ def test_eval_writes_a_complete_run_directory(tiny_dir, tmp_path, capsys):
 
 
 def test_eval_on_user_mdqa_file(tiny_dir, tmp_path):
-    args = [
-        "eval",
-        "--model",
-        tiny_dir,
-        "--task",
-        "mdqa",
-        "--data",
-        "tests/fixtures/mdqa_sample.jsonl",
-        "--max-new-tokens",
-        "2",
-        "--no-png",
-        "--out",
-        str(tmp_path),
-    ]
+    args = ["eval", "--model", tiny_dir, "--task", "mdqa", "--data",
+            "tests/fixtures/mdqa_sample.jsonl", "--max-new-tokens", "2", "--no-png",
+            "--out", str(tmp_path)]
     assert main(args) == 0
     (run,) = tmp_path.iterdir()
     assert set(pd.read_parquet(run / "results.parquet").variant) == {"real"}
@@ -83,19 +57,8 @@ def test_unknown_model_is_a_clear_error(tmp_path, capsys):
 
 
 def test_context_longer_than_the_window_leaves_no_output(tiny_dir, tmp_path, capsys):
-    args = [
-        "eval",
-        "--model",
-        tiny_dir,
-        "--lengths",
-        "4000",
-        "--depths",
-        "0.5",
-        "--needles",
-        "1",
-        "--out",
-        str(tmp_path),
-    ]
+    args = ["eval", "--model", tiny_dir, "--lengths", "4000", "--depths", "0.5", "--needles",
+            "1", "--out", str(tmp_path)]
     assert main(args) == 2
     assert "longer than the model's context window of 2048" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
@@ -104,35 +67,15 @@ def test_context_longer_than_the_window_leaves_no_output(tiny_dir, tmp_path, cap
 def test_detect_writes_scores_instances_wu_json_and_heatmap(tiny_dir, tmp_path, capsys):
     from mechinterp.analysis.wu_json import read_wu_scores
 
-    args = [
-        "detect",
-        "--model",
-        tiny_dir,
-        "--detector",
-        "induction",
-        "--seq-len",
-        "12",
-        "--n-sequences",
-        "3",
-        "--out",
-        str(tmp_path),
-    ]
+    args = ["detect", "--model", tiny_dir, "--detector", "induction", "--seq-len", "12",
+            "--n-sequences", "3", "--out", str(tmp_path)]
     assert main(args) == 0
     (run,) = tmp_path.iterdir()
     assert run.name.startswith("detect-induction-")
     scores = pd.read_parquet(run / "scores.parquet")
     assert len(scores) == 2 * 4 and sorted(scores["rank"]) == list(range(1, 9))
-    assert set(scores.columns) >= {
-        "layer",
-        "head",
-        "head_name",
-        "score",
-        "n_instances",
-        "model",
-        "task",
-        "config_hash",
-        "detector",
-    }
+    assert set(scores.columns) >= {"layer", "head", "head_name", "score", "n_instances", "model",
+                                   "task", "config_hash", "detector"}
     assert scores["n_instances"].eq(3).all() and scores["frequency"].isna().all()
     assert len(pd.read_parquet(run / "per_instance.parquet")) == 3 * 8
     means, per_head = read_wu_scores(run / "scores_wu.json")
@@ -150,22 +93,8 @@ def test_detect_writes_scores_instances_wu_json_and_heatmap(tiny_dir, tmp_path, 
 
 
 def test_detect_retrieval_refuses_when_no_instance_passes_the_gate(tiny_dir, tmp_path, capsys):
-    args = [
-        "detect",
-        "--model",
-        tiny_dir,
-        "--lengths",
-        "300",
-        "--depths",
-        "0.5",
-        "--needles",
-        "2",
-        "--max-new-tokens",
-        "3",
-        "--no-png",
-        "--out",
-        str(tmp_path),
-    ]
+    args = ["detect", "--model", tiny_dir, "--lengths", "300", "--depths", "0.5", "--needles",
+            "2", "--max-new-tokens", "3", "--no-png", "--out", str(tmp_path)]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "no detection instance passed the success gate" in err and "0% of 2" in err
@@ -179,23 +108,8 @@ def test_detect_retrieval_refuses_when_no_instance_passes_the_gate(tiny_dir, tmp
 
 
 def test_detect_qr_with_calibration_on_documents(tiny_dir, tmp_path):
-    args = [
-        "detect",
-        "--model",
-        tiny_dir,
-        "--detector",
-        "qr",
-        "--calibrate",
-        "--task",
-        "mdqa",
-        "--n",
-        "2",
-        "--n-docs",
-        "2",
-        "--no-png",
-        "--out",
-        str(tmp_path),
-    ]
+    args = ["detect", "--model", tiny_dir, "--detector", "qr", "--calibrate", "--task", "mdqa",
+            "--n", "2", "--n-docs", "2", "--no-png", "--out", str(tmp_path)]
     assert main(args) == 0
     (run,) = tmp_path.iterdir()
     prov = json.loads((run / "provenance.json").read_text())
@@ -203,30 +117,9 @@ def test_detect_qr_with_calibration_on_documents(tiny_dir, tmp_path):
 
 
 def test_knockout_sweep_writes_top_vs_random_rows(tiny_dir, tmp_path, capsys):
-    args = [
-        "knockout",
-        "--model",
-        tiny_dir,
-        "--heads",
-        "L1H1,L0H2,L1H0",
-        "--ks",
-        "1,2",
-        "--seeds",
-        "0,1",
-        "--modes",
-        "zero,uniform_attention",
-        "--task",
-        "mdqa",
-        "--n",
-        "2",
-        "--n-docs",
-        "2",
-        "--max-new-tokens",
-        "2",
-        "--score",
-        "--out",
-        str(tmp_path),
-    ]
+    args = ["knockout", "--model", tiny_dir, "--heads", "L1H1,L0H2,L1H0", "--ks", "1,2",
+            "--seeds", "0,1", "--modes", "zero,uniform_attention", "--task", "mdqa", "--n", "2",
+            "--n-docs", "2", "--max-new-tokens", "2", "--score", "--out", str(tmp_path)]
     assert main(args) == 0
     (run,) = tmp_path.iterdir()
     df = pd.read_parquet(run / "sweep.parquet")
@@ -252,44 +145,13 @@ def test_knockout_sweep_writes_top_vs_random_rows(tiny_dir, tmp_path, capsys):
 
 
 def test_knockout_takes_a_detection_table_and_refuses_bad_rankings(tiny_dir, tmp_path, capsys):
-    det = [
-        "detect",
-        "--model",
-        tiny_dir,
-        "--detector",
-        "previous_token",
-        "--seq-len",
-        "8",
-        "--n-sequences",
-        "2",
-        "--no-png",
-        "--out",
-        str(tmp_path / "det"),
-    ]
+    det = ["detect", "--model", tiny_dir, "--detector", "previous_token", "--seq-len", "8",
+           "--n-sequences", "2", "--no-png", "--out", str(tmp_path / "det")]
     assert main(det) == 0
     (det_run,) = (tmp_path / "det").iterdir()
-    ko = [
-        "knockout",
-        "--model",
-        tiny_dir,
-        "--scores",
-        str(det_run),
-        "--ks",
-        "2",
-        "--seeds",
-        "3",
-        "--task",
-        "mdqa",
-        "--n",
-        "1",
-        "--n-docs",
-        "2",
-        "--max-new-tokens",
-        "1",
-        "--no-png",
-        "--out",
-        str(tmp_path / "ko"),
-    ]
+    ko = ["knockout", "--model", tiny_dir, "--scores", str(det_run), "--ks", "2", "--seeds", "3",
+          "--task", "mdqa", "--n", "1", "--n-docs", "2", "--max-new-tokens", "1", "--no-png",
+          "--out", str(tmp_path / "ko")]
     assert main(ko) == 0
     (ko_run,) = (tmp_path / "ko").iterdir()
     scores = pd.read_parquet(det_run / "scores.parquet").sort_values("rank")
@@ -301,42 +163,15 @@ def test_knockout_takes_a_detection_table_and_refuses_bad_rankings(tiny_dir, tmp
     assert "exactly one of --heads" in capsys.readouterr().err
     assert main(ko[:3] + ["--heads", "L0H0"] + ko[5:]) == 2  # k=2 but one ranked head
     assert "k=2 exceeds the 1 ranked heads" in capsys.readouterr().err
-    bad = [
-        "knockout",
-        "--model",
-        tiny_dir,
-        "--heads",
-        "L7H0",
-        "--ks",
-        "1",
-        "--task",
-        "mdqa",
-        "--n",
-        "1",
-        "--n-docs",
-        "2",
-        "--no-png",
-        "--out",
-        str(tmp_path / "bad"),
-    ]
+    bad = ["knockout", "--model", tiny_dir, "--heads", "L7H0", "--ks", "1", "--task", "mdqa",
+           "--n", "1", "--n-docs", "2", "--no-png", "--out", str(tmp_path / "bad")]
     assert main(bad) == 2
     assert "outside the model" in capsys.readouterr().err
 
 
 def test_patch_writes_per_head_recovery_for_each_instance(tiny_dir, tmp_path, capsys):
-    args = [
-        "patch",
-        "--model",
-        tiny_dir,
-        "--lengths",
-        "400",
-        "--depths",
-        "0.5",
-        "--needles",
-        "2",
-        "--out",
-        str(tmp_path),
-    ]
+    args = ["patch", "--model", tiny_dir, "--lengths", "400", "--depths", "0.5", "--needles", "2",
+            "--out", str(tmp_path)]
     assert main(args) == 0
     (run,) = tmp_path.iterdir()
     df = pd.read_parquet(run / "patch.parquet")
@@ -371,28 +206,15 @@ def test_corruption_replaces_one_answer_token_with_another(tiny_gqa, smollm):
 
 def scores_csv(path, scores):
     """A head-score table for the 2-layer, 4-head tiny model: {"L0H1": 0.5, ...}, others 0."""
-    rows = [
-        {"layer": la, "head": h, "score": scores.get(f"L{la}H{h}", 0.0)}
-        for la in range(2)
-        for h in range(4)
-    ]
+    rows = [{"layer": la, "head": h, "score": scores.get(f"L{la}H{h}", 0.0)}
+            for la in range(2) for h in range(4)]
     pd.DataFrame(rows).to_csv(path, index=False)
     return str(path)
 
 
 def test_patch_takes_a_head_list_or_marks_a_score_tables_heads(tiny_dir, tmp_path, capsys):
-    base = [
-        "patch",
-        "--model",
-        tiny_dir,
-        "--lengths",
-        "400",
-        "--depths",
-        "0.5",
-        "--needles",
-        "1",
-        "--no-png",
-    ]
+    base = ["patch", "--model", tiny_dir, "--lengths", "400", "--depths", "0.5", "--needles", "1",
+            "--no-png"]
     assert main(base + ["--heads", "L1H2,L0H0", "--out", str(tmp_path / "list")]) == 0
     (run,) = (tmp_path / "list").iterdir()
     df = pd.read_parquet(run / "patch.parquet")
@@ -416,34 +238,12 @@ def test_patch_with_a_donor_patches_head_sets_across_models(tiny_dir, tmp_path, 
 
     donor = tiny_model(n_kv_heads=2, seed=1, directory=tmp_path / "donor")
     donor_dir = donor.mechinterp_card.source
-    base = [
-        "patch",
-        "--model",
-        tiny_dir,
-        "--donor",
-        donor_dir,
-        "--lengths",
-        "400",
-        "--depths",
-        "0.5",
-        "--needles",
-        "2",
-        "--max-new-tokens",
-        "3",
-        "--no-png",
-    ]
+    base = ["patch", "--model", tiny_dir, "--donor", donor_dir, "--lengths", "400", "--depths",
+            "0.5", "--needles", "2", "--max-new-tokens", "3", "--no-png"]
     theirs = scores_csv(tmp_path / "donor.csv", {"L1H3": 0.5, "L0H2": 0.3, "L1H1": 0.2})
     ours = scores_csv(tmp_path / "ours.csv", {"L1H3": 0.6, "L1H1": 0.4, "L0H0": 0.2})
-    args = base + [
-        "--scores",
-        theirs,
-        "--recipient-scores",
-        ours,
-        "--seeds",
-        "0,1",
-        "--out",
-        str(tmp_path / "sets"),
-    ]
+    args = base + ["--scores", theirs, "--recipient-scores", ours, "--seeds", "0,1",
+                   "--out", str(tmp_path / "sets")]
     assert main(args) == 0
     (run,) = (tmp_path / "sets").iterdir()
     sets = json.loads((run / "head_sets.json").read_text())
@@ -457,24 +257,8 @@ def test_patch_with_a_donor_patches_head_sets_across_models(tiny_dir, tmp_path, 
     assert summary.loc["inter", "n_heads"] == 2
     assert "answer_logprob_recovery" in capsys.readouterr().out
     mha = tiny_model(n_kv_heads=4, directory=tmp_path / "mha").mechinterp_card.source
-    bad = [
-        "patch",
-        "--model",
-        tiny_dir,
-        "--donor",
-        mha,
-        "--heads",
-        "L0H0",
-        "--lengths",
-        "400",
-        "--depths",
-        "0.5",
-        "--needles",
-        "1",
-        "--no-png",
-        "--out",
-        str(tmp_path / "bad"),
-    ]
+    bad = ["patch", "--model", tiny_dir, "--donor", mha, "--heads", "L0H0", "--lengths", "400",
+           "--depths", "0.5", "--needles", "1", "--no-png", "--out", str(tmp_path / "bad")]
     assert main(bad) == 2
     assert "differ in shape" in capsys.readouterr().err
     assert main(bad[:3] + ["--recipient-scores", ours, "--out", str(tmp_path / "bad")]) == 2

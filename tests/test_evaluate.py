@@ -57,13 +57,10 @@ def _hf_greedy(model, prompt, n, stop=()):
     ids = torch.tensor([prompt])
     with torch.no_grad():
         out = model.original_model.generate(
-            ids,
-            max_new_tokens=n,
-            do_sample=False,
-            eos_token_id=list(stop) or None,
+            ids, max_new_tokens=n, do_sample=False, eos_token_id=list(stop) or None,
             pad_token_id=model.tokenizer.pad_token_id,
         )
-    toks = out[0, len(prompt) :].tolist()
+    toks = out[0, len(prompt):].tolist()
     return [t for t in toks if t not in stop]
 
 
@@ -111,9 +108,8 @@ def test_logit_diff_is_a_difference_of_logits():
 
 
 def test_evaluate_writes_one_row_per_example(tiny_gqa):
-    examples = synthetic_mdqa(
-        3, n_docs=3, realism="symbolic", diversity="high", seed=0, doc_words=20
-    )
+    examples = synthetic_mdqa(3, n_docs=3, realism="symbolic", diversity="high", seed=0,
+                              doc_words=20)
     df = evaluate(tiny_gqa, examples, max_new_tokens=4, batch_size=2, progress=False)
     assert list(df.example_id) == [e.id for e in examples]
     assert set(df.length) == {3}  # QA tasks: length = number of documents
@@ -125,9 +121,8 @@ def test_evaluate_writes_one_row_per_example(tiny_gqa):
 def test_evaluate_scores_the_answers_teacher_forced_logprob(tiny_gqa):
     from mechinterp.evaluate import answer_ids, render_all
 
-    examples = synthetic_mdqa(
-        2, n_docs=3, realism="symbolic", diversity="high", seed=0, doc_words=20
-    )
+    examples = synthetic_mdqa(2, n_docs=3, realism="symbolic", diversity="high", seed=0,
+                              doc_words=20)
     df = evaluate(tiny_gqa, examples, max_new_tokens=2, score=True, progress=False)
     for row, ex, p in zip(df.itertuples(), examples, render_all(tiny_gqa, examples), strict=True):
         ids = answer_ids(tiny_gqa, ex.answers[0])

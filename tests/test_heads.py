@@ -30,12 +30,8 @@ def test_head_outside_the_model_is_a_clear_error():
 
 @pytest.mark.parametrize(
     ("n_heads", "n_kv", "expected"),
-    [
-        (4, 4, [0, 1, 2, 3]),
-        (4, 2, [0, 0, 1, 1]),
-        (4, 1, [0, 0, 0, 0]),
-        (9, 3, [0, 0, 0, 1, 1, 1, 2, 2, 2]),
-    ],
+    [(4, 4, [0, 1, 2, 3]), (4, 2, [0, 0, 1, 1]), (4, 1, [0, 0, 0, 0]),
+     (9, 3, [0, 0, 0, 1, 1, 1, 2, 2, 2])],
 )
 def test_kv_head_map_follows_hf_repeat_kv(n_heads, n_kv, expected):
     shape = HeadShape(2, n_heads, n_kv)

@@ -49,9 +49,8 @@ def test_cached_greedy_decoding_equals_plain_hf_generate(tiny):
     hf = _plain_hf(tiny)
     prompts = _prompts(tiny)
     for batch_size in (1, 3):  # one prompt, and a left-padded batch
-        ours = generate(
-            tiny, prompts, max_new_tokens=12, batch_size=batch_size, stop_ids=frozenset()
-        )
+        ours = generate(tiny, prompts, max_new_tokens=12, batch_size=batch_size,
+                        stop_ids=frozenset())
         for prompt, gen in zip(prompts, ours, strict=True):
             assert list(gen.tokens) == hf_greedy(hf, prompt, 12)
 

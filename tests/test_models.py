@@ -67,12 +67,8 @@ def test_lora_checkpoint_is_merged_on_load(tiny_gqa, tmp_path):
     base_dir = tiny_gqa.mechinterp_card.source
     base = AutoModelForCausalLM.from_pretrained(base_dir, attn_implementation="eager")
     torch.manual_seed(1)
-    cfg = LoraConfig(
-        r=4,
-        lora_alpha=8,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-        init_lora_weights=False,
-    )
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                     init_lora_weights=False)
     peft_model = get_peft_model(base, cfg)
     peft_model.save_pretrained(tmp_path / "adapter")
     adapter_cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())

@@ -59,8 +59,7 @@ def test_results_explorer_shows_the_verdicts_and_redraws_every_figure(tiny_study
     # to it: "not supported" does not pass for "supported")
     headline = pd.read_csv(tiny_study / "claims_headline.csv")
     html = "\n".join(
-        out.get("data", {}).get("text/html", "")
-        for cell in nb.cells
+        out.get("data", {}).get("text/html", "") for cell in nb.cells
         for out in cell.get("outputs", [])
     )
     rows = re.findall(r"<tr>(.*?)</tr>", html, flags=re.S)

@@ -39,12 +39,9 @@ def test_provenance_names_versions_and_extras():
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [
-        ({"task": "qa"}, "unknown task 'qa'"),
-        ({"depths": (1.5,)}, "depths must lie in"),
-        ({"variant": "wild-high"}, "unknown variant 'wild-high'"),
-        ({"task": "mdqa", "data": "/no/such.jsonl"}, "does not exist"),
-    ],
+    [({"task": "qa"}, "unknown task 'qa'"), ({"depths": (1.5,)}, "depths must lie in"),
+     ({"variant": "wild-high"}, "unknown variant 'wild-high'"),
+     ({"task": "mdqa", "data": "/no/such.jsonl"}, "does not exist")],
 )
 def test_bad_task_configs_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):

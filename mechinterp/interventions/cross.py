@@ -178,9 +178,8 @@ def cross_patch(
         z_don = donor_z(layer, z_rec).reshape(z_rec.shape)
         o_rec, o_don = _o_proj(recipient, layer), _o_proj(donor, layer)
         share = len(by_layer[layer]) / shape.n_heads
-        mask = _head_mask(
-            shape.n_heads, z_rec.shape[-1] // shape.n_heads, by_layer[layer], z_rec.device
-        ).to(z_rec.dtype)
+        mask = _head_mask(shape.n_heads, z_rec.shape[-1] // shape.n_heads, by_layer[layer],
+                          z_rec.device).to(z_rec.dtype)
         b_rec = None if o_rec.bias is None else (1.0 - share) * o_rec.bias
         b_don = None if o_don.bias is None else share * o_don.bias
         mixed = torch.nn.functional.linear(z_rec * (1 - mask), o_rec.weight, b_rec)
@@ -194,9 +193,7 @@ def cross_patch(
         ]
     else:
         recipient_hooks = [
-            hook
-            for la in by_layer
-            for hook in (
+            hook for la in by_layer for hook in (
                 (f"blocks.{la}.attn.o.hook_in", partial(keep_z, layer=la)),
                 (f"blocks.{la}.attn.o.hook_out", partial(write_output, layer=la)),
             )

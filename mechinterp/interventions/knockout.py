@@ -48,6 +48,7 @@ Z_MODES = ("zero", "mean", "resample")
 SCORE_MODES = ("uniform_attention", "edge_knockout")
 
 
+
 def large_negative(dtype: torch.dtype) -> float:
     """The "large negative number" of edge knockout for scores of `dtype`: finite in every dtype
     (−1e9 is −inf in float16, and an all-cut row would become NaN), far below any real logit."""

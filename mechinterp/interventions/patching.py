@@ -89,9 +89,7 @@ def resumable(model) -> bool:
         position_ids = torch.arange(ids.shape[1], device=ids.device)[None, :]
         with _blocks_from(model, 0):
             resumed = model.original_model(
-                inputs_embeds=got["resid"],
-                position_ids=position_ids,
-                logits_to_keep=1,
+                inputs_embeds=got["resid"], position_ids=position_ids, logits_to_keep=1,
                 use_cache=False,
             ).logits[:, -1]
         known = bool(torch.allclose(resumed.float(), full.float(), atol=1e-3, rtol=1e-3))

@@ -198,22 +198,8 @@ def test_claims_at_small_n_rest_on_the_permutation_p_value():
     from mechinterp.study.claims import _row
 
     def row(p):
-        return _row(
-            "c",
-            "l",
-            "correlation",
-            0.8,
-            0.11,
-            1.0,
-            5,
-            "ρ",
-            primary=True,
-            null=0.0,
-            minimum=0.5,
-            rule="correlation",
-            p_permutation=p,
-            alpha=0.05,
-        )["verdict"]
+        return _row("c", "l", "correlation", 0.8, 0.11, 1.0, 5, "ρ", primary=True, null=0.0,
+                    minimum=0.5, rule="correlation", p_permutation=p, alpha=0.05)["verdict"]
 
     assert row(16 / 120) == "inconclusive"
     assert row(0.01) == "supported"

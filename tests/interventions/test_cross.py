@@ -112,10 +112,8 @@ def test_one_head_output_equals_a_hand_computed_swap_of_its_contribution(pair):
     full = torch.einsum("bpd,md->bpm", z["recipient"].flatten(2), o_rec.weight) + o_rec.bias
     expected = (
         full
-        - torch.einsum("bpd,md->bpm", z_rec, o_rec.weight[:, cols])
-        - o_rec.bias / shape.n_heads
-        + torch.einsum("bpd,md->bpm", z_don, o_don.weight[:, cols])
-        + o_don.bias / shape.n_heads
+        - torch.einsum("bpd,md->bpm", z_rec, o_rec.weight[:, cols]) - o_rec.bias / shape.n_heads
+        + torch.einsum("bpd,md->bpm", z_don, o_don.weight[:, cols]) + o_don.bias / shape.n_heads
     )
     torch.testing.assert_close(out["recipient"], expected, atol=1e-5, rtol=0)
 

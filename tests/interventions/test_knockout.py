@@ -235,9 +235,8 @@ def test_scopes_that_cannot_be_placed_are_refused(tiny_gqa):
     with pytest.raises(ValueError, match="'decode' is 'response'"):
         KnockoutSpec(heads=(HEAD,), scope="decode")
     with pytest.raises(ValueError, match="starts has 3 entries but the batch has 1 rows"):
-        _last_logits(
-            tiny_gqa, PROMPTS[0], KnockoutSpec(heads=(HEAD,), scope="query"), starts=[1, 2, 3]
-        )
+        _last_logits(tiny_gqa, PROMPTS[0], KnockoutSpec(heads=(HEAD,), scope="query"),
+                     starts=[1, 2, 3])
 
 
 def test_the_condition_scorer_knocks_out_the_scopes_positions(tiny_gqa):
@@ -256,7 +255,7 @@ def test_the_condition_scorer_knocks_out_the_scopes_positions(tiny_gqa):
         scoped = KnockoutSpec(heads=spec.heads, mode=mode, scope="response")
         with knockout(tiny_gqa, scoped, starts=start), torch.no_grad():
             logits = tiny_gqa(torch.tensor([ids]))[0, answer[0] - 1 : answer[1] - 1]
-        logp = logits.float().log_softmax(-1).gather(-1, torch.tensor(ids[answer[0] :])[:, None])
+        logp = logits.float().log_softmax(-1).gather(-1, torch.tensor(ids[answer[0]:])[:, None])
         torch.testing.assert_close(scored.logprobs[1], logp[:, 0], atol=1e-5, rtol=0)
         assert (scored.logprobs[1] - scored.logprobs[0]).abs().max() > 1e-4
 

@@ -24,20 +24,10 @@ def sliding(tmp_path_factory):
     directory = tmp_path_factory.mktemp("tiny-mistral")
     tok = char_tokenizer(directory)
     config = MistralConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        sliding_window=WINDOW,
-        max_position_embeddings=512,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=False,
-        attn_implementation="eager",
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=WINDOW,
+        max_position_embeddings=512, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id, tie_word_embeddings=False, attn_implementation="eager",
     )
     torch.manual_seed(0)
     model = MistralForCausalLM(config)
@@ -46,9 +36,8 @@ def sliding(tmp_path_factory):
             layer.self_attn.q_proj.weight.mul_(4.0)
             layer.self_attn.k_proj.weight.mul_(4.0)
     model.save_pretrained(directory)
-    return boot_bridge(
-        model, tok, directory, model_id="tiny-mistral", dtype=torch.float32, device="cpu"
-    )
+    return boot_bridge(model, tok, directory, model_id="tiny-mistral", dtype=torch.float32,
+                       device="cpu")
 
 
 def _logits(model, prompts, spec):
@@ -61,9 +50,8 @@ def _logits(model, prompts, spec):
 def test_knockout_on_a_padded_batch_equals_each_row_alone_under_a_sliding_window(sliding, mode):
     long, short = list(range(10, 22)), list(range(30, 35))  # 12 and 5 tokens, window 4
     extra = {"key_positions": (8, 9)} if mode == "edge_knockout" else {}
-    spec = KnockoutSpec(
-        heads=(Head(1, 1), Head(0, 2)), mode=mode, query_positions=(9, 10, 11), **extra
-    )
+    spec = KnockoutSpec(heads=(Head(1, 1), Head(0, 2)), mode=mode, query_positions=(9, 10, 11),
+                        **extra)
     together, mask = _logits(sliding, [long, short], spec)
     for r, prompt in enumerate([long, short]):
         alone, _ = _logits(sliding, [prompt], spec) if r == 0 else (None, None)
@@ -87,16 +75,11 @@ def test_the_large_negative_number_is_finite_in_every_dtype():
 def test_cutting_every_key_of_a_row_in_float16_gives_finite_outputs(tmp_path):
     model = tiny_model(n_kv_heads=2, dtype=torch.float16, directory=tmp_path)
     ids = torch.tensor([[1, 10, 11, 12, 13, 14]])
-    spec = KnockoutSpec(
-        heads=(Head(1, 1),), mode="edge_knockout", query_positions=(2,), key_positions=(0, 1, 2)
-    )  # every key query 2 may see
+    spec = KnockoutSpec(heads=(Head(1, 1),), mode="edge_knockout", query_positions=(2,),
+                        key_positions=(0, 1, 2))  # every key query 2 may see
     got = {}
-    with (
-        torch.no_grad(),
-        knockout(model, spec),
-        model.hooks(
-            fwd_hooks=[("blocks.1.attn.hook_pattern", lambda x, hook: got.setdefault("p", x))]
-        ),
+    with torch.no_grad(), knockout(model, spec), model.hooks(
+        fwd_hooks=[("blocks.1.attn.hook_pattern", lambda x, hook: got.setdefault("p", x))]
     ):
         logits = model(ids)
     assert torch.isfinite(logits).all()
