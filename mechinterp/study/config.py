@@ -130,8 +130,8 @@ class RobustnessStage:
     the first 3 of `knockout.seeds`, in every draw of `knockout.draws`; `modes`, default the
     first of `knockout.modes`) under each of `scopes`, teacher-forced as in step 2
     (`knockout.scope`'s rows come from step 2 itself), and, with `generate`, by free greedy
-    generation under `knockout.scope` (the answer scored by the task's rule, as the clean
-    answers). The verdict stays on step 2's row. Empty `scopes` and `generate: false` skip it.
+    generation under `knockout.scope` (retrieved: the answer occurs in the generated text,
+    normalised). The verdict stays on step 2's row. Empty `scopes` and `generate: false` skip it.
     Scope `all` shares no prefix: each condition costs a whole forward."""
 
     scopes: tuple[KnockoutScope, ...] = ("response", "query", "all")

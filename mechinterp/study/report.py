@@ -345,7 +345,8 @@ def _robustness_text(rows: pd.DataFrame, config) -> list[str]:
         "minus top [CI]. Scope `response`: the prompt's last position and the response; "
         "`query`: also the question and template after the context; `all`: every position. "
         "Teacher-forced rows score the clean response; generation rows regenerate freely under "
-        f"scope `{config.knockout.scope}` and score the answer by the task's rule. The claim's "
+        f"scope `{config.knockout.scope}` and count the answer as retrieved when it occurs in the "
+        "generated text (normalised substring). The claim's "
         "verdict stays on its primary row above.",
         "",
         "| task · mode | scope | method | none | top | random, layer-matched | random − top "

@@ -337,9 +337,10 @@ def robustness_shard(
 ) -> pd.DataFrame:
     """The claim's conditions under other scopes (teacher-forced, as `knockout_shard`) and by
     free greedy generation under `generate_scope` (None: none). One row per (example, method,
-    scope, condition); `retrieved` is, for generation, the task's correctness rule on the
-    generated answer."""
-    from mechinterp.evaluate import is_correct, render_all
+    scope, condition); `retrieved` is, for generation, whether the answer occurs in what was
+    generated (normalised substring: NIAH's ROUGE-1 gate would pass "held on the 22nd of
+    October" for "the first Sunday of October")."""
+    from mechinterp.evaluate import render_all, substring_match
     from mechinterp.interventions.conditions import generate_conditions, score_conditions
 
     exs = _examples(examples)
@@ -369,7 +370,7 @@ def robustness_shard(
                                        shared_prefix=scope_start(prompt, generate_scope),
                                        max_new_tokens=max_new_tokens)  # fmt: skip
             for gen, cond in zip(gens, conditions, strict=True):
-                ok = is_correct(ex.task, gen.text, ex.answers)
+                ok = substring_match(gen.text, ex.answers) == 1.0
                 add(ex, "generation", generate_scope, cond, ok,
                     {"answer_logprob": float("nan"), "prediction": gen.text})  # fmt: skip
     return pd.DataFrame(rows)
