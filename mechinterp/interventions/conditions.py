@@ -130,9 +130,11 @@ def score_conditions(
     specs: Sequence[KnockoutSpec],
     *,
     shared_prefix: int = 0,
+    max_rows: int = 16,
 ) -> ConditionScores:
     """Score `ids[answer[0]:answer[1]]` (teacher-forced, given everything before) under each
-    spec, one batch row per spec. Positions before `shared_prefix` run once with no knockout and
+    spec, one batch row per spec (in batches of at most `max_rows`: each row holds its own copy
+    of the prefix's KV cache). Positions before `shared_prefix` run once with no knockout and
     are shared from the KV cache; the knockout acts on every later position.
     """
     from mechinterp.interventions.patching import filled_cache, prefix_cache
@@ -143,21 +145,25 @@ def score_conditions(
         raise ValueError(f"answer span {answer} must lie inside the {n} tokens, after position 0")
     if not 0 <= shared_prefix < a0:
         raise ValueError(f"shared_prefix {shared_prefix} must lie before the answer (at {a0})")
-    rows = len(specs)
+    if max_rows < 1:
+        raise ValueError(f"max_rows must be >= 1, got {max_rows}")
     device = model.cfg.device
     ids = list(ids[:a1])
-    cache = None
-    if shared_prefix:
-        cache = filled_cache(model, prefix_cache(model, ids[:shared_prefix]), rows=rows)
-    tail = torch.tensor([ids[shared_prefix:]], device=device).expand(rows, -1)
+    prefix = prefix_cache(model, ids[:shared_prefix]) if shared_prefix else None
     n_answer = a1 - a0
-    with knockout_rows(model, specs):
-        logits = model(tail, logits_to_keep=n_answer + 1, **cache_kwargs(model, cache))
-    logits = logits[:, :n_answer].float()  # the positions that predict each answer token
-    target = torch.tensor(ids[a0:a1], device=logits.device)[None, :, None].expand(rows, -1, 1)
-    logp = logits.log_softmax(-1).gather(-1, target)[..., 0]
-    top1 = logits.argmax(-1) == target[..., 0]
-    return ConditionScores(logp.cpu(), top1.cpu())
+    logps, top1s = [], []
+    for start in range(0, len(specs), max_rows):
+        chunk = specs[start : start + max_rows]
+        rows = len(chunk)
+        cache = filled_cache(model, prefix, rows=rows) if prefix is not None else None
+        tail = torch.tensor([ids[shared_prefix:]], device=device).expand(rows, -1)
+        with knockout_rows(model, chunk):
+            logits = model(tail, logits_to_keep=n_answer + 1, **cache_kwargs(model, cache))
+        logits = logits[:, :n_answer].float()  # the positions that predict each answer token
+        target = torch.tensor(ids[a0:a1], device=logits.device)[None, :, None].expand(rows, -1, 1)
+        logps.append(logits.log_softmax(-1).gather(-1, target)[..., 0].cpu())
+        top1s.append((logits.argmax(-1) == target[..., 0]).cpu())
+    return ConditionScores(torch.cat(logps), torch.cat(top1s))
 
 
 @torch.no_grad()

@@ -191,7 +191,8 @@ def necessity_rows(knockout: pd.DataFrame, settings) -> list[dict]:
             rows.append(
                 _row(
                     "necessary",
-                    f"{task} · {mode} · k={k}: random-{k} ({BASELINES[baseline]}) minus top-{k}",
+                    f"{task} · {mode} · k={k}: random-{k} ({BASELINES[baseline]}) minus top-{k}"
+                    + ("" if metric == "retrieved" else f" ({metric})"),
                     metric,
                     iv.estimate,
                     iv.low,

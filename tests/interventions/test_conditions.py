@@ -66,11 +66,11 @@ def test_generate_conditions_equals_uncached_greedy_decoding_per_condition(tiny,
         generate_conditions(tiny, ids, SPECS, shared_prefix=len(ids))
 
 
-@pytest.mark.parametrize("shared", [0, 10])
-def test_score_conditions_equals_one_knockout_per_condition(tiny, shared):
+@pytest.mark.parametrize(("shared", "max_rows"), [(0, 64), (10, 64), (10, 3)])
+def test_score_conditions_equals_one_knockout_per_condition(tiny, shared, max_rows):
     ids = _ids(tiny)
     answer = (19, 24)
-    got = score_conditions(tiny, ids, answer, SPECS, shared_prefix=shared)
+    got = score_conditions(tiny, ids, answer, SPECS, shared_prefix=shared, max_rows=max_rows)
     for r, spec in enumerate(SPECS):
         logp, top1 = _reference(tiny, ids, answer, spec, shared)
         torch.testing.assert_close(got.logprobs[r], logp, atol=1e-5, rtol=1e-5)
