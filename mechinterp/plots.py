@@ -670,7 +670,7 @@ def knockout_by_model(summary: pd.DataFrame, *, title: str | None = None) -> go.
         raise ValueError("knockout_by_model got an empty table")
     fig = go.Figure()
     k = int(summary.loc[summary["condition"] == "top", "k"].max()) if "k" in summary else None
-    names = {"none": "no knockout", "top": f"own top-{k}", "random": f"random-{k}"}
+    names = {"none": "no knockout", "top": f"own top-{k}", "random": f"random-{k}, same layers"}
     colours = {"none": "#7f7f7f", "top": "#d62728", "random": "#1f77b4"}
     for cond in ("none", "top", "random"):
         part = summary[summary["condition"] == cond]

@@ -116,7 +116,7 @@ def test_extension_figures_draw_what_the_tables_say(cross):
                        "value": [1.0, 0.2, 0.9], "lo": [1.0, 0.0, 0.7], "hi": [1.0, 0.4, 1.0],
                        "k": [0, 10, 10]})  # fmt: skip
     fig = knockout_by_model(ko)
-    assert [t.name for t in fig.data] == ["no knockout", "own top-10", "random-10"]
+    assert [t.name for t in fig.data] == ["no knockout", "own top-10", "random-10, same layers"]
     assert list(fig.data[1].error_y.arrayminus) == pytest.approx([0.2])
     with pytest.raises(ValueError, match="needs columns"):
         knockout_by_model(ko.drop(columns="value"))
