@@ -297,28 +297,28 @@ def knockout_shards(
     """One shard per (task, chunk of answered examples): every condition of every mode runs as
     one batch per example, so each prompt's prefix cache is computed once."""
     base = baseline.set_index("example_id")
+    conds = knockout_conditions(
+        ranked, shape, ks=stage.ks, seeds=stage.seeds, modes=stage.modes, draws=stage.draws
+    )
     out = []
+    for task, i, chunk in _answered_chunks(examples, base, stage.examples_per_shard):
+        args = {
+            "examples": [e.to_dict() for e in chunk],
+            "responses": [_response(base, e.id) for e in chunk],
+            "conditions": conds,
+            "scope": stage.scope,
+            "template": template,
+        }
+        out.append(Shard(f"knockout/{task}-{i:03d}", knockout_shard, args))
+    return out
+
+
+def _answered_chunks(examples: list[Example], base: pd.DataFrame, size: int):
+    """(task, index, chunk) over each task's examples whose clean response holds the answer."""
     for task in dict.fromkeys(e.task for e in examples):
         group = [e for e in examples if e.task == task and bool(base.loc[e.id, "scorable"])]
-        for i, chunk in enumerate(_chunks(group, stage.examples_per_shard)):
-            responses = [_response(base, e.id) for e in chunk]
-            conds = knockout_conditions(
-                ranked,
-                shape,
-                ks=stage.ks,
-                seeds=stage.seeds,
-                modes=stage.modes,
-                draws=stage.draws,
-            )
-            args = {
-                "examples": [e.to_dict() for e in chunk],
-                "responses": responses,
-                "conditions": conds,
-                "scope": stage.scope,
-                "template": template,
-            }
-            out.append(Shard(f"knockout/{task}-{i:03d}", knockout_shard, args))
-    return out
+        for i, chunk in enumerate(_chunks(group, size)):
+            yield task, i, chunk
 
 
 # ---------------------------------------------------------------- 2c. robustness
@@ -395,19 +395,17 @@ def robustness_shards(
     if not scopes and not stage.generate:
         return []
     out = []
-    for task in dict.fromkeys(e.task for e in examples):
-        group = [e for e in examples if e.task == task and bool(base.loc[e.id, "scorable"])]
-        for i, chunk in enumerate(_chunks(group, stage.examples_per_shard)):
-            args = {
-                "examples": [e.to_dict() for e in chunk],
-                "responses": [_response(base, e.id) for e in chunk],
-                "conditions": conds,
-                "scopes": scopes,
-                "generate_scope": knockout.scope if stage.generate else None,
-                "max_new_tokens": knockout.max_new_tokens,
-                "template": config.template,
-            }
-            out.append(Shard(f"robustness/{task}-{i:03d}", robustness_shard, args))
+    for task, i, chunk in _answered_chunks(examples, base, stage.examples_per_shard):
+        args = {
+            "examples": [e.to_dict() for e in chunk],
+            "responses": [_response(base, e.id) for e in chunk],
+            "conditions": conds,
+            "scopes": scopes,
+            "generate_scope": knockout.scope if stage.generate else None,
+            "max_new_tokens": knockout.max_new_tokens,
+            "template": config.template,
+        }
+        out.append(Shard(f"robustness/{task}-{i:03d}", robustness_shard, args))
     return out
 
 
