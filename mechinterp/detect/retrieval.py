@@ -102,10 +102,20 @@ def needle_mask(prompt: Prompt, span: str = "needle") -> Bool[Tensor, "pos"]:  #
 def _keep_argmax(
     pattern: Tensor, hook, *, out: list[Tensor], width: int, offsets: Tensor, keys: KeyRange
 ) -> None:
-    """Append the argmax key of each head's last query row ([batch, head]; pads excluded)."""
-    row = pattern[:, :, -1, :width] if keys == "prompt" else pattern[:, :, -1, :]
-    pads = torch.arange(row.shape[-1], device=row.device)[None, :] < offsets[:, None].to(row.device)
-    out.append(row.masked_fill(pads[:, None, :], -1.0).argmax(-1).cpu())
+    """Append the argmax key of each head's last query row ([batch, head], as a padded position;
+    pads excluded, −1 where no key qualifies).
+
+    Forward s (0 = the prefill) has seen `width + s` positions; a sliding-window layer's keys are
+    only the last of them, so key j sits at position `width + s − k + j`."""
+    k = pattern.shape[-1]
+    start = width + len(out) - k
+    pos = start + torch.arange(k, device=pattern.device)
+    drop = pos[None, :] < offsets[:, None].to(pattern.device)  # [batch, k]
+    if keys == "prompt":
+        drop = drop | (pos[None, :] >= width)
+    row = pattern[:, :, -1, :].masked_fill(drop[:, None, :], -1.0)
+    best = row.max(-1)
+    out.append(torch.where(best.values >= 0, best.indices + start, -1).cpu())
 
 
 @torch.no_grad()

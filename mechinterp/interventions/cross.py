@@ -77,16 +77,22 @@ Patched = Literal["output", "z"]
 PATCHED: tuple[Patched, ...] = ("output", "z")
 
 
-def _o_proj(model, layer: int) -> torch.nn.Linear:
-    """The HF output projection of `layer`'s attention (weight `[d_model, head · d_head]`)."""
+def _o_proj(model, layer: int) -> tuple[Tensor, Tensor | None]:
+    """(weight `[d_model, head · d_head]`, bias) of `layer`'s attention output projection: an
+    `nn.Linear`, or GPT-2's `Conv1D` (weight stored transposed)."""
+    from transformers.pytorch_utils import Conv1D
+
     o = model.blocks[layer].attn.o
-    linear = getattr(o, "original_component", o)
-    if not isinstance(linear, torch.nn.Linear):
-        raise NotImplementedError(
-            f"layer {layer}: the attention output projection is a {type(linear).__name__}, not a "
-            "Linear; use patched='z' instead"
-        )
-    return linear
+    proj = getattr(o, "original_component", o)
+    if isinstance(proj, torch.nn.Linear):
+        return proj.weight, proj.bias
+    if isinstance(proj, Conv1D):
+        return proj.weight.T, proj.bias
+    raise NotImplementedError(
+        f"{model.original_model.config.model_type}, layer {layer}: the attention output "
+        f"projection is a {type(proj).__name__}, neither a Linear nor a Conv1D; use "
+        "patched='z' instead"
+    )
 
 
 def _head_mask(n_heads: int, d_head: int, heads: list[int], device) -> Tensor:
@@ -176,14 +182,14 @@ def cross_patch(
     def write_output(out: Tensor, hook, *, layer: int) -> Tensor:
         z_rec = state["z_rec"].pop(layer)
         z_don = donor_z(layer, z_rec).reshape(z_rec.shape)
-        o_rec, o_don = _o_proj(recipient, layer), _o_proj(donor, layer)
+        (w_rec, bias_rec), (w_don, bias_don) = _o_proj(recipient, layer), _o_proj(donor, layer)
         share = len(by_layer[layer]) / shape.n_heads
         mask = _head_mask(shape.n_heads, z_rec.shape[-1] // shape.n_heads, by_layer[layer],
                           z_rec.device).to(z_rec.dtype)
-        b_rec = None if o_rec.bias is None else (1.0 - share) * o_rec.bias
-        b_don = None if o_don.bias is None else share * o_don.bias
-        mixed = torch.nn.functional.linear(z_rec * (1 - mask), o_rec.weight, b_rec)
-        mixed = mixed + torch.nn.functional.linear(z_don * mask, o_don.weight.to(out.device), b_don)
+        b_rec = None if bias_rec is None else (1.0 - share) * bias_rec
+        b_don = None if bias_don is None else share * bias_don.to(out.device)
+        mixed = torch.nn.functional.linear(z_rec * (1 - mask), w_rec, b_rec)
+        mixed = mixed + torch.nn.functional.linear(z_don * mask, w_don.to(out.device), b_don)
         stats["patched"] += 1
         return mixed.to(out.dtype)
 

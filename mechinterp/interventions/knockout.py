@@ -198,26 +198,35 @@ class _Geometry:
         self.ran = False  # set by the bridge's forward pre-hook, cleared after the forward
         self.mask: Tensor | None = None  # the forward's 2-D attention mask (None: no padding)
         self.offsets: Tensor | None = None  # [batch] left padding of each row
+        self.past = 0  # positions the KV cache held before this forward (0 without a cache)
         self.q_start = 0  # absolute (padded) index of the first query of this forward
         self.q_len = 0
+        self.k_start = 0  # absolute (padded) index of the first key (> 0 in a sliding window)
         self.cached = False  # the forward runs on (and extends) a KV cache: generation
         self.starts: Tensor | None = None  # [batch] first in-scope position of each row
 
     def place(self, b: int, q: int, k: int, layer: int) -> None:
-        """Queries of this forward are keys k − q … k − 1. The mask spans the cached prefix and
-        the new tokens, so each row's leading zeros are its left padding, whatever the attention
-        pattern (sliding windows and local layers do not move them)."""
+        """This forward's q queries are the last q of the `past + q` positions seen so far (past:
+        what its KV cache held before it). A sliding-window layer's cache keeps only its last
+        keys, so its k keys are the last k of those positions. The mask spans every position
+        seen, so each row's leading zeros are its left padding, whatever the layer's pattern."""
+        total = self.past + q
+        if k > total:
+            raise RuntimeError(
+                f"layer {layer}: scores cover {k} keys but the forward has seen only {total} "
+                "positions; knockout cannot place positions"
+            )
         if self.mask is None:
             self.offsets = torch.zeros(b, dtype=torch.long)
-        elif self.mask.shape != (b, k):
+        elif self.mask.shape != (b, total):
             raise RuntimeError(
-                f"layer {layer}: scores cover {k} keys for {b} rows but the attention mask is "
-                f"{tuple(self.mask.shape)}; knockout cannot place positions (a cache that "
-                "dropped keys, such as a sliding-window cache?)"
+                f"layer {layer}: {total} positions seen ({self.past} cached + {q} new) for {b} "
+                f"rows but the attention mask is {tuple(self.mask.shape)}; pass a mask that "
+                "covers the cached prefix and the new tokens"
             )
         else:
             self.offsets = (self.mask.long().cumsum(-1) == 0).sum(-1)
-        self.q_start, self.q_len = k - q, q
+        self.q_start, self.q_len, self.k_start = total - q, q, total - k
 
 
 def scope_start(prompt, scope: Scope) -> int:
@@ -313,7 +322,9 @@ def knockout(
         if mask is not None and mask.ndim != 2:
             raise ValueError("knockout reads left padding from a 2-D attention mask")
         geo.ran, geo.mask, geo.starts = True, mask, None
-        geo.cached = passed_cache(kwargs) is not None
+        cache = passed_cache(kwargs)
+        geo.cached = cache is not None
+        geo.past = 0 if cache is None else int(cache.get_seq_length())
         if spec.scope == "response" and row_starts["given"] is None and not geo.cached:
             raise ValueError(
                 "scope 'response' without starts= applies to cached generation only (its prompt "
@@ -364,7 +375,7 @@ def knockout(
             geo.starts = scope_starts(geo)
             stats["in_scope"] += int(_query_mask(spec, geo, geo.starts, "cpu").sum())
         stats["score_hooks"] += 1
-        stats["positions"] = max(stats["positions"], k - int(geo.offsets.min()))
+        stats["positions"] = max(stats["positions"], geo.past + q - int(geo.offsets.min()))
         if spec.mode not in SCORE_MODES:
             return scores
         qmask = _query_mask(spec, geo, geo.starts, scores.device)  # [b, q]
@@ -374,7 +385,7 @@ def knockout(
             new = torch.where(sub > masked_value, torch.zeros_like(sub), sub)
         else:
             offsets = geo.offsets.to(scores.device)
-            k_abs = torch.arange(k, device=scores.device)[None, :] - offsets[:, None]  # [b, k]
+            k_abs = geo.k_start + torch.arange(k, device=scores.device)[None, :] - offsets[:, None]
             cut = torch.isin(k_abs, torch.tensor(spec.key_positions, device=scores.device))
             floor = large_negative(scores.dtype)
             new = torch.where(cut[:, None, None, :], torch.clamp(sub, max=floor), sub)

@@ -15,6 +15,7 @@ Cross-model patching (donor head outputs into a recipient of the same shape) is 
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
@@ -54,45 +55,67 @@ def normalised_recovery(patched: Tensor, clean: float, corrupt: float) -> Tensor
 
 
 @contextmanager
-def _blocks_from(model, layer: int):
-    """Temporarily make the HF model's decoder stack start at `layer` (bridge blocks included)."""
-    inner = getattr(model.original_model, "model", None)
-    layers = getattr(inner, "layers", None)
-    if not isinstance(layers, torch.nn.ModuleList):
-        raise NotImplementedError(
-            "run_from_layer needs an HF decoder with `.model.layers` (Llama, Qwen, Mistral, …)"
-        )
-    inner.layers = torch.nn.ModuleList(list(layers)[layer:])
+def _resumed_at(model, layer: int, resid: Tensor):
+    """During the HF forward inside the block, blocks below `layer` pass their input through
+    unrun and block `layer` receives `resid` as its input.
+
+    The model's own forward still builds everything around the blocks (per-layer attention types
+    and masks, sliding windows, position ids and per-layer rotary tables, embedding scaling,
+    final norm, soft-capping), so nothing of its layer logic is re-implemented or sliced here.
+    """
+    blocks = list(model.blocks)
+    if not 0 <= layer < len(blocks):
+        raise ValueError(f"layer {layer} is outside the model's {len(blocks)} layers")
+
+    def skip(hidden_states, *args, **kwargs):
+        return hidden_states
+
+    def inject(module, args, kwargs):
+        if args:
+            return (resid, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": resid}
+
+    own = [vars(b).get("forward") for b in blocks[:layer]]
+    for b in blocks[:layer]:  # on the instance; bridge components forward plain setattr
+        object.__setattr__(b, "forward", skip)
+    handle = blocks[layer].register_forward_pre_hook(inject, with_kwargs=True)
     try:
         yield
     finally:
-        inner.layers = layers
+        handle.remove()
+        for b, f in zip(blocks[:layer], own, strict=True):
+            if f is None:
+                object.__delattr__(b, "forward")
+            else:
+                object.__setattr__(b, "forward", f)
 
 
 @torch.no_grad()
 def resumable(model) -> bool:
-    """Whether `run_from_layer` runs `model` correctly: feeding the residual entering layer 0
-    back as `inputs_embeds` must reproduce the model's own forward. A model whose `forward`
-    transforms `inputs_embeds` (scales embeddings, as older Gemma code did, or adds position
-    embeddings) would apply it twice. Probed once per model (`load_model` does it at load, with
-    no hooks attached) and remembered on it."""
+    """Whether `run_from_layer` runs `model` correctly: resuming from every layer on the residual
+    stream the model itself fed that layer must reproduce its own forward (a decoder layer that
+    returns something other than its hidden states, say, would fail). Probed once per model
+    (`load_model` does it at load, with no hooks attached, on 8 tokens) and remembered on it."""
     known = getattr(model, "mechinterp_resumable", None)
     if known is None:
         ids = (torch.arange(1, 9, device=model.cfg.device) % model.cfg.d_vocab)[None, :]
-        got: dict[str, Tensor] = {}
+        resid: dict[int, Tensor] = {}
 
-        def keep(x: Tensor, hook) -> None:
-            got["resid"] = x.detach()
+        def keep(x: Tensor, hook, *, layer: int) -> None:
+            resid[layer] = x.detach()
 
-        with model.hooks(fwd_hooks=[("blocks.0.hook_resid_pre", keep)]):
-            full = model(ids, logits_to_keep=1, use_cache=False)[:, -1]
-        position_ids = torch.arange(ids.shape[1], device=ids.device)[None, :]
-        with _blocks_from(model, 0):
-            resumed = model.original_model(
-                inputs_embeds=got["resid"], position_ids=position_ids, logits_to_keep=1,
-                use_cache=False,
-            ).logits[:, -1]
-        known = bool(torch.allclose(resumed.float(), full.float(), atol=1e-3, rtol=1e-3))
+        n_layers = model.cfg.n_layers
+        hooks = [(f"blocks.{la}.hook_resid_pre", partial(keep, layer=la)) for la in range(n_layers)]
+        with model.hooks(fwd_hooks=hooks):
+            full = model(ids, logits_to_keep=1, use_cache=False)[:, -1].float()
+        known = True
+        model.mechinterp_resumable = True  # so run_from_layer runs for the probe itself
+        try:
+            for la in range(n_layers):
+                got = run_from_layer(model, resid[la], la).float()
+                known = known and bool(torch.allclose(got, full, atol=1e-3, rtol=1e-3))
+        except Exception:  # a model the resumed forward cannot run at all
+            known = False
         model.mechinterp_resumable = known
     return known
 
@@ -100,10 +123,13 @@ def resumable(model) -> bool:
 def check_resumable(model) -> None:
     """Raise for a model `run_from_layer` would run wrongly (see `resumable`)."""
     if not resumable(model):
+        card = getattr(model, "mechinterp_card", None)
+        family = getattr(getattr(model, "original_model", None), "config", None)
+        family = getattr(family, "model_type", None) or (card.id if card else "this model")
         raise NotImplementedError(
-            "this model transforms inputs_embeds inside its forward (e.g. scales embeddings): "
-            "running it from a layer on a stored residual stream would apply that twice, so "
-            "per-head patching from cached residuals is refused for it"
+            f"{family}: resuming a forward at a layer (skipping the blocks below it) does not "
+            "reproduce the model's own forward, so per-head patching from cached residuals is "
+            "refused for it"
         )
 
 
@@ -114,28 +140,24 @@ def run_from_layer(
     layer: int,
     *,
     hooks: Sequence = (),
-    prefix_kv: Sequence[tuple[Tensor, Tensor]] | None = None,
+    prefix_kv=None,
 ) -> Float[Tensor, "batch vocab"]:
     """Last-position logits of blocks `layer`.. run on `resid` (the residual entering `layer`).
 
-    With `prefix_kv` (per layer: keys and values `[1, kv_head, p, d_head]` of an unchanged prefix
-    of p positions), `resid` holds only the positions after the prefix, which attend to the
-    cached prefix instead of recomputing it.
+    The model's own forward runs, with the blocks below `layer` skipped and `resid` fed to block
+    `layer` (see `_resumed_at`): each later block gets the attention type, mask, positions and
+    rotary table the model gives it. With `prefix_kv` (a `prefix_cache` of an unchanged prefix of
+    p positions), `resid` holds only the positions after the prefix, which attend to the cached
+    prefix instead of recomputing it.
     """
     n_layers = model.cfg.n_layers
     if not 0 <= layer < n_layers:
         raise ValueError(f"layer {layer} is outside the model's {n_layers} layers")
     check_resumable(model)
-    b, pos, _ = resid.shape
-    start = 0 if prefix_kv is None else prefix_kv[0][0].shape[2]
-    position_ids = torch.arange(start, start + pos, device=resid.device)[None, :].expand(b, -1)
-    cache = None if prefix_kv is None else filled_cache(model, prefix_kv, rows=b)
-    with _blocks_from(model, layer), model.hooks(fwd_hooks=list(hooks)):
+    cache = None if prefix_kv is None else filled_cache(model, prefix_kv, rows=resid.shape[0])
+    with _resumed_at(model, layer, resid), model.hooks(fwd_hooks=list(hooks)):
         out = model.original_model(
-            inputs_embeds=resid,
-            position_ids=position_ids,
-            logits_to_keep=1,
-            **cache_kwargs(model, cache),
+            inputs_embeds=torch.zeros_like(resid), logits_to_keep=1, **cache_kwargs(model, cache)
         )
     return out.logits[:, -1]
 
@@ -179,22 +201,26 @@ def _cache(model, ids: Tensor) -> tuple[dict[int, Tensor], dict[int, Tensor], Te
 
 
 @torch.no_grad()
-def prefix_cache(model, ids: Sequence[int]) -> list[tuple[Tensor, Tensor]]:
-    """Per layer (keys, values) `[1, kv_head, pos, d_head]` of `ids`, as the KV cache holds them."""
+def prefix_cache(model, ids: Sequence[int]):
+    """The model's own KV cache (one row) after running `ids`; `filled_cache` copies it per use.
+
+    The cache object is kept whole, not its key/value tensors: a sliding-window layer keeps only
+    its last window of keys but counts every position seen, and that count places the tokens
+    that follow (their RoPE positions and masks)."""
     cache = new_cache(model)
     model(
         torch.tensor([list(ids)], device=model.cfg.device),
         logits_to_keep=1,
         **cache_kwargs(model, cache),
     )
-    return [(layer.keys, layer.values) for layer in cache.layers]
+    return cache
 
 
-def filled_cache(model, prefix_kv: Sequence[tuple[Tensor, Tensor]], *, rows: int):
-    """A KV cache holding `prefix_kv` (from `prefix_cache`) for each of `rows` batch rows."""
-    cache = new_cache(model)
-    for i, (k, v) in enumerate(prefix_kv):  # every layer, so the cache length reads right
-        cache.update(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1), i)
+def filled_cache(model, prefix, *, rows: int):
+    """A fresh copy of `prefix` (from `prefix_cache`) for a batch of `rows` rows."""
+    cache = copy.deepcopy(prefix)
+    if rows > 1:
+        cache.batch_repeat_interleave(rows)
     return cache
 
 

@@ -9,7 +9,7 @@ from mechinterp.evaluate import left_pad
 from mechinterp.heads import Head
 from mechinterp.interventions import KnockoutSpec, knockout
 from mechinterp.interventions.knockout import large_negative
-from mechinterp.interventions.patching import check_resumable, run_from_layer
+from mechinterp.interventions.patching import check_resumable, resumable, run_from_layer
 from mechinterp.models.load import boot_bridge
 from mechinterp.models.tiny import char_tokenizer, tiny_model
 
@@ -87,9 +87,10 @@ def test_cutting_every_key_of_a_row_in_float16_gives_finite_outputs(tmp_path):
     torch.testing.assert_close(row, torch.full((3,), 1 / 3), atol=1e-3, rtol=0)  # uniform
 
 
-def test_run_from_layer_refuses_a_model_that_transforms_inputs_embeds(tmp_path):
-    model = tiny_model(n_kv_heads=2, directory=tmp_path)
-    assert model.mechinterp_resumable  # probed at load: a plain Llama resumes exactly
+def test_run_from_layer_follows_a_model_that_transforms_inputs_embeds(tmp_path):
+    """Embeddings scaled inside the model's forward (as Gemma does) are not applied twice: the
+    resumed forward replaces block L's input, whatever the forward did before it."""
+    model = tiny_model(n_kv_heads=2, n_layers=3, directory=tmp_path)
     inner = model.original_model.model
 
     def double(module, args, kwargs):  # as a model that scales embeddings inside forward would
@@ -100,9 +101,34 @@ def test_run_from_layer_refuses_a_model_that_transforms_inputs_embeds(tmp_path):
     handle = inner.register_forward_pre_hook(double, with_kwargs=True)
     try:
         del model.mechinterp_resumable
-        with pytest.raises(NotImplementedError, match="transforms inputs_embeds"):
-            check_resumable(model)
-        with pytest.raises(NotImplementedError, match="transforms inputs_embeds"):
-            run_from_layer(model, torch.zeros(1, 3, model.cfg.d_model), 1)
+        assert resumable(model)
     finally:
         handle.remove()
+
+
+def test_run_from_layer_refuses_a_model_whose_layers_share_state_beyond_the_residual(tmp_path):
+    """A block that feeds a later block through something other than the residual stream cannot
+    be skipped: the load-time probe sees the resumed forward differ and every resume refuses."""
+    model = tiny_model(n_kv_heads=2, n_layers=3, directory=tmp_path)
+    assert model.mechinterp_resumable  # probed at load: a plain Llama resumes exactly
+    side: dict = {}
+
+    def remember(module, args, output):
+        side["x"] = output.mean()
+
+    def use(module, args, kwargs):
+        return (args[0] + side.get("x", 0.0), *args[1:]), kwargs
+
+    handles = [
+        model.blocks[0].register_forward_hook(remember),
+        model.blocks[2].register_forward_pre_hook(use, with_kwargs=True),
+    ]
+    try:
+        del model.mechinterp_resumable
+        with pytest.raises(NotImplementedError, match="does not reproduce the model's own"):
+            check_resumable(model)
+        with pytest.raises(NotImplementedError, match="llama: resuming a forward"):
+            run_from_layer(model, torch.zeros(1, 3, model.cfg.d_model), 1)
+    finally:
+        for handle in handles:
+            handle.remove()
