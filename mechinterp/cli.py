@@ -21,10 +21,10 @@ def _model_args(p, m) -> None:
     p.add_argument(
         "--model",
         default=m.name,
-        help="embedded name (smollm2-135m), a local HF model or LoRA directory, or a "
-        "model id in the local HF cache",
+        help="embedded name (smollm2-135m), a .gguf file, a local HF model or LoRA directory, "
+        "or a model id in the local HF cache",
     )
-    p.add_argument("--dtype", default=m.dtype)
+    p.add_argument("--dtype", default=m.dtype, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default=None)
     p.add_argument("--rope-theta", type=float, default=None)
 

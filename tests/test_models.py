@@ -142,3 +142,42 @@ def test_allocator_tuning_is_in_force_on_glibc():
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("mallopt is glibc-only")
     assert tune_allocator() is True
+
+
+def test_a_config_without_architectures_loads_as_its_model_type(tmp_path):
+    """A hand-converted checkpoint often lacks `architectures`: it is inferred from model_type
+    (gemma3_text → Gemma3ForCausalLM), with the same logits."""
+    from mechinterp.models.tiny import tiny_family
+
+    original = tiny_family("gemma3", directory=tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg.pop("architectures") == ["Gemma3ForCausalLM"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    again = load_model(tmp_path, device="cpu")
+    ids = _ids(again)
+    with torch.no_grad():
+        assert torch.equal(again(ids), original(ids))
+
+
+@pytest.mark.parametrize(
+    ("model_type", "message"),
+    [
+        ("t5", "registers no causal-LM class for model_type 't5'"),
+        ("biogpt", "BioGptForCausalLM, which the TransformerLens bridge does not support"),
+        (None, "neither `architectures` nor `model_type`"),
+    ],
+)
+def test_an_architecture_that_cannot_be_inferred_is_refused_with_the_fix(model_type, message):
+    from types import SimpleNamespace
+
+    from mechinterp.models.load import causal_lm_class
+
+    with pytest.raises(ValueError, match=message) as err:
+        causal_lm_class(SimpleNamespace(model_type=model_type), "/m")
+    assert 'add "architectures"' in str(err.value) or "does not support" in str(err.value)
+    assert causal_lm_class(SimpleNamespace(model_type="gemma3_text")) == "Gemma3ForCausalLM"
+
+
+def test_a_missing_gguf_file_is_named():
+    with pytest.raises(ValueError, match="no such GGUF file"):
+        load_model("/nonexistent/model.gguf", device="cpu")

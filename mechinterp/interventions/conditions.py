@@ -25,7 +25,12 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mechinterp.heads import HeadShape
-from mechinterp.interventions.knockout import KnockoutSpec, check_pre_softmax, masked_threshold
+from mechinterp.interventions.knockout import (
+    KnockoutSpec,
+    check_pre_softmax,
+    check_uniform_attention,
+    masked_threshold,
+)
 from mechinterp.models.kv_cache import cache_kwargs
 
 ROW_MODES = ("zero", "uniform_attention")
@@ -63,6 +68,8 @@ def knockout_rows(model, specs: Sequence[KnockoutSpec]) -> Iterator[dict]:
         raise ValueError("knockout_rows needs at least one spec (one per batch row)")
     shape = HeadShape.of(model)
     masks = _row_masks(specs, shape)
+    uniform_layers = masks["uniform_attention"].flatten(1).any(-1).nonzero()[:, 0]
+    check_uniform_attention(model, uniform_layers.tolist())
     stats = {"forwards": 0, "edited": 0}
     checked: list[bool] = []
 

@@ -191,6 +191,22 @@ def check_pre_softmax(scores: Tensor) -> None:
         )
 
 
+def check_uniform_attention(model, layers) -> None:
+    """Raise where `uniform_attention` cannot make a head attend uniformly: a learned attention
+    sink (GPT-OSS) joins the softmax after `hook_attn_scores`, so zeroed scores would still give
+    the sink its share and the keys less than a uniform one."""
+    for layer in sorted(set(layers)):
+        attn = model.blocks[layer].attn
+        hf_attn = getattr(attn, "original_component", attn)
+        if getattr(hf_attn, "sinks", None) is not None:
+            family = model.original_model.config.model_type
+            raise NotImplementedError(
+                f"{family}: uniform_attention is refused on layer {layer}: its heads have learned "
+                "attention sinks, which enter the softmax outside hook_attn_scores, so the head "
+                "could not be made to attend uniformly; use zero, mean or resample knockout"
+            )
+
+
 class _Geometry:
     """Per forward: each row's left padding (from the attention mask) and where its queries sit."""
 
@@ -301,6 +317,8 @@ def knockout(
                 f"spec.mean_over={spec.mean_over!r} but the reference is "
                 f"{'pooled' if reference.pooled else 'per position'}"
             )
+    if spec.mode == "uniform_attention":
+        check_uniform_attention(model, [h.layer for h in spec.heads])
     stats = {"forwards": 0, "edited": 0, "score_hooks": 0, "positions": 0, "in_scope": 0}
     if not spec.heads:
         yield stats

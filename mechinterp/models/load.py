@@ -2,8 +2,12 @@
 
 Sources, in the order a name is tried:
 1. an embedded model by short name (`smollm2-135m`);
-2. a local directory: an HF causal LM, or a LoRA checkpoint (`adapter_config.json`), merged;
-3. a model id already in the local HF cache (never downloaded: the hub is off).
+2. a `.gguf` file: dequantised once and cached by its hash, like the embedded default;
+3. a local directory: an HF causal LM, or a LoRA checkpoint (`adapter_config.json`), merged;
+4. a model id already in the local HF cache (never downloaded: the hub is off).
+
+A config without `architectures` (a hand-converted checkpoint, say) gets the causal-LM class
+transformers registers for its `model_type`, or a clear error when there is none or several.
 """
 
 from __future__ import annotations
@@ -17,7 +21,13 @@ from typing import Any
 import torch
 from transformer_lens.model_bridge import TransformerBridge
 
-from mechinterp.models.embedded import EMBEDDED, converted_dir, file_sha256, resolve_embedded
+from mechinterp.models.embedded import (
+    EMBEDDED,
+    converted_dir,
+    converted_gguf,
+    file_sha256,
+    resolve_embedded,
+)
 from mechinterp.models.kv_cache import adapt_bridge
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -115,6 +125,9 @@ def load_model(
         directory, sha = converted_dir(embedded)
         model_id = embedded.name
         source = f"pypi:{embedded.package}=={embedded.version}/{embedded.filename}"
+    elif _is_gguf(name):
+        directory, sha = converted_gguf(name)
+        model_id, source = Path(name).name.removesuffix(".gguf"), str(Path(name).resolve())
     elif Path(name).expanduser().is_dir():
         directory = Path(name).expanduser().resolve()
         if (directory / "adapter_config.json").is_file():
@@ -223,6 +236,8 @@ def _load_hf(directory: Path, dtype, rope_theta, n_ctx):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     config = AutoConfig.from_pretrained(directory, local_files_only=True)
+    if not getattr(config, "architectures", None):
+        config.architectures = [causal_lm_class(config, directory)]
     if rope_theta is not None:
         _set_rope_theta(config, rope_theta)
     if n_ctx is not None:
@@ -289,6 +304,9 @@ def _base_location(base: str, adapter_dir: Path) -> tuple[Path, str, str | None]
     if embedded is not None:
         d, sha = converted_dir(embedded)
         return d, embedded.name, sha
+    if _is_gguf(base):
+        d, sha = converted_gguf(base)
+        return d, Path(base).name.removesuffix(".gguf"), sha
     candidate = Path(base).expanduser()
     if not candidate.is_absolute():
         candidate = (adapter_dir / candidate) if (adapter_dir / candidate).is_dir() else candidate
@@ -296,6 +314,49 @@ def _base_location(base: str, adapter_dir: Path) -> tuple[Path, str, str | None]
         return candidate.resolve(), candidate.name, _weights_sha(candidate)
     d = _from_hf_cache(base)
     return d, base, _weights_sha(d)
+
+
+def _is_gguf(name: str) -> bool:
+    path = Path(name).expanduser()
+    if path.suffix.lower() != ".gguf":
+        return False
+    if not path.is_file():
+        raise ValueError(f"{path}: no such GGUF file")
+    return True
+
+
+def causal_lm_class(config, directory: Path | str = "the model") -> str:
+    """The causal-LM class name transformers registers for `config.model_type` (for a config that
+    lacks `architectures`), checked against what the TransformerLens bridge supports."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    model_type = getattr(config, "model_type", None)
+    fix = (f'add "architectures": ["<Class>ForCausalLM"] to {directory}/config.json, naming '
+           "the class the weights were trained as")  # fmt: skip
+    if not model_type:
+        raise ValueError(
+            f"{directory}: config.json has neither `architectures` nor `model_type`; {fix}"
+        )
+    found = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+    names = [found] if isinstance(found, str) else list(found or ())
+    if len(names) != 1:
+        what = f"several causal-LM classes ({', '.join(names)})" if names else "no causal-LM class"
+        raise ValueError(
+            f"{directory}: config.json has no `architectures`, and transformers registers {what} "
+            f"for model_type {model_type!r}; {fix}"
+        )
+    if names[0] not in _bridge_architectures():
+        raise ValueError(
+            f"{directory}: config.json has no `architectures`; model_type {model_type!r} is "
+            f"{names[0]}, which the TransformerLens bridge does not support"
+        )
+    return names[0]
+
+
+def _bridge_architectures() -> frozenset[str]:
+    from transformer_lens.factories.architecture_adapter_factory import SUPPORTED_ARCHITECTURES
+
+    return frozenset(SUPPORTED_ARCHITECTURES)
 
 
 def _from_hf_cache(name: str) -> Path:

@@ -167,6 +167,12 @@ FAMILIES: dict[str, Family] = {
                {"num_key_value_heads": 2, "sliding_window": _WINDOW,
                 "layer_types": ["sliding_attention", "sliding_attention", "full_attention"],
                 "logit_scale": 0.5}),
+        Family("gpt-oss", "GptOssConfig", "GptOssForCausalLM",
+               "layers not alike: sliding-window and full layers; learned attention sinks; "
+               "mixture-of-experts MLP",
+               {"num_key_value_heads": 2, "head_dim": 16, "sliding_window": _WINDOW,
+                "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+                "num_local_experts": 4, "num_experts_per_tok": 2}),
     )
 }
 

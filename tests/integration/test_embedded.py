@@ -71,3 +71,21 @@ def test_cached_decoding_equals_plain_hf_generate_on_the_embedded_model(smollm):
     # The answer is right, not merely equal (16 tokens reach about half of it).
     assert all(NEEDLES[0].answer[:25] in gen.text for gen in ours), [g.text for g in ours]
     assert max(cached_step_errors(smollm, prompts, n_steps=16)) < 2e-4
+
+
+def test_a_gguf_file_loads_like_the_embedded_model(smollm, tmp_path, monkeypatch):
+    """`load_model(path.gguf)`: the embedded model's own GGUF, brought as a file, converts (keyed
+    by its hash) to the same weights: identical logits, and the card records the file's hash."""
+    from mechinterp.models import load_model, model_card
+    from mechinterp.models.embedded import EMBEDDED, gguf_path
+
+    monkeypatch.setenv("MECHINTERP_CACHE", str(tmp_path))
+    path = gguf_path(EMBEDDED["smollm2-135m"])
+    model = load_model(path, device="cpu")
+    ids = torch.tensor([smollm.tokenizer("The grass is green.").input_ids])
+    with torch.no_grad():
+        assert torch.equal(model(ids), smollm(ids))
+    card = model_card(model)
+    assert card.source_sha256 == model_card(smollm).source_sha256
+    assert (card.id, card.n_layers, card.n_heads) == ("SmolLM2-135M-Instruct.Q4_1", 30, 9)
+    assert any(p.name.startswith("gguf-") for p in (tmp_path / "models").iterdir())
