@@ -181,3 +181,17 @@ def test_an_architecture_that_cannot_be_inferred_is_refused_with_the_fix(model_t
 def test_a_missing_gguf_file_is_named():
     with pytest.raises(ValueError, match="no such GGUF file"):
         load_model("/nonexistent/model.gguf", device="cpu")
+
+
+def test_an_architecture_the_bridge_cannot_hook_is_refused_by_name(tmp_path):
+    import transformers
+
+    from mechinterp.models.load import boot_bridge
+    from mechinterp.models.tiny import char_tokenizer
+
+    tok = char_tokenizer(tmp_path)
+    cfg = transformers.BioGptConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1,
+                                    num_attention_heads=2, intermediate_size=64)  # fmt: skip
+    model = transformers.BioGptForCausalLM(cfg)
+    with pytest.raises(ValueError, match=r"biogpt \(BioGptForCausalLM\) is not an architecture"):
+        boot_bridge(model, tok, tmp_path, model_id="x", dtype=torch.float32, device="cpu")

@@ -111,8 +111,14 @@ class LofitVectors:
 
 def _o_proj_hooks(hf_model, vectors: torch.Tensor, kind: Kind) -> list:
     """Forward pre-hooks on each layer's o_proj: scale ((1 + A) ⊙ z) or shift (z + v) per head."""
+    layers = getattr(getattr(hf_model, "model", None), "layers", None)
+    if layers is None or not all(hasattr(getattr(b, "self_attn", None), "o_proj") for b in layers):
+        raise NotImplementedError(
+            f"{hf_model.config.model_type}: LoFiT hooks each layer's `model.layers[i].self_attn."
+            "o_proj` (Llama-style decoders); this model has no such modules"
+        )
     handles = []
-    for layer, block in enumerate(hf_model.model.layers):
+    for layer, block in enumerate(layers):
 
         def hook(module, args, layer=layer):
             (z,) = args  # [batch, pos, n_heads * d_head]

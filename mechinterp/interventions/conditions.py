@@ -29,6 +29,7 @@ from mechinterp.interventions.knockout import (
     KnockoutSpec,
     check_pre_softmax,
     check_uniform_attention,
+    family_name,
     masked_threshold,
 )
 from mechinterp.models.kv_cache import cache_kwargs
@@ -80,7 +81,7 @@ def knockout_rows(model, specs: Sequence[KnockoutSpec]) -> Iterator[dict]:
     def edit_scores(scores: Tensor, hook, *, layer: int) -> Tensor:
         rows_of(scores)
         if not checked:
-            check_pre_softmax(scores)
+            check_pre_softmax(scores, family_name(model))
             checked.append(True)
         mask = masks["uniform_attention"][layer].to(scores.device)  # [row, head]
         visible = scores > masked_threshold(scores.dtype)

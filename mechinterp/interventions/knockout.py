@@ -178,7 +178,7 @@ def _by_layer(heads: tuple[Head, ...]) -> dict[int, list[int]]:
     return out
 
 
-def check_pre_softmax(scores: Tensor) -> None:
+def check_pre_softmax(scores: Tensor, family: str = "this model") -> None:
     """Raise when `hook_attn_scores` holds probabilities (a native-attention bridge), where
     score edits would be dropped."""
     rows = scores[:, :, -1, :]
@@ -186,9 +186,16 @@ def check_pre_softmax(scores: Tensor) -> None:
         rows.float().sum(-1), torch.ones(1, device=rows.device), atol=1e-3
     ):
         raise RuntimeError(
-            "hook_attn_scores is post-softmax on this model (a native-attention bridge): "
-            "knockout edits there would be dropped. Load it with load_model / boot_transformers."
+            f"{family}: hook_attn_scores is post-softmax on this model (a native-attention "
+            "bridge): knockout edits there would be dropped. Load it with load_model / "
+            "boot_transformers."
         )
+
+
+def family_name(model) -> str:
+    """The model's family as transformers names it (`config.model_type`), for error messages."""
+    config = getattr(getattr(model, "original_model", None), "config", None)
+    return str(getattr(config, "model_type", None) or type(model).__name__)
 
 
 def check_uniform_attention(model, layers) -> None:
@@ -199,11 +206,11 @@ def check_uniform_attention(model, layers) -> None:
         attn = model.blocks[layer].attn
         hf_attn = getattr(attn, "original_component", attn)
         if getattr(hf_attn, "sinks", None) is not None:
-            family = model.original_model.config.model_type
             raise NotImplementedError(
-                f"{family}: uniform_attention is refused on layer {layer}: its heads have learned "
-                "attention sinks, which enter the softmax outside hook_attn_scores, so the head "
-                "could not be made to attend uniformly; use zero, mean or resample knockout"
+                f"{family_name(model)}: uniform_attention is refused on layer {layer}: its heads "
+                "have learned attention sinks, which enter the softmax outside hook_attn_scores, "
+                "so the head could not be made to attend uniformly; use zero, mean or resample "
+                "knockout"
             )
 
 
@@ -385,7 +392,7 @@ def knockout(
         b, _, q, k = scores.shape
         masked_value = masked_threshold(scores.dtype)
         if not checked:
-            check_pre_softmax(scores)
+            check_pre_softmax(scores, family_name(model))
             checked.append(True)
         first = geo.offsets is None
         geo.place(b, q, k, layer)

@@ -29,7 +29,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mechinterp.heads import Head, HeadShape, parse_heads
-from mechinterp.interventions.knockout import _by_layer
+from mechinterp.interventions.knockout import _by_layer, family_name
 from mechinterp.models.kv_cache import cache_kwargs, new_cache
 
 Direction = Literal["denoise", "noise"]
@@ -123,13 +123,10 @@ def resumable(model) -> bool:
 def check_resumable(model) -> None:
     """Raise for a model `run_from_layer` would run wrongly (see `resumable`)."""
     if not resumable(model):
-        card = getattr(model, "mechinterp_card", None)
-        family = getattr(getattr(model, "original_model", None), "config", None)
-        family = getattr(family, "model_type", None) or (card.id if card else "this model")
         raise NotImplementedError(
-            f"{family}: resuming a forward at a layer (skipping the blocks below it) does not "
-            "reproduce the model's own forward, so per-head patching from cached residuals is "
-            "refused for it"
+            f"{family_name(model)}: resuming a forward at a layer (skipping the blocks below it) "
+            "does not reproduce the model's own forward, so per-head patching from cached "
+            "residuals is refused for it"
         )
 
 
