@@ -26,6 +26,7 @@ PRIMITIVES = (
     "knockout uniform_attention",
     "knockout edge_knockout",
     "knockout in cached generation",
+    "per-row conditions",
     "retrieval score",
     "QR score",
     "cached generation",
@@ -37,6 +38,7 @@ HALF_PRECISION = tuple(f"{what} {dtype}" for what in ("patch_heads", "uniform_at
 
 EXPECTED: dict[str, dict[str, str]] = {name: {} for name in FAMILIES}
 EXPECTED["gpt-oss"]["knockout uniform_attention"] = "learned attention sinks"
+EXPECTED["gpt-oss"]["per-row conditions"] = "learned attention sinks"  # its uniform rows
 
 RESULTS: dict[str, dict[str, dict]] = {}
 
@@ -57,6 +59,7 @@ COLUMNS = {
     "knockout `uniform_attention`": ("knockout uniform_attention",),
     "knockout `edge_knockout` (also in cached generation)": (
         "knockout edge_knockout", "knockout in cached generation"),
+    "per-row conditions (`knockout_rows`, `score_conditions`)": ("per-row conditions",),
     "retrieval and QR scores": ("retrieval score", "QR score"),
     "cached generation": ("cached generation",),
     "cross-model patching": ("cross_patch all heads",),

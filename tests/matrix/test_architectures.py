@@ -312,6 +312,35 @@ def test_knockout_under_cached_generation_equals_teacher_forcing(family):
     assert max(diffs) == 0
 
 
+def test_per_row_conditions_equal_one_knockout_each(family):
+    """`score_conditions` (one batch row per condition via `knockout_rows`, the prefix before
+    position 8 shared from a KV cache longer than the sliding windows) = `knockout` run once per
+    condition on the whole sequence, acting from position 8 on."""
+    from mechinterp.interventions.conditions import score_conditions
+
+    name, model = family
+    primitive = "per-row conditions"
+    answer, shared = (14, 18), 8
+    specs = [KnockoutSpec(), KnockoutSpec(heads=KO_HEADS, mode="zero"),
+             KnockoutSpec(heads=KO_HEADS[1:], mode="uniform_attention")]  # fmt: skip
+    if not _supported(name, primitive):
+        with pytest.raises(NotImplementedError, match=EXPECTED[name][primitive]):
+            score_conditions(model, CLEAN, answer, specs, shared_prefix=shared)
+        record(name, primitive, None, None)
+        return
+    ours = score_conditions(model, CLEAN, answer, specs, shared_prefix=shared).logprobs
+    refs = []
+    for spec in specs:
+        scoped = KnockoutSpec(heads=spec.heads, mode=spec.mode, scope="query")
+        with knockout(model, scoped, starts=shared), torch.no_grad():
+            logits = model(torch.tensor([CLEAN]))[0, answer[0] - 1 : answer[1] - 1].float()
+        target = torch.tensor(CLEAN[answer[0] : answer[1]])
+        refs.append(logits.log_softmax(-1).gather(-1, target[:, None])[:, 0])
+    ref = torch.stack(refs)
+    assert (ref[1:] - ref[0]).abs().max() > 1e-3, "the conditions changed nothing: vacuous"
+    _close(name, primitive, ours, ref, atol=1e-4)
+
+
 # ---------------------------------------------------------------- detection = full patterns
 
 
