@@ -129,8 +129,6 @@ def generate_batch(
     tokens until the whole batch stops. `cache`: a KV cache already holding a prefix shared by
     every row (`patching.filled_cache`); the prompts are then what follows it, unpadded.
     """
-    device = model.cfg.device
-    pad = pad_id(model)
     ids, mask = left_pad(model, prompts)
     if cache is not None:
         if len({len(p) for p in prompts}) > 1:
@@ -139,27 +137,47 @@ def generate_batch(
         mask = torch.cat([torch.ones_like(mask[:, :1]).expand(-1, prefix), mask], dim=1)
     cached = cache_kwargs(model, cache if cache is not None else new_cache(model))
     # logits_to_keep=1: only the last position's logits are needed (as HF generate does).
-    logits = model(ids, attention_mask=mask, logits_to_keep=1, **cached)
-    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    logits = model(ids, attention_mask=mask, logits_to_keep=1, **cached)[:, -1]
+    state = {"mask": mask}
+
+    def step(nxt: Tensor) -> Tensor:
+        state["mask"] = torch.cat([state["mask"], torch.ones_like(state["mask"][:, :1])], dim=1)
+        return model(nxt[:, None], attention_mask=state["mask"], **cached)[:, -1]
+
+    return greedy_decode(model.tokenizer, logits, step, max_new_tokens, stop_ids, pad_id(model))
+
+
+def greedy_decode(
+    tokenizer,
+    logits: Float[Tensor, "batch vocab"],
+    step,
+    max_new_tokens: int,
+    stop_ids: frozenset[int],
+    pad: int,
+) -> list[Generation]:
+    """Greedy decoding from the prefill's last-position `logits`; `step(next_tokens [batch])`
+    runs one cached forward on them and returns the next last-position logits. A row that
+    has stopped is fed `pad` until every row stops."""
+    device = logits.device
+    done = torch.zeros(logits.shape[0], dtype=torch.bool, device=device)
     stopped = torch.zeros_like(done)
-    stop = torch.tensor(sorted(stop_ids), device=device)
+    stop = torch.tensor(sorted(stop_ids), device=device, dtype=torch.long)
     new_tokens = []
-    for step in range(max_new_tokens):
-        nxt = logits[:, -1].argmax(-1)
+    for i in range(max_new_tokens):
+        nxt = logits.argmax(-1)
         hit = torch.isin(nxt, stop) & ~done
         stopped |= hit
         nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
         new_tokens.append(torch.where(hit, torch.full_like(nxt, -1), nxt))
         done |= hit
-        if bool(done.all()) or step == max_new_tokens - 1:
+        if bool(done.all()) or i == max_new_tokens - 1:
             break
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        logits = model(nxt[:, None], attention_mask=mask, **cached)
+        logits = step(nxt)
     table = torch.stack(new_tokens, dim=1).tolist()
     gens = []
     for r, row in enumerate(table):
         toks = tuple(row[: row.index(-1)] if -1 in row else row)
-        text = model.tokenizer.decode(list(toks), skip_special_tokens=True).strip()
+        text = tokenizer.decode(list(toks), skip_special_tokens=True).strip()
         gens.append(Generation(toks, text, bool(stopped[r])))
     return gens
 
@@ -294,29 +312,7 @@ def evaluate(
         progress=progress,
     )
     seconds = time.perf_counter() - t0
-    rows = []
-    for ex, prompt, gen in zip(examples, prompts, gens, strict=True):
-        needle = prompt.spans["needle"][0] if prompt.spans.get("needle") else (None, None)
-        rows.append(
-            {
-                "example_id": ex.id,
-                "task": ex.task,
-                "variant": ex.variant,
-                **_grid_coordinates(ex),
-                "n_tokens": prompt.n_tokens,
-                "needle_start": needle[0],
-                "needle_end": needle[1],
-                "answer": ex.answers[0],
-                "prediction": gen.text,
-                "n_generated": len(gen.tokens),
-                "stopped": gen.stopped,
-                "em": em(gen.text, ex.answers),
-                "f1": token_f1(gen.text, ex.answers),
-                "rouge1_recall": rouge1_recall(gen.text, ex.answers),
-                "substring": substring_match(gen.text, ex.answers),
-                "correct": is_correct(ex.task, gen.text, ex.answers),
-            }
-        )
+    rows = [example_row(ex, p, g) for ex, p, g in zip(examples, prompts, gens, strict=True)]
     df = pd.DataFrame(rows)
     if score:
         df["answer_logprob"] = [
@@ -325,6 +321,30 @@ def evaluate(
         ]
     df.attrs["generate_seconds"] = seconds
     return df
+
+
+def example_row(ex: Example, prompt: Prompt, gen: Generation) -> dict:
+    """One tidy row of `evaluate`'s table: where the example sits, what the model wrote, and
+    every answer metric."""
+    needle = prompt.spans["needle"][0] if prompt.spans.get("needle") else (None, None)
+    return {
+        "example_id": ex.id,
+        "task": ex.task,
+        "variant": ex.variant,
+        **_grid_coordinates(ex),
+        "n_tokens": prompt.n_tokens,
+        "needle_start": needle[0],
+        "needle_end": needle[1],
+        "answer": ex.answers[0],
+        "prediction": gen.text,
+        "n_generated": len(gen.tokens),
+        "stopped": gen.stopped,
+        "em": em(gen.text, ex.answers),
+        "f1": token_f1(gen.text, ex.answers),
+        "rouge1_recall": rouge1_recall(gen.text, ex.answers),
+        "substring": substring_match(gen.text, ex.answers),
+        "correct": is_correct(ex.task, gen.text, ex.answers),
+    }
 
 
 def _grid_coordinates(ex: Example) -> dict[str, float | int | None]:

@@ -20,8 +20,9 @@ H_donor ∩ H_recipient, Compl = H_donor \\ H_recipient, Rand = |Inter| heads fr
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from functools import partial
 from typing import Literal
 
@@ -93,6 +94,24 @@ def _o_proj(model, layer: int) -> tuple[Tensor, Tensor | None]:
         f"projection is a {type(proj).__name__}, neither a Linear nor a Conv1D; use "
         "patched='z' instead"
     )
+
+
+def _mixed_output(recipient, donor, layer: int, z_rec: Tensor, z_don: Tensor, masks: Tensor,
+                  dtype) -> Tensor:  # fmt: skip
+    """The attention output of `layer` with, in batch row r, the heads marked in `masks[r]`
+    (`[rows or 1, head · d_head]`, 1 on a head's columns) taken from the donor: each head's
+    z through its own model's W_O, and the output bias shared per head (a row patching a share
+    s of the heads gets (1 − s) b_rec + s b_don)."""
+    (w_rec, b_rec), (w_don, b_don) = _o_proj(recipient, layer), _o_proj(donor, layer)
+    m = masks.to(z_rec.dtype)[:, None, :]  # [rows, 1, head · d_head]
+    share = m.mean(-1, keepdim=True)  # [rows, 1, 1]
+    mixed = torch.nn.functional.linear(z_rec * (1 - m), w_rec)
+    mixed = mixed + torch.nn.functional.linear(z_don.to(z_rec.device) * m, w_don.to(z_rec.device))
+    if b_rec is not None:
+        mixed = mixed + (1 - share) * b_rec
+    if b_don is not None:
+        mixed = mixed + share * b_don.to(z_rec.device)
+    return mixed.to(dtype)
 
 
 def _head_mask(n_heads: int, d_head: int, heads: list[int], device) -> Tensor:
@@ -182,16 +201,10 @@ def cross_patch(
     def write_output(out: Tensor, hook, *, layer: int) -> Tensor:
         z_rec = state["z_rec"].pop(layer)
         z_don = donor_z(layer, z_rec).reshape(z_rec.shape)
-        (w_rec, bias_rec), (w_don, bias_don) = _o_proj(recipient, layer), _o_proj(donor, layer)
-        share = len(by_layer[layer]) / shape.n_heads
         mask = _head_mask(shape.n_heads, z_rec.shape[-1] // shape.n_heads, by_layer[layer],
-                          z_rec.device).to(z_rec.dtype)
-        b_rec = None if bias_rec is None else (1.0 - share) * bias_rec
-        b_don = None if bias_don is None else share * bias_don.to(out.device)
-        mixed = torch.nn.functional.linear(z_rec * (1 - mask), w_rec, b_rec)
-        mixed = mixed + torch.nn.functional.linear(z_don * mask, w_don.to(out.device), b_don)
+                          z_rec.device)[None]  # fmt: skip
         stats["patched"] += 1
-        return mixed.to(out.dtype)
+        return _mixed_output(recipient, donor, layer, z_rec, z_don, mask, out.dtype)
 
     if patched == "z":
         recipient_hooks = [
@@ -247,7 +260,7 @@ def cross_model_patching(
     head_sets: Mapping[str, Sequence[Head]],
     *,
     max_new_tokens: int = 32,
-    batch_size: int = 4,
+    max_rows: int = 16,
     template=None,
     score: bool = True,
     patched: Patched = "output",
@@ -257,41 +270,157 @@ def cross_model_patching(
     from the donor (`patched`: head outputs or z, see `cross_patch`). One row per (condition,
     example): `condition` is `recipient`, `donor`, or a head-set name; generation metrics as
     `evaluate` gives them, plus `answer_logprob` (mean teacher-forced log-prob of the gold answer)
-    when `score`, and `patched`."""
-    from mechinterp.evaluate import evaluate
+    when `score`, and `patched`.
+
+    Each example runs its conditions as rows of one batch (`cross_rows`, at most `max_rows`
+    patched rows at a time): the donor's prompt runs once, and one prompt forward serves both the
+    teacher-forced score and generation. The table equals one `cross_patch` + `evaluate` per
+    condition (tested)."""
+    from mechinterp.evaluate import answer_ids, example_row, render_all, stop_token_ids
 
     check_same_shape(donor, recipient)
     shape = HeadShape.of(recipient)
     empty = [name for name, hs in head_sets.items() if not hs]
     if empty or not head_sets:
         raise ValueError(f"head sets {empty or '(none)'} are empty: nothing to patch")
+    if patched not in PATCHED:
+        raise ValueError(f"patched must be one of {PATCHED}, got {patched!r}")
+    if max_rows < 1:
+        raise ValueError(f"max_rows must be >= 1, got {max_rows}")
     parsed = {name: parse_heads(hs, shape) for name, hs in head_sets.items()}
     reserved = {"recipient", "donor"} & set(parsed)
     if reserved:
         raise ValueError(f"head-set names {sorted(reserved)} are reserved for the baselines")
-    runs = [("recipient", recipient, ()), ("donor", donor, ())]
-    runs += [(name, recipient, hs) for name, hs in parsed.items()]
+    conditions = {"recipient": (), **parsed}  # the recipient's rows; "donor" comes with them
+    prompts = render_all(recipient, examples, template=template)
+    stop_ids = stop_token_ids(recipient)
+    rows: dict[str, list[dict]] = {name: [] for name in ["recipient", "donor", *parsed]}
+    names = list(conditions)
+    for ex, prompt in tqdm(list(zip(examples, prompts, strict=True)), desc="cross-model patching",
+                           disable=not progress):  # fmt: skip
+        answer = answer_ids(recipient, ex.answers[0]) if score else None
+        for b in range(0, len(names), max_rows):
+            chunk = names[b : b + max_rows]
+            gens, logprobs = cross_rows(
+                donor, recipient, prompt.input_ids, [conditions[n] for n in chunk],
+                max_new_tokens=max_new_tokens, stop_ids=stop_ids, answer=answer, patched=patched,
+            )  # fmt: skip
+            labels = chunk + (["donor"] if b == 0 else [])
+            for name, gen, lp in zip(labels, gens, logprobs, strict=False):
+                row = example_row(ex, prompt, gen)
+                if score:
+                    row["answer_logprob"] = lp
+                rows[name].append(row)
     frames = []
-    for condition, model, hs in tqdm(runs, desc="cross-model patching", disable=not progress):
-        with cross_patch(recipient, donor, hs, patched=patched) if hs else nullcontext():
-            df = evaluate(
-                model,
-                examples,
-                max_new_tokens=max_new_tokens,
-                batch_size=batch_size,
-                template=template,
-                score=score,
-                progress=False,
-            )
+    for name, found in rows.items():
+        hs = conditions.get(name, ())
         frames.append(
-            df.assign(
-                condition=condition,
-                n_heads=len(hs),
-                heads=" ".join(str(h) for h in hs),
+            pd.DataFrame(found).assign(
+                condition=name, n_heads=len(hs), heads=" ".join(str(h) for h in hs),
                 patched=patched,
-            )
+            )  # fmt: skip
         )
     return pd.concat(frames, ignore_index=True)
+
+
+@torch.no_grad()
+def cross_rows(
+    donor,
+    recipient,
+    prompt: Sequence[int],
+    sets: Sequence[Sequence[Head]],
+    *,
+    max_new_tokens: int,
+    stop_ids: frozenset[int],
+    answer: Sequence[int] | None = None,
+    patched: Patched = "output",
+):
+    """One prompt under several cross-model patches at once. Row r of the recipient's batch gets
+    `sets[r]` from the donor (an empty set: the recipient alone); a last row is the donor alone.
+
+    The donor's prompt runs once (its z broadcast to every row); the prompt's KV caches then
+    serve the teacher-forced score of `answer` (on copies) and greedy generation, where the
+    donor runs each step on every row's new token. Returns (generations, mean answer
+    log-probs or None), one per recipient row and then the donor's.
+    """
+    from mechinterp.evaluate import greedy_decode, pad_id
+    from mechinterp.interventions.patching import filled_cache
+
+    shape = HeadShape.of(recipient)
+    parsed = [parse_heads(hs, shape) for hs in sets]
+    n = len(parsed)
+    d_head = recipient.cfg.d_head
+    masks = torch.zeros(shape.n_layers, n, shape.n_heads, dtype=torch.bool)
+    for r, hs in enumerate(parsed):
+        for h in hs:
+            masks[h.layer, r, h.head] = True
+    layers = [la for la in range(shape.n_layers) if bool(masks[la].any())]
+    device = recipient.cfg.device
+    z_don: dict[int, Tensor] = {}
+    z_rec: dict[int, Tensor] = {}
+
+    def grab(z: Tensor, hook, *, layer: int) -> None:
+        z_don[layer] = z.detach()
+
+    def donor_rows(layer: int, like: Tensor) -> Tensor:
+        src = z_don[layer]
+        return (src.expand(n, *src.shape[1:]) if src.shape[0] == 1 else src[:n]).reshape(like.shape)
+
+    def keep(z: Tensor, hook, *, layer: int) -> None:
+        z_rec[layer] = z.reshape(*z.shape[:2], -1)
+
+    def write_output(out: Tensor, hook, *, layer: int) -> Tensor:
+        z = z_rec.pop(layer)
+        cols = masks[layer].repeat_interleave(d_head, dim=-1).to(z.device)  # [rows, head · d]
+        mixed = _mixed_output(recipient, donor, layer, z, donor_rows(layer, z), cols, out.dtype)
+        return torch.where(masks[layer].any(-1).to(out.device)[:, None, None], mixed, out)
+
+    def write_z(z: Tensor, hook, *, layer: int) -> Tensor:
+        heads = masks[layer].to(z.device)[:, None, :, None]  # [rows, 1, head, 1]
+        return torch.where(heads, donor_rows(layer, z), z)
+
+    donor_hooks = [(f"blocks.{la}.attn.hook_z", partial(grab, layer=la)) for la in layers]
+    if patched == "z":
+        hooks = [(f"blocks.{la}.attn.hook_z", partial(write_z, layer=la)) for la in layers]
+    else:
+        hooks = [hook for la in layers for hook in (
+            (f"blocks.{la}.attn.o.hook_in", partial(keep, layer=la)),
+            (f"blocks.{la}.attn.o.hook_out", partial(write_output, layer=la)),
+        )]  # fmt: skip
+
+    def both(tokens: Tensor, cache_d, cache_r, keep: int = 0) -> tuple[Tensor, Tensor]:
+        """Logits (last `keep` positions; 0: all) of the donor on `tokens` (one row, shared by
+        every recipient row, or n + 1 rows) and of the patched recipient (n rows)."""
+        with donor.hooks(fwd_hooks=donor_hooks):
+            out_d = donor(tokens, logits_to_keep=keep, **cache_kwargs(donor, cache_d))
+        rec_tokens = tokens.expand(n, -1) if tokens.shape[0] == 1 else tokens[:n]
+        with recipient.hooks(fwd_hooks=hooks):
+            out_r = recipient(rec_tokens, logits_to_keep=keep, **cache_kwargs(recipient, cache_r))
+        return out_d, out_r
+
+    ids = torch.tensor([list(prompt)], device=device)
+    cache_d, cache_r = new_cache(donor), new_cache(recipient)
+    logits_d, logits_r = both(ids, cache_d, cache_r, keep=1)
+    first = torch.cat([logits_r[:, -1], logits_d[:, -1]])  # [n + 1, vocab]
+    logprobs: list[float | None] = [None] * (n + 1)
+    if answer:
+        ans = torch.tensor(list(answer), device=device)
+        preds = first[:, None, :]
+        if len(ans) > 1:
+            tf_d, tf_r = both(ans[None, :-1], filled_cache(donor, cache_d, rows=1),
+                              copy.deepcopy(cache_r))  # fmt: skip
+            preds = torch.cat([preds, torch.cat([tf_r, tf_d])], dim=1)  # [n + 1, len, vocab]
+        logp = preds.float().log_softmax(-1).gather(-1, ans[None, :, None].expand(n + 1, -1, 1))
+        logprobs = logp[..., 0].mean(-1).tolist()
+    cache_d = filled_cache(donor, cache_d, rows=n + 1)
+
+    def step(nxt: Tensor) -> Tensor:
+        out_d, out_r = both(nxt[:, None], cache_d, cache_r, keep=1)
+        return torch.cat([out_r[:, -1], out_d[n:, -1]])
+
+    gens = greedy_decode(recipient.tokenizer, first, step, max_new_tokens, stop_ids,
+                         pad_id(recipient))  # fmt: skip
+    return gens, logprobs
 
 
 def summarise_cross(df: pd.DataFrame, metrics: Sequence[str] = ("f1", "answer_logprob")):

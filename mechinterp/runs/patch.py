@@ -218,7 +218,7 @@ class CrossPatchConfig:
     recipient_scores: str | None = None
     seeds: tuple[int, ...] = (0, 1, 2)
     max_new_tokens: int = 32
-    batch_size: int = 4
+    batch_size: int = 16  # conditions (batch rows) run together on one example
     template: Literal["chat", "plain"] | None = None
 
     def __post_init__(self) -> None:
@@ -280,7 +280,7 @@ def run_cross_patch(
         examples,
         sets,
         max_new_tokens=config.max_new_tokens,
-        batch_size=config.batch_size,
+        max_rows=config.batch_size,
         template=config.template,
         progress=progress,
     )

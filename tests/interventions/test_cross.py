@@ -8,6 +8,7 @@ from functools import partial
 
 import pytest
 import torch
+from cross_reference import per_condition_table
 
 from mechinterp.evaluate import generate, left_pad
 from mechinterp.heads import Head, HeadShape
@@ -240,7 +241,7 @@ def test_cross_model_patching_table_and_recovery(pair):
     every = HeadShape.of(recipient).all_heads()
     sets = {"all": every, "one": [Head(1, 1)]}
     df = cross_model_patching(
-        donor, recipient, examples, sets, max_new_tokens=4, batch_size=2, progress=False
+        donor, recipient, examples, sets, max_new_tokens=4, max_rows=2, progress=False
     )
     assert len(df) == 4 * 2 and set(df["condition"]) == {"recipient", "donor", "all", "one"}
     by = df.set_index(["condition", "example_id"])
@@ -253,3 +254,26 @@ def test_cross_model_patching_table_and_recovery(pair):
         cross_model_patching(donor, recipient, examples, {"inter": []}, progress=False)
     with pytest.raises(ValueError, match="reserved"):
         cross_model_patching(donor, recipient, examples, {"donor": every}, progress=False)
+
+
+@pytest.mark.parametrize("patched", ["output", "z"])
+def test_batched_conditions_give_the_per_condition_table(pair, patched):
+    """Conditions as rows of one batch (shared donor prompt, one prompt forward for scoring and
+    generation, at most 2 rows at a time here) = one cross_patch + evaluate per condition."""
+    donor, recipient = pair
+    examples = niah_grid(recipient.tokenizer, lengths=[300, 360], depths=[0.5], needles=2)
+    shape = HeadShape.of(recipient)
+    sets = {"all": shape.all_heads(), "one": [Head(1, 1)], "spread": [Head(0, 2), Head(1, 0)]}
+    ours = cross_model_patching(donor, recipient, examples, sets, max_new_tokens=6, max_rows=2,
+                                patched=patched, progress=False)  # fmt: skip
+    ref = per_condition_table(donor, recipient, examples, sets, patched=patched, max_new_tokens=6)
+    key = ["condition", "example_id"]
+    ours = ours.sort_values(key).reset_index(drop=True)
+    ref = ref.sort_values(key).reset_index(drop=True)
+    assert len(ours) == len(ref) == 5 * len(examples)
+    for col in ("condition", "example_id", "prediction", "n_generated", "stopped", "f1", "em"):
+        assert ours[col].tolist() == ref[col].tolist(), col
+    assert (ours["n_generated"] > 0).all()
+    diff = (ours["answer_logprob"] - ref["answer_logprob"]).abs().max()
+    assert diff < 1e-4, diff
+    assert ours.groupby("condition")["answer_logprob"].mean().std() > 1e-3  # conditions differ
