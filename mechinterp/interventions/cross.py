@@ -260,7 +260,7 @@ def cross_model_patching(
     head_sets: Mapping[str, Sequence[Head]],
     *,
     max_new_tokens: int = 32,
-    max_rows: int = 16,
+    max_rows: int = 24,
     template=None,
     score: bool = True,
     patched: Patched = "output",
@@ -272,10 +272,10 @@ def cross_model_patching(
     `evaluate` gives them, plus `answer_logprob` (mean teacher-forced log-prob of the gold answer)
     when `score`, and `patched`.
 
-    Each example runs its conditions as rows of one batch (`cross_rows`, at most `max_rows`
-    patched rows at a time): the donor's prompt runs once, and one prompt forward serves both the
-    teacher-forced score and generation. The table equals one `cross_patch` + `evaluate` per
-    condition (tested)."""
+    Conditions run as rows of one batch (`cross_rows`, at most `max_rows` recipient rows: as many
+    examples as fit, each with every condition): the donor's prompts run once per batch, and one
+    prompt forward serves both the teacher-forced score and generation. The table equals one
+    `cross_patch` + `evaluate` per condition (tested)."""
     from mechinterp.evaluate import answer_ids, example_row, render_all, stop_token_ids
 
     check_same_shape(donor, recipient)
@@ -296,21 +296,32 @@ def cross_model_patching(
     stop_ids = stop_token_ids(recipient)
     rows: dict[str, list[dict]] = {name: [] for name in ["recipient", "donor", *parsed]}
     names = list(conditions)
-    for ex, prompt in tqdm(list(zip(examples, prompts, strict=True)), desc="cross-model patching",
-                           disable=not progress):  # fmt: skip
-        answer = answer_ids(recipient, ex.answers[0]) if score else None
-        for b in range(0, len(names), max_rows):
-            chunk = names[b : b + max_rows]
+    per_batch = max(1, max_rows // len(names))  # examples per batch, all conditions as rows
+    order = sorted(range(len(examples)), key=lambda i: prompts[i].n_tokens)  # as `generate`
+    found: dict[tuple[str, int], dict] = {}
+    bar = tqdm(total=len(examples), desc="cross-model patching", disable=not progress)
+    for b in range(0, len(order), per_batch):
+        idx = order[b : b + per_batch]
+        for c in range(0, len(names), max_rows):  # more conditions than max_rows: in chunks
+            chunk = names[c : c + max_rows]
             gens, logprobs = cross_rows(
-                donor, recipient, prompt.input_ids, [conditions[n] for n in chunk],
-                max_new_tokens=max_new_tokens, stop_ids=stop_ids, answer=answer, patched=patched,
+                donor, recipient, [prompts[i].input_ids for i in idx],
+                [conditions[n] for n in chunk], max_new_tokens=max_new_tokens,
+                stop_ids=stop_ids, patched=patched,
+                answers=[answer_ids(recipient, examples[i].answers[0]) for i in idx]
+                if score else None,
             )  # fmt: skip
-            labels = chunk + (["donor"] if b == 0 else [])
-            for name, gen, lp in zip(labels, gens, logprobs, strict=False):
-                row = example_row(ex, prompt, gen)
-                if score:
-                    row["answer_logprob"] = lp
-                rows[name].append(row)
+            labels = chunk + (["donor"] if c == 0 else [])
+            for e, i in enumerate(idx):
+                for name, gen, lp in zip(labels, gens[e], logprobs[e], strict=False):
+                    row = example_row(examples[i], prompts[i], gen)
+                    if score:
+                        row["answer_logprob"] = lp
+                    found[name, i] = row
+        bar.update(len(idx))
+    bar.close()
+    for name in rows:
+        rows[name] = [found[name, i] for i in range(len(examples))]
     frames = []
     for name, found in rows.items():
         hs = conditions.get(name, ())
@@ -327,35 +338,39 @@ def cross_model_patching(
 def cross_rows(
     donor,
     recipient,
-    prompt: Sequence[int],
+    prompts: Sequence[Sequence[int]],
     sets: Sequence[Sequence[Head]],
     *,
     max_new_tokens: int,
     stop_ids: frozenset[int],
-    answer: Sequence[int] | None = None,
+    answers: Sequence[Sequence[int]] | None = None,
     patched: Patched = "output",
 ):
-    """One prompt under several cross-model patches at once. Row r of the recipient's batch gets
-    `sets[r]` from the donor (an empty set: the recipient alone); a last row is the donor alone.
+    """Several prompts under several cross-model patches at once.
 
-    The donor's prompt runs once (its z broadcast to every row); the prompt's KV caches then
-    serve the teacher-forced score of `answer` (on copies) and greedy generation, where the
-    donor runs each step on every row's new token. Returns (generations, mean answer
-    log-probs or None), one per recipient row and then the donor's.
+    The recipient's batch holds, for each prompt e (left-padded) and each set r, a row with
+    `sets[r]` patched in from the donor (an empty set: the recipient alone); a donor-alone row per
+    prompt follows them. The donor's prompts run once (their z repeated for every set's row);
+    the prompt's KV caches then serve the teacher-forced score of `answers[e]` (on copies) and
+    greedy generation, where the donor runs each step on every row's new token.
+
+    Returns (generations, mean answer log-probs or None), each indexed [e][r] with r = len(sets)
+    for the donor alone.
     """
-    from mechinterp.evaluate import greedy_decode, pad_id
+    from mechinterp.evaluate import greedy_decode, left_pad, pad_id
     from mechinterp.interventions.patching import filled_cache
 
     shape = HeadShape.of(recipient)
     parsed = [parse_heads(hs, shape) for hs in sets]
-    n = len(parsed)
+    n_sets, n_ex = len(parsed), len(prompts)
+    rec_rows = n_ex * n_sets  # recipient row e * n_sets + r
     d_head = recipient.cfg.d_head
-    masks = torch.zeros(shape.n_layers, n, shape.n_heads, dtype=torch.bool)
+    per_set = torch.zeros(shape.n_layers, n_sets, shape.n_heads, dtype=torch.bool)
     for r, hs in enumerate(parsed):
         for h in hs:
-            masks[h.layer, r, h.head] = True
+            per_set[h.layer, r, h.head] = True
+    masks = per_set.repeat(1, n_ex, 1)  # [layer, recipient row, head]
     layers = [la for la in range(shape.n_layers) if bool(masks[la].any())]
-    device = recipient.cfg.device
     z_don: dict[int, Tensor] = {}
     z_rec: dict[int, Tensor] = {}
 
@@ -363,8 +378,14 @@ def cross_rows(
         z_don[layer] = z.detach()
 
     def donor_rows(layer: int, like: Tensor) -> Tensor:
+        """The donor's z for each recipient row: its prompt's row (prefill and scoring: one
+        donor row per prompt), or its shadow row (decoding: n_sets + 1 rows per prompt)."""
         src = z_don[layer]
-        return (src.expand(n, *src.shape[1:]) if src.shape[0] == 1 else src[:n]).reshape(like.shape)
+        if src.shape[0] == n_ex:
+            src = src.repeat_interleave(n_sets, dim=0)
+        else:
+            src = src.view(n_ex, n_sets + 1, *src.shape[1:])[:, :n_sets].flatten(0, 1)
+        return src.reshape(like.shape)
 
     def keep(z: Tensor, hook, *, layer: int) -> None:
         z_rec[layer] = z.reshape(*z.shape[:2], -1)
@@ -388,39 +409,74 @@ def cross_rows(
             (f"blocks.{la}.attn.o.hook_out", partial(write_output, layer=la)),
         )]  # fmt: skip
 
-    def both(tokens: Tensor, cache_d, cache_r, keep: int = 0) -> tuple[Tensor, Tensor]:
-        """Logits (last `keep` positions; 0: all) of the donor on `tokens` (one row, shared by
-        every recipient row, or n + 1 rows) and of the patched recipient (n rows)."""
+    def both(tok_d, mask_d, cache_d, tok_r, mask_r, cache_r, keep: int = 0):
+        """Logits (last `keep` positions; 0: all) of the donor and of the patched recipient."""
         with donor.hooks(fwd_hooks=donor_hooks):
-            out_d = donor(tokens, logits_to_keep=keep, **cache_kwargs(donor, cache_d))
-        rec_tokens = tokens.expand(n, -1) if tokens.shape[0] == 1 else tokens[:n]
+            out_d = donor(tok_d, attention_mask=mask_d, logits_to_keep=keep,
+                          **cache_kwargs(donor, cache_d))  # fmt: skip
         with recipient.hooks(fwd_hooks=hooks):
-            out_r = recipient(rec_tokens, logits_to_keep=keep, **cache_kwargs(recipient, cache_r))
+            out_r = recipient(tok_r, attention_mask=mask_r, logits_to_keep=keep,
+                              **cache_kwargs(recipient, cache_r))  # fmt: skip
         return out_d, out_r
 
-    ids = torch.tensor([list(prompt)], device=device)
+    def per_recipient_row(x: Tensor) -> Tensor:
+        return x.repeat_interleave(n_sets, dim=0)
+
+    ids, mask = left_pad(recipient, prompts)  # [n_ex, width]
     cache_d, cache_r = new_cache(donor), new_cache(recipient)
-    logits_d, logits_r = both(ids, cache_d, cache_r, keep=1)
-    first = torch.cat([logits_r[:, -1], logits_d[:, -1]])  # [n + 1, vocab]
-    logprobs: list[float | None] = [None] * (n + 1)
-    if answer:
-        ans = torch.tensor(list(answer), device=device)
-        preds = first[:, None, :]
-        if len(ans) > 1:
-            tf_d, tf_r = both(ans[None, :-1], filled_cache(donor, cache_d, rows=1),
-                              copy.deepcopy(cache_r))  # fmt: skip
-            preds = torch.cat([preds, torch.cat([tf_r, tf_d])], dim=1)  # [n + 1, len, vocab]
-        logp = preds.float().log_softmax(-1).gather(-1, ans[None, :, None].expand(n + 1, -1, 1))
-        logprobs = logp[..., 0].mean(-1).tolist()
-    cache_d = filled_cache(donor, cache_d, rows=n + 1)
+    logits_d, logits_r = both(ids, mask, cache_d, per_recipient_row(ids), per_recipient_row(mask),
+                              cache_r, keep=1)  # fmt: skip
+    first = torch.cat([logits_r[:, -1], logits_d[:, -1]])  # recipient rows, then donor rows
+    logprobs = [[None] * (n_sets + 1) for _ in range(n_ex)]
+    if answers is not None:
+        copies = filled_cache(donor, cache_d, rows=1), copy.deepcopy(cache_r)
+        logprobs = _answer_logprobs(answers, first, mask, both, per_recipient_row, n_sets, *copies)
+    cache_d = filled_cache(donor, cache_d, rows=n_sets + 1)  # prompt e: n_sets shadows + itself
+    state = {"mask": mask}
 
     def step(nxt: Tensor) -> Tensor:
-        out_d, out_r = both(nxt[:, None], cache_d, cache_r, keep=1)
-        return torch.cat([out_r[:, -1], out_d[n:, -1]])
+        state["mask"] = torch.cat([state["mask"], torch.ones_like(state["mask"][:, :1])], dim=1)
+        rec = nxt[:rec_rows]
+        tok_d = torch.cat([rec.view(n_ex, n_sets), nxt[rec_rows:, None]], dim=1).reshape(-1, 1)
+        mask_d = state["mask"].repeat_interleave(n_sets + 1, dim=0)
+        out_d, out_r = both(tok_d, mask_d, cache_d, rec[:, None], per_recipient_row(state["mask"]),
+                            cache_r, keep=1)  # fmt: skip
+        own = out_d[:, -1].view(n_ex, n_sets + 1, -1)[:, n_sets]
+        return torch.cat([out_r[:, -1], own])
 
     gens = greedy_decode(recipient.tokenizer, first, step, max_new_tokens, stop_ids,
                          pad_id(recipient))  # fmt: skip
-    return gens, logprobs
+    by_prompt = [[gens[e * n_sets + r] for r in range(n_sets)] + [gens[rec_rows + e]]
+                 for e in range(n_ex)]  # fmt: skip
+    return by_prompt, logprobs
+
+
+def _answer_logprobs(answers, first, mask, both, per_recipient_row, n_sets, cache_d, cache_r):
+    """Mean teacher-forced log-prob of each prompt's answer, [prompt][set row, then donor]: the
+    first answer token from the prompt's last logits, the rest from one forward of the answers
+    (right-padded to the longest; later positions never affect earlier ones) on the caches."""
+    n_ex = len(answers)
+    device = first.device
+    longest = max(len(a) for a in answers)
+    if min(len(a) for a in answers) < 1:
+        raise ValueError("an answer has no tokens")
+    padded = torch.zeros(n_ex, longest, dtype=torch.long, device=device)
+    for e, a in enumerate(answers):
+        padded[e, : len(a)] = torch.tensor(list(a), device=device)
+    rec_rows = n_ex * n_sets
+    preds = first[:, None, :]  # [rec_rows + n_ex, 1, vocab]
+    if longest > 1:
+        ext = torch.cat([mask, torch.ones_like(padded[:, :-1])], dim=1)
+        tf_d, tf_r = both(padded[:, :-1], ext, cache_d, per_recipient_row(padded[:, :-1]),
+                          per_recipient_row(ext), cache_r)  # fmt: skip
+        preds = torch.cat([preds, torch.cat([tf_r, tf_d])], dim=1)
+    targets = torch.cat([per_recipient_row(padded), padded])  # rows as in `first`
+    logp = preds.float().log_softmax(-1).gather(-1, targets[..., None])[..., 0]
+    out = []
+    for e, a in enumerate(answers):
+        rows = [e * n_sets + r for r in range(n_sets)] + [rec_rows + e]
+        out.append([float(logp[row, : len(a)].mean()) for row in rows])
+    return out
 
 
 def summarise_cross(df: pd.DataFrame, metrics: Sequence[str] = ("f1", "answer_logprob")):

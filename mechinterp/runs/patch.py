@@ -218,7 +218,7 @@ class CrossPatchConfig:
     recipient_scores: str | None = None
     seeds: tuple[int, ...] = (0, 1, 2)
     max_new_tokens: int = 32
-    batch_size: int = 16  # conditions (batch rows) run together on one example
+    batch_size: int = 24  # batch rows: examples × conditions run together
     template: Literal["chat", "plain"] | None = None
 
     def __post_init__(self) -> None:

@@ -256,16 +256,17 @@ def test_cross_model_patching_table_and_recovery(pair):
         cross_model_patching(donor, recipient, examples, {"donor": every}, progress=False)
 
 
-@pytest.mark.parametrize("patched", ["output", "z"])
-def test_batched_conditions_give_the_per_condition_table(pair, patched):
+@pytest.mark.parametrize(("patched", "max_rows"), [("output", 2), ("z", 2), ("output", 16)])
+def test_batched_conditions_give_the_per_condition_table(pair, patched, max_rows):
     """Conditions as rows of one batch (shared donor prompt, one prompt forward for scoring and
-    generation, at most 2 rows at a time here) = one cross_patch + evaluate per condition."""
+    generation) = one cross_patch + evaluate per condition. `max_rows` 2: one example at a time,
+    its conditions in two chunks; 16: both examples (left-padded) with every condition."""
     donor, recipient = pair
     examples = niah_grid(recipient.tokenizer, lengths=[300, 360], depths=[0.5], needles=2)
     shape = HeadShape.of(recipient)
     sets = {"all": shape.all_heads(), "one": [Head(1, 1)], "spread": [Head(0, 2), Head(1, 0)]}
-    ours = cross_model_patching(donor, recipient, examples, sets, max_new_tokens=6, max_rows=2,
-                                patched=patched, progress=False)  # fmt: skip
+    ours = cross_model_patching(donor, recipient, examples, sets, max_new_tokens=6,
+                                max_rows=max_rows, patched=patched, progress=False)  # fmt: skip
     ref = per_condition_table(donor, recipient, examples, sets, patched=patched, max_new_tokens=6)
     key = ["condition", "example_id"]
     ours = ours.sort_values(key).reset_index(drop=True)

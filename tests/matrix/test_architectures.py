@@ -449,8 +449,8 @@ def test_cross_patching_every_head_gives_the_donor(family, tmp_path):
 
 
 def test_batched_cross_conditions_equal_one_cross_patch_per_condition(family, tmp_path):
-    """`cross_model_patching` (conditions as batch rows, prompt caches copied for scoring and
-    generation) = one `cross_patch` + `evaluate` per condition."""
+    """`cross_model_patching` (two left-padded examples × every condition as batch rows, prompt
+    caches copied for scoring and generation) = one `cross_patch` + `evaluate` per condition."""
     from cross_reference import per_condition_table
 
     from mechinterp.interventions import cross_model_patching
@@ -463,12 +463,13 @@ def test_batched_cross_conditions_equal_one_cross_patch_per_condition(family, tm
         for pname, p in recipient.original_model.named_parameters():
             if any(f".{part}." in pname for part in ("self_attn", "attn", "attention")):
                 p.add_(0.5 * p.std().clamp(min=0.1) * torch.randn(p.shape, generator=g))
-    examples = niah_grid(recipient.tokenizer, lengths=[300], depths=[0.5], needles=1)
+    examples = niah_grid(recipient.tokenizer, lengths=[300, 340], depths=[0.5], needles=1)
     sets = {"a": [Head(0, 1), Head(2, 3)], "b": [Head(1, 0)]}
+    key = ["condition", "example_id"]
     ours = cross_model_patching(donor, recipient, examples, sets, max_new_tokens=5,
-                                progress=False).sort_values("condition")  # fmt: skip
+                                progress=False).sort_values(key)  # fmt: skip
     ref = per_condition_table(donor, recipient, examples, sets, patched="output",
-                              max_new_tokens=5).sort_values("condition")  # fmt: skip
+                              max_new_tokens=5).sort_values(key)  # fmt: skip
     assert ours["prediction"].tolist() == ref["prediction"].tolist()
     assert ref["answer_logprob"].std() > 1e-3, "the conditions do not differ: vacuous"
     diff = ours["answer_logprob"].to_numpy() - ref["answer_logprob"].to_numpy()
