@@ -87,6 +87,7 @@ bench: setup
 	$(BIN)/python benchmarks/bench_detect.py
 	$(BIN)/python benchmarks/bench_patching.py
 	$(BIN)/python benchmarks/bench_knockout_sweep.py
+	$(BIN)/python benchmarks/bench_cross.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
