@@ -30,7 +30,7 @@ def _model_args(p, m) -> None:
 
 
 def _task_args(p, d) -> None:
-    p.add_argument("--task", default=d.task, choices=["niah", "mdqa", "multihop"])
+    p.add_argument("--task", default=d.task, choices=["niah", "mdqa", "multihop", "citation"])
     p.add_argument(
         "--lengths",
         type=_ints,
@@ -48,7 +48,8 @@ def _task_args(p, d) -> None:
     p.add_argument(
         "--data",
         default=None,
-        help="your JSONL file (lost-in-the-middle format for mdqa, MuSiQue for multihop)",
+        help="your data: JSONL (lost-in-the-middle format for mdqa, MuSiQue for multihop) or a "
+        "Summary-of-a-Haystack JSON haystack for citation",
     )
     p.add_argument(
         "--variant",

@@ -344,7 +344,18 @@ def example_row(ex: Example, prompt: Prompt, gen: Generation) -> dict:
         "rouge1_recall": rouge1_recall(gen.text, ex.answers),
         "substring": substring_match(gen.text, ex.answers),
         "correct": is_correct(ex.task, gen.text, ex.answers),
+        **_citation_row(ex, gen.text),
     }
+
+
+def _citation_row(ex: Example, prediction: str) -> dict:
+    """The citation task's metrics (`citation_f1` etc.; `correct` is citation F1 ≥ 0.5)."""
+    if ex.task != "citation":
+        return {}
+    from mechinterp.tasks.citation import citation_scores
+
+    scores = citation_scores(prediction, ex.meta["insights"])
+    return {**scores, "correct": scores["citation_f1"] >= 0.5}
 
 
 def _grid_coordinates(ex: Example) -> dict[str, float | int | None]:

@@ -49,6 +49,19 @@ def test_eval_on_user_mdqa_file(tiny_dir, tmp_path):
     assert set(pd.read_parquet(run / "results.parquet").variant) == {"real"}
 
 
+@pytest.mark.parametrize("data", [None, "tests/fixtures/summhay_sample.json"])
+def test_eval_on_the_citation_task_reports_citation_f1(tiny_dir, tmp_path, data):
+    source = ["--data", data] if data else ["--variant", "templated-low", "--n", "2"]
+    args = ["eval", "--model", tiny_dir, "--task", "citation", *source, "--n-docs", "4",
+            "--max-new-tokens", "3", "--no-png", "--out", str(tmp_path)]
+    assert main(args) == 0
+    (run,) = tmp_path.iterdir()
+    df = pd.read_parquet(run / "results.parquet")
+    assert len(df) == 2 and set(df.task) == {"citation"}
+    assert df["citation_f1"].between(0, 1).all()
+    assert set(df.variant) == ({"real"} if data else {"templated-low"})
+
+
 def test_unknown_model_is_a_clear_error(tmp_path, capsys):
     assert main(["eval", "--model", "gpt-17", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err

@@ -123,6 +123,15 @@ def build_examples(task: TaskSpec, tokenizer) -> list[Example]:
         return synthetic_mdqa(
             task.n, n_docs=task.n_docs, realism=realism, diversity=diversity, seed=task.seed
         )
+    if task.task == "citation":
+        from mechinterp.tasks.citation import load_summhay, synthetic_citation
+
+        if task.data:
+            return load_summhay(task.data, limit=task.n)
+        realism, diversity = parse_variant(task.variant)
+        return synthetic_citation(
+            task.n, n_docs=task.n_docs, realism=realism, diversity=diversity, seed=task.seed
+        )
     from mechinterp.tasks.multihop import load_musique, synthetic_multihop
 
     if task.data:

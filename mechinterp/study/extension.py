@@ -152,11 +152,15 @@ def data_args(
 def build_data(*, task, variant, n, seed, n_docs, doc_words, data, skip=0) -> list:
     """A variant's synthetic examples, or examples `skip`..`skip + n` of a user's JSONL file."""
     from mechinterp.runs.common import parse_variant
+    from mechinterp.tasks.citation import load_summhay, synthetic_citation
     from mechinterp.tasks.mdqa import load_mdqa, synthetic_mdqa
     from mechinterp.tasks.multihop import load_musique, synthetic_multihop
 
+    loaders = {"mdqa": load_mdqa, "multihop": load_musique, "citation": load_summhay}
+    makers = {"mdqa": synthetic_mdqa, "multihop": synthetic_multihop,
+              "citation": synthetic_citation}  # fmt: skip
     if data:
-        exs = (load_mdqa if task == "mdqa" else load_musique)(data, limit=skip + n)[skip:]
+        exs = loaders[task](data, limit=skip + n)[skip:]
         if not exs:
             raise ValueError(
                 f"{data} holds no {task} examples after the first {skip}: point reference_data "
@@ -164,8 +168,7 @@ def build_data(*, task, variant, n, seed, n_docs, doc_words, data, skip=0) -> li
             )
         return exs
     realism, diversity = parse_variant(variant)
-    make = synthetic_mdqa if task == "mdqa" else synthetic_multihop
-    exs = make(n, n_docs=n_docs, realism=realism, diversity=diversity, seed=seed,
+    exs = makers[task](n, n_docs=n_docs, realism=realism, diversity=diversity, seed=seed,
                doc_words=doc_words)  # fmt: skip
     if not exs:
         raise ValueError(f"variant {variant!r} produced no {task} examples; raise n")

@@ -15,8 +15,8 @@ from typing import Any, Literal
 
 from mechinterp.store import atomic_path
 
-TaskName = Literal["niah", "mdqa", "multihop"]
-TASK_NAMES: tuple[TaskName, ...] = ("niah", "mdqa", "multihop")
+TaskName = Literal["niah", "mdqa", "multihop", "citation"]
+TASK_NAMES: tuple[TaskName, ...] = ("niah", "mdqa", "multihop", "citation")
 
 
 @dataclass(frozen=True)

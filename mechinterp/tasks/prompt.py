@@ -21,9 +21,11 @@ INSTRUCTIONS = {
     "results (some of which might be irrelevant).",
     "multihop": "Answer the question using the documents below. The answer needs facts from more "
     "than one document. Answer with a short phrase.",
+    "citation": "Below are documents, each with its number. Summarize what they say about the "
+    "requested subject, citing the documents that support each point.",
 }
 #: Text the assistant turn starts with (teacher-forced), per task; keeps small models on task.
-ANSWER_PREFIX = {"niah": "", "mdqa": "", "multihop": ""}
+ANSWER_PREFIX = {"niah": "", "mdqa": "", "multihop": "", "citation": ""}
 
 
 @dataclass(frozen=True)
