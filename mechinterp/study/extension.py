@@ -18,6 +18,7 @@ Every stage resumes (finished shards are skipped) and runs in-process or on Ray.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -64,10 +65,19 @@ class LofitStage:
 
     spec: LofitSpec = field(default_factory=lambda: LofitSpec(steps=60))
     top_share: float = 0.05
+    #: L1 strengths λ of step 1 to sweep (each its own run): the share of heads whose A stays
+    #: non-zero, against the 3–10 % LoFiT's paper selects.
+    l1_sweep: tuple[float, ...] = ()
+    #: Bias vectors (step 2) on the reference model's retrieval heads, on LoFiT's own top heads
+    #: and on layer-matched random heads (as many of each), then task F1 of each on the
+    #: evaluation examples, beside the base model and LoRA.
+    localised: bool = False
 
     def __post_init__(self) -> None:
         if not 0 < self.top_share <= 1:
             raise ValueError(f"top_share must lie in (0, 1], got {self.top_share}")
+        if any(not lam >= 0 for lam in self.l1_sweep):
+            raise ValueError(f"l1_sweep values must be >= 0, got {self.l1_sweep}")
 
 
 @dataclass(frozen=True)
@@ -283,6 +293,45 @@ def lofit_shard(model, *, base: dict, data: dict, lofit: dict, directory: str) -
                         seconds=scales.seconds + biases.seconds)  # fmt: skip
 
 
+def lofit_sweep_shard(model, *, base: dict, data: dict, spec: dict, l1: float) -> pd.DataFrame:
+    """LoFiT step 1 at one L1 strength, from the base model on the reference data: how many
+    heads keep a non-zero scaling vector A (LoFiT's selection)."""
+    from mechinterp.config import from_dict
+    from mechinterp.finetune.lofit import train_lofit_scales
+
+    lofit_spec = dataclasses.replace(from_dict(LofitSpec, spec), l1=l1)
+    scales = train_lofit_scales(base["name"], build_data(**data), lofit_spec, progress=False,
+                                device=base["device"] or "cpu")  # fmt: skip
+    norms = scales.norms()["norm"]
+    return pd.DataFrame([{
+        "l1": l1, "n_heads": len(norms), "n_selected": int((norms > 0).sum()),
+        "share_selected": float((norms > 0).mean()), "loss": scales.losses[-1],
+        "seconds": scales.seconds,
+    }])  # fmt: skip
+
+
+def lofit_localised_shard(
+    model, *, base: dict, data: dict, eval_data: dict, spec: dict, head_set: str,
+    heads: list[str], max_new_tokens: int, template,
+) -> pd.DataFrame:  # fmt: skip
+    """LoFiT bias vectors (step 2) on `heads` from the base model on the reference data, then the
+    base model with them on the evaluation examples (no heads: the base model alone)."""
+    from mechinterp.config import from_dict
+    from mechinterp.evaluate import evaluate
+    from mechinterp.finetune.lofit import apply_lofit, train_lofit_biases
+
+    bridge, exs = _load(base, base["name"]), build_data(**eval_data)
+    kw = {"max_new_tokens": max_new_tokens, "template": template, "score": True,
+          "progress": False}  # fmt: skip
+    if not heads:
+        return evaluate(bridge, exs, **kw).assign(head_set=head_set, n_heads=0)
+    biases = train_lofit_biases(base["name"], build_data(**data), heads, from_dict(LofitSpec, spec),
+                                progress=False, device=base["device"] or "cpu")  # fmt: skip
+    with apply_lofit(bridge, biases):
+        df = evaluate(bridge, exs, **kw)
+    return df.assign(head_set=head_set, n_heads=len(heads), bias_loss=biases.losses[-1])
+
+
 def cross_shard(
     model, *, base: dict, data: dict, variant: str, donor: str, recipient: str,
     sets: dict[str, list[str]], max_new_tokens: int, trained: list[str], template,
@@ -295,6 +344,23 @@ def cross_shard(
                               progress=False)  # fmt: skip
     sizes = {name: len(hs) for name, hs in sets.items()}
     return df.assign(model_variant=variant, set_size=df["condition"].map(sizes).fillna(0))
+
+
+def lofit_head_sets(lofit: pd.DataFrame, retrieval, shape) -> dict[str, list[str]]:
+    """The localised LoFiT runs: no heads (the base model), the reference model's retrieval heads,
+    LoFiT's own top heads by ‖A‖₂ and layer-matched random heads (neither set), as many of each."""
+    from mechinterp.analysis.headsets import draw_baseline
+    from mechinterp.heads import parse_heads
+
+    retrieval = list(parse_heads([str(h) for h in retrieval], shape))
+    sets: dict[str, list[str]] = {"base": []}
+    if not retrieval:
+        return sets
+    top = list(parse_heads(lofit.sort_values("rank")["head_name"].head(len(retrieval)), shape))
+    rand = draw_baseline(retrieval + top, retrieval, shape, seed=0, draw="layer_matched")
+    sets.update({"retrieval": [str(h) for h in retrieval], "lofit": [str(h) for h in top],
+                 "random": [str(h) for h in rand]})  # fmt: skip
+    return sets
 
 
 # ---------------------------------------------------------------- analysis (tables only)
@@ -473,8 +539,23 @@ def run_extension(
             "base": base, "data": data_args(config, config.reference, "train"),
             "lofit": to_dict(config.lofit), "directory": str(ckpt / f"lofit-{config.reference}")})],
             "LoFiT (reference data)")  # fmt: skip
+    sweep, localised = pd.DataFrame(), pd.DataFrame()
+    if config.lofit is not None and config.lofit.l1_sweep:
+        sweep = stage("lofit_sweep", [Shard(f"lofit_sweep/l1-{lam:g}", lofit_sweep_shard, {
+            "base": base, "data": data_args(config, config.reference, "train"),
+            "spec": to_dict(config.lofit.spec), "l1": float(lam)})
+            for lam in config.lofit.l1_sweep], "LoFiT λ sweep")  # fmt: skip
+    if config.lofit is not None and config.lofit.localised and len(lofit):
+        localised = stage("lofit_localised", [
+            Shard(f"lofit_localised/{name}", lofit_localised_shard, {
+                "base": base, "data": data_args(config, config.reference, "train"),
+                "eval_data": ev, "spec": to_dict(config.lofit.spec), "head_set": name,
+                "heads": heads, "max_new_tokens": config.max_new_tokens, "template": tpl})
+            for name, heads in lofit_head_sets(lofit, sets[config.reference], shape).items()],
+            "LoFiT on retrieval, LoFiT-selected and random heads")  # fmt: skip
     for name, df in (("losses", losses), ("eval", evals), ("detect_instances", per),
-                     ("knockout", knockout), ("cross", cross), ("lofit", lofit)):  # fmt: skip
+                     ("knockout", knockout), ("cross", cross), ("lofit", lofit),
+                     ("lofit_sweep", sweep), ("lofit_localised", localised)):  # fmt: skip
         if len(df):
             store.write_table(df, out / f"{name}.parquet")
         else:

@@ -50,7 +50,8 @@ CLAIMS = {
     "heads",
     "necessary": "Each model's own top-k heads matter more than k random heads (knockout)",
 }
-TABLES = ("losses", "eval", "detect_instances", "knockout", "cross", "lofit")
+TABLES = ("losses", "eval", "detect_instances", "knockout", "cross", "lofit", "lofit_sweep",
+          "lofit_localised")
 
 
 def read_config(run_dir: str | Path):
@@ -154,6 +155,46 @@ def correlation(heads: pd.DataFrame, config, method: str = "spearman") -> dict:
     return {"method": r.method, "estimate": r.estimate, "low": r.low, "high": r.high,
             "p_value": r.p_value, "p_permutation": r.p_permutation,
             "n_permutations": r.n_permutations, "exact": r.exact, "n": r.n}  # fmt: skip
+
+
+def lofit_localised_summary(localised: pd.DataFrame, evals: pd.DataFrame, reference: str):
+    """Task metrics per LoFiT head set (base model + bias vectors), with LoRA on the reference
+    data beside them: mean F1, EM and answer log-prob over the evaluation examples."""
+    metrics = [m for m in ("f1", "em", "answer_logprob") if m in localised]
+    rows = localised.groupby("head_set", sort=False).agg(
+        n_heads=("n_heads", "first"), n=("example_id", "nunique"),
+        **{m: (m, "mean") for m in metrics})  # fmt: skip
+    rows = rows.reset_index().rename(columns={"head_set": "method"})
+    rows["method"] = "LoFiT biases on " + rows["method"] + " heads"
+    rows.loc[rows["n_heads"] == 0, "method"] = "base model (no tuning)"
+    lora = evals[evals["model_variant"] == reference]
+    if len(lora):
+        rows.loc[len(rows)] = {"method": f"LoRA on {reference}", "n_heads": None,
+                               "n": lora["example_id"].nunique(),
+                               **{m: lora[m].mean() for m in metrics if m in lora}}  # fmt: skip
+    return rows
+
+
+def lofit_lines(tables: dict, config) -> list[str]:
+    """The report's LoFiT sections: localised bias tuning and the λ sweep (when they ran)."""
+    lines: list[str] = []
+    localised, sweep = tables.get("lofit_localised"), tables.get("lofit_sweep")
+    if localised is not None and len(localised):
+        summary = lofit_localised_summary(localised, tables["eval"], config.reference)
+        lines += ["", "## LoFiT localised to retrieval heads (from the base model, reference data)",
+                  "", "| method | heads | F1 | EM | answer log-prob | n |",
+                  "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+        for r in summary.itertuples():
+            lines.append(f"| {r.method} | {_fmt(r.n_heads)} | {_fmt(r.f1)} | {_fmt(r.em)} | "
+                         f"{_fmt(getattr(r, 'answer_logprob', None))} | {r.n} |")  # fmt: skip
+    if sweep is not None and len(sweep):
+        lines += ["", "## LoFiT head selection by L1 strength (step 1, every head)", "",
+                  "| λ (L1) | heads with A ≠ 0 | share | final loss |", "| --- | --- | --- | --- |"]
+        for r in sweep.sort_values("l1").itertuples():
+            lines.append(f"| {r.l1:g} | {r.n_selected} of {r.n_heads} | "
+                         f"{r.share_selected:.1%} | {r.loss:.3f} |")  # fmt: skip
+        lines += ["", "LoFiT's paper selects 3–10 % of heads."]
+    return lines
 
 
 def lofit_vs_retrieval(lofit: pd.DataFrame, scores: pd.DataFrame, sets: dict, config) -> dict:
@@ -443,6 +484,7 @@ def write_report(run_dir: Path, tables, heads, claims, config) -> Path:
                   f"retrieval heads make up {_fmt(m['reference_heads_in_lofit_top'])} of LoFiT's "
                   f"top {m['n_reference_heads']}, and {_fmt(m['reference_heads_among_tuned'])} of "
                   f"the {m['n_bias_tuned']} heads whose bias vectors step 2 tuned"]  # fmt: skip
+    lines += lofit_lines(tables, config)
     for name in ("recall_vs_performance", "cross_patching", "head_overlap", "knockout_by_model"):
         if (run_dir / "figures" / f"{name}.png").is_file():
             lines += ["", f"![{name}](figures/{name}.png)"]

@@ -34,7 +34,8 @@ def config(tmp_path_factory):
                            gate=None, top_k=3, max_new_tokens=6),
         knockout=ModelKnockout(ks=(1, 2), seeds=(0,), target="gold"),  # random model: never answers
         cross_seeds=(0,),
-        lofit=LofitStage(spec=LofitSpec(steps=2, lr=1e-2), top_share=0.25),
+        lofit=LofitStage(spec=LofitSpec(steps=2, lr=1e-2), top_share=0.25, l1_sweep=(0.0, 100.0),
+                         localised=True),
     )  # fmt: skip
 
 
@@ -68,9 +69,21 @@ def test_the_pipeline_runs_end_to_end_and_resumes_after_a_kill(config, tmp_path,
     assert (out / "checkpoints" / "lofit-realistic-high" / "lofit_bias.safetensors").is_file()
     assert set(json.loads((out / "lofit_vs_retrieval.json").read_text())) >= {
         "spearman_norm_vs_score", "reference_heads_in_lofit_top"}  # fmt: skip
+    sweep = pd.read_parquet(out / "lofit_sweep.parquet").set_index("l1")
+    assert sweep.loc[0.0, "n_selected"] == 8  # no penalty: every head moves off zero
+    assert sweep.loc[100.0, "n_selected"] == 0  # lr · λ = 1 per step: every A is thresholded
+    localised = pd.read_parquet(out / "lofit_localised.parquet")
+    sizes = localised.groupby("head_set")["n_heads"].first().to_dict()
+    assert sizes == {"base": 0, "retrieval": 3, "lofit": 3, "random": 3}
+    assert localised.groupby("head_set").size().eq(2).all()  # every evaluation example
+    base_f1 = localised.loc[localised["head_set"] == "base", "answer_logprob"].to_numpy()
+    tuned = localised.loc[localised["head_set"] == "retrieval", "answer_logprob"].to_numpy()
+    assert (base_f1 != tuned).any()  # the bias vectors changed the model
     claims = pd.read_csv(out / "claims_headline.csv")
     assert list(claims["claim"]) == ["recall_predicts", "subset", "inter_beats_rand", "necessary"]
-    assert "## Verdicts" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "## Verdicts" in report and "## LoFiT localised to retrieval heads" in report
+    assert "| 100 | 0 of 8 | 0.0% |" in report and "LoRA on realistic-high" in report
     assert set(json.loads((out / "provenance.json").read_text())["timings"]) >= {
         "finetune_s", "eval_s", "detect_s", "knockout_s", "cross_s", "total_s"}  # fmt: skip
 
@@ -153,10 +166,28 @@ def test_changing_one_stage_recomputes_only_what_depends_on_it(config, tmp_path)
     more_tokens = dataclasses.replace(config, max_new_tokens=5)  # the stages that generate
     run_extension(more_tokens, out=out, png=None, progress=False)
     prov = json.loads((out / "provenance.json").read_text())
-    n = 1 + len(config.variants)
-    assert prov["shards"]["skipped"] == 2 * n + 1  # fine-tunes, detections and LoFiT reused
-    assert prov["shards"]["computed"] == 2 * n + len(config.variants)  # eval, knockout, cross
+    n, sweep = 1 + len(config.variants), len(config.lofit.l1_sweep)
+    # fine-tunes, detections, LoFiT and its λ sweep reused
+    assert prov["shards"]["skipped"] == 2 * n + 1 + sweep
+    # eval, knockout, cross, and the 4 localised LoFiT runs (which generate)
+    assert prov["shards"]["computed"] == 2 * n + len(config.variants) + 4
     retrained = dataclasses.replace(config, lora=dataclasses.replace(config.lora, seed=1))
     run_extension(retrained, out=out, png=None, progress=False)
     prov = json.loads((out / "provenance.json").read_text())
-    assert prov["shards"]["skipped"] == 1  # new checkpoints: all but LoFiT (from the base)
+    # new checkpoints (and max_new_tokens back at 6): all but LoFiT and its λ sweep, which start
+    # from the base model and do not generate
+    assert prov["shards"]["skipped"] == 1 + sweep
+
+
+def test_lofit_head_sets_are_equal_sized_and_the_random_one_is_layer_matched_and_disjoint():
+    from mechinterp.heads import HeadShape, parse_heads
+    from mechinterp.study.extension import lofit_head_sets
+
+    shape = HeadShape(4, 8, 8)
+    norms = pd.DataFrame({"head_name": ["L3H0", "L1H1", "L2H2", "L0H0"], "rank": [1, 2, 3, 4]})
+    sets = lofit_head_sets(norms, parse_heads("L1H1 L2H3 L2H0"), shape)
+    assert sets["base"] == [] and sets["retrieval"] == ["L1H1", "L2H3", "L2H0"]
+    assert sets["lofit"] == ["L3H0", "L1H1", "L2H2"]
+    rand = parse_heads(sets["random"])
+    assert sorted(h.layer for h in rand) == [1, 2, 2]
+    assert not set(sets["random"]) & (set(sets["retrieval"]) | set(sets["lofit"]))
