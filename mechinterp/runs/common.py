@@ -114,32 +114,32 @@ def build_examples(task: TaskSpec, tokenizer) -> list[Example]:
             haystack=task.haystack,
             seed=task.seed,
         )
-    if task.task == "mdqa":
-        from mechinterp.tasks.mdqa import load_mdqa, synthetic_mdqa
+    return qa_examples(task.task, data=task.data, n=task.n, variant=task.variant,
+                       n_docs=task.n_docs, seed=task.seed)  # fmt: skip
 
-        if task.data:
-            return load_mdqa(task.data, limit=task.n)
-        realism, diversity = parse_variant(task.variant)
-        return synthetic_mdqa(
-            task.n, n_docs=task.n_docs, realism=realism, diversity=diversity, seed=task.seed
-        )
-    if task.task == "citation":
-        from mechinterp.tasks.citation import load_summhay, synthetic_citation
 
-        if task.data:
-            return load_summhay(task.data, limit=task.n)
-        realism, diversity = parse_variant(task.variant)
-        return synthetic_citation(
-            task.n, n_docs=task.n_docs, realism=realism, diversity=diversity, seed=task.seed
-        )
+def qa_examples(
+    task: str, *, data: str | None, n: int, variant: str, n_docs: int, seed: int,
+    doc_words: int | None = None, skip: int = 0,
+) -> list[Example]:  # fmt: skip
+    """Examples `skip`..`skip + n` of a user's file (`data`: lost-in-the-middle JSONL for mdqa,
+    MuSiQue for multihop, a SummHay haystack for citation), or `n` synthetic examples of
+    `variant` (`doc_words`: the generator's default when None)."""
+    from mechinterp.tasks.citation import load_summhay, synthetic_citation
+    from mechinterp.tasks.mdqa import load_mdqa, synthetic_mdqa
     from mechinterp.tasks.multihop import load_musique, synthetic_multihop
 
-    if task.data:
-        return load_musique(task.data, limit=task.n)
-    realism, diversity = parse_variant(task.variant)
-    return synthetic_multihop(
-        task.n, n_docs=task.n_docs, realism=realism, diversity=diversity, seed=task.seed
-    )
+    loaders = {"mdqa": load_mdqa, "multihop": load_musique, "citation": load_summhay}
+    makers = {"mdqa": synthetic_mdqa, "multihop": synthetic_multihop,
+              "citation": synthetic_citation}  # fmt: skip
+    if task not in loaders:
+        raise ValueError(f"{task!r} is not a QA task; expected one of {sorted(loaders)}")
+    if data:
+        return loaders[task](data, limit=skip + n)[skip:]
+    realism, diversity = parse_variant(variant)
+    extra = {} if doc_words is None else {"doc_words": doc_words}
+    return makers[task](n, n_docs=n_docs, realism=realism, diversity=diversity, seed=seed,
+                        **extra)  # fmt: skip
 
 
 def read_head_scores(path: str | Path) -> pd.DataFrame:

@@ -160,26 +160,16 @@ def data_args(
 
 
 def build_data(*, task, variant, n, seed, n_docs, doc_words, data, skip=0) -> list:
-    """A variant's synthetic examples, or examples `skip`..`skip + n` of a user's JSONL file."""
-    from mechinterp.runs.common import parse_variant
-    from mechinterp.tasks.citation import load_summhay, synthetic_citation
-    from mechinterp.tasks.mdqa import load_mdqa, synthetic_mdqa
-    from mechinterp.tasks.multihop import load_musique, synthetic_multihop
+    """A variant's synthetic examples, or examples `skip`..`skip + n` of a user's file."""
+    from mechinterp.runs.common import qa_examples
 
-    loaders = {"mdqa": load_mdqa, "multihop": load_musique, "citation": load_summhay}
-    makers = {"mdqa": synthetic_mdqa, "multihop": synthetic_multihop,
-              "citation": synthetic_citation}  # fmt: skip
-    if data:
-        exs = loaders[task](data, limit=skip + n)[skip:]
-        if not exs:
-            raise ValueError(
-                f"{data} holds no {task} examples after the first {skip}: point reference_data "
-                "at a file with more examples, or lower n_eval / n_detect"
-            )
-        return exs
-    realism, diversity = parse_variant(variant)
-    exs = makers[task](n, n_docs=n_docs, realism=realism, diversity=diversity, seed=seed,
-               doc_words=doc_words)  # fmt: skip
+    exs = qa_examples(task, data=data, n=n, variant=variant, n_docs=n_docs, seed=seed,
+                      doc_words=doc_words, skip=skip)  # fmt: skip
+    if not exs and data:
+        raise ValueError(
+            f"{data} holds no {task} examples after the first {skip}: point reference_data "
+            "at a file with more examples, or lower n_eval / n_detect"
+        )
     if not exs:
         raise ValueError(f"variant {variant!r} produced no {task} examples; raise n")
     return exs

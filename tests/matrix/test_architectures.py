@@ -426,16 +426,23 @@ def test_cached_generation_equals_hf_generate(family):
     assert wrong == 0
 
 
-def test_cross_patching_every_head_gives_the_donor(family, tmp_path):
-    """The recipient is the donor with every attention parameter perturbed (a fine-tune of the
-    attention alone): patching every head's output from the donor must give the donor's logits."""
-    name, donor = family
-    recipient = tiny_family(name, directory=tmp_path / "recipient")
-    g = torch.Generator().manual_seed(1)
+def _attention_tuned(name: str, directory, *, seed: int):
+    """The family's seed-0 model with every attention parameter perturbed (a fine-tune of the
+    attention alone): a recipient for the seed-0 donor."""
+    recipient = tiny_family(name, directory=directory)
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for pname, p in recipient.original_model.named_parameters():
             if any(f".{part}." in pname for part in ("self_attn", "attn", "attention")):
                 p.add_(0.5 * p.std().clamp(min=0.1) * torch.randn(p.shape, generator=g))
+    return recipient
+
+
+def test_cross_patching_every_head_gives_the_donor(family, tmp_path):
+    """The recipient is the donor with every attention parameter perturbed (a fine-tune of the
+    attention alone): patching every head's output from the donor must give the donor's logits."""
+    name, donor = family
+    recipient = _attention_tuned(name, tmp_path / "recipient", seed=1)
     ids, mask = left_pad(recipient, BATCH)
     heads = HeadShape.of(recipient).all_heads()
     with torch.no_grad():
@@ -457,12 +464,7 @@ def test_batched_cross_conditions_equal_one_cross_patch_per_condition(family, tm
     from mechinterp.tasks.niah import niah_grid
 
     name, donor = family
-    recipient = tiny_family(name, directory=tmp_path / "recipient")
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for pname, p in recipient.original_model.named_parameters():
-            if any(f".{part}." in pname for part in ("self_attn", "attn", "attention")):
-                p.add_(0.5 * p.std().clamp(min=0.1) * torch.randn(p.shape, generator=g))
+    recipient = _attention_tuned(name, tmp_path / "recipient", seed=2)
     examples = niah_grid(recipient.tokenizer, lengths=[300, 340], depths=[0.5], needles=1)
     sets = {"a": [Head(0, 1), Head(2, 3)], "b": [Head(1, 0)]}
     key = ["condition", "example_id"]
