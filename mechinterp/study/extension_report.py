@@ -165,8 +165,11 @@ def lofit_localised_summary(localised: pd.DataFrame, evals: pd.DataFrame, refere
         n_heads=("n_heads", "first"), n=("example_id", "nunique"),
         **{m: (m, "mean") for m in metrics})  # fmt: skip
     rows = rows.reset_index().rename(columns={"head_set": "method"})
-    rows["method"] = "LoFiT biases on " + rows["method"] + " heads"
-    rows.loc[rows["n_heads"] == 0, "method"] = "base model (no tuning)"
+    names = {"base": "base model (no tuning)",
+             "retrieval": "LoFiT biases on the reference model's retrieval heads",
+             "lofit": "LoFiT biases on LoFiT's own top heads (by ‖A‖₂)",
+             "random": "LoFiT biases on layer-matched random heads"}  # fmt: skip
+    rows["method"] = rows["method"].map(lambda m: names.get(m, f"LoFiT biases on {m} heads"))
     lora = evals[evals["model_variant"] == reference]
     if len(lora):
         rows.loc[len(rows)] = {"method": f"LoRA on {reference}", "n_heads": None,
@@ -185,7 +188,8 @@ def lofit_lines(tables: dict, config) -> list[str]:
                   "", "| method | heads | F1 | EM | answer log-prob | n |",
                   "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
         for r in summary.itertuples():
-            lines.append(f"| {r.method} | {_fmt(r.n_heads)} | {_fmt(r.f1)} | {_fmt(r.em)} | "
+            heads = "—" if pd.isna(r.n_heads) else int(r.n_heads)
+            lines.append(f"| {r.method} | {heads} | {_fmt(r.f1)} | {_fmt(r.em)} | "
                          f"{_fmt(getattr(r, 'answer_logprob', None))} | {r.n} |")  # fmt: skip
     if sweep is not None and len(sweep):
         lines += ["", "## LoFiT head selection by L1 strength (step 1, every head)", "",
@@ -193,7 +197,8 @@ def lofit_lines(tables: dict, config) -> list[str]:
         for r in sweep.sort_values("l1").itertuples():
             lines.append(f"| {r.l1:g} | {r.n_selected} of {r.n_heads} | "
                          f"{r.share_selected:.1%} | {r.loss:.3f} |")  # fmt: skip
-        lines += ["", "LoFiT's paper selects 3–10 % of heads."]
+        lines += ["", "LoFiT's paper selects 3–10 % of heads. The localised runs above take "
+                  f"LoFiT's top heads from step 1 at λ = {config.lofit.spec.l1:g}."]
     return lines
 
 
