@@ -96,14 +96,15 @@ def _o_proj(model, layer: int) -> tuple[Tensor, Tensor | None]:
     )
 
 
-def _mixed_output(recipient, donor, layer: int, z_rec: Tensor, z_don: Tensor, masks: Tensor,
+def _mixed_output(recipient, donor, layer: int, z_rec: Tensor, z_don: Tensor, heads: Tensor,
                   dtype) -> Tensor:  # fmt: skip
-    """The attention output of `layer` with, in batch row r, the heads marked in `masks[r]`
-    (`[rows or 1, head · d_head]`, 1 on a head's columns) taken from the donor: each head's
-    z through its own model's W_O, and the output bias shared per head (a row patching a share
-    s of the heads gets (1 − s) b_rec + s b_don)."""
+    """The attention output of `layer` with, in batch row r, the heads marked in `heads[r]`
+    (bool `[rows or 1, head]`) taken from the donor: each head's z (`[rows, pos, head · d_head]`)
+    through its own model's W_O, and the output bias shared per head (a row patching a share s
+    of the heads gets (1 − s) b_rec + s b_don)."""
     (w_rec, b_rec), (w_don, b_don) = _o_proj(recipient, layer), _o_proj(donor, layer)
-    m = masks.to(z_rec.dtype)[:, None, :]  # [rows, 1, head · d_head]
+    d_head = z_rec.shape[-1] // heads.shape[-1]
+    m = heads.to(z_rec.device, z_rec.dtype).repeat_interleave(d_head, dim=-1)[:, None, :]
     share = m.mean(-1, keepdim=True)  # [rows, 1, 1]
     mixed = torch.nn.functional.linear(z_rec * (1 - m), w_rec)
     mixed = mixed + torch.nn.functional.linear(z_don.to(z_rec.device) * m, w_don.to(z_rec.device))
@@ -112,13 +113,6 @@ def _mixed_output(recipient, donor, layer: int, z_rec: Tensor, z_don: Tensor, ma
     if b_don is not None:
         mixed = mixed + share * b_don.to(z_rec.device)
     return mixed.to(dtype)
-
-
-def _head_mask(n_heads: int, d_head: int, heads: list[int], device) -> Tensor:
-    """1 on the d_head columns of `heads` in a flattened `head · d_head` z, 0 elsewhere."""
-    mask = torch.zeros(n_heads, d_head, device=device)
-    mask[heads] = 1.0
-    return mask.flatten()
 
 
 @contextmanager
@@ -201,10 +195,10 @@ def cross_patch(
     def write_output(out: Tensor, hook, *, layer: int) -> Tensor:
         z_rec = state["z_rec"].pop(layer)
         z_don = donor_z(layer, z_rec).reshape(z_rec.shape)
-        mask = _head_mask(shape.n_heads, z_rec.shape[-1] // shape.n_heads, by_layer[layer],
-                          z_rec.device)[None]  # fmt: skip
+        heads = torch.zeros(1, shape.n_heads, dtype=torch.bool)
+        heads[0, by_layer[layer]] = True
         stats["patched"] += 1
-        return _mixed_output(recipient, donor, layer, z_rec, z_don, mask, out.dtype)
+        return _mixed_output(recipient, donor, layer, z_rec, z_don, heads, out.dtype)
 
     if patched == "z":
         recipient_hooks = [
@@ -292,13 +286,13 @@ def cross_model_patching(
     if reserved:
         raise ValueError(f"head-set names {sorted(reserved)} are reserved for the baselines")
     conditions = {"recipient": (), **parsed}  # the recipient's rows; "donor" comes with them
-    prompts = render_all(recipient, examples, template=template)
-    stop_ids = stop_token_ids(recipient)
-    rows: dict[str, list[dict]] = {name: [] for name in ["recipient", "donor", *parsed]}
     names = list(conditions)
+    prompts = render_all(recipient, examples, template=template)
+    answers = [answer_ids(recipient, ex.answers[0]) for ex in examples] if score else None
+    stop_ids = stop_token_ids(recipient)
     per_batch = max(1, max_rows // len(names))  # examples per batch, all conditions as rows
     order = sorted(range(len(examples)), key=lambda i: prompts[i].n_tokens)  # as `generate`
-    found: dict[tuple[str, int], dict] = {}
+    found: dict[tuple[str, int], dict] = {}  # (condition, example index) -> row
     bar = tqdm(total=len(examples), desc="cross-model patching", disable=not progress)
     for b in range(0, len(order), per_batch):
         idx = order[b : b + per_batch]
@@ -308,8 +302,7 @@ def cross_model_patching(
                 donor, recipient, [prompts[i].input_ids for i in idx],
                 [conditions[n] for n in chunk], max_new_tokens=max_new_tokens,
                 stop_ids=stop_ids, patched=patched,
-                answers=[answer_ids(recipient, examples[i].answers[0]) for i in idx]
-                if score else None,
+                answers=None if answers is None else [answers[i] for i in idx],
             )  # fmt: skip
             labels = chunk + (["donor"] if c == 0 else [])
             for e, i in enumerate(idx):
@@ -320,13 +313,11 @@ def cross_model_patching(
                     found[name, i] = row
         bar.update(len(idx))
     bar.close()
-    for name in rows:
-        rows[name] = [found[name, i] for i in range(len(examples))]
     frames = []
-    for name, found in rows.items():
+    for name in ["recipient", "donor", *parsed]:
         hs = conditions.get(name, ())
         frames.append(
-            pd.DataFrame(found).assign(
+            pd.DataFrame([found[name, i] for i in range(len(examples))]).assign(
                 condition=name, n_heads=len(hs), heads=" ".join(str(h) for h in hs),
                 patched=patched,
             )  # fmt: skip
@@ -364,7 +355,6 @@ def cross_rows(
     parsed = [parse_heads(hs, shape) for hs in sets]
     n_sets, n_ex = len(parsed), len(prompts)
     rec_rows = n_ex * n_sets  # recipient row e * n_sets + r
-    d_head = recipient.cfg.d_head
     per_set = torch.zeros(shape.n_layers, n_sets, shape.n_heads, dtype=torch.bool)
     for r, hs in enumerate(parsed):
         for h in hs:
@@ -392,8 +382,8 @@ def cross_rows(
 
     def write_output(out: Tensor, hook, *, layer: int) -> Tensor:
         z = z_rec.pop(layer)
-        cols = masks[layer].repeat_interleave(d_head, dim=-1).to(z.device)  # [rows, head · d]
-        mixed = _mixed_output(recipient, donor, layer, z, donor_rows(layer, z), cols, out.dtype)
+        mixed = _mixed_output(recipient, donor, layer, z, donor_rows(layer, z), masks[layer],
+                              out.dtype)  # fmt: skip
         return torch.where(masks[layer].any(-1).to(out.device)[:, None, None], mixed, out)
 
     def write_z(z: Tensor, hook, *, layer: int) -> Tensor:
