@@ -241,10 +241,16 @@ def substring_match(prediction: str, answers: Sequence[str]) -> float:
 
 
 #: The headline "correct" per task: NIAH uses Wu et al.'s ROUGE-1 recall > 0.5 gate; the QA tasks
-#: use substring match.
-def is_correct(task: str, prediction: str, answers: Sequence[str]) -> bool:
+#: use substring match; the citation task, citation F1 ≥ 0.5 against its `insights`.
+def is_correct(
+    task: str, prediction: str, answers: Sequence[str], *, insights: Sequence | None = None
+) -> bool:
     if task == "niah":
         return rouge1_recall(prediction, answers) > 0.5
+    if task == "citation":
+        from mechinterp.tasks.citation import citation_scores
+
+        return citation_scores(prediction, insights or ())["citation_f1"] >= 0.5
     return substring_match(prediction, answers) == 1.0
 
 
@@ -343,19 +349,18 @@ def example_row(ex: Example, prompt: Prompt, gen: Generation) -> dict:
         "f1": token_f1(gen.text, ex.answers),
         "rouge1_recall": rouge1_recall(gen.text, ex.answers),
         "substring": substring_match(gen.text, ex.answers),
-        "correct": is_correct(ex.task, gen.text, ex.answers),
+        "correct": is_correct(ex.task, gen.text, ex.answers, insights=ex.meta.get("insights")),
         **_citation_row(ex, gen.text),
     }
 
 
 def _citation_row(ex: Example, prediction: str) -> dict:
-    """The citation task's metrics (`citation_f1` etc.; `correct` is citation F1 ≥ 0.5)."""
+    """The citation task's metrics (`citation_f1`, precision, recall, coverage)."""
     if ex.task != "citation":
         return {}
     from mechinterp.tasks.citation import citation_scores
 
-    scores = citation_scores(prediction, ex.meta["insights"])
-    return {**scores, "correct": scores["citation_f1"] >= 0.5}
+    return citation_scores(prediction, ex.meta["insights"])
 
 
 def _grid_coordinates(ex: Example) -> dict[str, float | int | None]:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mechinterp.detect import retrieval_scores
-from mechinterp.evaluate import evaluate
+from mechinterp.evaluate import evaluate, is_correct
 from mechinterp.tasks.citation import (
     citation_scores,
     load_summhay,
@@ -119,6 +119,10 @@ def test_evaluation_reports_citation_f1_and_detection_runs_on_the_insight_spans(
     df = evaluate(tiny_gqa, exs, max_new_tokens=4, progress=False)
     assert {"citation_f1", "citation_precision", "citation_recall", "coverage"} <= set(df)
     assert df["citation_f1"].between(0, 1).all()
+    assert (df["correct"] == (df["citation_f1"] >= 0.5)).all()
+    insights = exs[0].meta["insights"]
+    assert is_correct("citation", exs[0].answers[0], [], insights=insights)
+    assert not is_correct("citation", "- nothing relevant [1]", [], insights=insights)
     prompts = [render(ex, tiny_gqa.tokenizer) for ex in exs]
     d = retrieval_scores(tiny_gqa, prompts, [ex.answers for ex in exs], gate=None,
                          max_new_tokens=4)  # fmt: skip
