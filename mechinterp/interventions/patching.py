@@ -114,8 +114,9 @@ def resumable(model) -> bool:
             for la in range(n_layers):
                 got = run_from_layer(model, resid[la], la).float()
                 known = known and bool(torch.allclose(got, full, atol=1e-3, rtol=1e-3))
-        except Exception:  # a model the resumed forward cannot run at all
+        except Exception as e:  # a model the resumed forward cannot run at all: say why
             known = False
+            model.mechinterp_resume_error = f"{type(e).__name__}: {e}"
         model.mechinterp_resumable = known
     return known
 
@@ -123,10 +124,11 @@ def resumable(model) -> bool:
 def check_resumable(model) -> None:
     """Raise for a model `run_from_layer` would run wrongly (see `resumable`)."""
     if not resumable(model):
+        why = getattr(model, "mechinterp_resume_error", None)
         raise NotImplementedError(
             f"{family_name(model)}: resuming a forward at a layer (skipping the blocks below it) "
             "does not reproduce the model's own forward, so per-head patching from cached "
-            "residuals is refused for it"
+            "residuals is refused for it" + (f" (the resumed forward failed: {why})" if why else "")
         )
 
 
