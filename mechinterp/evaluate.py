@@ -374,6 +374,14 @@ def _grid_coordinates(ex: Example) -> dict[str, float | int | None]:
     return {"length": n, "depth": None if depth is None else round(depth, 3)}
 
 
+def copied_answers(ex: Example) -> list[str]:
+    """What a response copies when it answers `ex`: its first answer, or on the citation task
+    each insight (a summary is not copied whole; its insights are), in order."""
+    if ex.task == "citation":
+        return [ins["text"] for ins in ex.meta["insights"]]
+    return [ex.answers[0]]
+
+
 def locate_answer(tokenizer, ids: Sequence[int], answer: str) -> tuple[int, int] | None:
     """The token span [start, end) of generated `ids` that writes `answer` (first occurrence,
     case-insensitive), or None when the decoded text does not contain it."""

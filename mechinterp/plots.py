@@ -563,6 +563,67 @@ def recall_scatter(
     return fig
 
 
+def recall_by_task(
+    pooled: pd.DataFrame,
+    *,
+    correlations: dict[str, dict] | None = None,
+    pooled_correlation: dict | None = None,
+    title: str | None = None,
+) -> go.Figure:
+    """Performance vs head recall, one panel per task (columns `task`, `label`, `recall`,
+    `performance`, `metric`, `synthetic`): synthetic variants as labelled circles, the other
+    models (the reference, the limited-real baseline) as stars and diamonds. Each panel's title
+    carries its task's correlation (`correlations[task]`), the figure's the pooled one."""
+    missing = {"task", "label", "recall", "performance", "metric", "synthetic"} - set(pooled)
+    if missing:
+        raise ValueError(f"recall_by_task needs columns {sorted(missing)}")
+    df = pooled.dropna(subset=["recall", "performance"])
+    if df.empty:
+        raise ValueError("recall_by_task: no model has both recall and performance")
+    tasks = list(dict.fromkeys(df["task"]))
+    subtitles = []
+    for t in tasks:
+        r = (correlations or {}).get(t, {})
+        metric = df.loc[df["task"] == t, "metric"].iloc[0]
+        subtitles.append(f"{t} ({metric})" + (f"<br>{_correlation_text(r)}, p = "
+                                              f"{r['p_permutation']:.3f}" if "estimate" in r
+                                              else ""))  # fmt: skip
+    fig = make_subplots(rows=1, cols=len(tasks), subplot_titles=subtitles, shared_yaxes=False,
+                        horizontal_spacing=0.08)  # fmt: skip
+    kinds = (("synthetic variant", {"symbol": "circle", "size": 11, "color": "#1f77b4"}),
+             ("reference", {"symbol": "star", "size": 16, "color": "#d62728"}),
+             ("real data (limited)", {"symbol": "diamond", "size": 12, "color": "#ff7f0e"}))
+    for col, t in enumerate(tasks, 1):
+        part = df[df["task"] == t]
+        kind = np.where(part["synthetic"].astype(bool), kinds[0][0],
+                        np.where(part["label"].str.startswith("real data"), kinds[2][0],
+                                 kinds[1][0]))  # fmt: skip
+        for name, marker in kinds:
+            sel = part[kind == name]
+            if sel.empty:
+                continue
+            fig.add_trace(go.Scatter(
+                x=sel["recall"], y=sel["performance"], mode="markers+text",
+                text=[v if name == kinds[0][0] else "" for v in sel["label"]],
+                textposition="top center", textfont={"size": 10}, cliponaxis=False,
+                marker={**marker, "line": {"width": 1, "color": "white"}}, name=name,
+                legendgroup=name, showlegend=col == 1, customdata=sel["label"],
+                hovertemplate="%{customdata}<br>recall=%{x:.2f}<br>performance=%{y:.2f}"
+                "<extra></extra>"), row=1, col=col)  # fmt: skip
+        fig.update_xaxes(title_text="head recall", range=[-0.05, 1.1], row=1, col=col)
+        fig.update_yaxes(range=[-0.05, 1.1], row=1, col=col,
+                         title_text="performance" if col == 1 else None)  # fmt: skip
+    head = title or "performance vs head recall per task"
+    if pooled_correlation and "estimate" in pooled_correlation:
+        r = pooled_correlation
+        head += (f"<br><sup>pooled within tasks: ρ = {r['estimate']:.2f} [{r['low']:.2f}, "
+                 f"{r['high']:.2f}], n = {r['n']}, permutation p = {r['p_permutation']:.4f}</sup>")
+    fig.update_layout(title=head, template="plotly_white", width=380 * len(tasks) + 80,
+                      height=520, margin={"t": 130},
+                      legend={"orientation": "h", "y": -0.18, "x": 0})  # fmt: skip
+    return fig
+
+
 def cross_patch_by_variant(
     summary: pd.DataFrame, *, metric: str = "f1", title: str | None = None
 ) -> go.Figure:
@@ -603,7 +664,7 @@ def cross_patch_by_variant(
         barmode="group",
         title=title or f"cross-model patching: {metric} before and after patching",
         xaxis_title="recipient (fine-tuned on variant)",
-        yaxis_title=f"{metric} on the reference task" if metric == "f1" else metric,
+        yaxis_title=f"{metric.replace('_', ' ')} on the reference task",
         yaxis_range=[0, max(1.0, top) * 1.18],
         legend={"orientation": "h", "y": -0.25},
         width=820,

@@ -35,6 +35,16 @@ from mechinterp.runs.common import ModelSpec
 from mechinterp.study.config import ClaimSettings, DetectStage, KnockoutScope
 
 REFERENCE_LABEL = "reference (realistic needles in real essays)"
+#: The model key of the "real data (limited)" baseline: the reference variant fine-tuned on only
+#: the first `limited` of its training examples.
+LIMITED = "limited"
+#: The task metric the extension calls performance (recall is correlated with it, cross-model
+#: patching recovers it): token F1 of the answer, or citation F1 on the citation task.
+PERFORMANCE = {"citation": "citation_f1"}
+
+
+def performance_metric(task: str) -> str:
+    return PERFORMANCE.get(task, "f1")
 
 
 @dataclass(frozen=True)
@@ -98,13 +108,30 @@ class ExtensionClaims:
 
 
 @dataclass(frozen=True)
+class TaskRun:
+    """One task of a multi-task extension run: the task and what differs from the shared config
+    (None keeps the shared value). `max_new_tokens` also sets detection's (a citation summary
+    is longer than a short answer); `lofit` runs the config's LoFiT stages on this task."""
+
+    task: Literal["mdqa", "multihop", "citation"]
+    n_docs: int | None = None
+    doc_words: int | None = None
+    reference_data: str | None = None
+    max_new_tokens: int | None = None
+    lofit: bool = False
+
+
+@dataclass(frozen=True)
 class ExtensionConfig:
     model: ModelSpec = field(default_factory=ModelSpec)
-    task: Literal["mdqa", "multihop"] = "mdqa"
+    task: Literal["mdqa", "multihop", "citation"] = "mdqa"
     reference: str = "realistic-high"
     reference_data: str | None = None
     variants: tuple[str, ...] = ("realistic-low", "templated-high", "templated-low", "symbolic")
     n_train: int = 64
+    #: "Real data (limited)": also fine-tune the reference variant on only its first `limited`
+    #: training examples (a baseline model beside the synthetic ones; not in the correlation).
+    limited: int | None = None
     n_eval: int = 16
     n_docs: int = 3
     doc_words: int = 100
@@ -118,9 +145,21 @@ class ExtensionConfig:
     claims: ExtensionClaims = field(default_factory=ExtensionClaims)
     max_new_tokens: int = 32
     template: Literal["chat", "plain"] | None = None
+    #: Several tasks in one run: one extension run per task under `<run>/<task>/` (this config
+    #: with the task's settings laid over it), then the recall–performance correlation pooled
+    #: over every task's synthetic models with the task as a stratum (`extension_tasks`).
+    tasks: tuple[TaskRun, ...] = ()
 
     def __post_init__(self) -> None:
         from mechinterp.runs.common import parse_variant
+
+        names = [t.task for t in self.tasks]
+        if len(set(names)) < len(names):
+            raise ValueError(f"tasks repeat a task: {names}")
+        if self.limited is not None and not 1 <= self.limited < self.n_train:
+            raise ValueError(
+                f"limited must lie in [1, n_train) = [1, {self.n_train}), got {self.limited}"
+            )
 
         for v in (self.reference, *self.variants):
             parse_variant(v)
@@ -133,7 +172,25 @@ class ExtensionConfig:
 
     @property
     def slug(self) -> str:
-        return f"extension-{Path(self.model.name).name}-{self.task}"
+        task = "+".join(t.task for t in self.tasks) if self.tasks else self.task
+        return f"extension-{Path(self.model.name).name}-{task}"
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        """Every fine-tuned model's key: the reference, the limited baseline, the variants."""
+        return (self.reference, *((LIMITED,) if self.limited else ()), *self.variants)
+
+    def for_task(self, run: TaskRun) -> ExtensionConfig:
+        """This config for one task of a multi-task run."""
+        keep = {k: getattr(self, k) for k in ("n_docs", "doc_words", "max_new_tokens")}
+        given = {k: getattr(run, k) for k in keep if getattr(run, k) is not None}
+        detect = self.detect
+        if run.max_new_tokens is not None:  # a task's answers are as long in detection
+            detect = dataclasses.replace(detect, max_new_tokens=run.max_new_tokens)
+        return dataclasses.replace(
+            self, task=run.task, tasks=(), reference_data=run.reference_data, detect=detect,
+            lofit=self.lofit if run.lofit else None, **{**keep, **given},
+        )  # fmt: skip
 
 
 SPLITS = {"train": 0, "eval": 1, "detect": 2}  # split -> generation seed (disjoint examples)
@@ -146,6 +203,8 @@ def data_args(
     another part of the config does not recompute the shard). A user's `reference_data` file
     serves evaluation; detection on the task uses the held-out examples after those."""
     n = {"train": config.n_train, "eval": config.n_eval, "detect": config.n_detect}[split]
+    if variant == LIMITED:  # the reference's first `limited` training examples
+        variant, n = config.reference, config.limited if split == "train" else n
     user = config.reference_data if split != "train" else None
     return {
         "task": config.task,
@@ -179,14 +238,17 @@ def build_data(*, task, variant, n, seed, n_docs, doc_words, data, skip=0) -> li
 
 
 def finetune_shard(
-    model, *, base: dict, data: dict, lora: dict, template, directory: str
-) -> pd.DataFrame:
-    """Train one variant's LoRA adapter; one row per step (loss)."""
+    model, *, base: dict, data: dict, lora: dict, template, directory: str,
+    label: str | None = None,
+) -> pd.DataFrame:  # fmt: skip
+    """Train one model's LoRA adapter; one row per step (loss). `label`: the model's key where
+    it is not its data's variant (the limited-real baseline)."""
     from mechinterp.finetune.lora import train_lora
 
     result = train_lora(base["name"], build_data(**data), LoraSpec(**lora), directory,
                         device=base["device"], template=template, progress=False)  # fmt: skip
-    return pd.DataFrame({"variant": data["variant"], "step": range(1, len(result.losses) + 1),
+    return pd.DataFrame({"variant": label or data["variant"],
+                         "step": range(1, len(result.losses) + 1),
                          "loss": result.losses, "seconds": result.seconds})  # fmt: skip
 
 
@@ -227,10 +289,11 @@ def detect_model_shard(
                         needles=list(g.needles), haystack=g.haystack, seed=g.seed)  # fmt: skip
     else:
         exs = build_data(**data)
+    # the citation task's model copies its insights (planted verbatim: the needles)
+    span = "answer" if data is not None and data["task"] != "citation" else "needle"
     return detect_shard(fine, examples=[e.to_dict() for e in exs], convention=d.convention,
                         gate=d.gate, max_new_tokens=d.max_new_tokens, batch_size=d.batch_size,
-                        template=template, span="needle" if data is None else "answer",
-                        ).assign(model_variant=variant)  # fmt: skip
+                        template=template, span=span).assign(model_variant=variant)  # fmt: skip
 
 
 def knockout_model_shard(
@@ -435,11 +498,11 @@ def finetune_shards(config: ExtensionConfig, checkpoints: Path) -> list[Shard]:
     """Stage 1: one LoRA fine-tune per variant, the reference first."""
     from mechinterp.config import to_dict
 
-    everyone = (config.reference, *config.variants)
     return [Shard(f"finetune/{v}", finetune_shard, {
         "base": to_dict(config.model), "data": data_args(config, v, "train"),
         "lora": to_dict(config.lora), "template": config.template,
-        "directory": str(checkpoints / v)}) for v in everyone]  # fmt: skip
+        "directory": str(checkpoints / v), **({"label": v} if v == LIMITED else {})})
+        for v in config.models]  # fmt: skip
 
 
 def run_extension(
@@ -461,12 +524,17 @@ def run_extension(
     from mechinterp.interventions.cross import patch_head_sets
     from mechinterp.study.extension_report import analyse
 
+    if config.tasks:
+        from mechinterp.study.extension_tasks import run_tasks
+
+        return run_tasks(config, root, out=out, engine=engine, ray_address=ray_address, png=png,
+                         progress=progress)  # fmt: skip
     out = Path(out) if out is not None else store.run_dir(root, config.slug, config)
     out.mkdir(parents=True, exist_ok=True)
     store.write_json(out / "config.json", to_dict(config))
     t0, stats, timings = time.perf_counter(), ShardStats(), {}
     shard_dir, ckpt = out / "shards", out / "checkpoints"
-    everyone = (config.reference, *config.variants)
+    everyone = config.models
     common = {"model": None, "engine": engine, "ray_address": ray_address, "progress": progress,
               "stats": stats, "load": False}  # fmt: skip
     for v in everyone:  # a finished fine-tune shard needs its checkpoint too
@@ -489,7 +557,7 @@ def run_extension(
     losses = stage("finetune", finetune, "1/5 fine-tune")
     point = {v: str(ckpt / v) for v in everyone}
     # a checkpoint's fingerprint: later shards that read it recompute when it is retrained
-    trained = {s.args["data"]["variant"]: s.args_hash for s in finetune}
+    trained = {v: s.args_hash for v, s in zip(everyone, finetune, strict=True)}
     evals = stage("eval", [Shard(f"eval/{v}", eval_shard, {
         "base": base, "data": ev, "variant": v, "checkpoint": point[v], "trained": trained[v],
         "max_new_tokens": config.max_new_tokens, "template": tpl}) for v in everyone],

@@ -75,19 +75,31 @@ def is_extension_run(run_dir: str | Path) -> bool:
 
 
 def label_of(variant: str, config) -> str:
-    from mechinterp.study.extension import REFERENCE_LABEL
+    from mechinterp.study.extension import LIMITED, REFERENCE_LABEL
 
+    if variant == LIMITED:
+        return f"real data (limited: {config.reference} on {config.limited} examples)"
     return REFERENCE_LABEL if variant == config.reference else variant
 
 
-def cross_summary(cross: pd.DataFrame) -> pd.DataFrame:
-    """Per (recipient variant, condition): mean F1 and answer log-prob, the normalised recovery
-    of each ((M − M_recipient) / (M_donor − M_recipient); NaN where the two tie), heads, n."""
+def metric_of(config) -> tuple[str, str]:
+    """The performance metric's column and its name in tables and figures."""
+    from mechinterp.study.extension import performance_metric
+
+    metric = performance_metric(config.task)
+    return metric, "citation F1" if metric == "citation_f1" else "F1"
+
+
+def cross_summary(cross: pd.DataFrame, metric: str = "f1") -> pd.DataFrame:
+    """Per (recipient variant, condition): mean `metric` and answer log-prob, the normalised
+    recovery of each ((M − M_recipient) / (M_donor − M_recipient); NaN where the two tie),
+    heads, n."""
     from mechinterp.interventions.cross import summarise_cross
 
     frames = []
     for v, g in cross.groupby("model_variant", sort=False):
-        s = summarise_cross(g).assign(model_variant=v, n=g["example_id"].nunique())
+        s = summarise_cross(g, (metric, "answer_logprob"))
+        s = s.assign(model_variant=v, n=g["example_id"].nunique())
         frames.append(s)
     return pd.concat(frames, ignore_index=True)
 
@@ -131,7 +143,7 @@ def head_table(tables: dict[str, pd.DataFrame], config) -> tuple[pd.DataFrame, d
     sets = head_sets(scores, config.detect)
     heads = compare_heads(scores, sets, config.reference)
     ev = tables["eval"].groupby("model_variant", sort=False)
-    perf = pd.DataFrame({"performance": ev["f1"].mean(), "em": ev["em"].mean(),
+    perf = pd.DataFrame({"performance": ev[metric_of(config)[0]].mean(), "em": ev["em"].mean(),
                          "n_eval": ev.size()}).reset_index()  # fmt: skip
     heads = heads.merge(perf, on="model_variant", how="left")
     inst = tables["detect_instances"].drop_duplicates(["model_variant", "instance_id"])
@@ -142,11 +154,17 @@ def head_table(tables: dict[str, pd.DataFrame], config) -> tuple[pd.DataFrame, d
     return heads, {"scores": scores, "sets": sets}
 
 
+def synthetic(heads: pd.DataFrame, config) -> pd.DataFrame:
+    """The synthetic variants' rows (not the reference, not the limited-real baseline)."""
+    return heads[heads["model_variant"].isin(config.variants)]
+
+
 def correlation(heads: pd.DataFrame, config, method: str = "spearman") -> dict:
-    """Recall vs F1 across the synthetic variants, with a bootstrap CI ({} if undefined)."""
+    """Recall vs performance across the synthetic variants, with a bootstrap CI ({} if
+    undefined)."""
     from mechinterp.analysis.stats import correlate
 
-    syn = heads[heads["model_variant"] != config.reference].dropna(subset=["recall", "performance"])
+    syn = synthetic(heads, config).dropna(subset=["recall", "performance"])
     if len(syn) < 3 or syn["recall"].nunique() < 2 or syn["performance"].nunique() < 2:
         return {}
     c = config.claims
@@ -157,10 +175,15 @@ def correlation(heads: pd.DataFrame, config, method: str = "spearman") -> dict:
             "n_permutations": r.n_permutations, "exact": r.exact, "n": r.n}  # fmt: skip
 
 
-def lofit_localised_summary(localised: pd.DataFrame, evals: pd.DataFrame, reference: str):
+def lofit_localised_summary(
+    localised: pd.DataFrame, evals: pd.DataFrame, reference: str, metric: str = "f1"
+) -> pd.DataFrame:
     """Task metrics per LoFiT head set (base model + bias vectors), with LoRA on the reference
-    data beside them: mean F1, EM and answer log-prob over the evaluation examples."""
-    metrics = [m for m in ("f1", "em", "answer_logprob") if m in localised]
+    data beside them: mean `metric` (as column `performance`), EM and answer log-prob over the
+    evaluation examples."""
+    localised = localised.assign(performance=localised[metric])
+    evals = evals.assign(performance=evals[metric])
+    metrics = [m for m in ("performance", "em", "answer_logprob") if m in localised]
     rows = localised.groupby("head_set", sort=False).agg(
         n_heads=("n_heads", "first"), n=("example_id", "nunique"),
         **{m: (m, "mean") for m in metrics})  # fmt: skip
@@ -183,13 +206,14 @@ def lofit_lines(tables: dict, config) -> list[str]:
     lines: list[str] = []
     localised, sweep = tables.get("lofit_localised"), tables.get("lofit_sweep")
     if localised is not None and len(localised):
-        summary = lofit_localised_summary(localised, tables["eval"], config.reference)
+        metric, name = metric_of(config)
+        summary = lofit_localised_summary(localised, tables["eval"], config.reference, metric)
         lines += ["", "## LoFiT localised to retrieval heads (from the base model, reference data)",
-                  "", "| method | heads | F1 | EM | answer log-prob | n |",
+                  "", f"| method | heads | {name} | EM | answer log-prob | n |",
                   "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
         for r in summary.itertuples():
             heads = "—" if pd.isna(r.n_heads) else int(r.n_heads)
-            lines.append(f"| {r.method} | {heads} | {_fmt(r.f1)} | {_fmt(r.em)} | "
+            lines.append(f"| {r.method} | {heads} | {_fmt(r.performance)} | {_fmt(r.em)} | "
                          f"{_fmt(getattr(r, 'answer_logprob', None))} | {r.n} |")  # fmt: skip
     if sweep is not None and len(sweep):
         lines += ["", "## LoFiT head selection by L1 strength (step 1, every head)", "",
@@ -237,11 +261,12 @@ def _nan_row(claim, label, metric, n, unit, *, minimum, why):
 def compute_claims(tables, heads: pd.DataFrame, config) -> pd.DataFrame:
     c = config.claims
     boot = {"n_boot": c.n_boot, "level": c.level, "seed": c.seed}
-    syn = heads[heads["model_variant"] != config.reference]
+    syn = synthetic(heads, config)
+    metric, name = metric_of(config)
     rows = []
     for method, primary in (("spearman", True), ("pearson", False)):
         r = correlation(heads, config, method)
-        label = f"{method} correlation of recall with F1 across synthetic variants"
+        label = f"{method} correlation of recall with {name} across synthetic variants"
         if not r:
             if primary:
                 rows.append(_nan_row("recall_predicts", label, "correlation", len(syn), "ρ",
@@ -275,7 +300,7 @@ def compute_claims(tables, heads: pd.DataFrame, config) -> pd.DataFrame:
         rows.append(_nan_row("subset", "share of synthetic heads in the reference set",
                              "subset_share", 0, "share", minimum=c.min_subset,
                              why="no synthetic model has heads"))  # fmt: skip
-    rows += _inter_rows(tables.get("cross"), c, boot)
+    rows += _inter_rows(tables.get("cross"), c, boot, (metric, name))
     if len(tables.get("knockout", ())):
         ko = tables["knockout"]
         settings = ClaimSettings(k=judged_k(ko, c), min_drop=c.min_drop, n_boot=c.n_boot,
@@ -287,16 +312,17 @@ def compute_claims(tables, heads: pd.DataFrame, config) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _inter_rows(cross: pd.DataFrame | None, c, boot) -> list[dict]:
+def _inter_rows(cross: pd.DataFrame | None, c, boot, performance=("f1", "F1")) -> list[dict]:
     label = (
         "Inter minus Rand, per synthetic model × example × Rand draw, models whose recipient "
         "differs from the donor"
     )
     if cross is None or not len(cross):
-        return [_nan_row("inter_beats_rand", label, "f1", 0, "F1", minimum=c.min_gain,
-                         why="no cross-model patching ran")]  # fmt: skip
+        return [_nan_row("inter_beats_rand", label, performance[0], 0, performance[1],
+                         minimum=c.min_gain, why="no cross-model patching ran")]  # fmt: skip
     out = []
-    for metric, primary, unit in (("f1", True, "F1"), ("answer_logprob", False, "nats/token")):
+    for metric, primary, unit in ((performance[0], True, performance[1]),
+                                  ("answer_logprob", False, "nats/token")):
         # only recipients that differ from the donor on the metric have anything to recover
         means = cross.groupby(["model_variant", "condition"])[metric].mean().unstack()
         open_ = means.index[(means["donor"] - means["recipient"]).abs() > 1e-9]
@@ -340,11 +366,12 @@ def draw_figures(run_dir: str | Path, *, png: bool = True) -> list[Path]:
     figs = {}
     drawable = heads.dropna(subset=["recall", "performance"])
     if len(drawable):  # no recall when the reference model has no heads
-        f1 = "F1 on the reference task"
+        f1 = f"{metric_of(config)[1]} on the reference task"
         figs["recall_vs_performance"] = plots.recall_scatter(
             drawable.rename(columns={"label": "variant", "performance": f1}), y=f1,
             reference=label_of(config.reference, config), correlation=corr,
-            title=f"{model} · {config.task}: head recall vs F1 per fine-tuning variant",
+            title=f"{model} · {config.task}: head recall vs {metric_of(config)[1]} per "
+            "fine-tuning variant",
         )  # fmt: skip
     sets = {label_of(v, config): ("" if pd.isna(h) else h).split()
             for v, h in zip(heads["model_variant"], heads["heads"], strict=True)}  # fmt: skip
@@ -353,9 +380,10 @@ def draw_figures(run_dir: str | Path, *, png: bool = True) -> list[Path]:
     )
     if (run_dir / "cross_summary.csv").is_file():
         summary = pd.read_csv(run_dir / "cross_summary.csv")
+        metric, name = metric_of(config)
         figs["cross_patching"] = plots.cross_patch_by_variant(
-            summary, title=f"{model} · {config.task}: reference heads patched into each "
-            "synthetic model",
+            summary, metric=metric, title=f"{model} · {config.task}: reference heads patched "
+            f"into each synthetic model ({name})",
         )  # fmt: skip
     if (run_dir / "knockout_summary.csv").is_file():
         ko = pd.read_csv(run_dir / "knockout_summary.csv")
@@ -382,10 +410,11 @@ def analyse(run_dir: str | Path, *, png: bool | None = True) -> Path:
     store.write_table(parts["scores"], run_dir / "detect_scores.parquet")
     c = config.claims
     if len(tables.get("cross", ())):
-        cs = cross_summary(tables["cross"])
+        metric = metric_of(config)[0]
+        cs = cross_summary(tables["cross"], metric)
         store.write_table(cs, run_dir / "cross_summary.csv")
         inter = cs[cs["condition"] == "inter"].set_index("model_variant")
-        heads["inter_f1_recovery"] = heads["model_variant"].map(inter["f1_recovery"])
+        heads["inter_f1_recovery"] = heads["model_variant"].map(inter[f"{metric}_recovery"])
     if len(tables.get("knockout", ())):
         ks = knockout_table(tables["knockout"], c)
         store.write_table(ks, run_dir / "knockout_summary.csv")
@@ -445,6 +474,9 @@ def write_report(run_dir: Path, tables, heads, claims, config) -> Path:
         f"- variants: {', '.join(config.variants)}; LoRA r={config.lora.r} on "
         f"{'/'.join(config.lora.targets)}, {config.lora.steps} steps at lr {config.lora.lr:g}, "
         f"{config.n_train} training examples per variant",
+        *([f"- real data (limited): `{config.reference}` fine-tuned on only its first "
+           f"{config.limited} training examples (a baseline; not in the correlation)"]
+          if config.limited else []),
         f"- evaluation: {config.n_eval} held-out `{config.reference}` examples "
         f"({config.n_docs} documents); detection on {where}; heads: score > "
         f"{config.detect.threshold:g}" + (f" (top {config.detect.top_k})" if config.detect.top_k
@@ -461,11 +493,12 @@ def write_report(run_dir: Path, tables, heads, claims, config) -> Path:
         lines.append("- compute time per stage (its shards, summed over invocations): " + ", ".join(
             f"{k} {v / 60:.1f} min" for k, v in spent.items()) + f"; total "
             f"{sum(spent.values()) / 60:.1f} min")  # fmt: skip
+    name = metric_of(config)[1]
     lines += ["", "## Verdicts", "", "| claim | verdict |", "| --- | --- |"]
     lines += [f"| {h.statement} | **{h.verdict}** |" for h in verdicts.itertuples()]
     lines += ["", "## Per model", "",
-              "| model | heads | recall | subset share | Jaccard | Spearman | F1 | EM | "
-              "knockout drop | Inter F1 recovery |",
+              f"| model | heads | recall | subset share | Jaccard | Spearman | {name} | EM | "
+              f"knockout drop | Inter {name} recovery |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for r in heads.itertuples():
         lines.append(
@@ -475,8 +508,8 @@ def write_report(run_dir: Path, tables, heads, claims, config) -> Path:
             f"{_fmt(getattr(r, 'inter_f1_recovery', None))} |"
         )
     lines += ["", "knockout drop: answer-retrieved rate under k random heads minus under the "
-              "model's own top-k; Inter F1 recovery: (F1 with Inter patched − F1 of the "
-              "recipient) / (F1 of the donor − F1 of the recipient).", "",
+              f"model's own top-k; Inter {name} recovery: ({name} with Inter patched − {name} "
+              f"of the recipient) / ({name} of the donor − {name} of the recipient).", "",
               "## Claims", "", *table_lines(claims, _fmt, with_claim=True)]  # fmt: skip
     lofit_path = run_dir / "lofit_vs_retrieval.json"
     if len(tables.get("lofit", ())) and lofit_path.is_file():

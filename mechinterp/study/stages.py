@@ -145,10 +145,11 @@ def baseline_shard(
 ) -> pd.DataFrame:
     """Greedy answers without any intervention: one row per example with the task metrics and
     the tokens later stages teacher-force (`target_ids`): the model's own response (`target =
-    "response"`; `answer_start/end` mark the answer in it, -1 if absent) or the gold answer
-    alone (`"gold"`)."""
+    "response"`; `answer_start/end` mark the answer in it, -1 if absent; on the citation task the
+    first insight it copies) or the gold answer alone (`"gold"`)."""
     from mechinterp.evaluate import (
         answer_ids,
+        copied_answers,
         generate,
         is_correct,
         locate_answer,
@@ -168,7 +169,8 @@ def baseline_shard(
             span = (0, len(target_ids))
         else:
             target_ids = list(gen.tokens)
-            span = locate_answer(model.tokenizer, gen.tokens, ex.answers[0])
+            found = (locate_answer(model.tokenizer, gen.tokens, a) for a in copied_answers(ex))
+            span = next((s for s in found if s is not None), None)
         rows.append(
             {
                 **_coordinates(ex),
