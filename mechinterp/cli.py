@@ -469,8 +469,13 @@ def cmd_figures(args) -> int:
     run = Path(args.run)
     formats = ("html",) if args.no_png else ("html", "png")
     from mechinterp.study.extension_report import is_extension_run
+    from mechinterp.study.extension_tasks import is_tasks_run
 
-    if is_extension_run(run):
+    if is_tasks_run(run):
+        from mechinterp.study.extension_tasks import draw_figures as draw_tasks
+
+        written = draw_tasks(run, png=not args.no_png)
+    elif is_extension_run(run):
         from mechinterp.study.extension_report import draw_figures as draw_extension
 
         written = draw_extension(run, png=not args.no_png)
@@ -498,8 +503,11 @@ def cmd_report(args) -> int:
 
     from mechinterp.study import write_report
     from mechinterp.study.extension_report import analyse, is_extension_run
+    from mechinterp.study.extension_tasks import analyse_tasks, is_tasks_run
 
-    if is_extension_run(args.run):
+    if is_tasks_run(args.run):
+        path = analyse_tasks(Path(args.run), png=None)  # every task's report, then the pooled one
+    elif is_extension_run(args.run):
         path = analyse(Path(args.run), png=None)  # claims and report; `figures` redraws figures
     else:
         path = write_report(Path(args.run))

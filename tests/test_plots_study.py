@@ -182,3 +182,45 @@ def test_recall_figure_script_exits_2_on_a_missing_table_or_column(variants, tmp
     assert main([str(table), "--no-png"]) == 2
     assert "recall" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.html"))
+
+
+def _pooled() -> pd.DataFrame:
+    rows = []
+    for task, metric in (("mdqa", "F1"), ("citation", "citation F1")):
+        rows.append({"task": task, "label": "reference (realistic needles in real essays)",
+                     "recall": 1.0, "performance": 0.9, "metric": metric, "synthetic": False})
+        rows.append({"task": task, "label": "real data (limited: realistic-high on 16 examples)",
+                     "recall": 0.8, "performance": 0.7, "metric": metric, "synthetic": False})
+        for i, v in enumerate(("realistic-low", "templated-high", "symbolic")):
+            rows.append({"task": task, "label": v, "recall": 0.3 * i, "performance": 0.2 * i,
+                         "metric": metric, "synthetic": True})
+    return pd.DataFrame(rows)
+
+
+def test_recall_by_task_draws_one_panel_per_task_with_each_kind_of_model():
+    from mechinterp.plots import recall_by_task
+
+    corr = {"mdqa": {"method": "spearman", "estimate": 1.0, "low": 1.0, "high": 1.0, "n": 3,
+                     "p_permutation": 0.333}}  # fmt: skip
+    pooled = {"estimate": 1.0, "low": 1.0, "high": 1.0, "n": 6, "p_permutation": 0.028}
+    fig = recall_by_task(_pooled(), correlations=corr, pooled_correlation=pooled, title="t")
+    titles = [a.text for a in fig.layout.annotations]
+    assert titles[0] == "mdqa (F1)<br>Spearman ρ = 1.00 [1.00, 1.00], n = 3, p = 0.333"
+    assert titles[1] == "citation (citation F1)"  # no correlation given for it
+    assert "pooled within tasks: ρ = 1.00" in fig.layout.title.text
+    by = {(t.name, t.xaxis): t for t in fig.data}
+    assert len(by) == 6  # 3 kinds × 2 panels
+    syn = by["synthetic variant", "x2"]
+    assert list(syn.x) == [0.0, 0.3, 0.6] and list(syn.text) == ["realistic-low",
+                                                                 "templated-high", "symbolic"]
+    assert list(by["real data (limited)", "x"].y) == [0.7]
+    assert by["reference", "x"].marker.symbol == "star"
+
+
+def test_recall_by_task_refuses_missing_columns_and_empty_tables():
+    from mechinterp.plots import recall_by_task
+
+    with pytest.raises(ValueError, match=r"needs columns \['metric'\]"):
+        recall_by_task(_pooled().drop(columns="metric"))
+    with pytest.raises(ValueError, match="no model has both"):
+        recall_by_task(_pooled().assign(recall=np.nan))

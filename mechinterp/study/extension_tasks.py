@@ -62,7 +62,8 @@ def run_tasks(
         timings[f"{run.task}_s"] = round(time.perf_counter() - t, 1)
     timings["total_s"] = round(time.perf_counter() - t0, 1)
     store.write_json(out / "provenance.json", store.provenance(engine=engine, timings=timings))
-    return analyse_tasks(out, png=png)
+    analyse_tasks(out, png=png)
+    return out
 
 
 def is_tasks_run(run_dir: str | Path) -> bool:

@@ -46,8 +46,19 @@ def tiny_dir(tmp_path_factory):
 
 
 def test_every_shipped_config_is_covered():
-    assert SHIPPED == ["extension-full", "extension-mini", "extension-multihop-mini", "study",
-                       "study-large"]
+    assert SHIPPED == ["extension-3task-mini", "extension-full", "extension-mini",
+                       "extension-multihop-mini", "study", "study-large"]  # fmt: skip
+
+
+def shrink_tasks(config: ExtensionConfig) -> ExtensionConfig:
+    """A multi-task config's per-task sizes back to the shrunk shared ones (citation keeps the
+    4 documents its 2 insights × 2 documents need), and a limited baseline that fits n_train."""
+    import dataclasses
+
+    tasks = tuple(dataclasses.replace(t, n_docs=4 if t.task == "citation" else None,
+                                      doc_words=None, max_new_tokens=None)
+                  for t in config.tasks)  # fmt: skip
+    return dataclasses.replace(config, tasks=tasks, limited=2 if config.limited else None)
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -57,9 +68,14 @@ def test_the_shipped_config_runs_end_to_end(name, tiny_dir, tmp_path):
     if name.startswith("extension"):
         shipped = load_config(ExtensionConfig, path)
         extra = ["lofit.spec.steps=2", "lofit.top_share=0.25"] if shipped.lofit else []
-        config = load_config(ExtensionConfig, path, [*model, *EXTENSION_SHRINK, *extra])
-        out = run_extension(config, out=tmp_path / "run", png=False, progress=False)
-        modes = set(pd.read_parquet(out / "knockout.parquet")["mode"])
+        limited = ["limited=2"] if shipped.limited else []
+        config = load_config(ExtensionConfig, path, [*model, *EXTENSION_SHRINK, *extra, *limited])
+        out = run_extension(shrink_tasks(config), out=tmp_path / "run", png=False,
+                            progress=False)  # fmt: skip
+        tasks = [t.task for t in shipped.tasks]
+        assert [p.name for p in sorted(out.iterdir()) if p.name in tasks] == sorted(tasks)
+        ran = [out / t for t in tasks] or [out]
+        modes = set(pd.concat(pd.read_parquet(d / "knockout.parquet") for d in ran)["mode"])
     else:
         shipped = load_config(StudyConfig, path)
         config = load_config(StudyConfig, path, [*model, *STUDY_SHRINK])
