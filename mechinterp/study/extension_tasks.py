@@ -62,7 +62,7 @@ def run_tasks(
         timings[f"{run.task}_s"] = round(time.perf_counter() - t, 1)
     timings["total_s"] = round(time.perf_counter() - t0, 1)
     store.write_json(out / "provenance.json", store.provenance(engine=engine, timings=timings))
-    analyse_tasks(out, png=png)
+    analyse_tasks(out, png=png, each_task=False)  # run_extension analysed each task
     return out
 
 
@@ -183,14 +183,18 @@ def draw_figures(run_dir: str | Path, *, png: bool = True) -> list[Path]:
     return store.write_figure(fig, run_dir / "figures" / "recall_by_task", formats=formats)
 
 
-def analyse_tasks(run_dir: str | Path, *, png: bool | None = True) -> Path:
-    """The pooled analysis from each task's tables (`mechinterp report` reruns it)."""
+def analyse_tasks(
+    run_dir: str | Path, *, png: bool | None = True, each_task: bool = True
+) -> Path:
+    """The pooled analysis from each task's tables (`mechinterp report` reruns it); with
+    `each_task`, every task's own analysis and report first."""
     from mechinterp.study.extension_report import analyse
 
     run_dir = Path(run_dir)
     config = read_config(run_dir)
-    for sub in task_dirs(run_dir, config).values():  # each task's own report, fresh
-        analyse(sub, png=png)
+    for sub in task_dirs(run_dir, config).values():
+        if each_task:
+            analyse(sub, png=png)
     pooled = pooled_table(run_dir, config)
     corr = correlations(pooled, config)
     claims = compute_claims(corr, config)
