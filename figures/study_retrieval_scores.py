@@ -6,7 +6,7 @@ Reads the tables only, never a model:
 
 import sys
 
-from mechinterp.study.report import figure_main
+from mechinterp.experiments.study.report import figure_main
 
 if __name__ == "__main__":
     sys.exit(figure_main("retrieval_scores"))

@@ -70,13 +70,13 @@ def _run_args(p) -> None:
 
 
 def _model_spec(args):
-    from mechinterp.runs import ModelSpec
+    from mechinterp.experiments import ModelSpec
 
     return ModelSpec(args.model, args.dtype, args.device, args.rope_theta)
 
 
 def _task_spec(args):
-    from mechinterp.runs import TaskSpec
+    from mechinterp.experiments import TaskSpec
 
     return TaskSpec(
         task=args.task,
@@ -93,7 +93,7 @@ def _task_spec(args):
 
 
 def _eval_parser(sub) -> None:
-    from mechinterp.runs import EvalConfig, ModelSpec, TaskSpec
+    from mechinterp.experiments import EvalConfig, ModelSpec, TaskSpec
 
     e = EvalConfig()
     p = sub.add_parser(
@@ -111,7 +111,7 @@ def _eval_parser(sub) -> None:
 def cmd_eval(args) -> int:
     import pandas as pd
 
-    from mechinterp.runs import EvalConfig, run_eval, summarise
+    from mechinterp.experiments import EvalConfig, run_eval, summarise
 
     config = EvalConfig(
         model=_model_spec(args),
@@ -134,7 +134,7 @@ def _gate(text: str) -> float | None:
 
 def _detect_parser(sub) -> None:
     from mechinterp.detect import DETECTORS
-    from mechinterp.runs import DetectConfig, ModelSpec
+    from mechinterp.experiments import DetectConfig, ModelSpec
 
     c = DetectConfig()
     p = sub.add_parser(
@@ -178,7 +178,7 @@ def _detect_parser(sub) -> None:
 def cmd_detect(args) -> int:
     import pandas as pd
 
-    from mechinterp.runs import DetectConfig, run_detect
+    from mechinterp.experiments import DetectConfig, run_detect
 
     config = DetectConfig(
         model=_model_spec(args),
@@ -212,7 +212,7 @@ def cmd_detect(args) -> int:
 
 
 def _knockout_parser(sub) -> None:
-    from mechinterp.runs import KnockoutConfig, ModelSpec
+    from mechinterp.experiments import KnockoutConfig, ModelSpec
 
     c = KnockoutConfig(heads=("L0H0",))
     p = sub.add_parser(
@@ -250,7 +250,7 @@ def _knockout_parser(sub) -> None:
 def cmd_knockout(args) -> int:
     import pandas as pd
 
-    from mechinterp.runs import KnockoutConfig, run_knockout
+    from mechinterp.experiments import KnockoutConfig, run_knockout
 
     config = KnockoutConfig(
         model=_model_spec(args),
@@ -274,7 +274,7 @@ def cmd_knockout(args) -> int:
 
 
 def _patch_parser(sub) -> None:
-    from mechinterp.runs import CrossPatchConfig, HeadSelection, ModelSpec, PatchConfig
+    from mechinterp.experiments import CrossPatchConfig, HeadSelection, ModelSpec, PatchConfig
 
     c, x, sel = (
         PatchConfig(),
@@ -323,7 +323,7 @@ def _patch_parser(sub) -> None:
 def cmd_patch(args) -> int:
     import pandas as pd
 
-    from mechinterp.runs import (
+    from mechinterp.experiments import (
         CrossPatchConfig,
         HeadSelection,
         ModelSpec,
@@ -409,8 +409,8 @@ def _study_parser(sub) -> None:
 
 def cmd_study(args) -> int:
     from mechinterp.config import dump_yaml, load_config
-    from mechinterp.study import StudyConfig, run_study
-    from mechinterp.study.extension import ExtensionConfig, run_extension
+    from mechinterp.experiments.extension import ExtensionConfig, run_extension
+    from mechinterp.experiments.study import StudyConfig, run_study
 
     kind = ExtensionConfig if args.kind == "extension" else StudyConfig
     config = load_config(kind, args.config, args.overrides)
@@ -468,19 +468,19 @@ def cmd_figures(args) -> int:
 
     run = Path(args.run)
     formats = ("html",) if args.no_png else ("html", "png")
-    from mechinterp.study.extension_report import is_extension_run
-    from mechinterp.study.extension_tasks import is_tasks_run
+    from mechinterp.experiments.extension.report import is_extension_run
+    from mechinterp.experiments.extension.tasks import is_tasks_run
 
     if is_tasks_run(run):
-        from mechinterp.study.extension_tasks import draw_figures as draw_tasks
+        from mechinterp.experiments.extension.tasks import draw_figures as draw_tasks
 
         written = draw_tasks(run, png=not args.no_png)
     elif is_extension_run(run):
-        from mechinterp.study.extension_report import draw_figures as draw_extension
+        from mechinterp.experiments.extension.report import draw_figures as draw_extension
 
         written = draw_extension(run, png=not args.no_png)
     elif (run / "detect_instances.parquet").is_file():
-        from mechinterp.study import draw_figures
+        from mechinterp.experiments.study import draw_figures
 
         written = draw_figures(run, png=not args.no_png)
     elif (run / "results.parquet").is_file():
@@ -501,9 +501,9 @@ def cmd_figures(args) -> int:
 def cmd_report(args) -> int:
     from pathlib import Path
 
-    from mechinterp.study import write_report
-    from mechinterp.study.extension_report import analyse, is_extension_run
-    from mechinterp.study.extension_tasks import analyse_tasks, is_tasks_run
+    from mechinterp.experiments.extension.report import analyse, is_extension_run
+    from mechinterp.experiments.extension.tasks import analyse_tasks, is_tasks_run
+    from mechinterp.experiments.study import write_report
 
     if is_tasks_run(args.run):
         path = analyse_tasks(Path(args.run), png=None)  # every task's report, then the pooled one

@@ -24,8 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from mechinterp.plots import accuracy_panels, head_heatmap, knockout_ci_curves
-from mechinterp.study import (
+from mechinterp.experiments.study import (
     head_recovery,
     knockout_summary,
     niah_panels,
@@ -33,6 +32,7 @@ from mechinterp.study import (
     read_tables,
     shard_overview,
 )
+from mechinterp.plots import accuracy_panels, head_heatmap, knockout_ci_curves
 
 if os.environ.get("MECHINTERP_RUN"):
     run = Path(os.environ["MECHINTERP_RUN"])

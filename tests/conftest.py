@@ -52,10 +52,9 @@ def tiny_study_config(tmp_path_factory):
     """`make(**changes) -> StudyConfig`: the study on a 3-layer tiny random model (seconds).
     Random models never answer, so it teacher-forces gold answers and takes the top 3 heads as
     the retrieval set."""
-    from mechinterp.models.tiny import tiny_model
-    from mechinterp.runs.common import ModelSpec
-    from mechinterp.study import StudyConfig
-    from mechinterp.study.config import (
+    from mechinterp.experiments.specs import ModelSpec
+    from mechinterp.experiments.study import StudyConfig
+    from mechinterp.experiments.study.config import (
         ClaimSettings,
         DetectStage,
         KnockoutStage,
@@ -63,6 +62,7 @@ def tiny_study_config(tmp_path_factory):
         NiahSpec,
         PatchStage,
     )
+    from mechinterp.models.tiny import tiny_model
 
     directory = tmp_path_factory.mktemp("tiny-study-model")
     tiny_model(n_kv_heads=2, n_layers=3, directory=directory)
@@ -91,7 +91,7 @@ def tiny_study_config(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_study(tiny_study_config, tmp_path_factory):
     """A finished study run directory on the tiny model."""
-    from mechinterp.study import run_study
+    from mechinterp.experiments.study import run_study
 
     out = tmp_path_factory.mktemp("tiny-study") / "run"
     return run_study(tiny_study_config(), out=out, png=False, progress=False)

@@ -17,7 +17,7 @@ from mechinterp.config import (
     parse_override,
     to_dict,
 )
-from mechinterp.runs import KNOCKOUT_TASK, KnockoutConfig, ModelSpec, TaskSpec
+from mechinterp.experiments import KNOCKOUT_TASK, KnockoutConfig, ModelSpec, TaskSpec
 
 Mode = Literal["zero", "mean"]
 

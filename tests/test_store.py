@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 
 from mechinterp import store
-from mechinterp.runs import EvalConfig, TaskSpec
+from mechinterp.experiments import EvalConfig, TaskSpec
 
 
 def test_atomic_write_leaves_nothing_behind_on_failure(tmp_path):

@@ -195,7 +195,7 @@ def test_the_permutation_p_value_equals_brute_force_enumeration():
 
 
 def test_claims_at_small_n_rest_on_the_permutation_p_value():
-    from mechinterp.study.claims import _row
+    from mechinterp.experiments.study.claims import _row
 
     def row(p):
         return _row("c", "l", "correlation", 0.8, 0.11, 1.0, 5, "ρ", primary=True, null=0.0,

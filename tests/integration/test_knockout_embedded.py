@@ -4,9 +4,9 @@ each assert; the ranking is the one `mechinterp detect` measured, see the README
 
 import pytest
 
+from mechinterp.experiments import KNOCKOUT_TASK, build_examples
 from mechinterp.heads import parse_heads
 from mechinterp.interventions.sweep import knockout_sweep, summarise_sweep
-from mechinterp.runs import KNOCKOUT_TASK, build_examples
 
 pytestmark = pytest.mark.integration
 

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from mechinterp.config import load_config
-from mechinterp.study import StudyConfig, run_study
+from mechinterp.experiments.study import StudyConfig, run_study
 
 pytestmark = pytest.mark.integration
 

@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 
 from mechinterp.analysis.stats import cluster_bootstrap
-from mechinterp.study.claims import compute_claims, headline, verdict
-from mechinterp.study.config import ClaimSettings, StudyConfig
+from mechinterp.experiments.study.claims import compute_claims, headline, verdict
+from mechinterp.experiments.study.config import ClaimSettings, StudyConfig
 
 SETTINGS = ClaimSettings(k=2, n_boot=500)
 
@@ -52,7 +52,7 @@ def _patch(retrieval: float, random: float, n=5):
 
 
 def _config():
-    from mechinterp.study.config import KnockoutStage
+    from mechinterp.experiments.study.config import KnockoutStage
 
     return StudyConfig(knockout=KnockoutStage(ks=(1, 2)), claims=SETTINGS)
 

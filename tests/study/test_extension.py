@@ -7,16 +7,16 @@ import json
 import pandas as pd
 import pytest
 
-from mechinterp.finetune import LofitSpec, LoraSpec
-from mechinterp.runs.common import ModelSpec
-from mechinterp.study.config import DetectStage, NiahSpec
-from mechinterp.study.extension import (
+from mechinterp.experiments.extension import (
     REFERENCE_LABEL,
     ExtensionConfig,
     LofitStage,
     ModelKnockout,
     run_extension,
 )
+from mechinterp.experiments.specs import ModelSpec
+from mechinterp.experiments.study.config import DetectStage, NiahSpec
+from mechinterp.finetune import LofitSpec, LoraSpec
 
 
 @pytest.fixture(scope="module")
@@ -180,8 +180,8 @@ def test_changing_one_stage_recomputes_only_what_depends_on_it(config, tmp_path)
 
 
 def test_lofit_head_sets_are_equal_sized_and_the_random_one_is_layer_matched_and_disjoint():
+    from mechinterp.experiments.extension import lofit_head_sets
     from mechinterp.heads import HeadShape, parse_heads
-    from mechinterp.study.extension import lofit_head_sets
 
     shape = HeadShape(4, 8, 8)
     norms = pd.DataFrame({"head_name": ["L3H0", "L1H1", "L2H2", "L0H0"], "rank": [1, 2, 3, 4]})

@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mechinterp.study.extension import ExtensionConfig
-from mechinterp.study.extension_report import CLAIMS, compute_claims, cross_summary
+from mechinterp.experiments.extension import ExtensionConfig
+from mechinterp.experiments.extension.report import CLAIMS, compute_claims, cross_summary
 
 
 @pytest.fixture

@@ -10,10 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mechinterp.finetune import LofitSpec, LoraSpec
-from mechinterp.runs.common import ModelSpec
-from mechinterp.study.config import DetectStage
-from mechinterp.study.extension import (
+from mechinterp.experiments.extension import (
     LIMITED,
     ExtensionConfig,
     LofitStage,
@@ -23,6 +20,9 @@ from mechinterp.study.extension import (
     data_args,
     run_extension,
 )
+from mechinterp.experiments.specs import ModelSpec
+from mechinterp.experiments.study.config import DetectStage
+from mechinterp.finetune import LofitSpec, LoraSpec
 
 VARIANTS = ("templated-high", "templated-low", "symbolic")
 
@@ -51,7 +51,7 @@ def run(config, tmp_path_factory):
 
 
 def test_each_task_is_a_whole_extension_run_with_the_task_settings_laid_over(config, run):
-    from mechinterp.study.extension_report import read_config
+    from mechinterp.experiments.extension.report import read_config
 
     for task in ("mdqa", "citation"):
         sub = read_config(run / task)
@@ -157,7 +157,7 @@ def test_the_pooled_report_regenerates_from_the_tables_alone(config, run, monkey
 def test_a_task_directory_from_another_config_is_refused(config, run, tmp_path):
     import shutil
 
-    from mechinterp.study.extension_tasks import analyse_tasks
+    from mechinterp.experiments.extension.tasks import analyse_tasks
 
     copy = tmp_path / "copy"
     shutil.copytree(run, copy, ignore=shutil.ignore_patterns("checkpoints", "shards"))

@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 
 from mechinterp.config import load_config
-from mechinterp.study import StudyConfig, run_study
-from mechinterp.study.extension import ExtensionConfig, run_extension
+from mechinterp.experiments.extension import ExtensionConfig, run_extension
+from mechinterp.experiments.study import StudyConfig, run_study
 
 EXPERIMENTS = Path(__file__).parents[2] / "experiments"
 SHIPPED = sorted(p.stem for p in EXPERIMENTS.glob("*.yaml"))

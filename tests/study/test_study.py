@@ -9,10 +9,10 @@ import shutil
 import pandas as pd
 import pytest
 
-from mechinterp.runs.common import ModelSpec
-from mechinterp.study import RunDirError, run_study, write_report
-from mechinterp.study.config import ClaimSettings
-from mechinterp.study.report import read_config
+from mechinterp.experiments.specs import ModelSpec
+from mechinterp.experiments.study import RunDirError, run_study, write_report
+from mechinterp.experiments.study.config import ClaimSettings
+from mechinterp.experiments.study.report import read_config
 
 TABLES = ("detect_scores", "detect_instances", "baseline", "knockout", "robustness", "patch")
 
@@ -226,7 +226,7 @@ def test_each_figure_script_redraws_its_figure_from_the_tables(tiny_study, tmp_p
             sys.argv = argv
         assert done.value.code == 0
         assert (out / "figures" / f"{script.stem.removeprefix('study_')}.html").is_file()
-    from mechinterp.study.report import figure_main
+    from mechinterp.experiments.study.report import figure_main
 
     assert figure_main("no_such_figure", [str(out)]) == 2
 
@@ -234,7 +234,7 @@ def test_each_figure_script_redraws_its_figure_from_the_tables(tiny_study, tmp_p
 def test_the_report_says_how_many_top_k_heads_pass_the_threshold(tiny_study_config):
     import pandas as pd
 
-    from mechinterp.study.report import _necessary_text
+    from mechinterp.experiments.study.report import _necessary_text
 
     config = tiny_study_config()  # ks (1, 2, 4), threshold 0.1
     scores = pd.DataFrame({"rank": [3, 1, 2, 4, 5], "score": [0.1, 0.5, 0.2, 0.0, 0.0]})
@@ -245,7 +245,7 @@ def test_the_report_says_how_many_top_k_heads_pass_the_threshold(tiny_study_conf
 
 
 def test_sufficiency_pairs_cover_the_lengths_and_depths():
-    from mechinterp.study.stages import stratified_pairs
+    from mechinterp.experiments.study.stages import stratified_pairs
     from mechinterp.tasks.example import Document, Example
 
     def ex(length, depth, needle):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from mechinterp.config import ConfigError, load_config
-from mechinterp.study import StudyConfig
+from mechinterp.experiments.study import StudyConfig
 
 EXPERIMENTS = Path(__file__).parents[2] / "experiments"
 

@@ -16,7 +16,7 @@ from typing import Literal
 import pandas as pd
 
 from mechinterp import store
-from mechinterp.runs.common import ModelSpec, TaskSpec, _load, _run_facts, build_examples
+from mechinterp.experiments.specs import ModelSpec, TaskSpec, _load, _run_facts, build_examples
 from mechinterp.tasks.example import write_jsonl
 
 

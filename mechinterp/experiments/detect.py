@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 from mechinterp import store
-from mechinterp.runs.common import ModelSpec, TaskSpec, _load, _run_facts, build_examples
+from mechinterp.experiments.specs import ModelSpec, TaskSpec, _load, _run_facts, build_examples
 from mechinterp.tasks.example import write_jsonl
 
 #: Detection's default grid: contexts the embedded model answers (≤ 1K tokens), 4 needles.

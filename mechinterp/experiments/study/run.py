@@ -13,8 +13,8 @@ from pathlib import Path
 import pandas as pd
 
 from mechinterp import store
+from mechinterp.experiments.study.config import StudyConfig
 from mechinterp.runner import Engine, ShardStats, run_shards
-from mechinterp.study.config import StudyConfig
 
 
 class RunDirError(ValueError):
@@ -63,11 +63,11 @@ def run_study(
     Tables: `detect_scores`, `detect_instances`, `baseline`, `knockout`, `patch` (parquet, and
     CSV for the small ones), `claims.csv`, `report.md`, `figures/`, config and provenance.
     """
+    from mechinterp.experiments.study import stages
+    from mechinterp.experiments.study.report import draw_figures, write_report
     from mechinterp.heads import HeadShape, parse_heads
     from mechinterp.models import model_card
     from mechinterp.models.load import tune_allocator
-    from mechinterp.study import stages
-    from mechinterp.study.report import draw_figures, write_report
     from mechinterp.tasks.mdqa import synthetic_mdqa
     from mechinterp.tasks.niah import niah_grid
 
@@ -121,7 +121,7 @@ def run_study(
         haystack=k.niah.haystack, seed=k.niah.seed,
     )  # fmt: skip
     if k.mdqa.n:
-        from mechinterp.runs.common import parse_variant
+        from mechinterp.experiments.specs import parse_variant
 
         realism, diversity = parse_variant(k.mdqa.variant)
         held += synthetic_mdqa(k.mdqa.n, n_docs=k.mdqa.n_docs, realism=realism,

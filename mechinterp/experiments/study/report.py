@@ -13,7 +13,12 @@ import pandas as pd
 
 from mechinterp import store
 from mechinterp.analysis.stats import cluster_bootstrap
-from mechinterp.study.claims import cluster_labels, compute_claims, headline, table_lines
+from mechinterp.experiments.study.claims import (
+    cluster_labels,
+    compute_claims,
+    headline,
+    table_lines,
+)
 
 TABLES = ("detect_scores", "detect_instances", "baseline", "knockout", "robustness", "patch")
 
@@ -21,7 +26,7 @@ TABLES = ("detect_scores", "detect_instances", "baseline", "knockout", "robustne
 def read_config(run_dir: str | Path, kind=None, what: str = "study"):
     """The run's config as `kind` (default `StudyConfig`), from its config.json."""
     from mechinterp.config import from_dict
-    from mechinterp.study.config import StudyConfig
+    from mechinterp.experiments.study.config import StudyConfig
 
     path = Path(run_dir) / "config.json"
     if not path.is_file():
@@ -233,8 +238,9 @@ def write_report(run_dir: str | Path) -> Path:
     lines = [
         f"# Retrieval heads in {Path(config.model.name).name}: necessity and sufficiency",
         "",
-        "Every number below is computed by `mechinterp.study.claims` from the tables in this "
-        "directory (`mechinterp report <dir>` recomputes it); nothing is typed by hand. "
+        "Every number below is computed by `mechinterp.experiments.study.claims` from the "
+        "tables in this directory (`mechinterp report <dir>` recomputes it); nothing is typed "
+        "by hand. "
         f"CIs are {level}% percentile bootstrap intervals ({config.claims.n_boot} resamples), "
         "hierarchical: examples that share a needle resample together, crossed with the random "
         "baseline's draws (each row's `resampled` says what it resampled).",

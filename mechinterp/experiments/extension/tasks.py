@@ -17,53 +17,19 @@ the reference and the limited-real baseline are listed beside them.
 from __future__ import annotations
 
 import json
-import sys
-import time
 from pathlib import Path
 
 import pandas as pd
 
 from mechinterp import store
-from mechinterp.study.claims import _row, headline, table_lines
+from mechinterp.experiments.extension.report import analyse, lofit_lines, metric_of, read_tables
+from mechinterp.experiments.extension.report import read_config as read
+from mechinterp.experiments.study.claims import _row, headline, table_lines
 
 CLAIMS = {
     "recall_predicts": "Head recall (vs each task's reference model) predicts task performance "
     "across fine-tuning variants, within tasks, pooled over tasks",
 }
-
-
-def run_tasks(
-    config,
-    root: str | Path = "runs",
-    *,
-    out: str | Path | None = None,
-    engine: str = "local",
-    ray_address: str | None = None,
-    png: bool | None = True,
-    progress: bool = True,
-) -> Path:
-    """One extension run per task under `<out>/<task>/` (each resumes on its own), then the
-    pooled analysis."""
-    from mechinterp.config import to_dict
-    from mechinterp.study.extension import run_extension
-
-    if not config.tasks:
-        raise ValueError("run_tasks needs config.tasks; run_extension runs a single task")
-    out = Path(out) if out is not None else store.run_dir(root, config.slug, config)
-    out.mkdir(parents=True, exist_ok=True)
-    store.write_json(out / "config.json", to_dict(config))
-    t0, timings = time.perf_counter(), {}
-    for i, run in enumerate(config.tasks, 1):
-        if progress:
-            print(f"task {i}/{len(config.tasks)}: {run.task}", file=sys.stderr, flush=True)
-        t = time.perf_counter()
-        run_extension(config.for_task(run), out=out / run.task, engine=engine,
-                      ray_address=ray_address, png=png, progress=progress)  # fmt: skip
-        timings[f"{run.task}_s"] = round(time.perf_counter() - t, 1)
-    timings["total_s"] = round(time.perf_counter() - t0, 1)
-    store.write_json(out / "provenance.json", store.provenance(engine=engine, timings=timings))
-    analyse_tasks(out, png=png, each_task=False)  # run_extension analysed each task
-    return out
 
 
 def is_tasks_run(run_dir: str | Path) -> bool:
@@ -72,8 +38,6 @@ def is_tasks_run(run_dir: str | Path) -> bool:
 
 
 def read_config(run_dir: str | Path):
-    from mechinterp.study.extension_report import read_config as read
-
     config = read(run_dir)
     if not config.tasks:
         raise ValueError(f"{run_dir} is a single-task extension run (its config has no tasks)")
@@ -82,8 +46,6 @@ def read_config(run_dir: str | Path):
 
 def task_dirs(run_dir: Path, config) -> dict[str, Path]:
     """Each task's run directory, checked to hold that task's finished analysis."""
-    from mechinterp.study.extension_report import read_config as read
-
     out = {}
     for run in config.tasks:
         sub = run_dir / run.task
@@ -101,8 +63,6 @@ def pooled_table(run_dir: Path, config) -> pd.DataFrame:
     """One row per (task, model): recall, performance (the task's metric), heads and the
     knockout / patching effects from each task's `heads.csv`; `synthetic` marks the rows that
     enter the correlation."""
-    from mechinterp.study.extension_report import metric_of
-
     frames = []
     for run in config.tasks:
         sub = config.for_task(run)
@@ -188,8 +148,6 @@ def analyse_tasks(
 ) -> Path:
     """The pooled analysis from each task's tables (`mechinterp report` reruns it); with
     `each_task`, every task's own analysis and report first."""
-    from mechinterp.study.extension_report import analyse
-
     run_dir = Path(run_dir)
     config = read_config(run_dir)
     for sub in task_dirs(run_dir, config).values():
@@ -212,8 +170,6 @@ def _fmt(x, unit: str = "") -> str:
 
 
 def write_report(run_dir: Path, pooled, corr, claims, config) -> Path:
-    from mechinterp.study.extension_report import lofit_lines, read_tables
-
     prov_path = run_dir / "provenance.json"
     prov = json.loads(prov_path.read_text()) if prov_path.is_file() else {}
     c, model = config.claims, Path(config.model.name).name
@@ -222,8 +178,10 @@ def write_report(run_dir: Path, pooled, corr, claims, config) -> Path:
         f"# Synthetic context extension on {model}, {len(config.tasks)} tasks: does head recall "
         "predict performance?",
         "",
-        "Computed by `mechinterp.study.extension_tasks` from each task's run directory (its own "
-        "report: " + ", ".join(f"[{t.task}]({t.task}/report.md)" for t in config.tasks) + "). "
+        "Computed by `mechinterp.experiments.extension.tasks` from each task's run directory "
+        "(its own report: "
+        + ", ".join(f"[{t.task}]({t.task}/report.md)" for t in config.tasks)
+        + "). "
         "`mechinterp report <dir>` recomputes it.",
         "",
         "- tasks: " + "; ".join(

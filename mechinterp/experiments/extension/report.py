@@ -31,7 +31,14 @@ import pandas as pd
 
 from mechinterp import store
 from mechinterp.analysis.stats import cluster_bootstrap
-from mechinterp.study.claims import (
+from mechinterp.experiments.extension.config import (
+    LIMITED,
+    REFERENCE_LABEL,
+    ExtensionConfig,
+    performance_metric,
+)
+from mechinterp.experiments.extension.heads import compare_heads, head_sets, model_scores
+from mechinterp.experiments.study.claims import (
     BASELINES,
     _row,
     cluster_labels,
@@ -40,7 +47,7 @@ from mechinterp.study.claims import (
     paired_draws,
     table_lines,
 )
-from mechinterp.study.config import ClaimSettings
+from mechinterp.experiments.study.config import ClaimSettings
 
 CLAIMS = {
     "recall_predicts": "Head recall (vs the reference model) predicts task performance across "
@@ -55,14 +62,13 @@ TABLES = ("losses", "eval", "detect_instances", "knockout", "cross", "lofit", "l
 
 
 def read_config(run_dir: str | Path):
-    from mechinterp.study.extension import ExtensionConfig
-    from mechinterp.study.report import read_config as read
+    from mechinterp.experiments.study.report import read_config as read
 
     return read(run_dir, ExtensionConfig, what="extension")
 
 
 def read_tables(run_dir: str | Path) -> dict[str, pd.DataFrame]:
-    from mechinterp.study.report import read_tables as read
+    from mechinterp.experiments.study.report import read_tables as read
 
     return read(run_dir, TABLES, required=("eval", "detect_instances"), what="pipeline")
 
@@ -75,7 +81,6 @@ def is_extension_run(run_dir: str | Path) -> bool:
 
 
 def label_of(variant: str, config) -> str:
-    from mechinterp.study.extension import LIMITED, REFERENCE_LABEL
 
     if variant == LIMITED:
         return f"real data (limited: {config.reference} on {config.limited} examples)"
@@ -84,7 +89,6 @@ def label_of(variant: str, config) -> str:
 
 def metric_of(config) -> tuple[str, str]:
     """The performance metric's column and its name in tables and figures."""
-    from mechinterp.study.extension import performance_metric
 
     metric = performance_metric(config.task)
     return metric, "citation F1" if metric == "citation_f1" else "F1"
@@ -137,7 +141,6 @@ def head_table(tables: dict[str, pd.DataFrame], config) -> tuple[pd.DataFrame, d
     """Per model: head count, recall / subset share / Jaccard / Spearman vs the reference model,
     task F1 and EM on the reference task, and the knockout and patching effects; plus the
     head sets (name -> heads, best first)."""
-    from mechinterp.study.extension import compare_heads, head_sets, model_scores
 
     scores = model_scores(tables["detect_instances"], config.detect)
     sets = head_sets(scores, config.detect)
@@ -463,8 +466,8 @@ def write_report(run_dir: Path, tables, heads, claims, config) -> Path:
     lines = [
         f"# Synthetic context extension on {model} ({config.task}): what the retrieval heads say",
         "",
-        "Every number is computed by `mechinterp.study.extension_report` from the tables in this "
-        "directory (`mechinterp report <dir>` recomputes it). CIs are "
+        "Every number is computed by `mechinterp.experiments.extension.report` from the tables in "
+        "this directory (`mechinterp report <dir>` recomputes it). CIs are "
         f"{int(c.level * 100)}% percentile bootstrap intervals ({c.n_boot} resamples) over what "
         "each row's `resampled` names: examples (with every model's row of an example moving "
         "together) crossed with the random baseline's draws.",

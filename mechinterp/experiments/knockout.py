@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 from mechinterp import store
-from mechinterp.runs.common import (
+from mechinterp.experiments.specs import (
     ModelSpec,
     TaskSpec,
     _load,

@@ -7,23 +7,23 @@
 - `run_cross_patch` (`CrossPatchConfig`): donor head sets patched into a recipient.
 """
 
-from mechinterp.runs.common import (
-    ModelSpec,
-    TaskSpec,
-    build_examples,
-    parse_variant,
-    read_head_scores,
-)
-from mechinterp.runs.detect import DETECT_TASK, DetectConfig, run_detect
-from mechinterp.runs.eval import EvalConfig, run_eval, summarise
-from mechinterp.runs.knockout import KNOCKOUT_TASK, KnockoutConfig, run_knockout
-from mechinterp.runs.patch import (
+from mechinterp.experiments.detect import DETECT_TASK, DetectConfig, run_detect
+from mechinterp.experiments.eval import EvalConfig, run_eval, summarise
+from mechinterp.experiments.knockout import KNOCKOUT_TASK, KnockoutConfig, run_knockout
+from mechinterp.experiments.patch import (
     PATCH_TASK,
     CrossPatchConfig,
     HeadSelection,
     PatchConfig,
     run_cross_patch,
     run_patch,
+)
+from mechinterp.experiments.specs import (
+    ModelSpec,
+    TaskSpec,
+    build_examples,
+    parse_variant,
+    read_head_scores,
 )
 
 __all__ = [

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from mechinterp.runs.common import ModelSpec
+from mechinterp.experiments.specs import ModelSpec
 
 #: Bump when the study's tables change meaning; a run directory written by another version is
 #: refused rather than mixed with new shards.
@@ -51,7 +51,7 @@ class MdqaSpec:
     seed: int = 1
 
     def __post_init__(self) -> None:
-        from mechinterp.runs.common import parse_variant
+        from mechinterp.experiments.specs import parse_variant
 
         if self.n < 0 or self.n_docs < 1:
             raise ValueError("n must be >= 0 and n_docs >= 1")

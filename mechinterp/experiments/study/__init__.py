@@ -1,8 +1,8 @@
 """The necessity & sufficiency study (`mechinterp study`): detect retrieval heads, knock them out
 against random heads, patch them, and judge the claims from the stored tables."""
 
-from mechinterp.study.config import StudyConfig
-from mechinterp.study.report import (
+from mechinterp.experiments.study.config import StudyConfig
+from mechinterp.experiments.study.report import (
     draw_figures,
     head_recovery,
     knockout_summary,
@@ -11,7 +11,7 @@ from mechinterp.study.report import (
     read_tables,
     write_report,
 )
-from mechinterp.study.run import RunDirError, run_study, shard_overview
+from mechinterp.experiments.study.run import RunDirError, run_study, shard_overview
 
 __all__ = [
     "RunDirError",

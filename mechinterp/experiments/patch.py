@@ -12,7 +12,7 @@ from typing import Literal
 import pandas as pd
 
 from mechinterp import store
-from mechinterp.runs.common import (
+from mechinterp.experiments.specs import (
     ModelSpec,
     TaskSpec,
     _load,

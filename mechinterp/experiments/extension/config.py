@@ -1,0 +1,173 @@
+"""The extension pipeline's config: the base model, the variants, each stage's settings, and the
+claims' thresholds; `tasks` runs it over several tasks."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from mechinterp.experiments.specs import ModelSpec
+from mechinterp.experiments.study.config import ClaimSettings, DetectStage, KnockoutScope
+from mechinterp.finetune.lofit import LofitSpec
+from mechinterp.finetune.lora import LoraSpec
+
+REFERENCE_LABEL = "reference (realistic needles in real essays)"
+#: The model key of the "real data (limited)" baseline: the reference variant fine-tuned on only
+#: the first `limited` of its training examples.
+LIMITED = "limited"
+#: The task metric the extension calls performance (recall is correlated with it, cross-model
+#: patching recovers it): token F1 of the answer, or citation F1 on the citation task.
+PERFORMANCE = {"citation": "citation_f1"}
+
+
+def performance_metric(task: str) -> str:
+    return PERFORMANCE.get(task, "f1")
+
+
+@dataclass(frozen=True)
+class ModelKnockout:
+    """Step 5, per model: its own top-k heads vs k random heads from the complement of its top
+    max(ks) (one draw per seed), on the reference task's held-out examples. As in the study, each
+    example is answered once and the response teacher-forced under every condition; the answer
+    counts as retrieved while every answer token stays the greedy choice."""
+
+    ks: tuple[int, ...] = (5, 10)
+    seeds: tuple[int, ...] = tuple(range(10))  # cheap here: only the response is recomputed
+    modes: tuple[Literal["zero", "uniform_attention"], ...] = ("zero",)
+    draws: tuple[Literal["layer_matched", "uniform"], ...] = ("layer_matched", "uniform")
+    scope: KnockoutScope = "response"
+    target: Literal["response", "gold"] = "response"  # gold: teacher-force the gold answer
+
+    def __post_init__(self) -> None:
+        if not self.ks or min(self.ks) < 1 or not self.seeds or not self.modes:
+            raise ValueError("knockout needs ks >= 1, at least one seed and one mode")
+
+
+@dataclass(frozen=True)
+class LofitStage:
+    """Optional (DESIGN.md "Learned localisation"): LoFiT from the base model on the reference
+    variant's training examples. Scaling vectors on every head (L1) rank heads by ‖A‖₂; bias
+    vectors are then trained on the top `top_share` of heads. The report compares the ranking
+    with the reference model's retrieval scores."""
+
+    spec: LofitSpec = field(default_factory=lambda: LofitSpec(steps=60))
+    top_share: float = 0.05
+    #: L1 strengths λ of step 1 to sweep (each its own run): the share of heads whose A stays
+    #: non-zero, against the 3–10 % LoFiT's paper selects.
+    l1_sweep: tuple[float, ...] = ()
+    #: Bias vectors (step 2) on the reference model's retrieval heads, on LoFiT's own top heads
+    #: and on layer-matched random heads (as many of each), then task F1 of each on the
+    #: evaluation examples, beside the base model and LoRA.
+    localised: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0 < self.top_share <= 1:
+            raise ValueError(f"top_share must lie in (0, 1], got {self.top_share}")
+        if any(not lam >= 0 for lam in self.l1_sweep):
+            raise ValueError(f"l1_sweep values must be >= 0, got {self.l1_sweep}")
+
+
+@dataclass(frozen=True)
+class ExtensionClaims:
+    """How the report judges the paper's claims (a bootstrap CI and a minimum effect each; see
+    `mechinterp.experiments.extension.report`)."""
+
+    min_correlation: float = 0.5  # recall predicts performance: Spearman ρ
+    min_subset: float = 0.5  # "mostly a subset": share of a synthetic model's heads in H_real
+    min_gain: float = 0.0  # Inter minus Rand, F1 after patching
+    k: int = 10  # the knockout k whose rows are judged (largest tested k when absent)
+    min_drop: float = 0.2
+    n_boot: int = 2000
+    level: float = 0.95
+    seed: int = 0
+
+    __post_init__ = ClaimSettings.__post_init__  # the same checks of level and n_boot
+
+
+@dataclass(frozen=True)
+class TaskRun:
+    """One task of a multi-task extension run: the task and what differs from the shared config
+    (None keeps the shared value). `max_new_tokens` also sets detection's (a citation summary
+    is longer than a short answer); `lofit` runs the config's LoFiT stages on this task."""
+
+    task: Literal["mdqa", "multihop", "citation"]
+    n_docs: int | None = None
+    doc_words: int | None = None
+    reference_data: str | None = None
+    max_new_tokens: int | None = None
+    lofit: bool = False
+
+
+@dataclass(frozen=True)
+class ExtensionConfig:
+    model: ModelSpec = field(default_factory=ModelSpec)
+    task: Literal["mdqa", "multihop", "citation"] = "mdqa"
+    reference: str = "realistic-high"
+    reference_data: str | None = None
+    variants: tuple[str, ...] = ("realistic-low", "templated-high", "templated-low", "symbolic")
+    n_train: int = 64
+    #: "Real data (limited)": also fine-tune the reference variant on only its first `limited`
+    #: training examples (a baseline model beside the synthetic ones; not in the correlation).
+    limited: int | None = None
+    n_eval: int = 16
+    n_docs: int = 3
+    doc_words: int = 100
+    lora: LoraSpec = field(default_factory=lambda: LoraSpec(steps=100, save_every=25))
+    detect: DetectStage = field(default_factory=DetectStage)
+    detect_on: Literal["niah", "task"] = "niah"
+    n_detect: int = 16
+    knockout: ModelKnockout = field(default_factory=ModelKnockout)
+    cross_seeds: tuple[int, ...] = (0, 1, 2)
+    lofit: LofitStage | None = None
+    claims: ExtensionClaims = field(default_factory=ExtensionClaims)
+    max_new_tokens: int = 32
+    template: Literal["chat", "plain"] | None = None
+    #: Several tasks in one run: one extension run per task under `<run>/<task>/` (this config
+    #: with the task's settings laid over it), then the recall–performance correlation pooled
+    #: over every task's synthetic models with the task as a stratum (`extension_tasks`).
+    tasks: tuple[TaskRun, ...] = ()
+
+    def __post_init__(self) -> None:
+        from mechinterp.experiments.specs import parse_variant
+
+        names = [t.task for t in self.tasks]
+        if len(set(names)) < len(names):
+            raise ValueError(f"tasks repeat a task: {names}")
+        if self.limited is not None and not 1 <= self.limited < self.n_train:
+            raise ValueError(
+                f"limited must lie in [1, n_train) = [1, {self.n_train}), got {self.limited}"
+            )
+
+        for v in (self.reference, *self.variants):
+            parse_variant(v)
+        if self.reference in self.variants:
+            raise ValueError(f"variants repeat the reference variant {self.reference!r}")
+        if not self.variants:
+            raise ValueError("at least one synthetic variant is needed")
+        if self.n_train < 1 or self.n_eval < 1 or self.n_detect < 1:
+            raise ValueError("n_train, n_eval and n_detect must be >= 1")
+
+    @property
+    def slug(self) -> str:
+        task = "+".join(t.task for t in self.tasks) if self.tasks else self.task
+        return f"extension-{Path(self.model.name).name}-{task}"
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        """Every fine-tuned model's key: the reference, the limited baseline, the variants."""
+        return (self.reference, *((LIMITED,) if self.limited else ()), *self.variants)
+
+    def for_task(self, run: TaskRun) -> ExtensionConfig:
+        """This config for one task of a multi-task run."""
+        keep = {k: getattr(self, k) for k in ("n_docs", "doc_words", "max_new_tokens")}
+        given = {k: getattr(run, k) for k in keep if getattr(run, k) is not None}
+        detect = self.detect
+        if run.max_new_tokens is not None:  # a task's answers are as long in detection
+            detect = dataclasses.replace(detect, max_new_tokens=run.max_new_tokens)
+        return dataclasses.replace(
+            self, task=run.task, tasks=(), reference_data=run.reference_data, detect=detect,
+            lofit=self.lofit if run.lofit else None, **{**keep, **given},
+        )  # fmt: skip
+

@@ -1,0 +1,223 @@
+"""Figures of the necessity & sufficiency study: accuracy panels and knockout curves with CIs."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+
+def _tick(v) -> str:
+    """A grid coordinate as an axis label: numbers compactly (`0.25`, `4000`), others as is."""
+    return f"{v:g}" if isinstance(v, int | float | np.integer | np.floating) else str(v)
+
+
+def accuracy_panels(
+    df: pd.DataFrame,
+    *,
+    value: str = "accuracy",
+    panel: str = "panel",
+    title: str | None = None,
+) -> go.Figure:
+    """A row of context length × needle depth heatmaps, one per `panel` value (in order of first
+    appearance), e.g. "no knockout" | "top-10 zero" | "random-10 zero (3 seeds)".
+
+    One row per example (columns `panel`, `length`, `depth`, `value`); each cell shows the mean of
+    `value` and the number of examples behind it, on one shared 0–1 RdYlGn colour scale. All
+    panels use the same length and depth grid, so a cell sits in the same place in every panel.
+    """
+    missing = {panel, "length", "depth", value} - set(df.columns)
+    if missing:
+        raise ValueError(f"accuracy_panels needs columns {sorted(missing)}")
+    if df.empty:
+        raise ValueError("accuracy_panels got an empty table")
+    if df[panel].isna().any():
+        raise ValueError(f"accuracy_panels: column {panel!r} has missing values")
+    panels = list(pd.unique(df[panel]))
+    lengths = sorted(pd.unique(df["length"]))
+    depths = sorted(pd.unique(df["depth"]))
+    fig = make_subplots(
+        rows=1,
+        cols=len(panels),
+        subplot_titles=[str(p) for p in panels],
+        shared_yaxes=True,
+        horizontal_spacing=min(0.04, 0.2 / len(panels)),
+    )
+    for i, name in enumerate(panels, start=1):
+        part = df[df[panel] == name]
+        grid = part.assign(_v=part[value].astype(float)).groupby(["length", "depth"])["_v"]
+        mean = grid.mean().unstack("depth").reindex(index=lengths, columns=depths)
+        count = grid.size().unstack("depth").reindex(index=lengths, columns=depths)
+        text = [
+            [f"{m:.2f}<br>n={int(c)}" if pd.notna(m) else "" for m, c in zip(mr, cr, strict=True)]
+            for mr, cr in zip(mean.values, count.fillna(0).values, strict=True)
+        ]
+        fig.add_trace(
+            go.Heatmap(
+                z=mean.values,
+                x=[_tick(d) for d in depths],
+                y=[_tick(v) for v in lengths],
+                coloraxis="coloraxis",
+                text=text,
+                texttemplate="%{text}",
+                textfont={"size": 10},
+                name=str(name),
+                hovertemplate=f"{name}<br>length=%{{y}}<br>depth=%{{x}}<br>{value}=%{{z:.3f}}"
+                "<extra></extra>",
+            ),
+            row=1,
+            col=i,
+        )
+        fig.update_xaxes(type="category", title_text="depth (0 = start)", row=1, col=i)
+    fig.update_yaxes(type="category", row=1, col=1, title_text="length (tokens)")
+    fig.update_yaxes(type="category")
+    per_panel = max(240, 56 * len(depths))
+    fig.update_annotations(font_size=13)  # the subplot titles: long panel names stay inside
+    fig.update_layout(
+        title=title or f"{value} by context length and needle depth",
+        coloraxis={"colorscale": "RdYlGn", "cmin": 0, "cmax": 1, "colorbar": {"title": value}},
+        width=max(460, 130 + per_panel * len(panels)),
+        height=max(400, 44 * len(lengths) + 200),
+        template="plotly_white",
+    )
+    return fig
+
+
+_CONDITION_STYLE = {
+    "top": ("top-k ranked heads", "214,39,40"),
+    "random": ("random k heads, same layers", "31,119,180"),
+    "random_uniform": ("random k heads, any layer", "148,103,189"),
+}
+
+
+def knockout_ci_curves(
+    summary: pd.DataFrame,
+    *,
+    value_label: str = "answer retrieved",
+    title: str | None = None,
+) -> go.Figure:
+    """Metric vs number of heads knocked out, top-k (red) vs random-k (blue), with CI bands.
+
+    One row per (`task`, `mode`, `k`, `condition`) with columns `value`, `lo`, `hi` (CI bounds);
+    `condition` is "top" or "random". Rows with condition "none" (k = 0) are the no-knockout
+    baseline of their task, drawn as a dashed line in every subplot of that task (a baseline row
+    whose `mode` is one of the plotted modes applies to that mode only). One subplot per
+    task (rows) × mode (columns); k on a log axis ticked at the tested values.
+    """
+    missing = {"task", "mode", "k", "condition", "value", "lo", "hi"} - set(summary.columns)
+    if missing:
+        raise ValueError(f"knockout_ci_curves needs columns {sorted(missing)}")
+    curves = summary[summary["condition"] != "none"]
+    if curves.empty:
+        raise ValueError("knockout_ci_curves got no top/random rows")
+    unknown = set(curves["condition"]) - set(_CONDITION_STYLE)
+    if unknown:
+        raise ValueError(f"knockout_ci_curves: unknown conditions {sorted(map(str, unknown))}")
+    if (curves["k"] < 1).any():
+        raise ValueError("knockout_ci_curves: top/random rows need k >= 1")
+    if curves.duplicated(["task", "mode", "k", "condition"]).any():
+        raise ValueError("knockout_ci_curves needs one row per (task, mode, k, condition)")
+    base = summary[summary["condition"] == "none"]
+    tasks = list(pd.unique(curves["task"]))
+    modes = list(pd.unique(curves["mode"]))
+    ks = sorted(int(k) for k in pd.unique(curves["k"]))
+    numbers = summary[["value", "lo", "hi"]].to_numpy(dtype=float)
+    top = max(1.0, float(np.nanmax(numbers)))
+    bottom = min(0.0, float(np.nanmin(numbers)))
+    pad = 0.04 * (top - bottom)
+    x_lo, x_hi = math.log10(ks[0]) - 0.1, math.log10(ks[-1]) + 0.1  # log-axis range, padded
+    fig = make_subplots(
+        rows=len(tasks),
+        cols=len(modes),
+        subplot_titles=[f"{t} · {m}" for t in tasks for m in modes],
+        shared_xaxes=True,
+        shared_yaxes=True,
+        horizontal_spacing=0.06,
+        vertical_spacing=min(0.12, 0.4 / len(tasks)),
+    )
+    shown: set[str] = set()
+    for r, task in enumerate(tasks, start=1):
+        for c, mode in enumerate(modes, start=1):
+            cell = curves[(curves["task"] == task) & (curves["mode"] == mode)]
+            for condition, (name, rgb) in _CONDITION_STYLE.items():
+                part = cell[cell["condition"] == condition].sort_values("k")
+                if part.empty:
+                    continue
+                band = part.dropna(subset=["lo", "hi"])
+                if not band.empty:
+                    fig.add_trace(
+                        go.Scatter(
+                            x=list(band["k"]) + list(band["k"])[::-1],
+                            y=list(band["hi"]) + list(band["lo"])[::-1],
+                            fill="toself",
+                            fillcolor=f"rgba({rgb},0.18)",
+                            line={"width": 0},
+                            mode="lines",
+                            name=f"{name} CI",
+                            legendgroup=condition,
+                            showlegend=False,
+                            hoverinfo="skip",
+                        ),
+                        row=r,
+                        col=c,
+                    )
+                fig.add_trace(
+                    go.Scatter(
+                        x=part["k"],
+                        y=part["value"],
+                        customdata=part[["lo", "hi"]].to_numpy(dtype=float),
+                        mode="lines+markers",
+                        name=name,
+                        legendgroup=condition,
+                        showlegend=condition not in shown,
+                        line={"color": f"rgb({rgb})"},
+                        marker={"size": 7},
+                        hovertemplate=f"{task} · {mode}<br>{name}<br>k=%{{x}}<br>"
+                        f"{value_label}=%{{y:.3f}} [%{{customdata[0]:.3f}}, "
+                        "%{customdata[1]:.3f}]<extra></extra>",
+                    ),
+                    row=r,
+                    col=c,
+                )
+                shown.add(condition)
+            baseline = _baseline(base, task, mode, modes)
+            if baseline is not None:  # a trace, not a shape: one legend entry, and it hovers
+                fig.add_trace(
+                    go.Scatter(
+                        x=[10**x_lo, 10**x_hi],
+                        y=[baseline, baseline],
+                        mode="lines",
+                        line={"color": "grey", "dash": "dash", "width": 1.5},
+                        name="no knockout",
+                        legendgroup="none",
+                        showlegend="none" not in shown,
+                        hovertemplate=f"no knockout<br>{value_label}={baseline:.3f}<extra></extra>",
+                    ),
+                    row=r,
+                    col=c,
+                )
+                shown.add("none")
+    fig.update_xaxes(type="log", tickvals=ks, ticktext=[str(k) for k in ks], range=[x_lo, x_hi])
+    fig.update_xaxes(title_text="k (heads knocked out)", row=len(tasks))
+    fig.update_yaxes(range=[bottom - pad, top + pad])
+    fig.update_yaxes(title_text=value_label, col=1)
+    fig.update_layout(
+        title=title or f"{value_label} after knocking out k heads (shaded: CI)",
+        width=330 + 340 * len(modes),
+        height=170 + 270 * len(tasks),
+        template="plotly_white",
+    )
+    return fig
+
+
+def _baseline(base: pd.DataFrame, task, mode, modes: list) -> float | None:
+    """The no-knockout value for one subplot: the task's "none" row for this mode if there is one,
+    else the task's "none" rows that belong to no plotted mode (mean, they should agree)."""
+    rows = base[base["task"] == task]
+    own = rows[rows["mode"] == mode]
+    rows = own if not own.empty else rows[~rows["mode"].isin(modes)]
+    values = rows["value"].dropna()
+    return float(values.mean()) if not values.empty else None
