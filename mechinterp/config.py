@@ -116,6 +116,11 @@ def apply_overrides(data: Mapping, overrides: Sequence[str]) -> dict:
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
     """`cls` from a YAML file (a mapping; empty means all defaults) and `key=value` overrides."""
+    return from_dict(cls, apply_overrides(read_yaml(path), overrides))
+
+
+def read_yaml(path: str | Path | None) -> dict:
+    """The mapping in a YAML config file ({} for None or an empty file)."""
     data: Any = {}
     if path is not None:
         path = Path(path)
@@ -134,7 +139,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
                 f"config file {path} must hold a mapping of keys at the top level, "
                 f"got {type(data).__name__}: {data!r}"
             )
-    return from_dict(cls, apply_overrides(data, overrides))
+    return dict(data)
 
 
 def dump_yaml(config: Any) -> str:
@@ -309,3 +314,147 @@ def _plain(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     return obj
+
+
+# --- command-line flags generated from a config class ---------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Flag:
+    """One command-line flag: the config field it sets (a dotted path), its type and help."""
+
+    flag: str
+    path: str
+    type: Any
+    help: str
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field's docstring (the string literal right after it in the class body), by name."""
+    import ast
+    import inspect
+    import textwrap
+
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError):
+            continue
+        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+        for stmt, after in zip(body, body[1:], strict=False):
+            if (
+                isinstance(stmt, ast.AnnAssign)
+                and isinstance(stmt.target, ast.Name)
+                and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)
+            ):
+                docs[stmt.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def config_flags(cls: type) -> list[Flag]:
+    """A flag for every leaf field of `cls` (nested dataclasses flattened). A flag is the shortest
+    dotted-path suffix no other field shares, with `_` → `-` and a trailing `name` dropped
+    (`model.name` → `--model`, `task.lengths` → `--lengths`; `model.dtype` and `donor.dtype` →
+    `--model-dtype`, `--donor-dtype`)."""
+    leaves: list[tuple[list[str], Any, str]] = []
+
+    def walk(klass: type, prefix: list[str]) -> None:
+        hints, docs = get_type_hints(klass), field_docs(klass)
+        for f in dataclasses.fields(klass):
+            if not f.init:
+                continue
+            tp = hints[f.name]
+            if dataclasses.is_dataclass(tp):
+                walk(tp, [*prefix, f.name])
+            else:
+                leaves.append(([*prefix, f.name], tp, docs.get(f.name, "")))
+
+    walk(cls, [])
+
+    def words(path: list[str]) -> list[str]:
+        return path[:-1] if path[-1] == "name" and len(path) > 1 else path
+
+    flags = []
+    for path, tp, doc in leaves:
+        w = words(path)
+        for n in range(1, len(w) + 1):
+            suffix = w[-n:]
+            if sum(words(p)[-n:] == suffix for p, _, _ in leaves) == 1:
+                break
+        flag = "--" + "-".join(suffix).replace("_", "-")
+        flags.append(Flag(flag, ".".join(path), tp, doc))
+    return flags
+
+
+def _is_optional(tp: Any) -> bool:
+    return get_origin(tp) in (Union, types.UnionType) and _NONE in get_args(tp)
+
+
+def _flag_value(tp: Any, raw: str) -> Any:
+    """A flag's text as the config's loader would read it: YAML, except that text fields stay
+    text and `none` is null where the field admits it."""
+    if _is_optional(tp) and raw.strip().lower() in ("none", "null"):
+        return None
+    arms = get_args(tp) if get_origin(tp) in (Union, types.UnionType) else (tp,)
+    if any(a is str or a is Path for a in arms):
+        return raw
+    try:
+        return yaml.load(raw, Loader=_Loader)
+    except yaml.YAMLError:
+        return raw  # the type check names the field and what it expected
+
+
+def add_config_flags(parser, cls: type) -> list[Flag]:
+    """Add one argparse option per config field (help from the field's docstring, default from
+    the config); only flags the user gives reach the config (see `config_from_flags`)."""
+    import argparse
+
+    flags = config_flags(cls)
+    defaults = _plain({f.name: _default(f) for f in dataclasses.fields(cls) if f.init})
+    for f in flags:
+        default: Any = defaults
+        for key in f.path.split("."):
+            default = default.get(key) if isinstance(default, dict) else None
+        shown = ",".join(map(str, default)) if isinstance(default, list) else default
+        choices = get_args(f.type) if get_origin(f.type) is Literal else None
+        extra = f"; one of {', '.join(map(str, choices))}" if choices else ""
+        text = f"{f.help} (default: {shown}{extra})" if f.help else f"default: {shown}{extra}"
+        if f.type is bool:
+            parser.add_argument(f.flag, dest=f"cfg:{f.path}", action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=text)  # fmt: skip
+        else:
+            metavar = f.flag[2:].upper().replace("-", "_")
+            parser.add_argument(f.flag, dest=f"cfg:{f.path}", default=argparse.SUPPRESS,
+                                metavar=metavar, help=text)  # fmt: skip
+    return flags
+
+
+def config_from_flags(
+    cls: type[T], path: str | Path | None, overrides: Sequence[str], given: Mapping[str, Any]
+) -> T:
+    """`cls` from a YAML file, then `--set key=value` overrides, then the flags given (`given`:
+    argparse's namespace as a dict). A key set both by a flag and by `--set` is an error."""
+    flags = {f.path: f for f in config_flags(cls)}
+    chosen = {k.removeprefix("cfg:"): v for k, v in given.items() if k.startswith("cfg:")}
+    set_keys = {".".join(parse_override(o)[0]) for o in overrides}
+    both = sorted(k for k in chosen if k in set_keys)
+    if both:
+        raise ConfigError(
+            f"{flags[both[0]].flag} and --set {both[0]}=... both set {both[0]!r}; give one"
+        )
+    data = apply_overrides(read_yaml(path), overrides)
+    for dotted, raw in chosen.items():
+        value = raw if isinstance(raw, bool) else _flag_value(flags[dotted].type, raw)
+        node = data
+        keys = dotted.split(".")
+        for key in keys[:-1]:
+            if not isinstance(node.get(key), dict):
+                node[key] = {}
+            node = node[key]
+        node[keys[-1]] = value
+    return from_dict(cls, data)

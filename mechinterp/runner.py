@@ -54,9 +54,13 @@ class Shard:
 
     @property
     def args_hash(self) -> str:
-        return store.config_hash(
-            {"fn": f"{self.fn.__module__}.{self.fn.__qualname__}", **self.args}
-        )
+        return self.input_hash()
+
+    def input_hash(self, key: Any = None) -> str:
+        """The hash of what the shard computes from: its function, its args and `key` (the
+        fingerprints of inputs that are not in its args, e.g. the model's weights)."""
+        fn = f"{self.fn.__module__}.{self.fn.__qualname__}"
+        return store.config_hash({"fn": fn, **self.args, **({"key": key} if key else {})})
 
 
 @dataclass
@@ -67,7 +71,7 @@ class ShardStats:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def _sha256(path: Path) -> str:
+def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -79,7 +83,7 @@ def _paths(directory: Path, shard: Shard) -> tuple[Path, Path]:
     return directory / f"{shard.name}.parquet", directory / f"{shard.name}.json"
 
 
-def shard_status(directory: str | Path, shard: Shard) -> tuple[str, str]:
+def shard_status(directory: str | Path, shard: Shard, key: Any = None) -> tuple[str, str]:
     """("done" | "missing" | "corrupt", why) for one shard's files."""
     table, record = _paths(Path(directory), shard)
     if not record.is_file():
@@ -90,9 +94,9 @@ def shard_status(directory: str | Path, shard: Shard) -> tuple[str, str]:
         return "corrupt", f"unreadable record ({e})"
     if not table.is_file():
         return "corrupt", "its table is missing"
-    if meta.get("args_hash") != shard.args_hash:
+    if meta.get("args_hash") != shard.input_hash(key):
         return "corrupt", "it was computed from other inputs"
-    if _sha256(table) != meta.get("sha256"):
+    if sha256(table) != meta.get("sha256"):
         return "corrupt", "its table does not match the recorded checksum (truncated or altered)"
     return "done", ""
 
@@ -102,7 +106,9 @@ def read_shard(directory: str | Path, shard: Shard) -> pd.DataFrame:
     return pd.read_parquet(table)
 
 
-def write_shard(directory: str | Path, shard: Shard, df: pd.DataFrame, seconds: float) -> None:
+def write_shard(
+    directory: str | Path, shard: Shard, df: pd.DataFrame, seconds: float, key: Any = None
+) -> None:
     """Table first, then the record that marks it finished (both atomic)."""
     table, record = _paths(Path(directory), shard)
     store.write_table(df.reset_index(drop=True), table)
@@ -110,8 +116,8 @@ def write_shard(directory: str | Path, shard: Shard, df: pd.DataFrame, seconds: 
         record,
         {
             "name": shard.name,
-            "args_hash": shard.args_hash,
-            "sha256": _sha256(table),
+            "args_hash": shard.input_hash(key),
+            "sha256": sha256(table),
             "rows": len(df),
             "seconds": round(seconds, 3),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -140,12 +146,15 @@ def run_shards(
     progress: bool = True,
     stats: ShardStats | None = None,
     load: bool = True,
+    key: Any = None,
 ) -> pd.DataFrame:
     """Run the unfinished shards, then return every shard's table concatenated in shard order.
 
     `model` (a loaded model) or `model_spec` (anything with `.load()`, e.g. `ModelSpec`) gives
     the model; the `ray` engine needs `model_spec`, since workers load their own copy. With
     `load=False` the shards get `model=None` (they load their own, e.g. fine-tuned checkpoints).
+    `key` (JSON-able) enters every shard's input hash: fingerprints of inputs the args only name,
+    such as the model's weights, so a changed input recomputes the shards.
     """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
@@ -158,7 +167,7 @@ def run_shards(
     stats = ShardStats() if stats is None else stats
     todo = []
     for shard in shards:
-        state, why = shard_status(directory, shard)
+        state, why = shard_status(directory, shard, key)
         if state == "done":
             stats.skipped.append(shard.name)
             continue
@@ -170,13 +179,13 @@ def run_shards(
         if not load:
             model, model_spec = None, _NoModel()
         if engine == "local":
-            _run_local(todo, directory, model, model_spec, desc, progress, stats)
+            _run_local(todo, directory, model, model_spec, desc, progress, stats, key)
         else:
             if model_spec is None:
                 raise ValueError("the ray engine needs model_spec= (workers load their own model)")
             _run_ray(
                 todo, directory, model_spec, ray_address, cpus_per_shard, gpus_per_shard, desc,
-                progress, stats,
+                progress, stats, key,
             )  # fmt: skip
     frames = [read_shard(directory, s) for s in shards]
     frames = [f for f in frames if len(f)]
@@ -190,7 +199,7 @@ class _NoModel:
         return None
 
 
-def _run_local(todo, directory, model, model_spec, desc, progress, stats) -> None:
+def _run_local(todo, directory, model, model_spec, desc, progress, stats, key) -> None:
     if model is None:
         if model_spec is None:
             raise ValueError("give model= or model_spec= to compute shards")
@@ -201,7 +210,7 @@ def _run_local(todo, directory, model, model_spec, desc, progress, stats) -> Non
         t0 = time.perf_counter()
         df = shard.fn(model, **shard.args)
         seconds = time.perf_counter() - t0
-        write_shard(directory, shard, df, seconds)
+        write_shard(directory, shard, df, seconds, key)
         stats.computed.append(shard.name)
         stats.seconds[shard.name] = seconds
 
@@ -252,7 +261,7 @@ def ray_init(address: str | None = None, *, num_cpus: int | None = None) -> None
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, runtime_env=env)
 
 
-def _run_ray(todo, directory, model_spec, address, cpus, gpus, desc, progress, stats) -> None:
+def _run_ray(todo, directory, model_spec, address, cpus, gpus, desc, progress, stats, key) -> None:
     import ray
     import torch
 
@@ -267,7 +276,7 @@ def _run_ray(todo, directory, model_spec, address, cpus, gpus, desc, progress, s
             for ref in done:
                 shard = pending.pop(ref)
                 df, seconds = ray.get(ref)
-                write_shard(directory, shard, df, seconds)
+                write_shard(directory, shard, df, seconds, key)
                 stats.computed.append(shard.name)
                 stats.seconds[shard.name] = seconds
                 bar.update(1)

@@ -17,7 +17,7 @@ def tiny_dir(tiny_gqa):
 
 def test_eval_writes_a_complete_run_directory(tiny_dir, tmp_path, capsys):
     args = ["eval", "--model", tiny_dir, "--task", "mdqa", "--variant", "templated-low",
-            "--n", "3", "--n-docs", "3", "--max-new-tokens", "3", "--out", str(tmp_path)]
+            "--n", "3", "--n-docs", "3", "--max-new-tokens", "3", "--root", str(tmp_path)]
     assert main(args) == 0
     (run,) = tmp_path.iterdir()
     df = pd.read_parquet(run / "results.parquet")
@@ -35,15 +35,17 @@ def test_eval_writes_a_complete_run_directory(tiny_dir, tmp_path, capsys):
     assert fig_main([str(run), "--out", str(tmp_path / "fig"), "--value", "f1"]) == 0
     html = (tmp_path / "fig" / "niah_f1.html").read_text()
     assert "f1 by context length" not in html and "NIAH f1" in html
-    # the same config again reuses the finished run
-    mtime = (run / "results.parquet").stat().st_mtime_ns
-    assert main(args) == 0 and (run / "results.parquet").stat().st_mtime_ns == mtime
+    # the same config again reuses every finished shard
+    assert json.loads((run / "provenance.json").read_text())["shards"]["computed"] == 1
+    assert main(args) == 0
+    prov = json.loads((run / "provenance.json").read_text())
+    assert prov["shards"] == {"computed": 0, "skipped": 1, "repaired": []}
 
 
 def test_eval_on_user_mdqa_file(tiny_dir, tmp_path):
     args = ["eval", "--model", tiny_dir, "--task", "mdqa", "--data",
             "tests/fixtures/mdqa_sample.jsonl", "--max-new-tokens", "2", "--no-png",
-            "--out", str(tmp_path)]
+            "--root", str(tmp_path)]
     assert main(args) == 0
     (run,) = tmp_path.iterdir()
     assert set(pd.read_parquet(run / "results.parquet").variant) == {"real"}
@@ -53,7 +55,7 @@ def test_eval_on_user_mdqa_file(tiny_dir, tmp_path):
 def test_eval_on_the_citation_task_reports_citation_f1(tiny_dir, tmp_path, data):
     source = ["--data", data] if data else ["--variant", "templated-low", "--n", "2"]
     args = ["eval", "--model", tiny_dir, "--task", "citation", *source, "--n-docs", "4",
-            "--max-new-tokens", "3", "--no-png", "--out", str(tmp_path)]
+            "--max-new-tokens", "3", "--no-png", "--root", str(tmp_path)]
     assert main(args) == 0
     (run,) = tmp_path.iterdir()
     df = pd.read_parquet(run / "results.parquet")
@@ -63,7 +65,7 @@ def test_eval_on_the_citation_task_reports_citation_f1(tiny_dir, tmp_path, data)
 
 
 def test_unknown_model_is_a_clear_error(tmp_path, capsys):
-    assert main(["eval", "--model", "gpt-17", "--out", str(tmp_path)]) == 2
+    assert main(["eval", "--model", "gpt-17", "--root", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "unknown model 'gpt-17'" in err and "smollm2-135m" in err
     assert not any(tmp_path.iterdir())
@@ -71,7 +73,7 @@ def test_unknown_model_is_a_clear_error(tmp_path, capsys):
 
 def test_context_longer_than_the_window_leaves_no_output(tiny_dir, tmp_path, capsys):
     args = ["eval", "--model", tiny_dir, "--lengths", "4000", "--depths", "0.5", "--needles",
-            "1", "--out", str(tmp_path)]
+            "1", "--root", str(tmp_path)]
     assert main(args) == 2
     assert "longer than the model's context window of 2048" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
@@ -81,7 +83,7 @@ def test_detect_writes_scores_instances_wu_json_and_heatmap(tiny_dir, tmp_path, 
     from mechinterp.analysis.wu_json import read_wu_scores
 
     args = ["detect", "--model", tiny_dir, "--detector", "induction", "--seq-len", "12",
-            "--n-sequences", "3", "--out", str(tmp_path)]
+            "--n-sequences", "3", "--root", str(tmp_path)]
     assert main(args) == 0
     (run,) = tmp_path.iterdir()
     assert run.name.startswith("detect-induction-")
@@ -107,14 +109,16 @@ def test_detect_writes_scores_instances_wu_json_and_heatmap(tiny_dir, tmp_path, 
 
 def test_detect_retrieval_refuses_when_no_instance_passes_the_gate(tiny_dir, tmp_path, capsys):
     args = ["detect", "--model", tiny_dir, "--lengths", "300", "--depths", "0.5", "--needles",
-            "2", "--max-new-tokens", "3", "--no-png", "--out", str(tmp_path)]
+            "2", "--max-new-tokens", "3", "--no-png", "--root", str(tmp_path)]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "no detection instance passed the success gate" in err and "0% of 2" in err
-    assert not any(tmp_path.iterdir())
-    # without the gate every instance counts
+    (failed,) = tmp_path.iterdir()  # its shards are kept; no table, no sealed provenance
+    assert not (failed / "scores.parquet").exists() and not (failed / "provenance.json").exists()
+    assert len(list((failed / "shards").rglob("*.parquet"))) == 1
+    # without the gate every instance counts (another config: another directory)
     assert main(args + ["--gate", "none"]) == 0
-    (run,) = tmp_path.iterdir()
+    (run,) = set(tmp_path.iterdir()) - {failed}
     instances = pd.read_parquet(run / "instances.parquet")
     assert len(instances) == 2 and instances["counted"].all()
     assert (instances["needle_end"] > instances["needle_start"]).all()
@@ -122,7 +126,7 @@ def test_detect_retrieval_refuses_when_no_instance_passes_the_gate(tiny_dir, tmp
 
 def test_detect_qr_with_calibration_on_documents(tiny_dir, tmp_path):
     args = ["detect", "--model", tiny_dir, "--detector", "qr", "--calibrate", "--task", "mdqa",
-            "--n", "2", "--n-docs", "2", "--no-png", "--out", str(tmp_path)]
+            "--n", "2", "--n-docs", "2", "--no-png", "--root", str(tmp_path)]
     assert main(args) == 0
     (run,) = tmp_path.iterdir()
     prov = json.loads((run / "provenance.json").read_text())
@@ -132,7 +136,7 @@ def test_detect_qr_with_calibration_on_documents(tiny_dir, tmp_path):
 def test_knockout_sweep_writes_top_vs_random_rows(tiny_dir, tmp_path, capsys):
     args = ["knockout", "--model", tiny_dir, "--heads", "L1H1,L0H2,L1H0", "--ks", "1,2",
             "--seeds", "0,1", "--modes", "zero,uniform_attention", "--task", "mdqa", "--n", "2",
-            "--n-docs", "2", "--max-new-tokens", "2", "--score", "--out", str(tmp_path)]
+            "--n-docs", "2", "--max-new-tokens", "2", "--score", "--root", str(tmp_path)]
     assert main(args) == 0
     (run,) = tmp_path.iterdir()
     df = pd.read_parquet(run / "sweep.parquet")
@@ -159,12 +163,12 @@ def test_knockout_sweep_writes_top_vs_random_rows(tiny_dir, tmp_path, capsys):
 
 def test_knockout_takes_a_detection_table_and_refuses_bad_rankings(tiny_dir, tmp_path, capsys):
     det = ["detect", "--model", tiny_dir, "--detector", "previous_token", "--seq-len", "8",
-           "--n-sequences", "2", "--no-png", "--out", str(tmp_path / "det")]
+           "--n-sequences", "2", "--no-png", "--root", str(tmp_path / "det")]
     assert main(det) == 0
     (det_run,) = (tmp_path / "det").iterdir()
     ko = ["knockout", "--model", tiny_dir, "--scores", str(det_run), "--ks", "2", "--seeds", "3",
           "--task", "mdqa", "--n", "1", "--n-docs", "2", "--max-new-tokens", "1", "--no-png",
-          "--out", str(tmp_path / "ko")]
+          "--root", str(tmp_path / "ko")]
     assert main(ko) == 0
     (ko_run,) = (tmp_path / "ko").iterdir()
     scores = pd.read_parquet(det_run / "scores.parquet").sort_values("rank")
@@ -177,14 +181,14 @@ def test_knockout_takes_a_detection_table_and_refuses_bad_rankings(tiny_dir, tmp
     assert main(ko[:3] + ["--heads", "L0H0"] + ko[5:]) == 2  # k=2 but one ranked head
     assert "k=2 exceeds the 1 ranked heads" in capsys.readouterr().err
     bad = ["knockout", "--model", tiny_dir, "--heads", "L7H0", "--ks", "1", "--task", "mdqa",
-           "--n", "1", "--n-docs", "2", "--no-png", "--out", str(tmp_path / "bad")]
+           "--n", "1", "--n-docs", "2", "--no-png", "--root", str(tmp_path / "bad")]
     assert main(bad) == 2
     assert "outside the model" in capsys.readouterr().err
 
 
 def test_patch_writes_per_head_recovery_for_each_instance(tiny_dir, tmp_path, capsys):
     args = ["patch", "--model", tiny_dir, "--lengths", "400", "--depths", "0.5", "--needles", "2",
-            "--out", str(tmp_path)]
+            "--root", str(tmp_path)]
     assert main(args) == 0
     (run,) = tmp_path.iterdir()
     df = pd.read_parquet(run / "patch.parquet")
@@ -228,12 +232,12 @@ def scores_csv(path, scores):
 def test_patch_takes_a_head_list_or_marks_a_score_tables_heads(tiny_dir, tmp_path, capsys):
     base = ["patch", "--model", tiny_dir, "--lengths", "400", "--depths", "0.5", "--needles", "1",
             "--no-png"]
-    assert main(base + ["--heads", "L1H2,L0H0", "--out", str(tmp_path / "list")]) == 0
+    assert main(base + ["--heads", "L1H2,L0H0", "--root", str(tmp_path / "list")]) == 0
     (run,) = (tmp_path / "list").iterdir()
     df = pd.read_parquet(run / "patch.parquet")
     assert sorted(df["head_name"]) == ["L0H0", "L1H2"] and df["in_set"].all()
     table = scores_csv(tmp_path / "s.csv", {"L1H3": 0.4, "L0H2": 0.2, "L1H0": 0.05})
-    assert main(base + ["--scores", table, "--out", str(tmp_path / "table")]) == 0
+    assert main(base + ["--scores", table, "--root", str(tmp_path / "table")]) == 0
     (run,) = (tmp_path / "table").iterdir()
     df = pd.read_parquet(run / "patch.parquet")
     assert len(df) == 8 and sorted(df.loc[df.in_set, "head_name"]) == ["L0H2", "L1H3"]
@@ -242,21 +246,21 @@ def test_patch_takes_a_head_list_or_marks_a_score_tables_heads(tiny_dir, tmp_pat
     picked = df[df.in_set].groupby("example_id")["recovery"].sum().mean()
     assert sets.loc["selected", "total"] == pytest.approx(picked)
     assert "in_set" in capsys.readouterr().out
-    assert main(base + ["--scores", table, "--threshold", "0.9", "--out", str(tmp_path)]) == 2
+    assert main(base + ["--scores", table, "--threshold", "0.9", "--root", str(tmp_path)]) == 2
     assert "picks no heads" in capsys.readouterr().err
 
 
-def test_patch_with_a_donor_patches_head_sets_across_models(tiny_dir, tmp_path, capsys):
+def test_cross_patch_patches_donor_head_sets_into_the_model(tiny_dir, tmp_path, capsys):
     from mechinterp.models.tiny import tiny_model
 
     donor = tiny_model(n_kv_heads=2, seed=1, directory=tmp_path / "donor")
     donor_dir = donor.mechinterp_card.source
-    base = ["patch", "--model", tiny_dir, "--donor", donor_dir, "--lengths", "400", "--depths",
-            "0.5", "--needles", "2", "--max-new-tokens", "3", "--no-png"]
+    base = ["cross-patch", "--model", tiny_dir, "--donor", donor_dir, "--lengths", "400",
+            "--depths", "0.5", "--needles", "2", "--max-new-tokens", "3", "--no-png"]
     theirs = scores_csv(tmp_path / "donor.csv", {"L1H3": 0.5, "L0H2": 0.3, "L1H1": 0.2})
     ours = scores_csv(tmp_path / "ours.csv", {"L1H3": 0.6, "L1H1": 0.4, "L0H0": 0.2})
     args = base + ["--scores", theirs, "--recipient-scores", ours, "--seeds", "0,1",
-                   "--out", str(tmp_path / "sets")]
+                   "--root", str(tmp_path / "sets")]
     assert main(args) == 0
     (run,) = (tmp_path / "sets").iterdir()
     sets = json.loads((run / "head_sets.json").read_text())
@@ -270,10 +274,13 @@ def test_patch_with_a_donor_patches_head_sets_across_models(tiny_dir, tmp_path, 
     assert summary.loc["inter", "n_heads"] == 2
     assert "answer_logprob_recovery" in capsys.readouterr().out
     mha = tiny_model(n_kv_heads=4, directory=tmp_path / "mha").mechinterp_card.source
-    bad = ["patch", "--model", tiny_dir, "--donor", mha, "--heads", "L0H0", "--lengths", "400",
-           "--depths", "0.5", "--needles", "1", "--no-png", "--out", str(tmp_path / "bad")]
+    bad = ["cross-patch", "--model", tiny_dir, "--donor", mha, "--heads", "L0H0", "--lengths",
+           "400", "--depths", "0.5", "--needles", "1", "--no-png", "--root", str(tmp_path / "bad")]
     assert main(bad) == 2
     assert "differ in shape" in capsys.readouterr().err
-    assert main(bad[:3] + ["--recipient-scores", ours, "--out", str(tmp_path / "bad")]) == 2
-    assert "applies to cross-model patching" in capsys.readouterr().err
+    assert main(bad[:5] + ["--recipient-scores", ours, "--root", str(tmp_path / "bad")]) == 2
+    assert "needs heads" in capsys.readouterr().err
+    theirs_only = bad[:5] + ["--heads", "L0H0", "--recipient-scores", ours]
+    assert main(theirs_only + ["--root", str(tmp_path / "bad")]) == 2
+    assert "--recipient-scores goes with --scores" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()

@@ -45,6 +45,21 @@ class NoInstancePassedError(ValueError):
     """No detection instance passed the success gate: there is nothing to average."""
 
 
+def apply_gate(instances: pd.DataFrame, gate: float | None) -> pd.DataFrame:
+    """`instances` with `counted`: ROUGE-1 recall of the answer > `gate` (every one when None).
+    Raises `NoInstancePassedError`, with the model's accuracy, when none passes."""
+    counted = instances["rouge1_recall"] > gate if gate is not None else True
+    instances = instances.assign(counted=counted)
+    if not instances["counted"].any():
+        acc = float((instances["rouge1_recall"] > 0.5).mean())
+        raise NoInstancePassedError(
+            f"no detection instance passed the success gate (ROUGE-1 recall > {gate}): the model "
+            f"answered {acc:.0%} of {len(instances)} instances correctly. Use instances it can "
+            "answer (shorter contexts, easier needles) or pass a lower gate."
+        )
+    return instances
+
+
 def copy_score(
     argmax: Int[Tensor, "step layer head"],
     generated: Int[Tensor, "step"],  # noqa: F821
@@ -205,19 +220,11 @@ def retrieval_scores(
                 "n_generated": n_gen,
                 "generated_ids": list(gen.tokens),
                 "rouge1_recall": rouge,
-                "counted": gate is None or rouge > gate,
             }
         bar.update(len(idx))
     bar.close()
-    instances = pd.DataFrame(rows)
+    instances = apply_gate(pd.DataFrame(rows), gate)
     counted = torch.tensor(instances["counted"].to_list(), dtype=torch.bool)
-    if not bool(counted.any()):
-        acc = float((instances["rouge1_recall"] > 0.5).mean())
-        raise NoInstancePassedError(
-            f"no detection instance passed the success gate (ROUGE-1 recall > {gate}): the model "
-            f"answered {acc:.0%} of {len(prompts)} instances correctly. Use instances it can "
-            "answer (shorter contexts, easier needles) or pass a lower gate."
-        )
     settings = {
         "convention": convention,
         "keys": keys,

@@ -1,23 +1,23 @@
-"""Runs: one frozen config → one run directory of tidy tables, figures, config and provenance.
+"""Experiments: each a config, its stages (shards on `mechinterp.runner`) and its report, composed
+from the primitives below (`models`, `tasks`, `detect`, `interventions`, `finetune`,
+`analysis`, `plots`).
 
-- `run_eval` (`EvalConfig`): a task on a model, one row per example.
-- `run_detect` (`DetectConfig`): a head detector, one row per head.
-- `run_knockout` (`KnockoutConfig`): top-k vs random-complement knockout sweep.
-- `run_patch` (`PatchConfig`): per-head activation patching against a corruption.
-- `run_cross_patch` (`CrossPatchConfig`): donor head sets patched into a recipient.
+- The single commands, each one module run by `command.run_command`: `eval`, `detect`,
+  `knockout`, `patch`, `cross_patch`.
+- `study`: the necessity & sufficiency study (`mechinterp study`).
+- `extension`: the synthetic-context-extension pipeline (`mechinterp study extension`).
+- `specs` (the model and task specs every experiment shares) and `rundir` (the run directory's
+  lock, config check and seal).
 """
 
-from mechinterp.experiments.detect import DETECT_TASK, DetectConfig, run_detect
-from mechinterp.experiments.eval import EvalConfig, run_eval, summarise
-from mechinterp.experiments.knockout import KNOCKOUT_TASK, KnockoutConfig, run_knockout
-from mechinterp.experiments.patch import (
-    PATCH_TASK,
-    CrossPatchConfig,
-    HeadSelection,
-    PatchConfig,
-    run_cross_patch,
-    run_patch,
-)
+from functools import partial
+
+from mechinterp.experiments.command import Command, run_command
+from mechinterp.experiments.cross_patch import CROSS_PATCH, CrossPatchConfig
+from mechinterp.experiments.detect import DETECT, DETECT_TASK, DetectConfig
+from mechinterp.experiments.eval import EVAL, EvalConfig, summarise
+from mechinterp.experiments.knockout import KNOCKOUT, KNOCKOUT_TASK, KnockoutConfig
+from mechinterp.experiments.patch import PATCH, PATCH_TASK, HeadSelection, PatchConfig
 from mechinterp.experiments.specs import (
     ModelSpec,
     TaskSpec,
@@ -26,21 +26,32 @@ from mechinterp.experiments.specs import (
     read_head_scores,
 )
 
+#: The single commands by CLI name.
+COMMANDS: dict[str, Command] = {c.name: c for c in (EVAL, DETECT, KNOCKOUT, PATCH, CROSS_PATCH)}
+
+run_eval = partial(run_command, EVAL)
+run_detect = partial(run_command, DETECT)
+run_knockout = partial(run_command, KNOCKOUT)
+run_patch = partial(run_command, PATCH)
+run_cross_patch = partial(run_command, CROSS_PATCH)
+
 __all__ = [
+    "COMMANDS",
     "DETECT_TASK",
     "KNOCKOUT_TASK",
     "PATCH_TASK",
     "CrossPatchConfig",
     "DetectConfig",
     "EvalConfig",
-    "KnockoutConfig",
     "HeadSelection",
+    "KnockoutConfig",
     "ModelSpec",
     "PatchConfig",
     "TaskSpec",
     "build_examples",
     "parse_variant",
     "read_head_scores",
+    "run_command",
     "run_cross_patch",
     "run_detect",
     "run_eval",

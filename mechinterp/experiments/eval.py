@@ -1,14 +1,8 @@
-"""The evaluation run: one frozen config → one run directory of tidy tables and figures.
-
-`run_eval(EvalConfig(...), root)` builds the task examples, generates answers, and writes
-`config.json`, `provenance.json`, `examples.jsonl`, `results.parquet` (+ `.csv`), and the
-length × depth accuracy heatmap (`accuracy.html`, `accuracy.png`).
-"""
+"""`mechinterp eval`: a long-context task on a model, one row per example, and the length × depth
+accuracy heatmap. Shards: chunks of `examples_per_shard` examples."""
 
 from __future__ import annotations
 
-import dataclasses
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -16,8 +10,17 @@ from typing import Literal
 import pandas as pd
 
 from mechinterp import store
-from mechinterp.experiments.specs import ModelSpec, TaskSpec, _load, _run_facts, build_examples
-from mechinterp.tasks.example import write_jsonl
+from mechinterp.experiments.command import (
+    Command,
+    Plan,
+    chunks,
+    figure_formats,
+    read_run,
+    table_text,
+)
+from mechinterp.experiments.specs import ModelSpec, TaskSpec, build_examples
+from mechinterp.runner import Shard
+from mechinterp.tasks.example import Example
 
 
 @dataclass(frozen=True)
@@ -25,73 +28,59 @@ class EvalConfig:
     model: ModelSpec = field(default_factory=ModelSpec)
     task: TaskSpec = field(default_factory=TaskSpec)
     max_new_tokens: int = 32
+    """tokens to generate per answer"""
     batch_size: int = 4
+    """examples per generation batch"""
+    examples_per_shard: int = 8
+    """examples per unit of work (finished shards are kept across kills and reruns)"""
     template: Literal["chat", "plain"] | None = None
+    """prompt template (none: chat when the tokenizer has one)"""
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1 or self.batch_size < 1:
-            raise ValueError("max_new_tokens and batch_size must be >= 1")
+        if min(self.max_new_tokens, self.batch_size, self.examples_per_shard) < 1:
+            raise ValueError("max_new_tokens, batch_size and examples_per_shard must be >= 1")
 
     @property
     def slug(self) -> str:
         return f"eval-{Path(self.model.name).name}-{self.task.slug}"
 
 
-def run_eval(
-    config: EvalConfig,
-    root: str | Path = "runs",
-    *,
-    model=None,
-    force: bool = False,
-    png: bool = True,
-    progress: bool = True,
-) -> Path:
-    """Run `config` and write its run directory; return the directory.
-
-    A directory that already holds this config's results is reused unless `force`.
-    """
+def eval_shard(model, *, examples: list[dict], max_new_tokens: int, batch_size: int,
+               template: str | None) -> pd.DataFrame:  # fmt: skip
+    """Some examples answered greedily: one row per example."""
     from mechinterp.evaluate import evaluate
-    from mechinterp.models import model_card
+
+    exs = [Example.from_dict(d) for d in examples]
+    return evaluate(model, exs, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                    template=template, progress=False)  # fmt: skip
+
+
+def plan(config: EvalConfig, model) -> Plan:
+    examples = build_examples(config.task, model.tokenizer)
+    args = {"max_new_tokens": config.max_new_tokens, "batch_size": config.batch_size,
+            "template": config.template}  # fmt: skip
+    shards = [Shard(f"eval/{i:04d}", eval_shard, {"examples": [e.to_dict() for e in part], **args})
+              for i, part in enumerate(chunks(examples, config.examples_per_shard))]  # fmt: skip
+    return Plan(shards, examples)
+
+
+def finish(config: EvalConfig, df: pd.DataFrame, plan: Plan, card, out: Path) -> list[str]:
+    df.insert(0, "model", card.id)
+    df["config_hash"] = store.config_hash(config)
+    store.write_table(df, out / "results.csv")
+    store.write_table(df, out / "results.parquet")
+    return ["results.parquet"]
+
+
+def draw(out: Path, png: bool) -> list[Path]:
     from mechinterp.plots import accuracy_heatmap
 
-    out = store.run_dir(root, config.slug, config)
-    if (out / "results.parquet").is_file() and not force:
-        return out
-    model, t0, t_load = _load(config, model)
-    examples = build_examples(config.task, model.tokenizer)
-    df = evaluate(
-        model,
-        examples,
-        max_new_tokens=config.max_new_tokens,
-        batch_size=config.batch_size,
-        template=config.template,
-        progress=progress,
-    )
-    card = model_card(model)
-    df.insert(0, "model", card.id)
-    out.mkdir(parents=True, exist_ok=True)
-    store.write_json(out / "config.json", dataclasses.asdict(config))
-    write_jsonl(examples, out / "examples.jsonl")
-    store.write_table(df, out / "results.csv")
+    config = read_run(out, EVAL)
+    df = pd.read_parquet(out / "results.parquet")
     t = config.task
     flavour = t.haystack if t.task == "niah" else (Path(t.data).name if t.data else t.variant)
-    fig = accuracy_heatmap(df, title=f"{card.id} · {t.task} ({flavour}): accuracy")
-    store.write_figure(fig, out / "accuracy", formats=("html", "png") if png else ("html",))
-    store.write_json(
-        out / "provenance.json",
-        store.provenance(
-            **_run_facts(card, config),
-            n_examples=len(df),
-            timings={
-                "load_s": round(t_load, 3),
-                "generate_s": round(df.attrs["generate_seconds"], 3),
-                "total_s": round(time.perf_counter() - t0, 3),
-            },
-        ),
-    )
-    # results.parquet last: its presence marks a complete run.
-    store.write_table(df, out / "results.parquet")
-    return out
+    fig = accuracy_heatmap(df, title=f"{df['model'].iloc[0]} · {t.task} ({flavour}): accuracy")
+    return store.write_figure(fig, out / "accuracy", formats=figure_formats(png))
 
 
 def summarise(df: pd.DataFrame) -> pd.DataFrame:
@@ -103,3 +92,20 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
         .assign(n=df.groupby(keys).size())
         .reset_index()
     )
+
+
+def summary(out: Path, top: int) -> str:
+    df = pd.read_parquet(out / "results.parquet")
+    return (f"{table_text(summarise(df).head(top))}\n"
+            f"accuracy {df['correct'].mean():.3f} over {len(df)} examples")  # fmt: skip
+
+
+EVAL = Command(
+    "eval",
+    EvalConfig,
+    "run a long-context task on a model; write a tidy table and a length x depth accuracy heatmap",
+    plan,
+    finish,
+    draw,
+    summary,
+)

@@ -1,23 +1,27 @@
-"""Knockout sweep runs: top-k ranked heads vs k random complement heads while a task runs."""
+"""`mechinterp knockout`: the top-k ranked heads vs k random complement heads, knocked out while
+the task runs. Shards: chunks of `examples_per_shard` examples, each under every condition (the
+random draws depend on the seeds only, so every chunk knocks out the same heads)."""
 
 from __future__ import annotations
 
-import dataclasses
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import pandas as pd
+
 from mechinterp import store
-from mechinterp.experiments.specs import (
-    ModelSpec,
-    TaskSpec,
-    _load,
-    _run_facts,
-    build_examples,
-    heads_from_scores,
+from mechinterp.experiments.command import (
+    Command,
+    Plan,
+    chunks,
+    figure_formats,
+    read_run,
+    table_text,
 )
-from mechinterp.tasks.example import write_jsonl
+from mechinterp.experiments.specs import ModelSpec, TaskSpec, build_examples, heads_from_scores
+from mechinterp.runner import Shard
+from mechinterp.tasks.example import Example
 
 #: Knockout's default grid: contexts the embedded model answers, 4 needles.
 KNOCKOUT_TASK = TaskSpec(lengths=(256, 512), depths=(0.25, 0.75), needles=4)
@@ -32,28 +36,39 @@ class KnockoutConfig:
     model: ModelSpec = field(default_factory=ModelSpec)
     task: TaskSpec = field(default_factory=lambda: KNOCKOUT_TASK)
     heads: tuple[str, ...] = ()
+    """ranked head list, best first: L17H3,L18H6,..."""
     scores: str | None = None
+    """a detection run directory or its scores.parquet/csv (ranked by score)"""
     ks: tuple[int, ...] = (1, 2, 5, 10)
+    """numbers of heads to knock out, comma-separated"""
     seeds: tuple[int, ...] = (0, 1, 2)
-    modes: tuple[str, ...] = ("zero",)
+    """random-baseline seeds"""
+    modes: tuple[Literal["zero", "uniform_attention"], ...] = ("zero",)
+    """knockout modes, comma-separated"""
     match_layers: bool = False
+    """random heads matched per layer to the top-k"""
     max_new_tokens: int = 32
+    """tokens to generate per answer"""
     batch_size: int = 4
+    """examples per generation batch"""
     score: bool = False
+    """also score the answer's teacher-forced log-prob"""
+    examples_per_shard: int = 8
+    """examples per unit of work (finished shards are kept across kills and reruns)"""
     template: Literal["chat", "plain"] | None = None
+    """prompt template (none: chat when the tokenizer has one)"""
 
     def __post_init__(self) -> None:
-        from mechinterp.interventions.sweep import SWEEP_MODES
-
         if bool(self.heads) == bool(self.scores):
             raise ValueError("give exactly one of --heads (a ranked list) or --scores (a table)")
         if self.scores is not None and not Path(self.scores).exists():
             raise ValueError(f"scores {self.scores} does not exist")
-        bad = [m for m in self.modes if m not in SWEEP_MODES]
-        if not self.modes or bad:
-            raise ValueError(f"modes must be among {SWEEP_MODES}, got {list(self.modes)}")
+        if not self.modes or len(set(self.modes)) < len(self.modes):
+            raise ValueError(f"modes must be distinct, and at least one, got {list(self.modes)}")
         if not self.ks or min(self.ks) < 1 or not self.seeds:
             raise ValueError("ks must be positive and at least one seed is needed")
+        if min(self.max_new_tokens, self.batch_size, self.examples_per_shard) < 1:
+            raise ValueError("max_new_tokens, batch_size and examples_per_shard must be >= 1")
 
     @property
     def slug(self) -> str:
@@ -68,42 +83,34 @@ class KnockoutConfig:
         return heads_from_scores(self.scores, shape, threshold=float("-inf"))
 
 
-def run_knockout(
-    config: KnockoutConfig,
-    root: str | Path = "runs",
-    *,
-    model=None,
-    force: bool = False,
-    png: bool = True,
-    progress: bool = True,
-) -> Path:
-    """Run a knockout sweep and write `sweep.parquet` (+ `.csv`; one row per mode, k, condition,
-    seed and example), `summary.csv`, and `knockout.html/.png` (metric vs k)."""
-    from mechinterp.heads import HeadShape
-    from mechinterp.interventions.sweep import knockout_sweep, summarise_sweep
-    from mechinterp.models import model_card
-    from mechinterp.plots import knockout_curve
+def knockout_shard(model, *, examples: list[dict], ranked: list[str], sweep: dict):
+    """The whole sweep on some examples: one row per (mode, k, condition, seed, example)."""
+    from mechinterp.interventions.sweep import knockout_sweep
 
-    out = store.run_dir(root, config.slug, config)
-    if (out / "sweep.parquet").is_file() and not force:
-        return out
-    model, t0, t_load = _load(config, model)
+    exs = [Example.from_dict(d) for d in examples]
+    return knockout_sweep(model, exs, ranked, **sweep, progress=False)
+
+
+def plan(config: KnockoutConfig, model) -> Plan:
+    from mechinterp.heads import HeadShape
+
     ranked = config.ranking(HeadShape.of(model))
+    if max(config.ks) > len(ranked):
+        raise ValueError(f"k={max(config.ks)} exceeds the {len(ranked)} ranked heads given")
     examples = build_examples(config.task, model.tokenizer)
-    df = knockout_sweep(
-        model,
-        examples,
-        ranked,
-        ks=config.ks,
-        seeds=config.seeds,
-        modes=config.modes,
-        match_layers=config.match_layers,
-        max_new_tokens=config.max_new_tokens,
-        batch_size=config.batch_size,
-        score=config.score,
-        progress=progress,
-    )
-    card = model_card(model)
+    sweep = {"ks": list(config.ks), "seeds": list(config.seeds), "modes": list(config.modes),
+             "match_layers": config.match_layers, "max_new_tokens": config.max_new_tokens,
+             "batch_size": config.batch_size, "score": config.score}  # fmt: skip
+    names = [str(h) for h in ranked]
+    shards = [Shard(f"knockout/{i:04d}", knockout_shard, {
+        "examples": [e.to_dict() for e in part], "ranked": names, "sweep": sweep})
+        for i, part in enumerate(chunks(examples, config.examples_per_shard))]  # fmt: skip
+    return Plan(shards, examples, facts={"ranked_heads": names[: max(config.ks)]})
+
+
+def finish(config: KnockoutConfig, df: pd.DataFrame, plan: Plan, card, out: Path) -> list[str]:
+    from mechinterp.interventions.sweep import summarise_sweep
+
     df.insert(0, "model", card.id)
     df["config_hash"] = store.config_hash(config)
     summary = summarise_sweep(df)
@@ -111,21 +118,33 @@ def run_knockout(
         lp = summarise_sweep(df, "answer_logprob")
         summary["answer_logprob"] = lp["answer_logprob"]
         summary["answer_logprob_seed_sd"] = lp["seed_sd"]
-    out.mkdir(parents=True, exist_ok=True)
-    store.write_json(out / "config.json", dataclasses.asdict(config))
-    write_jsonl(examples, out / "examples.jsonl")
     store.write_table(df, out / "sweep.csv")
     store.write_table(summary, out / "summary.csv")
-    fig = knockout_curve(summary, title=f"{card.id} · {config.task.slug}: accuracy after knockout")
-    store.write_figure(fig, out / "knockout", formats=("html", "png") if png else ("html",))
-    store.write_json(
-        out / "provenance.json",
-        store.provenance(
-            **_run_facts(card, config),
-            ranked_heads=[str(h) for h in ranked[: max(config.ks)]],
-            n_examples=len(examples),
-            timings={"load_s": round(t_load, 3), "total_s": round(time.perf_counter() - t0, 3)},
-        ),
-    )
-    store.write_table(df, out / "sweep.parquet")  # last: marks a complete run
-    return out
+    store.write_table(df, out / "sweep.parquet")
+    return ["sweep.parquet", "summary.csv"]
+
+
+def draw(out: Path, png: bool) -> list[Path]:
+    from mechinterp.plots import knockout_curve
+
+    config = read_run(out, KNOCKOUT)
+    model = pd.read_parquet(out / "sweep.parquet", columns=["model"])["model"].iloc[0]
+    title = f"{model} · {config.task.slug}: accuracy after knockout"
+    fig = knockout_curve(pd.read_csv(out / "summary.csv"), title=title)
+    return store.write_figure(fig, out / "knockout", formats=figure_formats(png))
+
+
+def summary(out: Path, top: int) -> str:
+    return table_text(pd.read_csv(out / "summary.csv"))
+
+
+KNOCKOUT = Command(
+    "knockout",
+    KnockoutConfig,
+    "knock out the top-k ranked heads vs k random complement heads while a task runs; write a "
+    "tidy table and an accuracy-vs-k figure",
+    plan,
+    finish,
+    draw,
+    summary,
+)

@@ -1,10 +1,9 @@
-"""Activation patching runs: per-head patching against a corruption within one model, and
-cross-model patching of head sets from a donor into a recipient."""
+"""`mechinterp patch`: per-head activation patching between each task instance and its
+corruption (one answer token of the needle replaced by another word's). Shards: one instance
+pair each."""
 
 from __future__ import annotations
 
-import dataclasses
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -12,15 +11,10 @@ from typing import Literal
 import pandas as pd
 
 from mechinterp import store
-from mechinterp.experiments.specs import (
-    ModelSpec,
-    TaskSpec,
-    _load,
-    _run_facts,
-    build_examples,
-    heads_from_scores,
-)
-from mechinterp.tasks.example import write_jsonl
+from mechinterp.experiments.command import Command, Plan, figure_formats, read_run, table_text
+from mechinterp.experiments.specs import ModelSpec, TaskSpec, build_examples, heads_from_scores
+from mechinterp.runner import Shard
+from mechinterp.tasks.example import Example
 
 #: Patching's default: 4 NIAH instances of 256 tokens, needle mid-context.
 PATCH_TASK = TaskSpec(lengths=(256,), depths=(0.5,), needles=4)
@@ -32,21 +26,27 @@ RETRIEVAL_THRESHOLD = 0.1
 @dataclass(frozen=True)
 class HeadSelection:
     """Which heads a run singles out: an explicit list (`heads`), or those a head-score table
-    (`scores`: a detection run or its scores.parquet/csv) selects by score > `threshold` or as
-    the `top_k` best."""
+    (`scores`: a detection run or its scores.parquet/csv) selects by score > `threshold` (0.1,
+    Wu's rule, when neither it nor `top_k` is given) or as the `top_k` best."""
 
     heads: tuple[str, ...] = ()
+    """heads: L17H3,L18H6,..."""
     scores: str | None = None
-    threshold: float | None = RETRIEVAL_THRESHOLD
+    """a detection run directory or its scores.parquet/csv"""
+    threshold: float | None = None
+    """select the table's heads scoring above this (none: 0.1, Wu's retrieval-head rule)"""
     top_k: int | None = None
+    """select the table's k best heads instead"""
 
     def __post_init__(self) -> None:
         if self.heads and self.scores:
-            raise ValueError("give a head list or a score table, not both")
-        if self.top_k is not None:
-            if self.top_k < 1:
-                raise ValueError(f"top_k must be >= 1, got {self.top_k}")
-            object.__setattr__(self, "threshold", None)
+            raise ValueError("give a head list (--heads) or a score table (--scores), not both")
+        if self.threshold is not None and self.top_k is not None:
+            raise ValueError("select by --threshold or by --top-k, not both")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if (self.threshold is not None or self.top_k is not None) and not self.scores:
+            raise ValueError("--threshold and --top-k select from a score table: give --scores")
         if self.scores is not None and not Path(self.scores).exists():
             raise ValueError(f"scores {self.scores} does not exist")
 
@@ -59,8 +59,20 @@ class HeadSelection:
         if self.heads:
             return parse_heads(self.heads, shape)
         if self.scores:
-            return heads_from_scores(self.scores, shape, threshold=self.threshold, top_k=self.top_k)
+            threshold = self.threshold
+            if threshold is None and self.top_k is None:
+                threshold = RETRIEVAL_THRESHOLD
+            return heads_from_scores(self.scores, shape, threshold=threshold, top_k=self.top_k)
         return ()
+
+    def chosen(self, shape) -> tuple:
+        """`resolve`, refusing a selection that picks nothing."""
+        heads = self.resolve(shape)
+        if self and not heads:
+            raise ValueError(
+                f"the head selection {self} picks no heads; lower the threshold or use top_k"
+            )
+        return heads
 
 
 @dataclass(frozen=True)
@@ -74,13 +86,14 @@ class PatchConfig:
     model: ModelSpec = field(default_factory=ModelSpec)
     task: TaskSpec = field(default_factory=lambda: PATCH_TASK)
     direction: Literal["denoise", "noise"] = "denoise"
+    """denoise: clean activations into the corrupted run; noise: the reverse"""
     select: HeadSelection = field(default_factory=HeadSelection)
     batch_size: int = 9
+    """patched runs per forward"""
     template: Literal["chat", "plain"] | None = None
+    """prompt template (none: chat when the tokenizer has one)"""
 
     def __post_init__(self) -> None:
-        if self.direction not in ("denoise", "noise"):
-            raise ValueError(f"direction must be 'denoise' or 'noise', got {self.direction!r}")
         if self.batch_size < 1:
             raise ValueError("batch_size must be >= 1")
 
@@ -89,222 +102,93 @@ class PatchConfig:
         return f"patch-{self.direction}-{Path(self.model.name).name}-{self.task.slug}"
 
 
-def run_patch(
-    config: PatchConfig,
-    root: str | Path = "runs",
-    *,
-    model=None,
-    force: bool = False,
-    png: bool = True,
-    progress: bool = True,
-) -> Path:
-    """Write `patch.parquet` (+ `.csv`; one row per example and head: value, recovery, clean and
-    corrupt metrics, `in_set`), `heads.parquet` (mean recovery per head over the pairs the
-    corruption flips), `sets.csv` (mean recovery of the selected set vs the rest) and
-    `recovery.html/.png`."""
-    from tqdm.auto import tqdm
-
+def patch_shard(model, *, example: dict, patched: list[str] | None, chosen: list[str],
+                direction: str, batch_size: int, template, seed: int) -> pd.DataFrame:  # fmt: skip
+    """Per-head patching on one clean / corrupted pair: one row per patched head."""
     from mechinterp.evaluate import render_all
-    from mechinterp.heads import HeadShape
+    from mechinterp.heads import HeadShape, parse_heads
     from mechinterp.interventions.patching import logit_diff_metric, patch_heads
-    from mechinterp.models import model_card
-    from mechinterp.plots import head_heatmap
     from mechinterp.tasks.corrupt import corrupt_answer
 
-    out = store.run_dir(root, config.slug, config)
-    if (out / "patch.parquet").is_file() and not force:
-        return out
-    model, t0, t_load = _load(config, model)
     shape = HeadShape.of(model)
-    chosen = config.select.resolve(shape)
-    if config.select and not chosen:
-        raise ValueError(
-            f"the head selection {config.select} picks no heads; lower the threshold or use top_k"
-        )
+    (prompt,) = render_all(model, [Example.from_dict(example)], template=template)
+    heads = parse_heads(patched, shape) if patched is not None else None
+    c = corrupt_answer(prompt, model.tokenizer, seed=seed)
+    metric = logit_diff_metric(c.clean_token, c.corrupt_token)
+    res = patch_heads(model, c.clean, c.corrupt, metric, direction=direction, heads=heads,
+                      batch_size=batch_size, progress=False)  # fmt: skip
+    recovery = res.recovery if res.clean != res.corrupt else res.values * float("nan")
+    return pd.DataFrame([{
+        "example_id": prompt.example_id, "layer": h.layer, "head": h.head, "head_name": str(h),
+        "in_set": str(h) in chosen, "value": float(res.values[h.layer, h.head]),
+        "recovery": float(recovery[h.layer, h.head]), "clean_metric": res.clean,
+        "corrupt_metric": res.corrupt, "corrupted_position": c.position,
+    } for h in heads or shape.all_heads()])  # fmt: skip
+
+
+def plan(config: PatchConfig, model) -> Plan:
+    from mechinterp.heads import HeadShape
+
+    chosen = [str(h) for h in config.select.chosen(HeadShape.of(model))]
     patched = chosen if config.select.heads else None
     examples = build_examples(config.task, model.tokenizer)
-    prompts = render_all(model, examples, template=config.template)
-    rows = []
-    for prompt in tqdm(prompts, desc="patch examples", disable=not progress):
-        c = corrupt_answer(prompt, model.tokenizer, seed=config.task.seed)
-        res = patch_heads(
-            model,
-            c.clean,
-            c.corrupt,
-            logit_diff_metric(c.clean_token, c.corrupt_token),
-            direction=config.direction,
-            heads=patched,
-            batch_size=config.batch_size,
-            progress=progress,
-        )
-        recovery = res.recovery if res.clean != res.corrupt else res.values * float("nan")
-        for h in patched or shape.all_heads():
-            rows.append(
-                {
-                    "example_id": prompt.example_id,
-                    "layer": h.layer,
-                    "head": h.head,
-                    "head_name": str(h),
-                    "in_set": h in chosen,
-                    "value": float(res.values[h.layer, h.head]),
-                    "recovery": float(recovery[h.layer, h.head]),
-                    "clean_metric": res.clean,
-                    "corrupt_metric": res.corrupt,
-                    "corrupted_position": c.position,
-                }
-            )
-    card = model_card(model)
-    df = pd.DataFrame(rows).assign(
-        model=card.id, direction=config.direction, config_hash=store.config_hash(config)
-    )
+    shards = [Shard(f"patch/{i:04d}", patch_shard, {
+        "example": ex.to_dict(), "patched": patched, "chosen": chosen,
+        "direction": config.direction, "batch_size": config.batch_size,
+        "template": config.template, "seed": config.task.seed})
+        for i, ex in enumerate(examples)]  # fmt: skip
+    return Plan(shards, examples, facts={"selected_heads": chosen})
+
+
+def finish(config: PatchConfig, df: pd.DataFrame, plan: Plan, card, out: Path) -> list[str]:
+    df = df.assign(model=card.id, direction=config.direction,
+                   config_hash=store.config_hash(config))  # fmt: skip
     # Only pairs where the corruption flips the preference say anything about recovery.
     flipped = (df["clean_metric"] > 0) & (df["corrupt_metric"] < 0)
     valid = df[flipped] if flipped.any() else df
     heads = (
-        valid.groupby(["layer", "head", "head_name", "in_set"])["recovery"]
-        .mean()
-        .reset_index()
+        valid.groupby(["layer", "head", "head_name", "in_set"])["recovery"].mean().reset_index()
         .assign(n_examples=valid["example_id"].nunique(), model=card.id)
-    )
+    )  # fmt: skip
     sets = (
         valid.groupby(["in_set", "example_id"])["recovery"]
         .agg(mean_per_head="mean", total="sum", n_heads="size")
-        .groupby("in_set")
-        .mean()
-        .reset_index()
-    )
+        .groupby("in_set").mean().reset_index()
+    )  # fmt: skip
     sets.insert(0, "set", sets.pop("in_set").map({True: "selected", False: "rest"}))
-    out.mkdir(parents=True, exist_ok=True)
-    store.write_json(out / "config.json", dataclasses.asdict(config))
-    write_jsonl(examples, out / "examples.jsonl")
+    plan.facts["n_flipped"] = int(df.loc[flipped, "example_id"].nunique())
     store.write_table(df, out / "patch.csv")
     store.write_table(heads, out / "heads.parquet")
     store.write_table(sets, out / "sets.csv")
-    fig = head_heatmap(
-        heads,
-        value="recovery",
-        title=f"{card.id} · {config.direction} patching: mean normalised recovery per head "
-        f"(n={heads['n_examples'].iloc[0]})",
-    )
-    store.write_figure(fig, out / "recovery", formats=("html", "png") if png else ("html",))
-    store.write_json(
-        out / "provenance.json",
-        store.provenance(
-            **_run_facts(card, config),
-            selected_heads=[str(h) for h in chosen],
-            n_examples=len(prompts),
-            n_flipped=int(df.loc[flipped, "example_id"].nunique()),
-            timings={"load_s": round(t_load, 3), "total_s": round(time.perf_counter() - t0, 3)},
-        ),
-    )
-    store.write_table(df, out / "patch.parquet")  # last: marks a complete run
-    return out
+    store.write_table(df, out / "patch.parquet")
+    return ["patch.parquet", "heads.parquet", "sets.csv"]
 
 
-# ---------------------------------------------------------------- cross-model patching runs
+def draw(out: Path, png: bool) -> list[Path]:
+    from mechinterp.plots import head_heatmap
+
+    config = read_run(out, PATCH)
+    heads = pd.read_parquet(out / "heads.parquet")
+    title = (f"{heads['model'].iloc[0]} · {config.direction} patching: mean normalised recovery "
+             f"per head (n={heads['n_examples'].iloc[0]})")  # fmt: skip
+    return store.write_figure(head_heatmap(heads, value="recovery", title=title),
+                              out / "recovery", formats=figure_formats(png))  # fmt: skip
 
 
-@dataclass(frozen=True)
-class CrossPatchConfig:
-    """Donor head outputs patched into the recipient (`model`) while the task runs, for each head
-    set. The sets are one explicit list (`select.heads`), or the paper's Inter / Compl / Rand
-    built from the donor's and the recipient's head-score tables (`select.scores` is the
-    donor's, `recipient_scores` the recipient's; both selected by the same rule)."""
-
-    model: ModelSpec = field(default_factory=ModelSpec)
-    donor: ModelSpec = field(default_factory=ModelSpec)
-    task: TaskSpec = field(default_factory=lambda: PATCH_TASK)
-    select: HeadSelection = field(default_factory=HeadSelection)
-    recipient_scores: str | None = None
-    seeds: tuple[int, ...] = (0, 1, 2)
-    max_new_tokens: int = 32
-    batch_size: int = 24  # batch rows: examples × conditions run together
-    template: Literal["chat", "plain"] | None = None
-
-    def __post_init__(self) -> None:
-        if not self.select:
-            raise ValueError(
-                "cross-model patching needs heads: a list (--heads) or the donor's and the "
-                "recipient's score tables (--scores and --recipient-scores)"
-            )
-        if self.select.scores and not self.recipient_scores:
-            raise ValueError("Inter / Compl / Rand need the recipient's scores too")
-        if self.recipient_scores and not Path(self.recipient_scores).exists():
-            raise ValueError(f"recipient scores {self.recipient_scores} do not exist")
-        if min(self.max_new_tokens, self.batch_size) < 1:
-            raise ValueError("max_new_tokens and batch_size must be >= 1")
-
-    @property
-    def slug(self) -> str:
-        donor, recipient = Path(self.donor.name).name, Path(self.model.name).name
-        return f"cross-patch-{donor}-into-{recipient}-{self.task.slug}"
-
-    def head_sets(self, shape) -> dict[str, tuple]:
-        from mechinterp.interventions.cross import patch_head_sets
-
-        if self.select.heads:
-            return {"heads": self.select.resolve(shape)}
-        theirs = dataclasses.replace(self.select, scores=self.recipient_scores)
-        return patch_head_sets(
-            self.select.resolve(shape), theirs.resolve(shape), shape, seeds=self.seeds
-        )
+def summary(out: Path, top: int) -> str:
+    heads = pd.read_parquet(out / "heads.parquet").nlargest(top, "recovery")
+    text = table_text(heads[["head_name", "in_set", "recovery"]])
+    config = read_run(out, PATCH)
+    return text + ("\n" + table_text(pd.read_csv(out / "sets.csv")) if config.select else "")
 
 
-def run_cross_patch(
-    config: CrossPatchConfig,
-    root: str | Path = "runs",
-    *,
-    model=None,
-    donor=None,
-    force: bool = False,
-    png: bool = True,
-    progress: bool = True,
-) -> Path:
-    """Write `cross.parquet` (+ `.csv`; one row per condition and example), `summary.csv` (mean
-    metric and normalised recovery per condition), `head_sets.json` and `cross.html/.png`."""
-    from mechinterp.heads import HeadShape
-    from mechinterp.interventions.cross import cross_model_patching, summarise_cross
-    from mechinterp.models import model_card
-    from mechinterp.plots import cross_patch_bars
-
-    out = store.run_dir(root, config.slug, config)
-    if (out / "cross.parquet").is_file() and not force:
-        return out
-    model, t0, t_load = _load(config, model)
-    donor = config.donor.load() if donor is None else donor
-    sets = config.head_sets(HeadShape.of(model))
-    examples = build_examples(config.task, model.tokenizer)
-    df = cross_model_patching(
-        donor,
-        model,
-        examples,
-        sets,
-        max_new_tokens=config.max_new_tokens,
-        max_rows=config.batch_size,
-        template=config.template,
-        progress=progress,
-    )
-    card, donor_card = model_card(model), model_card(donor)
-    df = df.assign(recipient=card.id, donor=donor_card.id, config_hash=store.config_hash(config))
-    summary = summarise_cross(df)
-    out.mkdir(parents=True, exist_ok=True)
-    store.write_json(out / "config.json", dataclasses.asdict(config))
-    store.write_json(out / "head_sets.json", {k: [str(h) for h in v] for k, v in sets.items()})
-    write_jsonl(examples, out / "examples.jsonl")
-    store.write_table(df, out / "cross.csv")
-    store.write_table(summary, out / "summary.csv")
-    fig = cross_patch_bars(
-        summary, title=f"{donor_card.id} → {card.id} · {config.task.slug}: cross-model patching"
-    )
-    store.write_figure(fig, out / "cross", formats=("html", "png") if png else ("html",))
-    store.write_json(
-        out / "provenance.json",
-        store.provenance(
-            **_run_facts(card, config),
-            donor_card=donor_card.to_dict(),
-            n_examples=len(examples),
-            timings={"load_s": round(t_load, 3), "total_s": round(time.perf_counter() - t0, 3)},
-        ),
-    )
-    store.write_table(df, out / "cross.parquet")  # last: marks a complete run
-    return out
+PATCH = Command(
+    "patch",
+    PatchConfig,
+    "per-head activation patching between each task instance and its corruption; tidy tables "
+    "and a layer x head recovery heatmap",
+    plan,
+    finish,
+    draw,
+    summary,
+)

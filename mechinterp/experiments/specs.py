@@ -17,10 +17,25 @@ Haystack = Literal["essays", "filler"]
 
 @dataclass(frozen=True)
 class ModelSpec:
+    """Which model to load, and how (see `mechinterp.models.load_model`)."""
+
     name: str = "smollm2-135m"
-    dtype: str = "float32"
+    """embedded name (smollm2-135m), a .gguf file, a local HF model or LoRA directory, or a model
+    id in the local HF cache"""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """weights' dtype"""
     device: str | None = None
+    """cpu, cuda, cuda:1, ... (none: cuda when available, else cpu)"""
     rope_theta: float | None = None
+    """override the RoPE base frequency (context extension)"""
+
+    def __post_init__(self) -> None:
+        if self.device is not None:
+            from mechinterp.models.load import check_device
+
+            check_device(self.device, available=False)  # this machine's devices: at load time
+        if self.rope_theta is not None and not self.rope_theta > 0:
+            raise ValueError(f"rope_theta must be > 0, got {self.rope_theta}")
 
     def load(self):
         from mechinterp.models import load_model
@@ -36,15 +51,26 @@ class TaskSpec:
     (a user's JSONL file) or a synthetic `variant` with `n` examples of `n_docs` documents."""
 
     task: TaskName = "niah"
+    """the task"""
     lengths: tuple[int, ...] = (256, 512, 1024, 2048)
+    """NIAH context lengths in tokens, comma-separated"""
     depths: tuple[float, ...] = (0.0, 0.5, 1.0)
+    """NIAH needle depths in [0, 1], comma-separated"""
     needles: int = 4
+    """number of NIAH needles (1-8)"""
     haystack: Haystack = "essays"
+    """NIAH haystack: Paul Graham essays, or repetitive filler"""
     data: str | None = None
+    """your data: JSONL (lost-in-the-middle format for mdqa, MuSiQue for multihop) or a
+    Summary-of-a-Haystack JSON haystack for citation"""
     variant: str = "realistic-high"
+    """synthetic QA variant: realistic-high|realistic-low|templated-high|templated-low|symbolic"""
     n: int = 20
+    """QA examples (synthetic count, or the most read from --data)"""
     n_docs: int = 10
+    """documents per synthetic QA example"""
     seed: int = 0
+    """seed of the examples"""
 
     def __post_init__(self) -> None:
         if self.task not in TASK_NAMES:
@@ -59,6 +85,14 @@ class TaskSpec:
             raise ValueError("--data applies to mdqa and multihop; NIAH builds its own grid")
         if self.data is not None and not Path(self.data).is_file():
             raise ValueError(f"data file {self.data} does not exist")
+        from mechinterp.tasks.niah import NEEDLES
+
+        if not 1 <= self.needles <= len(NEEDLES):
+            raise ValueError(f"needles must lie in [1, {len(NEEDLES)}], got {self.needles}")
+        if not self.lengths or not self.depths:
+            raise ValueError("lengths and depths need at least one value each")
+        if self.n < 1 or self.n_docs < 1:
+            raise ValueError(f"n and n_docs must be >= 1, got n={self.n}, n_docs={self.n_docs}")
         parse_variant(self.variant)
 
     @property

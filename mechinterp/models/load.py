@@ -119,6 +119,7 @@ def load_model(
     torch_dtype = _dtype(dtype)
     tune_allocator()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    check_device(device)
     name = str(name_or_path)
     embedded = resolve_embedded(name)
     if embedded is not None:
@@ -155,6 +156,26 @@ def load_model(
         device=device,
         lora=None,
     )
+
+
+def check_device(device: str, *, available: bool = True) -> None:
+    """Refuse a device string torch cannot parse, or (`available`) one this machine lacks."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(
+            f"device {device!r} is not a torch device (cpu, cuda, cuda:1, mps)"
+        ) from None
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device {device!r}: only cpu, cuda and mps are supported")
+    if not available:
+        return
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: this machine has no CUDA GPU (use --device cpu)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} GPU(s)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r}: MPS is not available here (use --device cpu)")
 
 
 def boot_bridge(

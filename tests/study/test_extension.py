@@ -180,7 +180,7 @@ def test_changing_one_stage_recomputes_only_what_depends_on_it(config, tmp_path)
 
 
 def test_lofit_head_sets_are_equal_sized_and_the_random_one_is_layer_matched_and_disjoint():
-    from mechinterp.experiments.extension import lofit_head_sets
+    from mechinterp.experiments.extension.stages import lofit_head_sets
     from mechinterp.heads import HeadShape, parse_heads
 
     shape = HeadShape(4, 8, 8)

@@ -165,9 +165,14 @@ def test_a_task_directory_from_another_config_is_refused(config, run, tmp_path):
     cfg["n_eval"] = 3
     (copy / "citation" / "config.json").write_text(json.dumps(cfg))
     before = (copy / "report.md").read_text()
-    with pytest.raises(ValueError, match="is not task 'citation'"):
+    with pytest.raises(ValueError, match="is not the config its tables were computed from"):
         analyse_tasks(copy, png=None)
     assert (copy / "report.md").read_text() == before  # left untouched
+    shutil.rmtree(copy / "citation")  # another task's finished directory in its place
+    shutil.copytree(copy / "mdqa", copy / "citation")
+    with pytest.raises(ValueError, match="is not task 'citation'"):
+        analyse_tasks(copy, png=None)
+    assert (copy / "report.md").read_text() == before
     (copy / "citation" / "heads.csv").unlink()
     with pytest.raises(ValueError, match="task 'citation' has not finished"):
         analyse_tasks(copy, png=None)

@@ -62,9 +62,13 @@ TABLES = ("losses", "eval", "detect_instances", "knockout", "cross", "lofit", "l
 
 
 def read_config(run_dir: str | Path):
+    """The run's config, once `rundir.verify` has checked it is the one its tables came from."""
+    from mechinterp.experiments.rundir import verify
     from mechinterp.experiments.study.report import read_config as read
 
-    return read(run_dir, ExtensionConfig, what="extension")
+    config = read(run_dir, ExtensionConfig, what="extension")
+    verify(run_dir, what="extension run")
+    return config
 
 
 def read_tables(run_dir: str | Path) -> dict[str, pd.DataFrame]:

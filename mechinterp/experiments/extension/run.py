@@ -27,6 +27,7 @@ import pandas as pd
 
 from mechinterp import store
 from mechinterp.config import to_dict
+from mechinterp.experiments import rundir
 from mechinterp.experiments.extension.config import ExtensionConfig
 from mechinterp.experiments.extension.heads import head_sets, model_scores
 from mechinterp.experiments.extension.report import analyse
@@ -57,6 +58,7 @@ def run_extension(
     ray_address: str | None = None,
     png: bool | None = True,
     progress: bool = True,
+    wait: bool = False,
 ) -> Path:
     """Run (or resume) the pipeline; write its tables (`losses`, `eval`, `detect_instances`,
     `knockout`, `cross`), then the analysis from those tables alone (`extension_report.analyse`:
@@ -64,10 +66,18 @@ def run_extension(
     figures only, `png=None`: none)."""
     if config.tasks:
         return run_tasks(config, root, out=out, engine=engine, ray_address=ray_address, png=png,
-                         progress=progress)  # fmt: skip
+                         progress=progress, wait=wait)  # fmt: skip
     out = Path(out) if out is not None else store.run_dir(root, config.slug, config)
-    out.mkdir(parents=True, exist_ok=True)
-    store.write_json(out / "config.json", to_dict(config))
+    rundir.check_writable(out)
+    with rundir.RunLock(out, wait=wait):
+        # a changed config reuses the shards whose own inputs did not change
+        rundir.claim(out, config, what="extension run", replace=True)
+        _run(config, out, engine, ray_address, progress)
+        analyse(out, png=png)
+    return out
+
+
+def _run(config: ExtensionConfig, out: Path, engine, ray_address, progress) -> None:
     t0, stats, timings = time.perf_counter(), ShardStats(), {}
     shard_dir, ckpt = out / "shards", out / "checkpoints"
     everyone = config.models
@@ -147,20 +157,20 @@ def run_extension(
                 "heads": heads, "max_new_tokens": config.max_new_tokens, "template": tpl})
             for name, heads in lofit_head_sets(lofit, sets[config.reference], shape).items()],
             "LoFiT on retrieval, LoFiT-selected and random heads")  # fmt: skip
+    written = []
     for name, df in (("losses", losses), ("eval", evals), ("detect_instances", per),
                      ("knockout", knockout), ("cross", cross), ("lofit", lofit),
                      ("lofit_sweep", sweep), ("lofit_localised", localised)):  # fmt: skip
         if len(df):
             store.write_table(df, out / f"{name}.parquet")
+            written.append(f"{name}.parquet")
         else:
             (out / f"{name}.parquet").unlink(missing_ok=True)
     timings["total_s"] = round(time.perf_counter() - t0, 1)  # the shards; analysis follows
     store.write_json(out / "provenance.json", store.provenance(
         engine=engine, spec=asdict(config.lora),
         shards={"computed": len(stats.computed), "skipped": len(stats.skipped)},
-        timings=timings))  # fmt: skip
-    analyse(out, png=png)
-    return out
+        timings=timings, seal=rundir.seal(out, written)))  # fmt: skip
 
 
 def run_tasks(
@@ -172,23 +182,26 @@ def run_tasks(
     ray_address: str | None = None,
     png: bool | None = True,
     progress: bool = True,
+    wait: bool = False,
 ) -> Path:
     """One extension run per task under `<out>/<task>/` (each resumes on its own), then the
     pooled analysis."""
     if not config.tasks:
         raise ValueError("run_tasks needs config.tasks; run_extension runs a single task")
     out = Path(out) if out is not None else store.run_dir(root, config.slug, config)
-    out.mkdir(parents=True, exist_ok=True)
-    store.write_json(out / "config.json", to_dict(config))
-    t0, timings = time.perf_counter(), {}
-    for i, run in enumerate(config.tasks, 1):
-        if progress:
-            print(f"task {i}/{len(config.tasks)}: {run.task}", file=sys.stderr, flush=True)
-        t = time.perf_counter()
-        run_extension(config.for_task(run), out=out / run.task, engine=engine,
-                      ray_address=ray_address, png=png, progress=progress)  # fmt: skip
-        timings[f"{run.task}_s"] = round(time.perf_counter() - t, 1)
-    timings["total_s"] = round(time.perf_counter() - t0, 1)
-    store.write_json(out / "provenance.json", store.provenance(engine=engine, timings=timings))
-    analyse_tasks(out, png=png, each_task=False)  # run_extension analysed each task
+    rundir.check_writable(out)
+    with rundir.RunLock(out, wait=wait):
+        rundir.claim(out, config, what="multi-task extension run")
+        t0, timings = time.perf_counter(), {}
+        for i, run in enumerate(config.tasks, 1):
+            if progress:
+                print(f"task {i}/{len(config.tasks)}: {run.task}", file=sys.stderr, flush=True)
+            t = time.perf_counter()
+            run_extension(config.for_task(run), out=out / run.task, engine=engine, wait=wait,
+                          ray_address=ray_address, png=png, progress=progress)  # fmt: skip
+            timings[f"{run.task}_s"] = round(time.perf_counter() - t, 1)
+        timings["total_s"] = round(time.perf_counter() - t0, 1)
+        store.write_json(out / "provenance.json", store.provenance(
+            engine=engine, timings=timings, seal=rundir.seal(out, [])))  # fmt: skip
+        analyse_tasks(out, png=png, each_task=False)  # run_extension analysed each task
     return out

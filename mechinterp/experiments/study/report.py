@@ -37,8 +37,12 @@ def read_config(run_dir: str | Path, kind=None, what: str = "study"):
 def read_tables(
     run_dir: str | Path, names=TABLES, required=("detect_instances",), what: str = "study"
 ) -> dict[str, pd.DataFrame]:
-    """The run's `names` tables that exist; a missing `required` one is an error."""
+    """The run's `names` tables that exist; a missing `required` one is an error, and so is a
+    directory whose config or tables are not the ones its run wrote (`rundir.verify`)."""
+    from mechinterp.experiments.rundir import verify
+
     run_dir = Path(run_dir)
+    verify(run_dir, what=what)
     out = {}
     for name in names:
         path = run_dir / f"{name}.parquet"

@@ -13,38 +13,10 @@ from pathlib import Path
 import pandas as pd
 
 from mechinterp import store
+from mechinterp.experiments import rundir
+from mechinterp.experiments.rundir import RunDirError  # noqa: F401  (re-exported)
 from mechinterp.experiments.study.config import StudyConfig
 from mechinterp.runner import Engine, ShardStats, run_shards
-
-
-class RunDirError(ValueError):
-    """The output directory holds another config's (or another version's) results."""
-
-
-def _claim_dir(out: Path, config: StudyConfig) -> None:
-    """Refuse a directory written for another config; record this config in a new one."""
-    from mechinterp.config import to_dict
-
-    path = out / "config.json"
-    mine = to_dict(config)
-    if path.is_file():
-        try:
-            theirs = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise RunDirError(f"{path} is not valid JSON ({e}); remove the directory") from e
-        if theirs.get("version") != mine["version"]:
-            raise RunDirError(
-                f"{out} was written by study version {theirs.get('version')}, this is version "
-                f"{mine['version']}: its shards cannot be reused. Use another --out or remove it."
-            )
-        if theirs != mine:
-            changed = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
-            raise RunDirError(
-                f"{out} holds a study with another config (differs in {changed}); use another "
-                "--out, or omit --out to get a directory per config"
-            )
-    else:
-        store.write_json(path, mine)
 
 
 def run_study(
@@ -57,23 +29,19 @@ def run_study(
     ray_address: str | None = None,
     png: bool = True,
     progress: bool = True,
+    wait: bool = False,
 ) -> Path:
-    """Run (or resume) the study and write its run directory; return it.
+    """Run (or resume) the study and write its run directory; return it. Another process
+    writing the same directory is an error (`wait=True`: wait for it).
 
     Tables: `detect_scores`, `detect_instances`, `baseline`, `knockout`, `patch` (parquet, and
     CSV for the small ones), `claims.csv`, `report.md`, `figures/`, config and provenance.
     """
-    from mechinterp.experiments.study import stages
     from mechinterp.experiments.study.report import draw_figures, write_report
-    from mechinterp.heads import HeadShape, parse_heads
-    from mechinterp.models import model_card
-    from mechinterp.models.load import tune_allocator
-    from mechinterp.tasks.mdqa import synthetic_mdqa
-    from mechinterp.tasks.niah import niah_grid
+    from mechinterp.heads import HeadShape
 
     out = Path(out) if out is not None else store.run_dir(root, config.slug, config)
-    out.mkdir(parents=True, exist_ok=True)
-    _claim_dir(out, config)
+    rundir.check_writable(out)
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     stats = ShardStats()
@@ -82,6 +50,37 @@ def run_study(
         model = config.model.load()
     timings["load_s"] = time.perf_counter() - tic
     shape = HeadShape.of(model)
+    check_against_model(config, shape, model.cfg.n_ctx)
+    with rundir.RunLock(out, wait=wait):
+        rundir.claim(out, config, what="study")
+        _run(config, out, model, shape, stats, timings, t_start, engine, ray_address, progress)
+        draw_figures(out, png=png)
+        write_report(out)
+    return out
+
+
+def check_against_model(config: StudyConfig, shape, n_ctx: int) -> None:
+    """What the config asks of the model, checked before any stage runs."""
+    n_heads = shape.n_layers * shape.n_heads
+    if max(config.knockout.ks) > n_heads:
+        raise ValueError(f"knockout.ks goes up to {max(config.knockout.ks)} but the model has "
+                         f"{n_heads} heads")  # fmt: skip
+    for where in ("detect", "knockout"):
+        niah = getattr(config, where).niah
+        if max(niah.lengths) > n_ctx:
+            raise ValueError(f"{where}.niah.lengths goes up to {max(niah.lengths)} tokens, "
+                             f"longer than the model's context window of {n_ctx}")  # fmt: skip
+
+
+def _run(config, out, model, shape, stats, timings, t_start, engine, ray_address, progress):
+    from mechinterp.experiments.command import model_key
+    from mechinterp.experiments.study import stages
+    from mechinterp.heads import parse_heads
+    from mechinterp.models import model_card
+    from mechinterp.models.load import tune_allocator
+    from mechinterp.tasks.mdqa import synthetic_mdqa
+    from mechinterp.tasks.niah import niah_grid
+
     tok = model.tokenizer
     common = {
         "model": model,
@@ -90,8 +89,11 @@ def run_study(
         "ray_address": ray_address,
         "progress": progress,
         "stats": stats,
+        "key": {"model": model_key(model_card(model))},
     }
     shard_dir = out / "shards"
+    written = ["detect_instances.parquet", "detect_scores.parquet", "baseline.parquet",
+               "knockout.parquet", "patch.parquet"]
 
     # 1. detection
     tic = time.perf_counter()
@@ -134,10 +136,6 @@ def run_study(
     store.write_table(baseline.drop(columns="target_ids"), out / "baseline.csv")
     timings["baseline_s"] = time.perf_counter() - tic
     tic = time.perf_counter()
-    if max(k.ks) > len(ranked):
-        raise ValueError(
-            f"knockout.ks goes up to {max(k.ks)} but the model has {len(ranked)} heads"
-        )
     knock = run_shards(
         stages.knockout_shards(held, baseline, ranked, shape, k, config.template), shard_dir,
         desc="3/5 knockout", **common,
@@ -149,6 +147,7 @@ def run_study(
     if shards:
         robust = run_shards(shards, shard_dir, desc="4/5 robustness", **common)
         store.write_table(robust, out / "robustness.parquet")
+        written.append("robustness.parquet")
         timings["robustness_s"] = time.perf_counter() - tic
 
     # 3. patching
@@ -184,11 +183,9 @@ def run_study(
             },  # fmt: skip
             shard_seconds={n: round(s, 2) for n, s in stats.seconds.items()},
             timings={n: round(s, 1) for n, s in timings.items()},
+            seal=rundir.seal(out, written),
         ),
     )
-    draw_figures(out, png=png)
-    write_report(out)
-    return out
 
 
 def shard_overview(run_dir: str | Path) -> pd.DataFrame:
