@@ -366,7 +366,7 @@ def config_flags(cls: type) -> list[Flag]:
     def walk(klass: type, prefix: list[str]) -> None:
         hints, docs = get_type_hints(klass), field_docs(klass)
         for f in dataclasses.fields(klass):
-            if not f.init:
+            if not f.init or not f.metadata.get("flag", True):
                 continue
             tp = hints[f.name]
             if dataclasses.is_dataclass(tp):

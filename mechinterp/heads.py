@@ -108,6 +108,10 @@ def parse_heads(
     Order is kept, duplicates are refused, and with `shape` every head is validated against
     the model.
     """
+    if spec is None or not isinstance(spec, str | Iterable):
+        raise TypeError(
+            f"parse_heads needs heads like 'L18H6,L3H1' or [(18, 6), (3, 1)], got {spec!r}"
+        )
     items = re.split(r"[,\s;]+", spec.strip()) if isinstance(spec, str) else list(spec)
     heads = []
     for item in items:

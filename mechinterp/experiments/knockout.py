@@ -20,6 +20,7 @@ from mechinterp.experiments.command import (
     table_text,
 )
 from mechinterp.experiments.specs import ModelSpec, TaskSpec, build_examples, heads_from_scores
+from mechinterp.heads import parse_heads
 from mechinterp.runner import Shard
 from mechinterp.tasks.example import Example
 
@@ -63,6 +64,7 @@ class KnockoutConfig:
             raise ValueError("give exactly one of --heads (a ranked list) or --scores (a table)")
         if self.scores is not None and not Path(self.scores).exists():
             raise ValueError(f"scores {self.scores} does not exist")
+        parse_heads(self.heads)  # syntax and repeats now; against the model's shape later
         if not self.modes or len(set(self.modes)) < len(self.modes):
             raise ValueError(f"modes must be distinct, and at least one, got {list(self.modes)}")
         if not self.ks or min(self.ks) < 1 or not self.seeds:

@@ -13,6 +13,7 @@ import pandas as pd
 from mechinterp import store
 from mechinterp.experiments.command import Command, Plan, figure_formats, read_run, table_text
 from mechinterp.experiments.specs import ModelSpec, TaskSpec, build_examples, heads_from_scores
+from mechinterp.heads import parse_heads
 from mechinterp.runner import Shard
 from mechinterp.tasks.example import Example
 
@@ -49,6 +50,7 @@ class HeadSelection:
             raise ValueError("--threshold and --top-k select from a score table: give --scores")
         if self.scores is not None and not Path(self.scores).exists():
             raise ValueError(f"scores {self.scores} does not exist")
+        parse_heads(self.heads)  # syntax and repeats now; against the model's shape later
 
     def __bool__(self) -> bool:
         return bool(self.heads or self.scores)

@@ -17,6 +17,7 @@ import json
 import os
 import socket
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -211,11 +212,12 @@ def check_writable(path: str | Path) -> None:
         probe = probe.parent
     if probe.exists() and not probe.is_dir():
         raise RunDirError(f"cannot write to {path}: {probe} is a file, not a directory")
-    if probe.exists() and not os.access(probe, os.W_OK | os.X_OK):
-        raise RunDirError(
-            f"cannot write to {path}: {probe} is not writable by this user; choose another "
-            "--root / --out"
-        )
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as e:
+        raise RunDirError(f"cannot write to {path}: {probe} is not writable ({e.strerror}); "
+                          "choose another --root / --out") from None  # fmt: skip
 
 
 def fingerprint(path: str | Path | None) -> str | None:

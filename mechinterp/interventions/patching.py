@@ -274,6 +274,10 @@ def patch_heads(
         raise ValueError(f"direction must be 'denoise' or 'noise', got {direction!r}")
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
+    from mechinterp.models.load import check_token_ids
+
+    check_token_ids(model, clean, "clean")
+    check_token_ids(model, corrupt, "corrupt")
     shape = HeadShape.of(model)
     heads = shape.all_heads() if heads is None else list(parse_heads(heads, shape))
     if not heads and not sets:

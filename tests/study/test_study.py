@@ -267,3 +267,32 @@ def test_sufficiency_pairs_cover_the_lengths_and_depths():
         counts = pd.Series([e.meta[key] for e in six]).value_counts()
         assert len(counts) == 3 and (counts == 2).all(), counts
     assert len(stratified_pairs(grid, 60)) == 27  # no more pairs than examples
+
+
+def test_report_and_figures_refuse_a_replaced_config_or_missing_table(
+    tiny_study_config, tiny_study, tmp_path, capsys
+):
+    from mechinterp.cli import main
+    from mechinterp.config import to_dict
+
+    out = tmp_path / "copy"
+    shutil.copytree(tiny_study, out, ignore=shutil.ignore_patterns("shards"))
+    before = {p: (out / p).read_bytes() for p in ("report.md", "claims.csv")}
+    other = to_dict(tiny_study_config(claims=ClaimSettings(k=4, n_boot=200)))
+    (out / "config.json").write_text(json.dumps(other))  # another run's config
+    with pytest.raises(RunDirError, match="is not the config its tables were computed from"):
+        write_report(out)
+    for argv in (["report", str(out)], ["figures", str(out), "--no-png"]):
+        assert main(argv) == 2
+        assert "is not the config its tables were computed from" in capsys.readouterr().err
+    shutil.copy(tiny_study / "config.json", out / "config.json")
+    (out / "knockout.parquet").unlink()
+    assert main(["report", str(out)]) == 2
+    assert "knockout.parquet is missing" in capsys.readouterr().err
+    shutil.copy(tiny_study / "knockout.parquet", out / "knockout.parquet")
+    (out / "patch.parquet").write_bytes((out / "patch.parquet").read_bytes()[:-8] + b"\0" * 8)
+    assert main(["report", str(out)]) == 2
+    assert "patch.parquet was altered" in capsys.readouterr().err
+    assert {p: (out / p).read_bytes() for p in before} == before  # left untouched
+    shutil.copy(tiny_study / "patch.parquet", out / "patch.parquet")
+    assert main(["report", str(out)]) == 0

@@ -71,6 +71,17 @@ class DetectStage:
     max_new_tokens: int = 24
     batch_size: int = 4
 
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.threshold < 1.0:
+            raise ValueError(f"threshold must lie in [0, 1) (a retrieval score), "
+                             f"got {self.threshold}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1 (or null), got {self.top_k}")
+        if self.gate is not None and not 0.0 <= self.gate < 1.0:
+            raise ValueError(f"gate must lie in [0, 1) (or null), got {self.gate}")
+        if min(self.max_new_tokens, self.batch_size) < 1:
+            raise ValueError("max_new_tokens and batch_size must be >= 1")
+
 
 @dataclass(frozen=True)
 class KnockoutStage:
@@ -198,7 +209,7 @@ class StudyConfig:
     patch: PatchStage = field(default_factory=PatchStage)
     claims: ClaimSettings = field(default_factory=ClaimSettings)
     template: Literal["chat", "plain"] | None = None
-    version: int = STUDY_VERSION
+    version: int = field(default=STUDY_VERSION, metadata={"flag": False})
 
     def __post_init__(self) -> None:
         if self.version != STUDY_VERSION:
