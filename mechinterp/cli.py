@@ -29,8 +29,8 @@ def _run_options(p, *, single: bool) -> None:
     p.add_argument("--no-png", action="store_true", help="skip static PNGs (needs Chromium)")
     p.add_argument("--wait", action="store_true",
                    help="if another process is writing the run directory, wait for it")  # fmt: skip
+    p.add_argument("--force", action="store_true", help="recompute every shard")
     if single:
-        p.add_argument("--force", action="store_true", help="recompute every shard")
         p.add_argument("--top", type=int, default=10, help="rows of the summary to print")
 
 
@@ -53,10 +53,9 @@ def _run_experiment(args) -> int:
     if args.print_config:
         print(dump_yaml(config), end="")
         return 0
-    extra = {"force": args.force} if args.single else {}
     try:
         out = args.run(config, args.root, out=args.out, engine=args.engine, png=not args.no_png,
-                       ray_address=args.ray_address, wait=args.wait, **extra)  # fmt: skip
+                       ray_address=args.ray_address, wait=args.wait, force=args.force)  # fmt: skip
     except KeyboardInterrupt:
         print(f"mechinterp {args.command}: interrupted. Finished shards are kept; rerun the same "
               "command to resume.", file=sys.stderr)  # fmt: skip
@@ -98,7 +97,7 @@ def _kind(run: Path) -> str:
 
 
 def cmd_figures(args) -> int:
-    from mechinterp.experiments import COMMANDS, rundir
+    from mechinterp.experiments import COMMANDS, command, rundir
     from mechinterp.experiments.extension import report, tasks
     from mechinterp.experiments.study import draw_figures
 
@@ -107,7 +106,10 @@ def cmd_figures(args) -> int:
             "study": draw_figures}  # fmt: skip
     kind = _kind(run)
     with rundir.RunLock(run, wait=args.wait):
-        written = COMMANDS[kind].draw(run, png) if kind in COMMANDS else draw[kind](run, png=png)
+        if kind in COMMANDS:
+            written = command.draw(COMMANDS[kind], run, png=png)
+        else:
+            written = draw[kind](run, png=png)
     for path in written:
         print(f"wrote {path}")
     return 0

@@ -57,9 +57,14 @@ def read_wu_scores(
     return scores, per_head
 
 
-def write_wu_scores(path: str | Path, per_instance: Mapping[Head, Sequence[float]]) -> Path:
-    """Write per-instance scores in Wu's format (atomically), heads in (layer, head) order."""
+def wu_scores(per_instance: Mapping[Head, Sequence[float]]) -> dict[str, list[float]]:
+    """Per-instance scores in Wu's format (`{"layer-head": [...]}`), heads in (layer, head)
+    order."""
     if not per_instance:
         raise ValueError("no head scores to write")
-    obj = {h.wu_key: [float(v) for v in per_instance[h]] for h in sorted(per_instance)}
-    return write_text(path, json.dumps(obj))
+    return {h.wu_key: [float(v) for v in per_instance[h]] for h in sorted(per_instance)}
+
+
+def write_wu_scores(path: str | Path, per_instance: Mapping[Head, Sequence[float]]) -> Path:
+    """Write per-instance scores in Wu's format (atomically)."""
+    return write_text(path, json.dumps(wu_scores(per_instance)))

@@ -25,7 +25,7 @@ import pandas as pd
 
 from mechinterp import store
 from mechinterp.experiments import rundir
-from mechinterp.runner import Engine, Shard, ShardStats, run_shards
+from mechinterp.runner import Shard, ShardStats, run_shards
 
 
 @dataclass
@@ -42,12 +42,17 @@ class Plan:
 
 @dataclass(frozen=True)
 class Command:
+    """A single command: `plan(config, model) -> Plan`; `finish(config, rows, plan, card)` →
+    its tables by name (DataFrames, written as parquet and CSV; anything else as JSON);
+    `draw(out, config)` → its figures by file stem, from the stored tables alone;
+    `summary(out, top)` → what the CLI prints."""
+
     name: str
     config: type
     help: str
     plan: Callable[..., Plan]
-    finish: Callable[..., list[str]]
-    draw: Callable[[Path, bool], list[Path]]
+    finish: Callable[..., dict[str, Any]]
+    draw: Callable[[Path, Any], dict[str, Any]]
     summary: Callable[[Path, int], str]
 
 
@@ -65,30 +70,21 @@ def model_key(card) -> dict:
 
 
 def run_command(
-    command: Command,
-    config,
-    root: str | Path = "runs",
-    *,
-    out: str | Path | None = None,
-    model=None,
-    engine: Engine = "local",
-    ray_address: str | None = None,
-    png: bool = True,
-    progress: bool = True,
-    wait: bool = False,
-    force: bool = False,
+    command: Command, config, root: str | Path = "runs", *, model=None, **options
 ) -> Path:
     """Run (or resume) `command` on `config` and write its run directory; return it.
+    `options`: `rundir.RunOptions` (out, engine, ray_address, png, progress, wait, force).
 
     Everything that can be checked is checked before the directory is written: the output
-    location, the model, the config against the model, the examples. `force` recomputes every
-    shard. A run that fails before any shard finished leaves no directory behind.
+    location, the model, the config against the model, the examples. A run that fails before
+    any shard finished leaves no directory behind.
     """
     from mechinterp.models import model_card
     from mechinterp.models.load import tune_allocator
     from mechinterp.tasks.example import write_jsonl
 
-    out = Path(out) if out is not None else store.run_dir(root, config.slug, config)
+    opts = rundir.RunOptions(**options)
+    out = opts.directory(root, config)
     rundir.check_writable(out)
     t0 = time.perf_counter()
     model = config.model.load() if model is None else model
@@ -97,24 +93,21 @@ def run_command(
     plan = command.plan(config, model)
     created = not out.exists()
     try:
-        with rundir.RunLock(out, wait=wait):
-            rundir.claim(out, config, what=f"{command.name} run")
-            if force:
-                shutil.rmtree(out / "shards", ignore_errors=True)
+        with rundir.open_run(out, config, opts, what=f"{command.name} run"):
             stats = ShardStats()
             t_shards = time.perf_counter()
-            table = run_shards(plan.shards, out / "shards", model=model, model_spec=config.model,
-                               engine=engine, ray_address=ray_address, desc=command.name,
-                               progress=progress, stats=stats,
-                               key={"model": model_key(card), **plan.key})  # fmt: skip
+            rows = run_shards(plan.shards, out / "shards", model=model, model_spec=config.model,
+                              engine=opts.engine, ray_address=opts.ray_address, stats=stats,
+                              desc=command.name, progress=opts.progress,
+                              key={"model": model_key(card), **plan.key})  # fmt: skip
             t_shards = time.perf_counter() - t_shards
-            tables = command.finish(config, table, plan, card, out)
+            written = write_tables(out, command.finish(config, rows, plan, card))
             if plan.examples is not None:
                 write_jsonl(plan.examples, out / "examples.jsonl")
             task = getattr(config, "task", None)
             store.write_json(out / "provenance.json", store.provenance(
                 command=command.name, model_card=card.to_dict(), malloc_tuned=tune_allocator(),
-                seed=getattr(task, "seed", None), engine=engine, inputs=inputs(config),
+                seed=getattr(task, "seed", None), engine=opts.engine, inputs=inputs(config),
                 n_examples=len(plan.examples) if plan.examples is not None else None,
                 **plan.facts,
                 shards={"computed": len(stats.computed), "skipped": len(stats.skipped),
@@ -122,14 +115,36 @@ def run_command(
                 shard_seconds={n: round(s, 2) for n, s in stats.seconds.items()},
                 timings={"load_s": round(t_load, 3), "shards_s": round(t_shards, 3),
                          "total_s": round(time.perf_counter() - t0, 3)},
-                seal=rundir.seal(out, tables),
+                seal=rundir.seal(out, written),
             ))  # fmt: skip
-            command.draw(out, png)
+            if opts.png is not None:
+                draw(command, out, png=opts.png)
     except BaseException:
         if created and not any((out / "shards").rglob("*.json")):
             shutil.rmtree(out, ignore_errors=True)
         raise
     return out
+
+
+def write_tables(out: Path, tables: dict[str, Any]) -> list[str]:
+    """Each DataFrame as `<name>.parquet` and `<name>.csv`, anything else as `<name>.json`;
+    returns the files the seal covers (parquet and JSON)."""
+    written = []
+    for name, table in tables.items():
+        if isinstance(table, pd.DataFrame):
+            store.write_table(table, out / f"{name}.csv")
+            written.append(store.write_table(table, out / f"{name}.parquet").name)
+        else:
+            written.append(store.write_json(out / f"{name}.json", table).name)
+    return written
+
+
+def draw(command: Command, out: Path, *, png: bool = True) -> list[Path]:
+    """The command's figures from its stored tables (after `rundir.verify`)."""
+    config = read_run(out, command)
+    formats = ("html", "png") if png else ("html",)
+    return [path for stem, fig in command.draw(out, config).items()
+            for path in store.write_figure(fig, out / stem, formats=formats)]  # fmt: skip
 
 
 def inputs(config) -> dict[str, str | None]:
@@ -160,9 +175,10 @@ def read_run(out: str | Path, command: Command):
     return from_dict(command.config, json.loads((out / "config.json").read_text()))
 
 
-def figure_formats(png: bool) -> tuple[str, ...]:
-    return ("html", "png") if png else ("html",)
-
-
 def table_text(df: pd.DataFrame) -> str:
     return df.to_string(index=False, float_format=lambda x: f"{x:.3f}")
+
+
+def summary_table(out: Path, top: int) -> str:
+    """The run's `summary.csv` as text (the summary of knockout and cross-patch)."""
+    return table_text(pd.read_csv(out / "summary.csv"))

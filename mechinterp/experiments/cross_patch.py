@@ -13,14 +13,7 @@ import pandas as pd
 
 from mechinterp import store
 from mechinterp.config import from_dict, to_dict
-from mechinterp.experiments.command import (
-    Command,
-    Plan,
-    chunks,
-    figure_formats,
-    read_run,
-    table_text,
-)
+from mechinterp.experiments.command import Command, Plan, chunks, summary_table
 from mechinterp.experiments.patch import PATCH_TASK, HeadSelection
 from mechinterp.experiments.specs import ModelSpec, TaskSpec, build_examples
 from mechinterp.runner import Shard
@@ -130,40 +123,22 @@ def plan(config: CrossPatchConfig, model) -> Plan:
                 key={"donor": model_key(card)})  # fmt: skip
 
 
-def finish(config: CrossPatchConfig, df: pd.DataFrame, plan: Plan, card, out: Path) -> list[str]:
+def finish(config: CrossPatchConfig, df: pd.DataFrame, plan: Plan, card) -> dict:
     from mechinterp.interventions.cross import summarise_cross
 
     df = df.assign(recipient=card.id, donor=plan.context["donor"],
                    config_hash=store.config_hash(config))  # fmt: skip
-    summary = summarise_cross(df)
-    store.write_json(out / "head_sets.json", plan.context["sets"])
-    store.write_table(df, out / "cross.csv")
-    store.write_table(summary, out / "summary.csv")
-    store.write_table(df, out / "cross.parquet")
-    return ["cross.parquet", "summary.csv", "head_sets.json"]
+    return {"cross": df, "summary": summarise_cross(df), "head_sets": plan.context["sets"]}
 
 
-def draw(out: Path, png: bool) -> list[Path]:
+def draw(out: Path, config: CrossPatchConfig) -> dict:
     from mechinterp.plots import cross_patch_bars
 
-    config = read_run(out, CROSS_PATCH)
     names = pd.read_parquet(out / "cross.parquet", columns=["donor", "recipient"]).iloc[0]
     title = f"{names['donor']} → {names['recipient']} · {config.task.slug}: cross-model patching"
-    fig = cross_patch_bars(pd.read_csv(out / "summary.csv"), title=title)
-    return store.write_figure(fig, out / "cross", formats=figure_formats(png))
+    return {"cross": cross_patch_bars(pd.read_csv(out / "summary.csv"), title=title)}
 
 
-def summary(out: Path, top: int) -> str:
-    return table_text(pd.read_csv(out / "summary.csv"))
-
-
-CROSS_PATCH = Command(
-    "cross-patch",
-    CrossPatchConfig,
-    "cross-model patching: donor head sets (a list, or Inter / Compl / Rand from two score "
-    "tables) patched into the model while the task runs; tidy tables and a figure",
-    plan,
-    finish,
-    draw,
-    summary,
-)
+HELP = ("cross-model patching: donor head sets (a list, or Inter / Compl / Rand from two score "
+        "tables) patched into the model while the task runs; tidy tables and a figure")
+CROSS_PATCH = Command("cross-patch", CrossPatchConfig, HELP, plan, finish, draw, summary_table)

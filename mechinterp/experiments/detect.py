@@ -14,14 +14,7 @@ import pandas as pd
 import torch
 
 from mechinterp import store
-from mechinterp.experiments.command import (
-    Command,
-    Plan,
-    chunks,
-    figure_formats,
-    read_run,
-    table_text,
-)
+from mechinterp.experiments.command import Command, Plan, chunks, table_text
 from mechinterp.experiments.specs import ModelSpec, TaskSpec, build_examples
 from mechinterp.runner import Shard
 from mechinterp.tasks.example import Example
@@ -146,32 +139,27 @@ def combine(config: DetectConfig, per: pd.DataFrame):
                      has_frequency=config.detector == "retrieval")  # fmt: skip
 
 
-def finish(config: DetectConfig, per: pd.DataFrame, plan: Plan, card, out: Path) -> list[str]:
-    from mechinterp.analysis.wu_json import write_wu_scores
+def finish(config: DetectConfig, per: pd.DataFrame, plan: Plan, card) -> dict:
+    from mechinterp.analysis.wu_json import wu_scores
 
     detection = combine(config, per)
     task = config.task.task if config.uses_task else "repeated-random-tokens"
     cols = {"model": card.id, "task": task, "config_hash": store.config_hash(config)}
-    scores = detection.scores_frame().assign(**cols)
-    store.write_table(detection.instances.assign(**cols), out / "instances.parquet")
-    store.write_table(detection.per_instance_frame(), out / "per_instance.parquet")
-    store.write_table(scores, out / "scores.csv")
-    store.write_table(scores, out / "scores.parquet")
-    write_wu_scores(out / "scores_wu.json", detection.wu_lists())
     plan.facts.update(detector=config.detector, settings=detection.settings,
                       n_instances=len(detection.instances), n_counted=detection.n_counted)
-    return ["instances.parquet", "per_instance.parquet", "scores.parquet"]
+    return {"instances": detection.instances.assign(**cols),
+            "per_instance": detection.per_instance_frame(),
+            "scores": detection.scores_frame().assign(**cols),
+            "scores_wu": wu_scores(detection.wu_lists())}  # fmt: skip
 
 
-def draw(out: Path, png: bool) -> list[Path]:
+def draw(out: Path, config: DetectConfig) -> dict:
     from mechinterp.plots import head_heatmap
 
-    config = read_run(out, DETECT)
     scores = pd.read_parquet(out / "scores.parquet")
     title = (f"{scores['model'].iloc[0]} · {config.detector} score ({scores['task'].iloc[0]}, "
              f"n={scores['n_instances'].iloc[0]})")  # fmt: skip
-    return store.write_figure(head_heatmap(scores, title=title), out / "heads",
-                              formats=figure_formats(png))  # fmt: skip
+    return {"heads": head_heatmap(scores, title=title)}
 
 
 def summary(out: Path, top: int) -> str:
@@ -187,13 +175,6 @@ def summary(out: Path, top: int) -> str:
             f"> 0.1, {(scores['score'] > 0).mean():.1%} > 0; {n} of {n_all} instances counted")
 
 
-DETECT = Command(
-    "detect",
-    DetectConfig,
-    "score every attention head (retrieval, qr, previous_token, duplicate_token, induction); "
-    "write tidy tables and a layer x head heatmap",
-    plan,
-    finish,
-    draw,
-    summary,
-)
+HELP = ("score every attention head (retrieval, qr, previous_token, duplicate_token, "
+        "induction); write tidy tables and a layer x head heatmap")
+DETECT = Command("detect", DetectConfig, HELP, plan, finish, draw, summary)

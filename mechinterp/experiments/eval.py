@@ -10,14 +10,7 @@ from typing import Literal
 import pandas as pd
 
 from mechinterp import store
-from mechinterp.experiments.command import (
-    Command,
-    Plan,
-    chunks,
-    figure_formats,
-    read_run,
-    table_text,
-)
+from mechinterp.experiments.command import Command, Plan, chunks, table_text
 from mechinterp.experiments.specs import ModelSpec, TaskSpec, build_examples
 from mechinterp.runner import Shard
 from mechinterp.tasks.example import Example
@@ -64,23 +57,19 @@ def plan(config: EvalConfig, model) -> Plan:
     return Plan(shards, examples)
 
 
-def finish(config: EvalConfig, df: pd.DataFrame, plan: Plan, card, out: Path) -> list[str]:
+def finish(config: EvalConfig, df: pd.DataFrame, plan: Plan, card) -> dict:
     df.insert(0, "model", card.id)
-    df["config_hash"] = store.config_hash(config)
-    store.write_table(df, out / "results.csv")
-    store.write_table(df, out / "results.parquet")
-    return ["results.parquet"]
+    return {"results": df.assign(config_hash=store.config_hash(config))}
 
 
-def draw(out: Path, png: bool) -> list[Path]:
+def draw(out: Path, config: EvalConfig) -> dict:
     from mechinterp.plots import accuracy_heatmap
 
-    config = read_run(out, EVAL)
     df = pd.read_parquet(out / "results.parquet")
     t = config.task
     flavour = t.haystack if t.task == "niah" else (Path(t.data).name if t.data else t.variant)
-    fig = accuracy_heatmap(df, title=f"{df['model'].iloc[0]} · {t.task} ({flavour}): accuracy")
-    return store.write_figure(fig, out / "accuracy", formats=figure_formats(png))
+    return {"accuracy": accuracy_heatmap(
+        df, title=f"{df['model'].iloc[0]} · {t.task} ({flavour}): accuracy")}  # fmt: skip
 
 
 def summarise(df: pd.DataFrame) -> pd.DataFrame:
@@ -100,12 +89,5 @@ def summary(out: Path, top: int) -> str:
             f"accuracy {df['correct'].mean():.3f} over {len(df)} examples")  # fmt: skip
 
 
-EVAL = Command(
-    "eval",
-    EvalConfig,
-    "run a long-context task on a model; write a tidy table and a length x depth accuracy heatmap",
-    plan,
-    finish,
-    draw,
-    summary,
-)
+HELP = "run a long-context task on a model; write a tidy table and a length x depth heatmap"
+EVAL = Command("eval", EvalConfig, HELP, plan, finish, draw, summary)

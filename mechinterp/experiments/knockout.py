@@ -11,14 +11,7 @@ from typing import Literal
 import pandas as pd
 
 from mechinterp import store
-from mechinterp.experiments.command import (
-    Command,
-    Plan,
-    chunks,
-    figure_formats,
-    read_run,
-    table_text,
-)
+from mechinterp.experiments.command import Command, Plan, chunks, summary_table
 from mechinterp.experiments.specs import ModelSpec, TaskSpec, build_examples, heads_from_scores
 from mechinterp.heads import parse_heads
 from mechinterp.runner import Shard
@@ -110,7 +103,7 @@ def plan(config: KnockoutConfig, model) -> Plan:
     return Plan(shards, examples, facts={"ranked_heads": names[: max(config.ks)]})
 
 
-def finish(config: KnockoutConfig, df: pd.DataFrame, plan: Plan, card, out: Path) -> list[str]:
+def finish(config: KnockoutConfig, df: pd.DataFrame, plan: Plan, card) -> dict:
     from mechinterp.interventions.sweep import summarise_sweep
 
     df.insert(0, "model", card.id)
@@ -120,33 +113,17 @@ def finish(config: KnockoutConfig, df: pd.DataFrame, plan: Plan, card, out: Path
         lp = summarise_sweep(df, "answer_logprob")
         summary["answer_logprob"] = lp["answer_logprob"]
         summary["answer_logprob_seed_sd"] = lp["seed_sd"]
-    store.write_table(df, out / "sweep.csv")
-    store.write_table(summary, out / "summary.csv")
-    store.write_table(df, out / "sweep.parquet")
-    return ["sweep.parquet", "summary.csv"]
+    return {"sweep": df, "summary": summary}
 
 
-def draw(out: Path, png: bool) -> list[Path]:
+def draw(out: Path, config: KnockoutConfig) -> dict:
     from mechinterp.plots import knockout_curve
 
-    config = read_run(out, KNOCKOUT)
     model = pd.read_parquet(out / "sweep.parquet", columns=["model"])["model"].iloc[0]
     title = f"{model} · {config.task.slug}: accuracy after knockout"
-    fig = knockout_curve(pd.read_csv(out / "summary.csv"), title=title)
-    return store.write_figure(fig, out / "knockout", formats=figure_formats(png))
+    return {"knockout": knockout_curve(pd.read_csv(out / "summary.csv"), title=title)}
 
 
-def summary(out: Path, top: int) -> str:
-    return table_text(pd.read_csv(out / "summary.csv"))
-
-
-KNOCKOUT = Command(
-    "knockout",
-    KnockoutConfig,
-    "knock out the top-k ranked heads vs k random complement heads while a task runs; write a "
-    "tidy table and an accuracy-vs-k figure",
-    plan,
-    finish,
-    draw,
-    summary,
-)
+HELP = ("knock out the top-k ranked heads vs k random complement heads while a task runs; write "
+        "a tidy table and an accuracy-vs-k figure")
+KNOCKOUT = Command("knockout", KnockoutConfig, HELP, plan, finish, draw, summary_table)

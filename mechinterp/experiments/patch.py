@@ -11,7 +11,7 @@ from typing import Literal
 import pandas as pd
 
 from mechinterp import store
-from mechinterp.experiments.command import Command, Plan, figure_formats, read_run, table_text
+from mechinterp.experiments.command import Command, Plan, table_text
 from mechinterp.experiments.specs import ModelSpec, TaskSpec, build_examples, heads_from_scores
 from mechinterp.heads import parse_heads
 from mechinterp.runner import Shard
@@ -142,7 +142,7 @@ def plan(config: PatchConfig, model) -> Plan:
     return Plan(shards, examples, facts={"selected_heads": chosen})
 
 
-def finish(config: PatchConfig, df: pd.DataFrame, plan: Plan, card, out: Path) -> list[str]:
+def finish(config: PatchConfig, df: pd.DataFrame, plan: Plan, card) -> dict:
     df = df.assign(model=card.id, direction=config.direction,
                    config_hash=store.config_hash(config))  # fmt: skip
     # Only pairs where the corruption flips the preference say anything about recovery.
@@ -159,38 +159,25 @@ def finish(config: PatchConfig, df: pd.DataFrame, plan: Plan, card, out: Path) -
     )  # fmt: skip
     sets.insert(0, "set", sets.pop("in_set").map({True: "selected", False: "rest"}))
     plan.facts["n_flipped"] = int(df.loc[flipped, "example_id"].nunique())
-    store.write_table(df, out / "patch.csv")
-    store.write_table(heads, out / "heads.parquet")
-    store.write_table(sets, out / "sets.csv")
-    store.write_table(df, out / "patch.parquet")
-    return ["patch.parquet", "heads.parquet", "sets.csv"]
+    return {"patch": df, "heads": heads, "sets": sets}
 
 
-def draw(out: Path, png: bool) -> list[Path]:
+def draw(out: Path, config: PatchConfig) -> dict:
     from mechinterp.plots import head_heatmap
 
-    config = read_run(out, PATCH)
     heads = pd.read_parquet(out / "heads.parquet")
     title = (f"{heads['model'].iloc[0]} · {config.direction} patching: mean normalised recovery "
              f"per head (n={heads['n_examples'].iloc[0]})")  # fmt: skip
-    return store.write_figure(head_heatmap(heads, value="recovery", title=title),
-                              out / "recovery", formats=figure_formats(png))  # fmt: skip
+    return {"recovery": head_heatmap(heads, value="recovery", title=title)}
 
 
 def summary(out: Path, top: int) -> str:
     heads = pd.read_parquet(out / "heads.parquet").nlargest(top, "recovery")
     text = table_text(heads[["head_name", "in_set", "recovery"]])
-    config = read_run(out, PATCH)
-    return text + ("\n" + table_text(pd.read_csv(out / "sets.csv")) if config.select else "")
+    sets = pd.read_csv(out / "sets.csv")
+    return text + ("\n" + table_text(sets) if sets["set"].eq("selected").any() else "")
 
 
-PATCH = Command(
-    "patch",
-    PatchConfig,
-    "per-head activation patching between each task instance and its corruption; tidy tables "
-    "and a layer x head recovery heatmap",
-    plan,
-    finish,
-    draw,
-    summary,
-)
+HELP = ("per-head activation patching between each task instance and its corruption; tidy "
+        "tables and a layer x head recovery heatmap")
+PATCH = Command("patch", PatchConfig, HELP, plan, finish, draw, summary)

@@ -15,14 +15,54 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from mechinterp import store
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a run runs, the same for every experiment (`run_study(config, **options)`, ...)."""
+
+    out: str | Path | None = None
+    """the run directory (None: `root/<slug>-<config hash>`)"""
+    engine: Literal["local", "ray"] = "local"
+    ray_address: str | None = None
+    """an existing Ray cluster (None: start a local one)"""
+    png: bool | None = True
+    """static PNG figures beside the HTML (False: HTML only; None: no figures)"""
+    progress: bool = True
+    wait: bool = False
+    """when another process holds the run directory, wait for it instead of refusing"""
+    force: bool = False
+    """recompute every shard"""
+
+    def __post_init__(self) -> None:
+        if self.engine not in ("local", "ray"):
+            raise ValueError(f"engine must be 'local' or 'ray', got {self.engine!r}")
+
+    def directory(self, root: str | Path, config: Any) -> Path:
+        return Path(self.out) if self.out is not None else store.run_dir(root, config.slug, config)
+
+
+@contextmanager
+def open_run(out: Path, config: Any, options: RunOptions, *, what: str,
+             replace: bool = False) -> Iterator[Path]:  # fmt: skip
+    """Hold `out` for one run of `config`: the lock, the config check, `force`."""
+    with RunLock(out, wait=options.wait):
+        claim(out, config, what=what, replace=replace)
+        if options.force:
+            shutil.rmtree(out / "shards", ignore_errors=True)
+        yield out
 
 
 class RunDirError(ValueError):

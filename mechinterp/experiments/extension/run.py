@@ -46,43 +46,32 @@ from mechinterp.experiments.extension.stages import (
 from mechinterp.experiments.extension.tasks import analyse_tasks
 from mechinterp.heads import HeadShape
 from mechinterp.interventions.cross import patch_head_sets
-from mechinterp.runner import Engine, Shard, ShardStats, run_shards
+from mechinterp.runner import Shard, ShardStats, run_shards
 
 
-def run_extension(
-    config: ExtensionConfig,
-    root: str | Path = "runs",
-    *,
-    out: str | Path | None = None,
-    engine: Engine = "local",
-    ray_address: str | None = None,
-    png: bool | None = True,
-    progress: bool = True,
-    wait: bool = False,
-) -> Path:
+def run_extension(config: ExtensionConfig, root: str | Path = "runs", **options) -> Path:
     """Run (or resume) the pipeline; write its tables (`losses`, `eval`, `detect_instances`,
     `knockout`, `cross`), then the analysis from those tables alone (`extension_report.analyse`:
     head sets and recall, the correlation, claims, report.md and figures; `png=False`: HTML
-    figures only, `png=None`: none)."""
+    figures only, `png=None`: none). `options`: `rundir.RunOptions`."""
     if config.tasks:
-        return run_tasks(config, root, out=out, engine=engine, ray_address=ray_address, png=png,
-                         progress=progress, wait=wait)  # fmt: skip
-    out = Path(out) if out is not None else store.run_dir(root, config.slug, config)
+        return run_tasks(config, root, **options)
+    opts = rundir.RunOptions(**options)
+    out = opts.directory(root, config)
     rundir.check_writable(out)
-    with rundir.RunLock(out, wait=wait):
-        # a changed config reuses the shards whose own inputs did not change
-        rundir.claim(out, config, what="extension run", replace=True)
-        _run(config, out, engine, ray_address, progress)
-        analyse(out, png=png)
+    # a changed config reuses the shards whose own inputs did not change
+    with rundir.open_run(out, config, opts, what="extension run", replace=True):
+        _run(config, out, opts)
+        analyse(out, png=opts.png)
     return out
 
 
-def _run(config: ExtensionConfig, out: Path, engine, ray_address, progress) -> None:
+def _run(config: ExtensionConfig, out: Path, opts: rundir.RunOptions) -> None:
     t0, stats, timings = time.perf_counter(), ShardStats(), {}
     shard_dir, ckpt = out / "shards", out / "checkpoints"
     everyone = config.models
-    common = {"model": None, "engine": engine, "ray_address": ray_address, "progress": progress,
-              "stats": stats, "load": False}  # fmt: skip
+    common = {"model": None, "engine": opts.engine, "ray_address": opts.ray_address,
+              "progress": opts.progress, "stats": stats, "load": False}  # fmt: skip
     for v in everyone:  # a finished fine-tune shard needs its checkpoint too
         if not (ckpt / v / "adapter_config.json").is_file():
             for suffix in (".json", ".parquet"):
@@ -168,40 +157,29 @@ def _run(config: ExtensionConfig, out: Path, engine, ray_address, progress) -> N
             (out / f"{name}.parquet").unlink(missing_ok=True)
     timings["total_s"] = round(time.perf_counter() - t0, 1)  # the shards; analysis follows
     store.write_json(out / "provenance.json", store.provenance(
-        engine=engine, spec=asdict(config.lora),
+        engine=opts.engine, spec=asdict(config.lora),
         shards={"computed": len(stats.computed), "skipped": len(stats.skipped)},
         timings=timings, seal=rundir.seal(out, written)))  # fmt: skip
 
 
-def run_tasks(
-    config,
-    root: str | Path = "runs",
-    *,
-    out: str | Path | None = None,
-    engine: str = "local",
-    ray_address: str | None = None,
-    png: bool | None = True,
-    progress: bool = True,
-    wait: bool = False,
-) -> Path:
+def run_tasks(config: ExtensionConfig, root: str | Path = "runs", **options) -> Path:
     """One extension run per task under `<out>/<task>/` (each resumes on its own), then the
-    pooled analysis."""
+    pooled analysis. `options`: `rundir.RunOptions`."""
     if not config.tasks:
         raise ValueError("run_tasks needs config.tasks; run_extension runs a single task")
-    out = Path(out) if out is not None else store.run_dir(root, config.slug, config)
+    opts = rundir.RunOptions(**options)
+    out = opts.directory(root, config)
     rundir.check_writable(out)
-    with rundir.RunLock(out, wait=wait):
-        rundir.claim(out, config, what="multi-task extension run")
+    with rundir.open_run(out, config, opts, what="multi-task extension run"):
         t0, timings = time.perf_counter(), {}
         for i, run in enumerate(config.tasks, 1):
-            if progress:
+            if opts.progress:
                 print(f"task {i}/{len(config.tasks)}: {run.task}", file=sys.stderr, flush=True)
             t = time.perf_counter()
-            run_extension(config.for_task(run), out=out / run.task, engine=engine, wait=wait,
-                          ray_address=ray_address, png=png, progress=progress)  # fmt: skip
+            run_extension(config.for_task(run), **{**options, "out": out / run.task})
             timings[f"{run.task}_s"] = round(time.perf_counter() - t, 1)
         timings["total_s"] = round(time.perf_counter() - t0, 1)
         store.write_json(out / "provenance.json", store.provenance(
-            engine=engine, timings=timings, seal=rundir.seal(out, [])))  # fmt: skip
-        analyse_tasks(out, png=png, each_task=False)  # run_extension analysed each task
+            engine=opts.engine, timings=timings, seal=rundir.seal(out, [])))  # fmt: skip
+        analyse_tasks(out, png=opts.png, each_task=False)  # run_extension analysed each task
     return out

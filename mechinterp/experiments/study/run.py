@@ -16,23 +16,13 @@ from mechinterp import store
 from mechinterp.experiments import rundir
 from mechinterp.experiments.rundir import RunDirError  # noqa: F401  (re-exported)
 from mechinterp.experiments.study.config import StudyConfig
-from mechinterp.runner import Engine, ShardStats, run_shards
+from mechinterp.runner import ShardStats, run_shards
 
 
-def run_study(
-    config: StudyConfig,
-    root: str | Path = "runs",
-    *,
-    out: str | Path | None = None,
-    model=None,
-    engine: Engine = "local",
-    ray_address: str | None = None,
-    png: bool = True,
-    progress: bool = True,
-    wait: bool = False,
-) -> Path:
-    """Run (or resume) the study and write its run directory; return it. Another process
-    writing the same directory is an error (`wait=True`: wait for it).
+def run_study(config: StudyConfig, root: str | Path = "runs", *, model=None, **options) -> Path:
+    """Run (or resume) the study and write its run directory; return it. `options`:
+    `rundir.RunOptions` (out, engine, ray_address, png, progress, wait, force); another
+    process writing the same directory is an error unless `wait`.
 
     Tables: `detect_scores`, `detect_instances`, `baseline`, `knockout`, `patch` (parquet, and
     CSV for the small ones), `claims.csv`, `report.md`, `figures/`, config and provenance.
@@ -40,7 +30,8 @@ def run_study(
     from mechinterp.experiments.study.report import draw_figures, write_report
     from mechinterp.heads import HeadShape
 
-    out = Path(out) if out is not None else store.run_dir(root, config.slug, config)
+    opts = rundir.RunOptions(**options)
+    out = opts.directory(root, config)
     rundir.check_writable(out)
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -51,10 +42,10 @@ def run_study(
     timings["load_s"] = time.perf_counter() - tic
     shape = HeadShape.of(model)
     check_against_model(config, shape, model.cfg.n_ctx)
-    with rundir.RunLock(out, wait=wait):
-        rundir.claim(out, config, what="study")
-        _run(config, out, model, shape, stats, timings, t_start, engine, ray_address, progress)
-        draw_figures(out, png=png)
+    with rundir.open_run(out, config, opts, what="study"):
+        _run(config, out, model, shape, stats, timings, t_start, opts)
+        if opts.png is not None:
+            draw_figures(out, png=opts.png)
         write_report(out)
     return out
 
@@ -72,7 +63,7 @@ def check_against_model(config: StudyConfig, shape, n_ctx: int) -> None:
                              f"longer than the model's context window of {n_ctx}")  # fmt: skip
 
 
-def _run(config, out, model, shape, stats, timings, t_start, engine, ray_address, progress):
+def _run(config, out, model, shape, stats, timings, t_start, opts: rundir.RunOptions):
     from mechinterp.experiments.command import model_key
     from mechinterp.experiments.study import stages
     from mechinterp.heads import parse_heads
@@ -85,9 +76,9 @@ def _run(config, out, model, shape, stats, timings, t_start, engine, ray_address
     common = {
         "model": model,
         "model_spec": config.model,
-        "engine": engine,
-        "ray_address": ray_address,
-        "progress": progress,
+        "engine": opts.engine,
+        "ray_address": opts.ray_address,
+        "progress": opts.progress,
         "stats": stats,
         "key": {"model": model_key(model_card(model))},
     }
@@ -174,7 +165,7 @@ def _run(config, out, model, shape, stats, timings, t_start, engine, ray_address
                 "patch": list(config.patch.seeds),
                 "bootstrap": config.claims.seed,
             },  # fmt: skip
-            engine=engine,
+            engine=opts.engine,
             device=str(model.cfg.device),
             shards={
                 "computed": len(stats.computed),
