@@ -84,9 +84,9 @@ def _kind(run: Path) -> str:
 
     from mechinterp.experiments.extension.report import is_extension_run
     from mechinterp.experiments.extension.tasks import is_tasks_run
+    from mechinterp.experiments.rundir import read_json
 
-    if not (run / "config.json").is_file():
-        raise ValueError(f"{run} is not a run directory (no config.json)")
+    read_json(run / "config.json", what="run directory")  # there, and valid JSON
     if is_tasks_run(run):
         return "tasks"
     if is_extension_run(run):

@@ -192,10 +192,18 @@ def _same_kind(path: Path, mine: dict) -> bool:
 
 def config_digest(out: Path) -> str:
     """The hash of the config.json in `out` as stored."""
-    path = out / "config.json"
+    return store.config_hash(read_json(out / "config.json", what="run directory"))
+
+
+def read_json(path: Path, *, what: str) -> Any:
+    """A run directory's JSON file, or a clear error naming it."""
     if not path.is_file():
-        raise RunDirError(f"{out} is not a run directory (no config.json)")
-    return store.config_hash(json.loads(path.read_text()))
+        raise RunDirError(f"{path.parent} is not a {what} (no {path.name})")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise RunDirError(f"{path} is not valid JSON ({e}): restore it or rerun the command "
+                          "that wrote the directory") from None
 
 
 def seal(out: Path, tables: list[str]) -> dict:

@@ -84,7 +84,8 @@ class TaskSpec:
         if self.data is not None and self.task == "niah":
             raise ValueError("--data applies to mdqa and multihop; NIAH builds its own grid")
         if self.data is not None and not Path(self.data).is_file():
-            raise ValueError(f"data file {self.data} does not exist")
+            what = "is not a file" if Path(self.data).exists() else "does not exist"
+            raise ValueError(f"data file {self.data} {what}")
         from mechinterp.tasks.niah import NEEDLES
 
         if not 1 <= self.needles <= len(NEEDLES):
@@ -183,7 +184,11 @@ def read_head_scores(path: str | Path) -> pd.DataFrame:
     path = path / "scores.parquet" if path.is_dir() else path
     if not path.is_file():
         raise ValueError(f"head-score table {path} does not exist")
-    table = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+    try:
+        table = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+    except (ValueError, OSError, pd.errors.ParserError) as e:
+        raise ValueError(f"{path} is not a head-score table: it does not read as "
+                         f"{'parquet' if path.suffix == '.parquet' else 'CSV'} ({e})") from None
     missing = {"layer", "head", "score"} - set(table.columns)
     if missing:
         raise ValueError(f"{path} is not a head-score table (missing {sorted(missing)})")

@@ -26,12 +26,11 @@ TABLES = ("detect_scores", "detect_instances", "baseline", "knockout", "robustne
 def read_config(run_dir: str | Path, kind=None, what: str = "study"):
     """The run's config as `kind` (default `StudyConfig`), from its config.json."""
     from mechinterp.config import from_dict
+    from mechinterp.experiments.rundir import read_json
     from mechinterp.experiments.study.config import StudyConfig
 
-    path = Path(run_dir) / "config.json"
-    if not path.is_file():
-        raise ValueError(f"{run_dir} is not a {what} run directory (no config.json)")
-    return from_dict(kind or StudyConfig, json.loads(path.read_text()))
+    data = read_json(Path(run_dir) / "config.json", what=f"{what} run directory")
+    return from_dict(kind or StudyConfig, data)
 
 
 def read_tables(
