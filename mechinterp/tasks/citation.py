@@ -34,7 +34,7 @@ from mechinterp.tasks.mdqa import (
     HaystackDiversity,
     build_documents,
     check_synthetic_args,
-    variant_name,
+    synthetic_example,
 )
 from mechinterp.tasks.needles import NeedleRealism, make_facts
 
@@ -191,7 +191,6 @@ def synthetic_citation(
             f"{n_insights} insights × {docs_per_insight} documents each need at least "
             f"{n_insights * docs_per_insight} documents, got n_docs={n_docs}"
         )
-    variant = variant_name(realism, diversity)
     out = []
     for i in range(n):
         rng = random.Random(f"citation:{seed}:{i}")
@@ -206,11 +205,8 @@ def synthetic_citation(
             for k, fact in enumerate(facts)
         ]  # fmt: skip
         subtopic = "the facts these documents state about " + ", ".join(f.subject for f in facts)
-        out.append(Example(
-            id=f"citation-{variant}-s{seed}-{i}", task="citation", variant=variant,
-            documents=docs, question=question_for(subtopic, n_insights),
-            answers=(reference_summary(insights),), needles=tuple(f.text for f in facts),
-            meta={"insights": insights, "n_docs": n_docs, "seed": seed, "realism": realism,
-                  "diversity": "n/a" if realism == "symbolic" else diversity},
-        ))  # fmt: skip
+        out.append(synthetic_example(
+            "citation", i, docs, question_for(subtopic, n_insights),
+            reference_summary(insights), [f.text for f in facts], seed=seed, realism=realism,
+            diversity=diversity, insights=insights))  # fmt: skip
     return out

@@ -105,16 +105,19 @@ def _mdqa_example(record: Mapping[str, Any], *, source: str, line: int, variant:
     gold = [i for i, d in enumerate(documents) if d.gold]
     if not gold:
         raise ValueError(f"no gold document (no ctx has {gold_key}=true)")
+    return file_example(record, "mdqa", documents, question, answers, source=source, line=line,
+                        variant=variant, gold_index=gold[0])  # fmt: skip
+
+
+def file_example(record: Mapping, task: str, documents, question: str, answers, *, source: str,
+                 line: int, variant: str, **meta: Any) -> Example:  # fmt: skip
+    """An example read from line `line` of a user's file `source` (its id: the record's `id`,
+    else `file:line`; no needles: real answers are located in the documents later)."""
     return Example(
-        id=str(record.get("id", f"{source}:{line}")),
-        task="mdqa",
-        variant=variant,
-        documents=documents,
-        question=question,
-        answers=answers,
-        needles=(),
-        meta={"gold_index": gold[0], "n_docs": len(documents), "source": source, "line": line},
-    )
+        id=str(record.get("id", f"{source}:{line}")), task=task, variant=variant,
+        documents=documents, question=question, answers=tuple(answers), needles=(),
+        meta={**meta, "n_docs": len(documents), "source": source, "line": line},
+    )  # fmt: skip
 
 
 def load_mdqa(
@@ -127,6 +130,13 @@ def load_mdqa(
     is empty: real answers are located in the documents later. The id is the record's `id` if
     present, else `"{file name}:{line}"`.
     """
+    return read_examples(path, limit, lambda record, source, line: _mdqa_example(
+        record, source=source, line=line, variant=variant))  # fmt: skip
+
+
+def read_examples(path: str | Path, limit: int | None, make) -> list[Example]:
+    """One example per record of a JSONL file that `make(record, source, line)` turns into one
+    (None skips the record), up to `limit`; a bad record is an error naming its line."""
     check_limit(limit)
     path = Path(path)
     out: list[Example] = []
@@ -134,11 +144,13 @@ def load_mdqa(
         return out
     for lineno, record in read_records(path):
         try:
-            out.append(_mdqa_example(record, source=path.name, line=lineno, variant=variant))
+            example = make(record, path.name, lineno)
         except KeyError as e:
             raise ValueError(f"{path}:{lineno}: missing key {e}") from e
         except (ValueError, TypeError) as e:
             raise ValueError(f"{path}:{lineno}: {e}") from e
+        if example is not None:
+            out.append(example)
         if limit is not None and len(out) >= limit:
             break
     return out
@@ -268,7 +280,6 @@ def synthetic_mdqa(
     `diversity` is ignored (see the module docstring).
     """
     check_synthetic_args(n, n_docs, doc_words)
-    variant = variant_name(realism, diversity)
     if gold_position != "random" and not (
         isinstance(gold_position, int) and 0 <= gold_position < n_docs
     ):
@@ -282,22 +293,22 @@ def synthetic_mdqa(
             rng, {gold: fact}, n_docs=n_docs, realism=realism, diversity=diversity,
             doc_words=doc_words,
         )  # fmt: skip
-        out.append(
-            Example(
-                id=f"mdqa-{variant}-s{seed}-{i}",
-                task="mdqa",
-                variant=variant,
-                documents=docs,
-                question=fact.question,
-                answers=(fact.answer,),
-                needles=(fact.text,),
-                meta={
-                    "gold_index": gold,
-                    "n_docs": n_docs,
-                    "seed": seed,
-                    "realism": realism,
-                    "diversity": "n/a" if realism == "symbolic" else diversity,
-                },
-            )
-        )
+        out.append(synthetic_example(
+            "mdqa", i, docs, fact.question, fact.answer, (fact.text,), seed=seed,
+            realism=realism, diversity=diversity, gold_index=gold))  # fmt: skip
     return out
+
+
+def synthetic_example(
+    task: str, i: int, documents, question: str, answer: str, needles, *, seed: int,
+    realism: NeedleRealism, diversity: HaystackDiversity, **meta: Any,
+) -> Example:  # fmt: skip
+    """Example `i` of a synthetic variant, with its id and the meta every generator records
+    (`meta` first: the task's own keys)."""
+    variant = variant_name(realism, diversity)
+    return Example(
+        id=f"{task}-{variant}-s{seed}-{i}", task=task, variant=variant, documents=documents,
+        question=question, answers=(answer,), needles=tuple(needles),
+        meta={**meta, "n_docs": len(documents), "seed": seed, "realism": realism,
+              "diversity": "n/a" if realism == "symbolic" else diversity},
+    )  # fmt: skip

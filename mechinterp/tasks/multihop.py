@@ -22,10 +22,10 @@ from mechinterp.tasks.mdqa import (
     as_str,
     as_str_list,
     build_documents,
-    check_limit,
     check_synthetic_args,
-    read_records,
-    variant_name,
+    file_example,
+    read_examples,
+    synthetic_example,
 )
 from mechinterp.tasks.needles import NeedleRealism, make_two_hop
 
@@ -51,22 +51,9 @@ def _musique_example(record: Mapping[str, Any], *, source: str, line: int, varia
     answerable = bool(record.get("answerable", True))
     if answerable and not gold:
         raise ValueError("no supporting paragraph (no paragraph has is_supporting=true)")
-    return Example(
-        id=str(record.get("id", f"{source}:{line}")),
-        task="multihop",
-        variant=variant,
-        documents=documents,
-        question=question,
-        answers=tuple(dict.fromkeys(answers)),
-        needles=(),
-        meta={
-            "gold_indices": gold,
-            "n_docs": len(documents),
-            "answerable": answerable,
-            "source": source,
-            "line": line,
-        },
-    )
+    return file_example(record, "multihop", documents, question, dict.fromkeys(answers),
+                        source=source, line=line, variant=variant, gold_indices=gold,
+                        answerable=answerable)  # fmt: skip
 
 
 def load_musique(
@@ -82,23 +69,12 @@ def load_musique(
     are skipped unless `include_unanswerable`; kept ones may have no gold document. `limit`
     counts returned examples. Errors name the file and line.
     """
-    check_limit(limit)
-    path = Path(path)
-    out: list[Example] = []
-    if limit == 0:
-        return out
-    for lineno, record in read_records(path):
-        try:
-            if not include_unanswerable and record.get("answerable", True) is False:
-                continue
-            out.append(_musique_example(record, source=path.name, line=lineno, variant=variant))
-        except KeyError as e:
-            raise ValueError(f"{path}:{lineno}: missing key {e}") from e
-        except (ValueError, TypeError) as e:
-            raise ValueError(f"{path}:{lineno}: {e}") from e
-        if limit is not None and len(out) >= limit:
-            break
-    return out
+    def make(record, source: str, line: int) -> Example | None:
+        if not include_unanswerable and record.get("answerable", True) is False:
+            return None
+        return _musique_example(record, source=source, line=line, variant=variant)
+
+    return read_examples(path, limit, make)
 
 
 def synthetic_multihop(
@@ -117,7 +93,6 @@ def synthetic_multihop(
     (hop 1 may come after hop 2), and `meta["bridge"]` is the bridge entity.
     """
     check_synthetic_args(n, n_docs, doc_words, min_docs=2)
-    variant = variant_name(realism, diversity)
     out = []
     for i in range(n):
         rng = random.Random(f"multihop:{seed}:{i}")
@@ -127,23 +102,8 @@ def synthetic_multihop(
             rng, dict(zip(positions, hop.facts, strict=True)), n_docs=n_docs, realism=realism,
             diversity=diversity, doc_words=doc_words,
         )  # fmt: skip
-        out.append(
-            Example(
-                id=f"multihop-{variant}-s{seed}-{i}",
-                task="multihop",
-                variant=variant,
-                documents=docs,
-                question=hop.question,
-                answers=(hop.answer,),
-                needles=tuple(f.text for f in hop.facts),
-                meta={
-                    "gold_indices": positions,
-                    "n_docs": n_docs,
-                    "seed": seed,
-                    "realism": realism,
-                    "diversity": "n/a" if realism == "symbolic" else diversity,
-                    "bridge": hop.bridge,
-                },
-            )
-        )
+        out.append(synthetic_example(
+            "multihop", i, docs, hop.question, hop.answer, [f.text for f in hop.facts],
+            seed=seed, realism=realism, diversity=diversity, gold_indices=positions,
+            bridge=hop.bridge))  # fmt: skip
     return out

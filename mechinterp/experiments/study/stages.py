@@ -303,25 +303,22 @@ def knockout_shards(
     conds = knockout_conditions(
         ranked, shape, ks=stage.ks, seeds=stage.seeds, modes=stage.modes, draws=stage.draws
     )
+    return _answered_shards("knockout", knockout_shard, examples, base, stage.examples_per_shard,
+                            conditions=conds, scope=stage.scope, template=template)  # fmt: skip
+
+
+def _answered_shards(stage: str, fn, examples: list[Example], base: pd.DataFrame, size: int,
+                     **args) -> list[Shard]:  # fmt: skip
+    """One shard per (task, chunk) of the examples whose clean response holds the answer, with
+    each example's clean response to teacher-force, and `args`."""
     out = []
-    for task, i, chunk in _answered_chunks(examples, base, stage.examples_per_shard):
-        args = {
-            "examples": [e.to_dict() for e in chunk],
-            "responses": [_response(base, e.id) for e in chunk],
-            "conditions": conds,
-            "scope": stage.scope,
-            "template": template,
-        }
-        out.append(Shard(f"knockout/{task}-{i:03d}", knockout_shard, args))
-    return out
-
-
-def _answered_chunks(examples: list[Example], base: pd.DataFrame, size: int):
-    """(task, index, chunk) over each task's examples whose clean response holds the answer."""
     for task in dict.fromkeys(e.task for e in examples):
         group = [e for e in examples if e.task == task and bool(base.loc[e.id, "scorable"])]
         for i, chunk in enumerate(_chunks(group, size)):
-            yield task, i, chunk
+            out.append(Shard(f"{stage}/{task}-{i:03d}", fn, {
+                "examples": [e.to_dict() for e in chunk],
+                "responses": [_response(base, e.id) for e in chunk], **args}))  # fmt: skip
+    return out
 
 
 # ---------------------------------------------------------------- 2c. robustness
@@ -397,19 +394,11 @@ def robustness_shards(
     scopes = [sc for sc in stage.scopes if sc != knockout.scope]
     if not scopes and not stage.generate:
         return []
-    out = []
-    for task, i, chunk in _answered_chunks(examples, base, stage.examples_per_shard):
-        args = {
-            "examples": [e.to_dict() for e in chunk],
-            "responses": [_response(base, e.id) for e in chunk],
-            "conditions": conds,
-            "scopes": scopes,
-            "generate_scope": knockout.scope if stage.generate else None,
-            "max_new_tokens": knockout.max_new_tokens,
-            "template": config.template,
-        }
-        out.append(Shard(f"robustness/{task}-{i:03d}", robustness_shard, args))
-    return out
+    return _answered_shards(
+        "robustness", robustness_shard, examples, base, stage.examples_per_shard,
+        conditions=conds, scopes=scopes, max_new_tokens=knockout.max_new_tokens,
+        generate_scope=knockout.scope if stage.generate else None, template=config.template,
+    )  # fmt: skip
 
 
 def _response(base: pd.DataFrame, example_id: str) -> dict:
