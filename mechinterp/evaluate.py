@@ -10,10 +10,7 @@
 
 from __future__ import annotations
 
-import re
-import string
 import time
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -23,6 +20,13 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mechinterp.metrics import (  # noqa: F401  (re-exported: part of this module's API)
+    em,
+    normalize_answer,
+    rouge1_recall,
+    substring_match,
+    token_f1,
+)
 from mechinterp.models.kv_cache import cache_kwargs, new_cache
 from mechinterp.tasks.example import Example
 from mechinterp.tasks.prompt import Prompt, Template, render
@@ -183,62 +187,6 @@ def greedy_decode(
 
 
 # ---------------------------------------------------------------- answer metrics
-
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-_PUNCT = str.maketrans("", "", string.punctuation)
-
-
-def normalize_answer(s: str) -> str:
-    """SQuAD normalisation: lower case, no punctuation, no articles, single spaces."""
-    return " ".join(_ARTICLES.sub(" ", s.lower().translate(_PUNCT)).split())
-
-
-def _tokens(s: str) -> list[str]:
-    return normalize_answer(s).split()
-
-
-def em(prediction: str, answers: Sequence[str]) -> float:
-    """Exact match after normalisation, best over the accepted answers."""
-    p = normalize_answer(prediction)
-    return float(any(p == normalize_answer(a) for a in answers))
-
-
-def token_f1(prediction: str, answers: Sequence[str]) -> float:
-    """SQuAD token F1, best over the accepted answers."""
-    return max(_f1(_tokens(prediction), _tokens(a)) for a in answers)
-
-
-def _f1(pred: list[str], ref: list[str]) -> float:
-    if not pred or not ref:
-        return float(pred == ref)
-    common = sum((Counter(pred) & Counter(ref)).values())
-    if common == 0:
-        return 0.0
-    precision, recall = common / len(pred), common / len(ref)
-    return 2 * precision * recall / (precision + recall)
-
-
-def rouge1_recall(prediction: str, answers: Sequence[str]) -> float:
-    """ROUGE-1 recall: share of the reference's unigrams (with counts) found in the prediction.
-    Lower-cased, punctuation stripped, articles kept (as rouge-score does, without stemming)."""
-
-    def toks(s: str) -> list[str]:
-        return s.lower().translate(_PUNCT).split()
-
-    best = 0.0
-    for a in answers:
-        ref = toks(a)
-        if ref:
-            best = max(best, sum((Counter(toks(prediction)) & Counter(ref)).values()) / len(ref))
-    return best
-
-
-def substring_match(prediction: str, answers: Sequence[str]) -> float:
-    """1 when some normalised answer occurs in the normalised prediction (lost-in-the-middle's
-    best-subspan accuracy)."""
-    p = normalize_answer(prediction)
-    return float(any(normalize_answer(a) in p for a in answers if normalize_answer(a)))
-
 
 #: The headline "correct" per task: NIAH uses Wu et al.'s ROUGE-1 recall > 0.5 gate; the QA tasks
 #: use substring match; the citation task, citation F1 ≥ 0.5 against its `insights`.

@@ -274,7 +274,7 @@ def patch_heads(
         raise ValueError(f"direction must be 'denoise' or 'noise', got {direction!r}")
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
-    from mechinterp.models.load import check_token_ids
+    from mechinterp.models.tokens import check_token_ids
 
     check_token_ids(model, clean, "clean")
     check_token_ids(model, corrupt, "corrupt")

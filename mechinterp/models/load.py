@@ -178,17 +178,6 @@ def check_device(device: str, *, available: bool = True) -> None:
         raise ValueError(f"device {device!r}: MPS is not available here (use --device cpu)")
 
 
-def check_token_ids(model, ids, what: str = "token ids") -> None:
-    """Refuse token ids outside the model's vocabulary (an embedding lookup would fail deep in
-    the forward, or on GPU assert asynchronously)."""
-    vocab = int(model.cfg.d_vocab)
-    flat = [int(i) for i in ids]
-    bad = [i for i in flat if not 0 <= i < vocab]
-    if bad:
-        raise ValueError(f"{what} hold ids outside the model's vocabulary [0, {vocab}): "
-                         f"{bad[:5]}; tokenize with the model's own tokenizer")  # fmt: skip
-
-
 def boot_bridge(
     hf_model,
     tokenizer,

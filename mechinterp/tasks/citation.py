@@ -89,7 +89,7 @@ def citation_scores(
     insight's predicted documents. Gold pairs are (insight, each document containing it), so an
     insight no bullet covers loses all its pairs (recall), and a wrong citation costs
     precision. `coverage` is the share of insights some bullet covers."""
-    from mechinterp.evaluate import rouge1_recall
+    from mechinterp.metrics import rouge1_recall
 
     if not insights:
         raise ValueError("citation_scores needs the example's insights (Example.meta['insights'])")
