@@ -78,3 +78,20 @@ def test_the_cli_is_a_thin_table_and_no_package_folder_is_named_like_an_output()
     assert len((ROOT / "cli.py").read_text().splitlines()) < 200
     folders = {p.name for p in ROOT.rglob("*") if p.is_dir() and p.name != "__pycache__"}
     assert not folders & {"runs", "figures", "results", "shards", "checkpoints"}
+
+
+def test_the_old_import_paths_still_work_with_a_deprecation_warning():
+    import importlib
+    import sys
+
+    import pytest
+
+    for old, name in (("mechinterp.study", "run_study"), ("mechinterp.runs", "run_eval")):
+        sys.modules.pop(old, None)
+        with pytest.warns(DeprecationWarning, match="moved to mechinterp.experiments"):
+            module = importlib.import_module(old)
+        assert callable(getattr(module, name))
+    import mechinterp
+
+    for name in mechinterp.__all__:  # the top-level API
+        assert callable(getattr(mechinterp, name))
