@@ -204,3 +204,24 @@ def test_the_cli_refuses_a_run_directory_another_process_is_writing(models, tmp_
         sleeper.kill()
         sleeper.wait()
     assert main(["figures", str(run), "--no-png"]) == 0  # the dead holder's lock is taken over
+
+
+def test_fingerprints_change_with_the_input(tmp_path, monkeypatch):
+    small = tmp_path / "data.jsonl"
+    small.write_text("a")
+    first = rundir.fingerprint(small)
+    small.write_text("b")
+    assert rundir.fingerprint(small) != first  # by content
+    monkeypatch.setattr(rundir, "HASH_UP_TO", 0)  # a "large" file: by size and time
+    big = rundir.fingerprint(small)
+    os.utime(small, ns=(1, 1))
+    assert rundir.fingerprint(small) != big
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "weights.bin").write_text("x")
+    before = rundir.fingerprint(folder)
+    (folder / "weights.bin").write_text("xy")
+    assert rundir.fingerprint(folder) != before
+    assert rundir.model_fingerprint(str(folder)) == rundir.fingerprint(folder)
+    assert rundir.model_fingerprint("smollm2-135m") is not None  # the embedded GGUF
+    assert rundir.fingerprint(tmp_path / "missing") is None

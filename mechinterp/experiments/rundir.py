@@ -268,16 +268,23 @@ def check_writable(path: str | Path) -> None:
                           "choose another --root / --out") from None  # fmt: skip
 
 
+#: Files larger than this are fingerprinted by size and modification time, not read whole.
+HASH_UP_TO = 64 << 20
+
+
 def fingerprint(path: str | Path | None) -> str | None:
     """A recorded fingerprint of an input that changes when it does: the SHA-256 of a file's
-    content; for a directory, the names, sizes and modification times of its files."""
+    content (size and modification time for files over 64 MiB, such as weights); for a
+    directory, the names, sizes and modification times of its files."""
     from mechinterp.runner import sha256
 
     if path is None:
         return None
     p = Path(path).expanduser()
     if p.is_file():
-        return sha256(p)
+        st = p.stat()
+        return sha256(p) if st.st_size <= HASH_UP_TO else store.config_hash(
+            [p.name, st.st_size, st.st_mtime_ns])  # fmt: skip
     if p.is_dir():
         entries = sorted(
             (str(f.relative_to(p)), f.stat().st_size, f.stat().st_mtime_ns)
@@ -285,3 +292,12 @@ def fingerprint(path: str | Path | None) -> str | None:
         )  # fmt: skip
         return store.config_hash(entries)
     return None
+
+
+def model_fingerprint(name: str) -> str | None:
+    """`fingerprint` of what a model name loads from (the embedded model's GGUF, a file, a
+    directory), without loading it; None for a model id in the HF cache."""
+    from mechinterp.models.embedded import gguf_path, resolve_embedded
+
+    embedded = resolve_embedded(name)
+    return fingerprint(gguf_path(embedded) if embedded is not None else name)

@@ -71,7 +71,8 @@ def _run(config: ExtensionConfig, out: Path, opts: rundir.RunOptions) -> None:
     shard_dir, ckpt = out / "shards", out / "checkpoints"
     everyone = config.models
     common = {"model": None, "engine": opts.engine, "ray_address": opts.ray_address,
-              "progress": opts.progress, "stats": stats, "load": False}  # fmt: skip
+              "progress": opts.progress, "stats": stats, "load": False,
+              "key": {"base": rundir.model_fingerprint(config.model.name)}}  # fmt: skip
     for v in everyone:  # a finished fine-tune shard needs its checkpoint too
         if not (ckpt / v / "adapter_config.json").is_file():
             for suffix in (".json", ".parquet"):
