@@ -626,6 +626,7 @@ def _garbage(ctx: Ctx) -> tuple[str, str]:
 
 KILL = """
 import os, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even if inherited off
 from mechinterp import runner
 real = runner.write_shard
 def write_then_die(*args, **kwargs):
