@@ -195,3 +195,36 @@ def test_an_architecture_the_bridge_cannot_hook_is_refused_by_name(tmp_path):
     model = transformers.BioGptForCausalLM(cfg)
     with pytest.raises(ValueError, match=r"biogpt \(BioGptForCausalLM\) is not an architecture"):
         boot_bridge(model, tok, tmp_path, model_id="x", dtype=torch.float32, device="cpu")
+
+
+def test_a_device_map_split_loads_hooks_caches_and_intervenes_like_one_device(tiny_gqa):
+    """Blocks placed explicitly (all on "cpu" here; a lent GPU splits them for real): the same
+    logits, head outputs, patching, knockout and cached generation as the one-device model."""
+    from mechinterp.evaluate import evaluate
+    from mechinterp.interventions import KnockoutSpec, knockout
+    from mechinterp.interventions.patching import logit_diff_metric, patch_heads
+    from mechinterp.tasks.mdqa import synthetic_mdqa
+
+    src = tiny_gqa.mechinterp_card.source
+    placement = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "cpu",
+                 "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}  # fmt: skip
+    split = load_model(src, device_map=placement)
+    one = load_model(src, device="cpu")
+    assert model_card(split).device_map == placement and model_card(one).device_map is None
+    ids = torch.tensor([[1, 5, 9, 13, 2, 7, 11, 3]])
+    torch.testing.assert_close(split(ids), one(ids), rtol=0, atol=0)
+    metric = logit_diff_metric(5, 9)
+    a = patch_heads(split, [1, 5, 9, 13, 2], [1, 5, 9, 14, 2], metric, progress=False)
+    b = patch_heads(one, [1, 5, 9, 13, 2], [1, 5, 9, 14, 2], metric, progress=False)
+    torch.testing.assert_close(a.values, b.values, rtol=0, atol=0)
+    examples = synthetic_mdqa(2, n_docs=2, realism="templated", diversity="low")
+    with knockout(split, KnockoutSpec(heads=["L1H1"], mode="uniform_attention")):
+        got = evaluate(split, examples, max_new_tokens=4, score=True, progress=False)
+    with knockout(one, KnockoutSpec(heads=["L1H1"], mode="uniform_attention")):
+        want = evaluate(one, examples, max_new_tokens=4, score=True, progress=False)
+    assert got["prediction"].tolist() == want["prediction"].tolist()
+    assert got["answer_logprob"].tolist() == pytest.approx(want["answer_logprob"].tolist())
+    with pytest.raises(ValueError, match="not both"):
+        load_model(src, device="cpu", device_map=placement)
+    with pytest.raises(ValueError, match="needs device_map"):
+        load_model(src, max_memory={"cpu": "1GiB"})

@@ -64,7 +64,8 @@ def model_key(card) -> dict:
     """The model's identity for shard hashes: its card (weights' hash where there is one) and a
     fingerprint of the files it was loaded from."""
     facts = card.to_dict()
-    facts.pop("device", None)
+    facts.pop("device", None)  # where the weights sit does not change what they compute
+    facts.pop("device_map", None)
     files = {"files": rundir.fingerprint(card.source), "lora": rundir.fingerprint(card.lora)}
     return {**facts, **files}
 

@@ -28,8 +28,12 @@ class ModelSpec:
     """cpu, cuda, cuda:1, ... (none: cuda when available, else cpu)"""
     rope_theta: float | None = None
     """override the RoPE base frequency (context extension)"""
+    device_map: Literal["auto", "balanced", "balanced_low_0", "sequential"] | None = None
+    """split the layers over the visible devices, as transformers does (instead of --device)"""
 
     def __post_init__(self) -> None:
+        if self.device is not None and self.device_map is not None:
+            raise ValueError("give device or device_map, not both")
         if self.device is not None:
             from mechinterp.models.load import check_device
 
@@ -40,9 +44,8 @@ class ModelSpec:
     def load(self):
         from mechinterp.models import load_model
 
-        return load_model(
-            self.name, dtype=self.dtype, device=self.device, rope_theta=self.rope_theta
-        )
+        return load_model(self.name, dtype=self.dtype, device=self.device,
+                          rope_theta=self.rope_theta, device_map=self.device_map)  # fmt: skip
 
 
 @dataclass(frozen=True)

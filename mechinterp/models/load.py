@@ -12,6 +12,7 @@ transformers registers for its `model_type`, or a clear error when there is none
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -58,6 +59,7 @@ class ModelCard:
     n_ctx: int
     rope_theta: float | None = None
     lora: str | None = None
+    device_map: dict[str, str] | None = None  # module → device, when split over devices
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -110,16 +112,31 @@ def load_model(
     device: str | None = None,
     rope_theta: float | None = None,
     n_ctx: int | None = None,
+    device_map: str | dict | None = None,
+    max_memory: dict | None = None,
 ) -> TransformerBridge:
     """Load a causal LM as a TransformerBridge (eager attention, raw HF weights).
 
     `rope_theta` overrides the RoPE base frequency (context extension); `n_ctx` overrides the
-    context window the model reports. The returned bridge has `.mechinterp_card` (`ModelCard`).
+    context window the model reports. `device_map` ("auto", "balanced", or a module → device
+    dict) and `max_memory` split the layers over devices, as transformers does (instead of
+    `device`); inputs go to the embedding's device. The returned bridge has `.mechinterp_card`
+    (`ModelCard`).
     """
     torch_dtype = _dtype(dtype)
     tune_allocator()
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    check_device(device)
+    if device_map is not None or max_memory is not None:
+        if device is not None:
+            raise ValueError("give device= or device_map= (and max_memory=), not both")
+        if device_map is None:
+            raise ValueError("max_memory= needs device_map= (e.g. device_map='auto')")
+        for where in (device_map.values() if isinstance(device_map, dict) else ()):
+            check_device(str(where) if not isinstance(where, int) else f"cuda:{where}")
+        placement = {"device_map": device_map, "max_memory": max_memory}
+    else:
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        check_device(device)
+        placement = {}
     name = str(name_or_path)
     embedded = resolve_embedded(name)
     if embedded is not None:
@@ -132,9 +149,9 @@ def load_model(
     elif Path(name).expanduser().is_dir():
         directory = Path(name).expanduser().resolve()
         if (directory / "adapter_config.json").is_file():
-            return _load_lora(
-                directory, dtype=torch_dtype, device=device, rope_theta=rope_theta, n_ctx=n_ctx
-            )
+            return _placed(_load_lora(directory, dtype=torch_dtype, device=device,
+                                      rope_theta=rope_theta, n_ctx=n_ctx, placement=placement),
+                           device_map)  # fmt: skip
         if not (directory / "config.json").is_file():
             raise ValueError(
                 f"{directory} is not an HF model directory (no config.json) nor a LoRA "
@@ -144,18 +161,21 @@ def load_model(
     else:
         directory = _from_hf_cache(name)
         model_id, source, sha = name, str(directory), _weights_sha(directory)
-    hf_model, tokenizer = _load_hf(directory, torch_dtype, rope_theta, n_ctx)
-    return _boot(
-        hf_model,
-        tokenizer,
-        directory,
-        model_id=model_id,
-        source=source,
-        sha=sha,
-        dtype=torch_dtype,
-        device=device,
-        lora=None,
-    )
+    hf_model, tokenizer = _load_hf(directory, torch_dtype, rope_theta, n_ctx, **placement)
+    bridge = _boot(hf_model, tokenizer, directory, model_id=model_id, source=source, sha=sha,
+                   dtype=torch_dtype, device=device, lora=None)  # fmt: skip
+    return _placed(bridge, device_map)
+
+
+def _placed(bridge: TransformerBridge, device_map) -> TransformerBridge:
+    """Record the requested `device_map` on the card where transformers realised none (every
+    module on the CPU: nothing to dispatch)."""
+    card = bridge.mechinterp_card
+    if device_map is not None and card.device_map is None:
+        shown = {str(k): str(v) for k, v in device_map.items()} if isinstance(device_map, dict) \
+            else {"": str(device_map)}  # fmt: skip
+        bridge.mechinterp_card = dataclasses.replace(card, device_map=shown)
+    return bridge
 
 
 def check_device(device: str, *, available: bool = True) -> None:
@@ -232,7 +252,7 @@ def _boot(hf_model, tokenizer, directory: Path, *, model_id, source, sha, dtype,
         source=source,
         source_sha256=sha,
         dtype=str(dtype).removeprefix("torch."),
-        device=str(device),
+        device=str(bridge.cfg.device if device is None else device),
         n_layers=int(bridge.cfg.n_layers),
         n_heads=int(bridge.cfg.n_heads),
         n_kv_heads=int(getattr(cfg, "num_key_value_heads", None) or bridge.cfg.n_heads),
@@ -241,6 +261,8 @@ def _boot(hf_model, tokenizer, directory: Path, *, model_id, source, sha, dtype,
         n_ctx=int(bridge.cfg.n_ctx),
         rope_theta=_rope_theta(cfg),
         lora=lora,
+        device_map=({k: str(v) for k, v in hf_model.hf_device_map.items()}
+                    if getattr(hf_model, "hf_device_map", None) else None),  # fmt: skip
     )
     return bridge
 
@@ -262,7 +284,7 @@ def load_hf(
 FINETUNE_RECORD = "mechinterp_finetune.json"
 
 
-def _load_hf(directory: Path, dtype, rope_theta, n_ctx):
+def _load_hf(directory: Path, dtype, rope_theta, n_ctx, **placement):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     config = AutoConfig.from_pretrained(directory, local_files_only=True)
@@ -279,6 +301,7 @@ def _load_hf(directory: Path, dtype, rope_theta, n_ctx):
             dtype=dtype,
             attn_implementation="eager",
             local_files_only=True,
+            **{k: v for k, v in placement.items() if v is not None},
         )
     except (OSError, ValueError, RuntimeError) as e:
         raise ValueError(
@@ -289,7 +312,9 @@ def _load_hf(directory: Path, dtype, rope_theta, n_ctx):
     return model, tokenizer
 
 
-def _load_lora(directory: Path, *, dtype, device, rope_theta, n_ctx) -> TransformerBridge:
+def _load_lora(
+    directory: Path, *, dtype, device, rope_theta, n_ctx, placement: dict
+) -> TransformerBridge:
     """A peft LoRA checkpoint: load its base with `load_model`'s rules, merge, boot."""
     from peft import PeftModel
 
@@ -301,7 +326,7 @@ def _load_lora(directory: Path, *, dtype, device, rope_theta, n_ctx) -> Transfor
     record = directory / FINETUNE_RECORD
     if rope_theta is None and record.is_file():  # trained with a RoPE change: load it the same way
         rope_theta = json.loads(record.read_text()).get("rope_theta")
-    hf_model, tokenizer = _load_hf(base_dir, dtype, rope_theta, n_ctx)
+    hf_model, tokenizer = _load_hf(base_dir, dtype, rope_theta, n_ctx, **placement)
     try:
         merged = PeftModel.from_pretrained(hf_model, directory).merge_and_unload()
     except (RuntimeError, ValueError, KeyError) as e:
