@@ -60,6 +60,7 @@ class ModelCard:
     rope_theta: float | None = None
     lora: str | None = None
     device_map: dict[str, str] | None = None  # module → device, when split over devices
+    attention: str = "eager"  # "sdpa": fused attention wherever no hook reads the pattern
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -114,6 +115,7 @@ def load_model(
     n_ctx: int | None = None,
     device_map: str | dict | None = None,
     max_memory: dict | None = None,
+    attention: str = "eager",
 ) -> TransformerBridge:
     """Load a causal LM as a TransformerBridge (eager attention, raw HF weights).
 
@@ -121,8 +123,11 @@ def load_model(
     context window the model reports. `device_map` ("auto", "balanced", or a module → device
     dict) and `max_memory` split the layers over devices, as transformers does (instead of
     `device`); inputs go to the embedding's device. The returned bridge has `.mechinterp_card`
-    (`ModelCard`).
+    (`ModelCard`). `attention="sdpa"` runs the fused kernel in every layer whose pattern no hook
+    reads (`mechinterp.models.attention`; opt-in while it is being verified).
     """
+    if attention not in ("eager", "sdpa"):
+        raise ValueError(f"attention must be 'eager' or 'sdpa', got {attention!r}")
     torch_dtype = _dtype(dtype)
     tune_allocator()
     if device_map is not None or max_memory is not None:
@@ -151,7 +156,7 @@ def load_model(
         if (directory / "adapter_config.json").is_file():
             return _placed(_load_lora(directory, dtype=torch_dtype, device=device,
                                       rope_theta=rope_theta, n_ctx=n_ctx, placement=placement),
-                           device_map)  # fmt: skip
+                           device_map, attention)  # fmt: skip
         if not (directory / "config.json").is_file():
             raise ValueError(
                 f"{directory} is not an HF model directory (no config.json) nor a LoRA "
@@ -164,17 +169,22 @@ def load_model(
     hf_model, tokenizer = _load_hf(directory, torch_dtype, rope_theta, n_ctx, **placement)
     bridge = _boot(hf_model, tokenizer, directory, model_id=model_id, source=source, sha=sha,
                    dtype=torch_dtype, device=device, lora=None)  # fmt: skip
-    return _placed(bridge, device_map)
+    return _placed(bridge, device_map, attention)
 
 
-def _placed(bridge: TransformerBridge, device_map) -> TransformerBridge:
+def _placed(bridge: TransformerBridge, device_map, attention: str) -> TransformerBridge:
     """Record the requested `device_map` on the card where transformers realised none (every
-    module on the CPU: nothing to dispatch)."""
+    module on the CPU: nothing to dispatch), and the attention path the model runs."""
+    from mechinterp.models.attention import use_sdpa
+
     card = bridge.mechinterp_card
     if device_map is not None and card.device_map is None:
         shown = {str(k): str(v) for k, v in device_map.items()} if isinstance(device_map, dict) \
             else {"": str(device_map)}  # fmt: skip
-        bridge.mechinterp_card = dataclasses.replace(card, device_map=shown)
+        card = dataclasses.replace(card, device_map=shown)
+    if attention == "sdpa" and use_sdpa(bridge):
+        card = dataclasses.replace(card, attention="sdpa")
+    bridge.mechinterp_card = card
     return bridge
 
 
