@@ -79,3 +79,22 @@ def test_patching_knockout_and_cached_generation_agree(pair):
 def test_attention_must_be_eager_or_sdpa(tmp_path):
     with pytest.raises(ValueError, match="attention must be 'eager' or 'sdpa'"):
         load_model("smollm2-135m", attention="flash")
+
+
+def test_z_level_knockouts_run_on_the_fused_path(monkeypatch, tmp_path):
+    """zero / mean / resample edit hook_z only, so no layer needs its scores: every layer stays
+    on SDPA under them (score-level modes still take the explicit path)."""
+    from mechinterp.interventions import KnockoutSpec, knockout
+    from mechinterp.models import attention
+
+    tiny_family("llama-gqa", directory=tmp_path)
+    fast = load_model(tmp_path, device="cpu", attention="sdpa")
+    seen = []
+    real = attention._needs_scores
+    monkeypatch.setattr(attention, "_needs_scores", lambda a: seen.append(real(a)) or seen[-1])
+    ids = _ids(fast, 16, 1)
+    for mode, explicit in (("zero", False), ("uniform_attention", True)):
+        seen.clear()
+        with knockout(fast, KnockoutSpec(heads=["L1H1"], mode=mode, scope="all")):
+            fast(ids)
+        assert seen and any(seen) == explicit, mode

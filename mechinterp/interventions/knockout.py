@@ -326,7 +326,7 @@ def knockout(
             )
     if spec.mode == "uniform_attention":
         check_uniform_attention(model, [h.layer for h in spec.heads])
-    stats = {"forwards": 0, "edited": 0, "score_hooks": 0, "positions": 0, "in_scope": 0}
+    stats = {"forwards": 0, "edited": 0, "located": 0, "positions": 0, "in_scope": 0}
     if not spec.heads:
         yield stats
         return
@@ -387,22 +387,25 @@ def knockout(
             )
         return geo
 
-    def geometry(scores: Tensor, hook, *, layer: int) -> Tensor:
+    def locate(layer: int, b: int, q: int, k: int) -> _Geometry:
+        """Place this forward's positions (once per forward, at its first knocked-out layer)."""
         geo = placed(layer)
+        first = geo.offsets is None
+        geo.place(b, q, k, layer)
+        if first:
+            geo.starts = scope_starts(geo)
+            stats["in_scope"] += int(_query_mask(spec, geo, geo.starts, "cpu").sum())
+        stats["located"] += 1
+        stats["positions"] = max(stats["positions"], geo.past + q - int(geo.offsets.min()))
+        return geo
+
+    def geometry(scores: Tensor, hook, *, layer: int) -> Tensor:
         b, _, q, k = scores.shape
         masked_value = masked_threshold(scores.dtype)
         if not checked:
             check_pre_softmax(scores, family_name(model))
             checked.append(True)
-        first = geo.offsets is None
-        geo.place(b, q, k, layer)
-        if first:  # once per forward, at its first knocked-out layer
-            geo.starts = scope_starts(geo)
-            stats["in_scope"] += int(_query_mask(spec, geo, geo.starts, "cpu").sum())
-        stats["score_hooks"] += 1
-        stats["positions"] = max(stats["positions"], geo.past + q - int(geo.offsets.min()))
-        if spec.mode not in SCORE_MODES:
-            return scores
+        geo = locate(layer, b, q, k)
         qmask = _query_mask(spec, geo, geo.starts, scores.device)  # [b, q]
         heads = by_layer[layer]
         sub = scores[:, heads]  # [b, n, q, k]
@@ -421,7 +424,9 @@ def knockout(
         return scores
 
     def edit_z(z: Tensor, hook, *, layer: int) -> Tensor:
-        geo = placed(layer)
+        # z-level modes need no scores: positions from z's shape (every key of the forward
+        # counts; only queries are knocked out), so the layer may run fused attention
+        geo = locate(layer, z.shape[0], z.shape[1], placed(layer).past + z.shape[1])
         qmask = _query_mask(spec, geo, geo.starts, z.device)  # [b, q]
         heads = by_layer[layer]
         sub = z[:, :, heads]  # [b, q, n, d]
@@ -455,11 +460,11 @@ def knockout(
         stats["forwards"] += 1
 
     hooks = [(f"blocks.{min(by_layer)}.hook_resid_pre", count)]
-    hooks += [
-        (f"blocks.{la}.attn.hook_attn_scores", partial(geometry, layer=la)) for la in by_layer
-    ]
     if spec.mode in Z_MODES:
         hooks += [(f"blocks.{la}.attn.hook_z", partial(edit_z, layer=la)) for la in by_layer]
+    else:
+        hooks += [(f"blocks.{la}.attn.hook_attn_scores", partial(geometry, layer=la))
+                  for la in by_layer]  # fmt: skip
     handles = [
         model.register_forward_pre_hook(read_inputs, with_kwargs=True),
         model.register_forward_hook(forward_done),
@@ -470,8 +475,9 @@ def knockout(
     finally:
         for handle in handles:
             handle.remove()
-    if stats["score_hooks"] == 0 and stats["forwards"] > 0:
-        raise RuntimeError("hook_attn_scores never fired: the knockout was a silent no-op")
+    if stats["located"] == 0 and stats["forwards"] > 0:
+        where = "hook_z" if spec.mode in Z_MODES else "hook_attn_scores"
+        raise RuntimeError(f"{where} never fired: the knockout was a silent no-op")
     if stats["forwards"] and stats["in_scope"] == 0:
         raise ValueError(
             f"scope {spec.scope!r} covered no position of any forward in the block: the "
