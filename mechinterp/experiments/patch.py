@@ -166,8 +166,8 @@ def draw(out: Path, config: PatchConfig) -> dict:
     from mechinterp.plots import head_heatmap
 
     heads = pd.read_parquet(out / "heads.parquet")
-    title = (f"{heads['model'].iloc[0]} · {config.direction} patching: mean normalised recovery "
-             f"per head (n={heads['n_examples'].iloc[0]})")  # fmt: skip
+    title = (f"{heads['model'].iloc[0]} · {config.direction}: mean recovery per head "
+             f"(n={heads['n_examples'].iloc[0]})")  # fmt: skip
     return {"recovery": head_heatmap(heads, value="recovery", title=title)}
 
 
