@@ -81,10 +81,12 @@ def test_attention_must_be_eager_or_sdpa(tmp_path):
         load_model("smollm2-135m", attention="flash")
 
 
-def test_z_level_knockouts_run_on_the_fused_path(monkeypatch, tmp_path):
-    """zero / mean / resample edit hook_z only, so no layer needs its scores: every layer stays
-    on SDPA under them (score-level modes still take the explicit path)."""
+def test_every_knockout_mode_runs_on_the_fused_path(monkeypatch, tmp_path):
+    """zero / mean / resample edit hook_z; uniform_attention and edge_knockout recompute only the
+    knocked-out rows of the knocked-out heads: no layer takes the explicit path under any mode,
+    and the conditions of a sweep (`knockout_rows`) stay fused too."""
     from mechinterp.interventions import KnockoutSpec, knockout
+    from mechinterp.interventions.conditions import knockout_rows
     from mechinterp.models import attention
 
     tiny_family("llama-gqa", directory=tmp_path)
@@ -93,8 +95,119 @@ def test_z_level_knockouts_run_on_the_fused_path(monkeypatch, tmp_path):
     real = attention._needs_scores
     monkeypatch.setattr(attention, "_needs_scores", lambda a: seen.append(real(a)) or seen[-1])
     ids = _ids(fast, 16, 1)
-    for mode, explicit in (("zero", False), ("uniform_attention", True)):
+    with torch.no_grad():
+        plain = fast(ids)
+    for mode in ("zero", "uniform_attention", "edge_knockout"):
         seen.clear()
-        with knockout(fast, KnockoutSpec(heads=["L1H1"], mode=mode, scope="all")):
-            fast(ids)
-        assert seen and any(seen) == explicit, mode
+        kw = {"key_positions": (2, 3)} if mode == "edge_knockout" else {}
+        with knockout(fast, KnockoutSpec(heads=["L1H1"], mode=mode, scope="all", **kw)) as stats:
+            with torch.no_grad():
+                out = fast(ids)
+        assert seen and not any(seen), mode
+        assert stats["edited"] == 1 and (out - plain).abs().max() > 1e-4, mode
+    seen.clear()
+    specs = [KnockoutSpec(), KnockoutSpec(heads=["L1H1", "L0H3"], mode="uniform_attention")]
+    with knockout_rows(fast, specs), torch.no_grad():
+        out = fast(ids.expand(2, -1))
+    assert seen and not any(seen)
+    torch.testing.assert_close(out[0], plain[0], atol=1e-5, rtol=0)
+    assert (out[1] - plain[0]).abs().max() > 1e-4
+
+
+def _rows_of_every_layer(model, ids, rows, **kwargs) -> dict[int, torch.Tensor]:
+    from mechinterp.models.attention import RowReader, read_rows
+
+    got: dict[int, list[torch.Tensor]] = {}
+    readers = {
+        layer: RowReader(lambda tq, tk: rows(tq, tk), got.setdefault(layer, []).append)
+        for layer in range(model.cfg.n_layers)
+    }
+    with read_rows(model, readers), torch.no_grad():
+        model(ids, **kwargs)
+    return {layer: torch.cat(v, 2) if len(v) > 1 else v[0] for layer, v in got.items()}
+
+
+def test_pattern_rows_equal_the_explicit_pattern_without_it(pair, monkeypatch):
+    """`read_rows` on a fused layer computes only the asked rows (never the explicit forward),
+    per batch row, under left padding, and equals `hook_pattern`'s rows."""
+    from mechinterp.models import attention
+
+    name, explicit, fast = pair
+    ids = _ids(explicit)
+    mask = torch.ones_like(ids)
+    mask[1, :9] = 0
+    rows = torch.tensor([[39, 20, 12], [39, 9, 31]])
+    only_patterns = lambda n: n.endswith("hook_pattern")  # noqa: E731
+    _, cache = explicit.run_with_cache(ids, attention_mask=mask, names_filter=only_patterns)
+    seen = []
+    real = attention._needs_scores
+    monkeypatch.setattr(attention, "_needs_scores", lambda a: seen.append(real(a)) or seen[-1])
+    for model in (explicit, fast):
+        got = _rows_of_every_layer(model, ids, lambda tq, tk: rows, attention_mask=mask)
+        for layer, value in got.items():
+            want = cache[f"blocks.{layer}.attn.hook_pattern"]
+            want = want.gather(2, rows[:, None, :, None].expand(2, want.shape[1], 3, 40))
+            torch.testing.assert_close(value, want, atol=1e-6, rtol=0, msg=f"{name} L{layer}")
+    assert not any(seen), "a fused layer took the explicit path to read its rows"
+
+
+def test_decode_rows_under_a_kv_cache_and_a_sliding_window(tmp_path):
+    """The retrieval score's row: each step's single query against every cached key (Mistral's
+    window of 5 hides the rest), equal to the explicit pattern's last row at every step."""
+    from mechinterp.evaluate import generate_batch
+
+    tiny_family("mistral", directory=tmp_path)
+    explicit = load_model(tmp_path, device="cpu")
+    fast = load_model(tmp_path, device="cpu", attention="sdpa")
+    prompt = _ids(explicit, 20, 1)[0].tolist()
+    last = lambda tq, tk: torch.tensor([tq - 1])  # noqa: E731
+    steps = {}
+    for key, model in (("explicit", explicit), ("fast", fast)):
+        from mechinterp.models.attention import RowReader, read_rows
+
+        got: list[torch.Tensor] = []
+        with read_rows(model, {1: RowReader(last, got.append)}):
+            gens = generate_batch(model, [prompt], 6, frozenset())
+        steps[key] = (got, gens[0].tokens)
+    (want, want_tokens), (got, got_tokens) = steps["explicit"], steps["fast"]
+    assert got_tokens == want_tokens and len(got) == len(want) == 6
+    for step, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert g.shape == w.shape, step
+        torch.testing.assert_close(g, w, atol=1e-6, rtol=0)
+    # decode steps see the prompt and the generated tokens through the window only
+    assert (got[-1][0, :, 0] > 0).sum(-1).max() <= 5
+
+
+def test_a_user_pattern_hook_does_not_silence_a_reader(tmp_path):
+    """A hook on the layer's pattern sends it down the explicit path; the reader still reads."""
+    from mechinterp.models.attention import RowReader, read_rows
+
+    tiny_family("llama-gqa", directory=tmp_path)
+    fast = load_model(tmp_path, device="cpu", attention="sdpa")
+    ids = _ids(fast, 16, 1)
+    got, user = [], []
+    hook = ("blocks.0.attn.hook_pattern", lambda p, hook: user.append(p))
+    reader = RowReader(lambda tq, tk: torch.tensor([15]), got.append)
+    with fast.hooks(fwd_hooks=[hook]), read_rows(fast, {0: reader}):
+        fast(ids)
+    assert len(got) == len(user) == 1
+    torch.testing.assert_close(got[0], user[0][:, :, [15]], atol=0, rtol=0)
+
+
+def test_a_module_that_bypasses_the_attention_interface_is_refused(tmp_path, monkeypatch):
+    """Rows can only be read where the HF module calls transformers' attention interface;
+    otherwise the reader would silently see nothing: refuse."""
+    from transformers.integrations import sdpa_attention
+
+    from mechinterp.models import attention
+    from mechinterp.models.attention import RowReader, read_rows
+
+    tiny_family("llama-gqa", directory=tmp_path)
+    fast = load_model(tmp_path, device="cpu", attention="sdpa")
+    monkeypatch.setitem(
+        __import__("transformers").modeling_utils.AttentionInterface._global_mapping,
+        attention.ROWS, sdpa_attention.sdpa_attention_forward,
+    )
+    with pytest.raises(RuntimeError, match="attention interface"):
+        with read_rows(fast, {0: RowReader(lambda tq, tk: torch.tensor([0]), print)}):
+            fast(_ids(fast, 8, 1))

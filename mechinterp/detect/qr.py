@@ -6,8 +6,9 @@ With `null_prompts` (the same instances with a content-free question, e.g. "N/A"
 calibrated: mass(question) − mass(null question), which removes attention a head pays the
 document whatever is asked (the in-context-reranking calibration QRHead uses).
 
-Cost: hooks on `hook_pattern` reduce the question rows to one number per head and drop the
-pattern; nothing of size pos × pos is kept.
+Cost: only the question rows of each layer's pattern are read (`models.attention.read_rows`: on
+a fused layer only those rows are computed) and reduced at once to one number per head; nothing
+of size pos × pos is computed or kept.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from tqdm.auto import tqdm
 from mechinterp.detect.result import Detection
 from mechinterp.evaluate import left_pad
 from mechinterp.heads import HeadShape
+from mechinterp.models.attention import RowReader, read_rows
 from mechinterp.tasks.prompt import Prompt
 
 
@@ -48,11 +50,18 @@ def _positions(prompt: Prompt, span: str) -> list[tuple[int, int]]:
     return ranges
 
 
-def _reduce(pattern: Tensor, hook, *, out: Tensor, rows, idx, keymask: Tensor) -> None:
-    """out[idx[r]] = mean over row r's question queries of the attention mass on its keymask."""
+def _question_rows(rows: list[tuple[int, int]]) -> Tensor:
+    """[batch, longest question]: each batch row's question positions, the last one repeated."""
+    width = max(qe - qs for qs, qe in rows)
+    return torch.tensor([[min(qs + j, qe - 1) for j in range(width)] for qs, qe in rows])
+
+
+def _reduce(pattern: Tensor, *, out: Tensor, rows, idx, keymask: Tensor) -> None:
+    """out[idx[r]] = mean over row r's question queries of the attention mass on its keymask
+    (`pattern` holds the `_question_rows` of every batch row)."""
     km = keymask.to(pattern.device, pattern.dtype)
     for r, (qs, qe) in enumerate(rows):
-        mass = pattern[r, :, qs:qe, :] @ km[r]  # [head, question token]
+        mass = pattern[r, :, : qe - qs, :] @ km[r]  # [head, question token]
         out[idx[r]] = mass.float().mean(-1).cpu()
 
 
@@ -89,14 +98,15 @@ def attention_mass(
             for s, e in targets:
                 keymask[r, off + s : off + e] = 1.0
 
-        hooks = [
-            (
-                f"blocks.{layer}.attn.hook_pattern",
+        question = _question_rows(rows)
+        readers = {
+            layer: RowReader(
+                lambda n_queries, n_keys, question=question: question,
                 partial(_reduce, out=out[:, layer], rows=rows, idx=idx, keymask=keymask),
             )
             for layer in range(shape.n_layers)
-        ]
-        with model.hooks(fwd_hooks=hooks):
+        }
+        with read_rows(model, readers):
             model(ids, attention_mask=mask, logits_to_keep=1)
         bar.update(len(idx))
     bar.close()

@@ -13,8 +13,9 @@ Keys (`keys=`): the argmax runs over the prompt's keys (`"prompt"`, DESIGN.md) o
 query sees, generated tokens included (`"context"`, the reference code; an argmax on a generated
 token is never a copy).
 
-Cost: hooks on `hook_pattern` keep only the argmax of the last query row per layer and step — an
-int per head — never the patterns themselves.
+Cost: each layer's last query row per step is read (`models.attention.read_rows`: on a fused
+layer only that row is computed, so decoding runs at the cost of plain SDPA generation) and
+reduced at once to its argmax — an int per head; no pattern is kept.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from tqdm.auto import tqdm
 from mechinterp.detect.result import Detection
 from mechinterp.evaluate import generate_batch, rouge1_recall, stop_token_ids
 from mechinterp.heads import HeadShape
+from mechinterp.models.attention import RowReader, read_rows
 from mechinterp.tasks.prompt import Prompt
 
 Convention = Literal["set", "per_step"]
@@ -114,8 +116,12 @@ def needle_mask(prompt: Prompt, span: str = "needle") -> Bool[Tensor, "pos"]:  #
     return mask
 
 
+def _last_row(n_queries: int, n_keys: int) -> Tensor:
+    return torch.tensor([n_queries - 1])
+
+
 def _keep_argmax(
-    pattern: Tensor, hook, *, out: list[Tensor], width: int, offsets: Tensor, keys: KeyRange
+    pattern: Tensor, *, out: list[Tensor], width: int, offsets: Tensor, keys: KeyRange
 ) -> None:
     """Append the argmax key of each head's last query row ([batch, head], as a padded position;
     pads excluded, −1 where no key qualifies).
@@ -179,20 +185,20 @@ def retrieval_scores(
         offsets = torch.tensor([width - len(p) for p in batch])
         steps: list[list[Tensor]] = [[] for _ in range(shape.n_layers)]
 
-        hooks = [
-            (
-                f"blocks.{layer}.attn.hook_pattern",
+        readers = {
+            layer: RowReader(
+                _last_row,
                 partial(_keep_argmax, out=steps[layer], width=width, offsets=offsets, keys=keys),
             )
             for layer in range(shape.n_layers)
-        ]
-        with model.hooks(fwd_hooks=hooks):
+        }
+        with read_rows(model, readers):
             gens = generate_batch(model, batch, max_new_tokens, stop_ids)
         n_steps = len(steps[0])
         if any(len(s) != n_steps for s in steps) or n_steps < max(len(g.tokens) for g in gens):
             raise RuntimeError(
-                "hook_pattern fired an unexpected number of times during decoding; this model's "
-                "attention implementation does not expose one pattern row per step"
+                "the attention pattern was read an unexpected number of times during decoding; "
+                "this model's attention does not expose one pattern row per step"
             )
         # argmax[row, step, layer, head], as prompt positions (pads removed).
         argmax = torch.stack([torch.stack(s, 1) for s in steps], 2) - offsets[:, None, None, None]

@@ -32,6 +32,8 @@ from mechinterp.interventions.knockout import (
     family_name,
     masked_threshold,
 )
+from mechinterp.models.attention import ScoreEditor
+from mechinterp.models.attention import edit_scores as fused_edit_scores
 from mechinterp.models.kv_cache import cache_kwargs
 
 ROW_MODES = ("zero", "uniform_attention")
@@ -78,15 +80,23 @@ def knockout_rows(model, specs: Sequence[KnockoutSpec]) -> Iterator[dict]:
         if x.shape[0] != len(specs):
             raise ValueError(f"the batch has {x.shape[0]} rows but {len(specs)} specs were given")
 
-    def edit_scores(scores: Tensor, hook, *, layer: int) -> Tensor:
+    def check(scores: Tensor) -> None:
         rows_of(scores)
         if not checked:
             check_pre_softmax(scores, family_name(model))
             checked.append(True)
-        mask = masks["uniform_attention"][layer].to(scores.device)  # [row, head]
-        visible = scores > masked_threshold(scores.dtype)
+
+    def every_row(b: int, q: int, k: int) -> Tensor:
+        if b != len(specs):
+            raise ValueError(f"the batch has {b} rows but {len(specs)} specs were given")
         stats["edited"] += 1
-        return torch.where(mask[:, :, None, None] & visible, torch.zeros_like(scores), scores)
+        return torch.arange(q)
+
+    def edit_scores(sub: Tensor, rows: Tensor, *, layer: int, heads: Tensor) -> Tensor:
+        """`sub` [row, n, R, k]: scores of the layer's `heads` that some row makes uniform."""
+        mask = masks["uniform_attention"][layer][:, heads].to(sub.device)  # [row, n]
+        visible = sub > masked_threshold(sub.dtype)
+        return torch.where(mask[:, :, None, None] & visible, torch.zeros_like(sub), sub)
 
     def edit_z(z: Tensor, hook, *, layer: int) -> Tensor:
         rows_of(z)
@@ -100,14 +110,15 @@ def knockout_rows(model, specs: Sequence[KnockoutSpec]) -> Iterator[dict]:
         stats["forwards"] += 1
 
     hooks = [("blocks.0.hook_resid_pre", count)]
+    editors = {}
     for layer in range(shape.n_layers):
-        if bool(masks["uniform_attention"][layer].any()):
-            hooks.append(
-                (f"blocks.{layer}.attn.hook_attn_scores", partial(edit_scores, layer=layer))
-            )
+        heads = masks["uniform_attention"][layer].any(0).nonzero()[:, 0]
+        if len(heads):
+            edit = partial(edit_scores, layer=layer, heads=heads)
+            editors[layer] = ScoreEditor(tuple(heads.tolist()), every_row, edit, check)
         if bool(masks["zero"][layer].any()):
             hooks.append((f"blocks.{layer}.attn.hook_z", partial(edit_z, layer=layer)))
-    with model.hooks(fwd_hooks=hooks):
+    with model.hooks(fwd_hooks=hooks), fused_edit_scores(model, editors):
         yield stats
 
 

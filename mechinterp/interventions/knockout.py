@@ -37,6 +37,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mechinterp.heads import Head, HeadShape, parse_heads
+from mechinterp.models.attention import ScoreEditor
+from mechinterp.models.attention import edit_scores as fused_edit_scores
 
 KnockoutMode = Literal["zero", "mean", "resample", "uniform_attention", "edge_knockout"]
 Scope = Literal["all", "response", "query"]
@@ -399,29 +401,33 @@ def knockout(
         stats["positions"] = max(stats["positions"], geo.past + q - int(geo.offsets.min()))
         return geo
 
-    def geometry(scores: Tensor, hook, *, layer: int) -> Tensor:
-        b, _, q, k = scores.shape
-        masked_value = masked_threshold(scores.dtype)
+    def check(scores: Tensor) -> None:
         if not checked:
             check_pre_softmax(scores, family_name(model))
             checked.append(True)
+
+    qmasks: dict[int, Tensor] = {}
+
+    def score_rows(b: int, q: int, k: int, *, layer: int) -> Tensor:
+        """This forward's query rows in scope for some batch row (the rest keep the kernel's)."""
         geo = locate(layer, b, q, k)
-        qmask = _query_mask(spec, geo, geo.starts, scores.device)  # [b, q]
-        heads = by_layer[layer]
-        sub = scores[:, heads]  # [b, n, q, k]
-        if spec.mode == "uniform_attention":
-            new = torch.where(sub > masked_value, torch.zeros_like(sub), sub)
-        else:
-            offsets = geo.offsets.to(scores.device)
-            k_abs = geo.k_start + torch.arange(k, device=scores.device)[None, :] - offsets[:, None]
-            cut = torch.isin(k_abs, torch.tensor(spec.key_positions, device=scores.device))
-            floor = large_negative(scores.dtype)
-            new = torch.where(cut[:, None, None, :], torch.clamp(sub, max=floor), sub)
-        sub = torch.where(qmask[:, None, :, None], new, sub)
-        scores = scores.clone()
-        scores[:, heads] = sub
+        qmasks[layer] = _query_mask(spec, geo, geo.starts, "cpu")  # [b, q]
         stats["edited"] += 1
-        return scores
+        return qmasks[layer].any(0).nonzero()[:, 0]
+
+    def edit_scores(sub: Tensor, rows: Tensor, *, layer: int) -> Tensor:
+        """`sub` [b, n, R, k]: the knocked-out heads' masked scores at query rows `rows`."""
+        if spec.mode == "uniform_attention":
+            new = torch.where(sub > masked_threshold(sub.dtype), torch.zeros_like(sub), sub)
+        else:
+            offsets = geo.offsets.to(sub.device)
+            k = sub.shape[-1]
+            k_abs = geo.k_start + torch.arange(k, device=sub.device)[None, :] - offsets[:, None]
+            cut = torch.isin(k_abs, torch.tensor(spec.key_positions, device=sub.device))
+            floor = large_negative(sub.dtype)
+            new = torch.where(cut[:, None, None, :], torch.clamp(sub, max=floor), sub)
+        inside = qmasks[layer][:, rows.cpu()].to(sub.device)  # [b, R]
+        return torch.where(inside[:, None, :, None], new, sub)
 
     def edit_z(z: Tensor, hook, *, layer: int) -> Tensor:
         # z-level modes need no scores: positions from z's shape (every key of the forward
@@ -460,23 +466,27 @@ def knockout(
         stats["forwards"] += 1
 
     hooks = [(f"blocks.{min(by_layer)}.hook_resid_pre", count)]
+    editors = {}
     if spec.mode in Z_MODES:
         hooks += [(f"blocks.{la}.attn.hook_z", partial(edit_z, layer=la)) for la in by_layer]
     else:
-        hooks += [(f"blocks.{la}.attn.hook_attn_scores", partial(geometry, layer=la))
-                  for la in by_layer]  # fmt: skip
+        editors = {
+            la: ScoreEditor(tuple(heads), partial(score_rows, layer=la),
+                            partial(edit_scores, layer=la), check)  # fmt: skip
+            for la, heads in by_layer.items()
+        }
     handles = [
         model.register_forward_pre_hook(read_inputs, with_kwargs=True),
         model.register_forward_hook(forward_done),
     ]
     try:
-        with model.hooks(fwd_hooks=hooks):
+        with model.hooks(fwd_hooks=hooks), fused_edit_scores(model, editors):
             yield stats
     finally:
         for handle in handles:
             handle.remove()
     if stats["located"] == 0 and stats["forwards"] > 0:
-        where = "hook_z" if spec.mode in Z_MODES else "hook_attn_scores"
+        where = "hook_z" if spec.mode in Z_MODES else "the attention scores"
         raise RuntimeError(f"{where} never fired: the knockout was a silent no-op")
     if stats["forwards"] and stats["in_scope"] == 0:
         raise ValueError(

@@ -48,7 +48,11 @@ def record(family: str, primitive: str, diff: float | None, scale: float | None)
     """Keep the cell's measured largest difference (None for a refusal) and its scale."""
     if primitive not in PRIMITIVES + HALF_PRECISION:
         raise KeyError(f"{primitive!r} is not a column of the matrix (PRIMITIVES)")
-    RESULTS.setdefault(family, {})[primitive] = {"max_abs_diff": diff, "scale": scale}
+    cells = RESULTS.setdefault(family, {})
+    before = cells.get(primitive, {}).get("max_abs_diff")
+    if before is not None and diff is not None and before > diff:
+        diff = before  # a cell measured on two paths (explicit, fused) keeps the larger
+    cells[primitive] = {"max_abs_diff": diff, "scale": scale}
 
 
 #: README columns: each groups matrix cells; a column is ✓ only if all its cells are supported.

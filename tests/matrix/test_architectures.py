@@ -34,6 +34,7 @@ from mechinterp.interventions import (
     resample_reference,
 )
 from mechinterp.interventions.patching import logit_diff_metric, patch_heads, run_from_layer
+from mechinterp.models.attention import use_sdpa
 from mechinterp.models.load import load_hf
 from mechinterp.models.tiny import FAMILIES, tiny_family
 from mechinterp.tasks.prompt import Prompt
@@ -53,6 +54,19 @@ def family(request, tmp_path_factory):
     name = request.param
     model = tiny_family(name, directory=tmp_path_factory.mktemp(f"matrix-{name}"))
     return name, model
+
+
+@pytest.fixture(scope="module")
+def fused(family, tmp_path_factory):
+    """The same family on the fused path (`use_sdpa`), or None where the family stays explicit."""
+    name, _ = family
+    model = tiny_family(name, directory=tmp_path_factory.mktemp(f"fused-{name}"))
+    return model if use_sdpa(model) else None
+
+
+def _paths(model, fused):
+    """The model on its explicit path, then (where the family has one) on the fused path."""
+    return (model,) if fused is None else (model, fused)
 
 
 def _supported(name: str, primitive: str) -> bool:
@@ -251,7 +265,8 @@ def _reference_knockout(model, spec, ids, mask, offsets, replacement=None):
 
 
 @pytest.mark.parametrize("mode", ["zero", "mean", "resample", "uniform_attention", "edge_knockout"])
-def test_knockout_equals_a_hand_written_reference(family, mode):
+def test_knockout_equals_a_hand_written_reference(family, fused, mode):
+    """Score-level modes also on the fused path (only the knocked-out rows recomputed)."""
     name, model = family
     primitive = f"knockout {mode}"
     ids, mask, offsets = _padded()
@@ -278,20 +293,26 @@ def test_knockout_equals_a_hand_written_reference(family, mode):
                 model(ids, attention_mask=mask)
         record(name, primitive, None, None)
         return
-    with knockout(model, spec, reference=reference, starts=STARTS), torch.no_grad():
-        ours = model(ids, attention_mask=mask)
     with torch.no_grad():
         plain = model(ids, attention_mask=mask)
     ref = _reference_knockout(model, spec, ids, mask, offsets, replacement)
     real = mask.bool()
-    assert (ours - plain)[real].abs().max() > 1e-3, "the knockout changed nothing: vacuous"
-    _close(name, primitive, ours[real], ref[real], atol=1e-4)
+    for path in _paths(model, fused):
+        with knockout(path, spec, reference=reference, starts=STARTS), torch.no_grad():
+            ours = path(ids, attention_mask=mask)
+        assert (ours - plain)[real].abs().max() > 1e-3, "the knockout changed nothing: vacuous"
+        _close(name, primitive, ours[real], ref[real], atol=1e-4)
 
 
-def test_knockout_under_cached_generation_equals_teacher_forcing(family):
+def test_knockout_under_cached_generation_equals_teacher_forcing(family, fused):
     """Edge knockout during cached decoding (where sliding-window caches drop keys) = the same
-    knockout on the uncached forward of the generated text."""
+    knockout on the uncached forward of the generated text, on the explicit and fused paths."""
     name, model = family
+    for path in _paths(model, fused):
+        _cached_knockout_equals_teacher_forcing(name, path)
+
+
+def _cached_knockout_equals_teacher_forcing(name, model):
     spec = KnockoutSpec(
         heads=KO_HEADS, mode="edge_knockout", scope="response", key_positions=(2, 3, 9, 12)
     )
@@ -312,7 +333,7 @@ def test_knockout_under_cached_generation_equals_teacher_forcing(family):
     assert max(diffs) == 0
 
 
-def test_per_row_conditions_equal_one_knockout_each(family):
+def test_per_row_conditions_equal_one_knockout_each(family, fused):
     """`score_conditions` (one batch row per condition via `knockout_rows`, the prefix before
     position 8 shared from a KV cache longer than the sliding windows) = `knockout` run once per
     condition on the whole sequence, acting from position 8 on."""
@@ -328,7 +349,8 @@ def test_per_row_conditions_equal_one_knockout_each(family):
             score_conditions(model, CLEAN, answer, specs, shared_prefix=shared)
         record(name, primitive, None, None)
         return
-    ours = score_conditions(model, CLEAN, answer, specs, shared_prefix=shared).logprobs
+    ours = [score_conditions(path, CLEAN, answer, specs, shared_prefix=shared).logprobs
+            for path in _paths(model, fused)]  # fmt: skip
     refs = []
     for spec in specs:
         scoped = KnockoutSpec(heads=spec.heads, mode=spec.mode, scope="query")
@@ -338,7 +360,8 @@ def test_per_row_conditions_equal_one_knockout_each(family):
         refs.append(logits.log_softmax(-1).gather(-1, target[:, None])[:, 0])
     ref = torch.stack(refs)
     assert (ref[1:] - ref[0]).abs().max() > 1e-3, "the conditions changed nothing: vacuous"
-    _close(name, primitive, ours, ref, atol=1e-4)
+    for logprobs in ours:
+        _close(name, primitive, logprobs, ref, atol=1e-4)
 
 
 # ---------------------------------------------------------------- detection = full patterns
@@ -355,8 +378,14 @@ def _letter_prompts(model, lengths):
     return prompts
 
 
-def test_retrieval_score_equals_a_full_pattern_reference(family):
+def test_retrieval_score_equals_a_full_pattern_reference(family, fused):
+    """On the explicit path and, where the family has one, the fused path (decode rows only)."""
     name, model = family
+    for ours in _paths(model, fused):
+        _retrieval_equals_reference(name, ours, model)
+
+
+def _retrieval_equals_reference(name, ours, model):
     prompts = _letter_prompts(model, [17, 12])
     outputs = [model.tokenizer.convert_tokens_to_ids(list(w)) for w in ("abcab", "ccbab")]
     eos = model.tokenizer.eos_token_id
@@ -369,9 +398,9 @@ def test_retrieval_score_equals_a_full_pattern_reference(family):
         step["n"] += 1
         return logits
 
-    with model.hooks(fwd_hooks=[("unembed.hook_out", force)]):
+    with ours.hooks(fwd_hooks=[("unembed.hook_out", force)]):
         d = retrieval_scores(
-            model, prompts, [["x"], ["x"]], gate=None, convention="per_step", max_new_tokens=8
+            ours, prompts, [["x"], ["x"]], gate=None, convention="per_step", max_new_tokens=8
         )
     assert bool((d.per_instance > 0).any()), "no copies at all: the comparison would be vacuous"
     refs = []
@@ -389,14 +418,20 @@ def test_retrieval_score_equals_a_full_pattern_reference(family):
     _close(name, "retrieval score", d.per_instance, torch.stack(refs), atol=0, scale=1.0)
 
 
-def test_qr_score_equals_a_full_pattern_reference_in_a_padded_batch(family):
+def test_qr_score_equals_a_full_pattern_reference_in_a_padded_batch(family, fused):
+    """On the explicit path and, where the family has one, the fused path (question rows only)."""
     name, model = family
+    for ours in _paths(model, fused):
+        _qr_equals_reference(name, ours, model)
+
+
+def _qr_equals_reference(name, ours, model):
     gen = torch.Generator().manual_seed(1)
     prompts = []
     for i, (n, gold, question) in enumerate([(20, (3, 9), (14, 19)), (13, (2, 6), (8, 12))]):
         ids = tuple(torch.randint(10, 90, (n,), generator=gen).tolist())
         prompts.append(Prompt(f"q{i}", "", ids, {"gold_doc": (gold,), "question": (question,)}))
-    d = qr_scores(model, prompts, batch_size=2)
+    d = qr_scores(ours, prompts, batch_size=2)
     refs = []
     for p in prompts:
         _, cache = model.run_with_cache(torch.tensor([p.input_ids]))
