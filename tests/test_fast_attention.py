@@ -18,7 +18,7 @@ def pair(request, tmp_path_factory):
     """(explicit, sdpa) copies of one tiny family, loaded from the same files."""
     directory = tmp_path_factory.mktemp(f"fast-{request.param}")
     tiny_family(request.param, directory=directory)
-    return request.param, load_model(directory, device="cpu"), load_model(
+    return request.param, load_model(directory, device="cpu", attention="eager"), load_model(
         directory, device="cpu", attention="sdpa")  # fmt: skip
 
 
@@ -157,7 +157,7 @@ def test_decode_rows_under_a_kv_cache_and_a_sliding_window(tmp_path):
     from mechinterp.evaluate import generate_batch
 
     tiny_family("mistral", directory=tmp_path)
-    explicit = load_model(tmp_path, device="cpu")
+    explicit = load_model(tmp_path, device="cpu", attention="eager")
     fast = load_model(tmp_path, device="cpu", attention="sdpa")
     prompt = _ids(explicit, 20, 1)[0].tolist()
     last = lambda tq, tk: torch.tensor([tq - 1])  # noqa: E731

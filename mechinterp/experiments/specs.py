@@ -30,6 +30,9 @@ class ModelSpec:
     """override the RoPE base frequency (context extension)"""
     device_map: Literal["auto", "balanced", "balanced_low_0", "sequential"] | None = None
     """split the layers over the visible devices, as transformers does (instead of --device)"""
+    attention: Literal["sdpa", "eager"] = "sdpa"
+    """sdpa: the fused kernel wherever no hook needs the full pattern (scores compute only the
+    rows they read); eager: the explicit T × T attention in every layer"""
 
     def __post_init__(self) -> None:
         if self.device is not None and self.device_map is not None:
@@ -45,7 +48,8 @@ class ModelSpec:
         from mechinterp.models import load_model
 
         return load_model(self.name, dtype=self.dtype, device=self.device,
-                          rope_theta=self.rope_theta, device_map=self.device_map)  # fmt: skip
+                          rope_theta=self.rope_theta, device_map=self.device_map,
+                          attention=self.attention)  # fmt: skip
 
 
 @dataclass(frozen=True)

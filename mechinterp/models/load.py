@@ -115,16 +115,19 @@ def load_model(
     n_ctx: int | None = None,
     device_map: str | dict | None = None,
     max_memory: dict | None = None,
-    attention: str = "eager",
+    attention: str = "sdpa",
 ) -> TransformerBridge:
-    """Load a causal LM as a TransformerBridge (eager attention, raw HF weights).
+    """Load a causal LM as a TransformerBridge (raw HF weights).
 
     `rope_theta` overrides the RoPE base frequency (context extension); `n_ctx` overrides the
     context window the model reports. `device_map` ("auto", "balanced", or a module → device
     dict) and `max_memory` split the layers over devices, as transformers does (instead of
     `device`); inputs go to the embedding's device. The returned bridge has `.mechinterp_card`
-    (`ModelCard`). `attention="sdpa"` runs the fused kernel in every layer whose pattern no hook
-    reads (`mechinterp.models.attention`; opt-in while it is being verified).
+    (`ModelCard`). `attention="sdpa"` (the default) runs the fused kernel in every layer whose
+    pattern no hook reads, and scores and score-level knockouts compute only the rows they touch
+    (`mechinterp.models.attention`); families it cannot serve exactly (soft-capping, sinks, fused
+    qkv) stay on the bridge's explicit attention, and `card.attention` says which path a model
+    takes. `attention="eager"` forces the explicit T × T computation everywhere.
     """
     if attention not in ("eager", "sdpa"):
         raise ValueError(f"attention must be 'eager' or 'sdpa', got {attention!r}")

@@ -82,7 +82,8 @@ def finetune_shard(
 def _load(base: dict, checkpoint: str):
     from mechinterp.models import load_model
 
-    return load_model(checkpoint, dtype=base["dtype"], device=base["device"])
+    return load_model(checkpoint, dtype=base["dtype"], device=base["device"],
+                      attention=base.get("attention", "sdpa"))  # fmt: skip
 
 
 def eval_shard(
