@@ -5,8 +5,8 @@ embedded model; the explicit (eager, T × T) path beside the fused one.
     .venv/bin/python benchmarks/bench_long_context.py [--lengths 2048,4096,8000] [--jobs ...]
 
 Every job runs in its own process (peak RSS is per process) and reports the whole process's
-peak RSS, its growth over the loaded model (`ru_maxrss` after loading), and the wall time of the
-job alone (loading excluded). Jobs, each on one instance with 24 new tokens where it generates:
+peak RSS, its growth (the peak minus the resident memory after loading), and the wall time of
+the job alone (loading excluded). Jobs, each on one instance with 24 new tokens where it generates:
 - `generate`: the HF model's own `generate` with SDPA attention (the baseline);
 - `detect`: retrieval detection (Wu's score, decode rows);
 - `qr`: the QR score of the instance (question rows, one prefill);
@@ -41,7 +41,15 @@ NEW_TOKENS = 24
 
 
 def _rss_mib() -> float:
+    """The process's peak resident memory so far (MiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _current_mib() -> float:
+    """The process's resident memory now (MiB): the base the job's growth is measured from."""
+    from mechinterp.runner import PeakMemory
+
+    return PeakMemory.current_mib()
 
 
 def _instance(tokenizer, length: int, depth: float = 0.5):
@@ -57,20 +65,14 @@ def run_job(job: str, attention: str, length: int) -> dict:
 
     torch.set_num_threads(2)
     if job == "generate":
-        from mechinterp.evaluate import render_all
-        from mechinterp.models import load_model
         from mechinterp.models.load import load_hf
+        from mechinterp.tasks.prompt import render
 
         hf, tokenizer, *_ = load_hf("smollm2-135m")
         hf.set_attn_implementation(attention)
-        bridge = load_model("smollm2-135m", attention="eager")  # for the chat template only
-        (prompt,) = render_all(bridge, [_instance(bridge.tokenizer, length)])
-        del bridge
-        import gc
-
-        gc.collect()
+        prompt = render(_instance(tokenizer, length), tokenizer, max_tokens=8192)
         ids = torch.tensor([prompt.input_ids])
-        base = _rss_mib()
+        base = _current_mib()
         t0 = time.perf_counter()
         with torch.no_grad():
             out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
@@ -85,7 +87,7 @@ def run_job(job: str, attention: str, length: int) -> dict:
     model = load_model("smollm2-135m", attention=attention)
     example = _instance(model.tokenizer, length)
     (prompt,) = render_all(model, [example])
-    base = _rss_mib()
+    base = _current_mib()
     t0 = time.perf_counter()
     if job == "detect":
         from mechinterp.detect import retrieval_scores
@@ -209,6 +211,29 @@ def summarise(runs: list[dict]) -> list[dict]:
     return table
 
 
+def markdown(runs: list[dict]) -> str:
+    """The README's table: per job and path, time and peak RSS ÷ SDPA generation at each
+    length, and the fitted exponent of the peak's growth over the loaded model."""
+    table = summarise(runs)
+    lengths = sorted({r["length"] for r in runs})
+    head = ["job", "attention"] + [f"{n // 1000}K time, memory" for n in lengths] + [
+        "growth exponent"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    fits = {(r["job"], r["attention"]): r for r in table if r["length"] == "fit"}
+    for key in dict.fromkeys((r["job"], r["attention"]) for r in table if r["length"] != "fit"):
+        cells = []
+        for n in lengths:
+            row = next((r for r in table if (r["job"], r["attention"], r["length"]) == (*key, n)),
+                       None)  # fmt: skip
+            cells.append("—" if row is None or row["time_ratio"] is None else
+                         f"{row['time_ratio']:.2f}×, {row['memory_ratio']:.2f}× "
+                         f"({row['peak_rss_mib'] / 1024:.2f} GB)")  # fmt: skip
+        fit = fits.get(key, {}).get("growth_exponent")
+        lines.append("| " + " | ".join([*key, *cells, "—" if fit is None else f"{fit:.2f}"])
+                     + " |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--lengths", default="2048,4096,8000")
@@ -218,7 +243,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eager-lengths", default="2048,4096,8000")
     ap.add_argument("--out", default="benchmarks/results/long_context.json")
     ap.add_argument("--job", nargs=3, metavar=("JOB", "ATTENTION", "LENGTH"), help="internal")
+    ap.add_argument("--markdown", action="store_true", help="print the table of --out and exit")
     args = ap.parse_args(argv)
+    if args.markdown:
+        print(markdown(json.loads(Path(args.out).read_text())["runs"]))
+        return 0
     if args.job:
         job, attention, length = args.job
         print(json.dumps(run_job(job, attention, int(length))))

@@ -137,6 +137,12 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from mechinterp.experiments.plan import cli_plan
+
+    return cli_plan(args.config, args.model, args.overrides, args.kind, args.budget_gib)
+
+
 def _parser() -> argparse.ArgumentParser:
     from mechinterp.experiments import COMMANDS, run_command
     from mechinterp.experiments.extension import ExtensionConfig, run_extension
@@ -155,6 +161,16 @@ def _parser() -> argparse.ArgumentParser:
     _experiment(kinds, "extension", ExtensionConfig, "fine-tune on task variants and compare "
                 "their heads (experiments/extension-mini.yaml)", run_extension,
                 single=False)  # fmt: skip
+    p = sub.add_parser("plan", help="predicted peak memory and time of each stage of a study (or "
+                       "detect) config, before running it; exit 2 when a stage cannot fit")
+    p.add_argument("--config", default=None, help="the YAML config to plan (default: defaults)")
+    p.add_argument("--model", default=None, help="plan for this model instead of model.name")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--kind", choices=["study", "detect"], default="study",
+                   help="what the config configures")  # fmt: skip
+    p.add_argument("--budget-gib", type=float, default=None,
+                   help="memory to plan for (default: RAM available, or the GPU's)")  # fmt: skip
+    p.set_defaults(handler=cmd_plan)
     for name, fn, what in (("figures", cmd_figures, "redraw a run directory's figures"),
                            ("report", cmd_report, "recompute a study's claims and report.md")):
         p = sub.add_parser(name, help=f"{what} from its stored tables (no model)")

@@ -5,7 +5,8 @@
 
 A shard is a name, a module-level function `fn(model, **args) -> pd.DataFrame` and JSON-able
 `args`. A finished shard is `<name>.parquet` plus `<name>.json` (its rows, the parquet's SHA-256,
-the hash of its args, wall time). On rerun a shard whose record matches is read back instead of
+the hash of its args, wall time, and the process's peak resident memory while it ran, which
+`mechinterp plan` predicts). On rerun a shard whose record matches is read back instead of
 recomputed; a shard whose parquet is missing, truncated or altered, or whose args changed, is
 recomputed (with a warning), never silently read. A killed sweep therefore resumes where it
 stopped: at most the shards in flight are lost.
@@ -23,6 +24,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import resource
+import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -69,6 +73,7 @@ class ShardStats:
     skipped: list[str] = field(default_factory=list)
     repaired: list[str] = field(default_factory=list)  # found corrupt or stale, then recomputed
     seconds: dict[str, float] = field(default_factory=dict)
+    peak_mib: dict[str, float] = field(default_factory=dict)  # peak RSS while each shard ran
 
 
 def sha256(path: Path) -> str:
@@ -107,7 +112,12 @@ def read_shard(directory: str | Path, shard: Shard) -> pd.DataFrame:
 
 
 def write_shard(
-    directory: str | Path, shard: Shard, df: pd.DataFrame, seconds: float, key: Any = None
+    directory: str | Path,
+    shard: Shard,
+    df: pd.DataFrame,
+    seconds: float,
+    key: Any = None,
+    peak_mib: float | None = None,
 ) -> None:
     """Table first, then the record that marks it finished (both atomic)."""
     table, record = _paths(Path(directory), shard)
@@ -120,6 +130,7 @@ def write_shard(
             "sha256": sha256(table),
             "rows": len(df),
             "seconds": round(seconds, 3),
+            "peak_rss_mib": None if peak_mib is None else round(peak_mib, 1),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         },
     )
@@ -192,6 +203,54 @@ def run_shards(
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
+class PeakMemory:
+    """The peak resident memory (MiB) of this process while the block runs: exact (`ru_maxrss`)
+    when the block sets the process's record, else sampled every 20 ms from /proc/self/statm;
+    and the peak CUDA allocation (MiB) where a GPU is in use."""
+
+    def __init__(self, interval: float = 0.02) -> None:
+        self.interval = interval
+        self.rss_mib = 0.0
+        self.cuda_mib: float | None = None
+        self._stop = threading.Event()
+
+    @staticmethod
+    def current_mib() -> float:
+        try:
+            pages = int(Path("/proc/self/statm").read_text().split()[1])
+            return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+        except (OSError, ValueError, IndexError):
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.rss_mib = max(self.rss_mib, self.current_mib())
+
+    def __enter__(self) -> PeakMemory:
+        import torch
+
+        self._record = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        self.rss_mib = self.current_mib()
+        self._cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        if self._cuda:
+            torch.cuda.reset_peak_memory_stats()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import torch
+
+        self._stop.set()
+        self._thread.join()
+        record = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        if record > self._record:  # the block set the process's record: that is its peak
+            self.rss_mib = max(self.rss_mib, record / 1024)
+        self.rss_mib = max(self.rss_mib, self.current_mib())
+        if self._cuda or (torch.cuda.is_available() and torch.cuda.is_initialized()):
+            self.cuda_mib = torch.cuda.max_memory_allocated() / 2**20
+
+
 class _NoModel:
     """The model "spec" of shards that load their own models."""
 
@@ -208,11 +267,13 @@ def _run_local(todo, directory, model, model_spec, desc, progress, stats, key) -
     for shard in bar:
         bar.set_postfix_str(shard.name, refresh=False)
         t0 = time.perf_counter()
-        df = shard.fn(model, **shard.args)
+        with PeakMemory() as peak:
+            df = shard.fn(model, **shard.args)
         seconds = time.perf_counter() - t0
-        write_shard(directory, shard, df, seconds, key)
+        write_shard(directory, shard, df, seconds, key, peak.rss_mib)
         stats.computed.append(shard.name)
         stats.seconds[shard.name] = seconds
+        stats.peak_mib[shard.name] = peak.rss_mib
 
 
 # ---------------------------------------------------------------- ray
@@ -220,8 +281,9 @@ def _run_local(todo, directory, model, model_spec, desc, progress, stats, key) -
 _WORKER_MODELS: dict[str, Any] = {}
 
 
-def _ray_task(spec, fn, args: dict, threads: int) -> tuple[pd.DataFrame, float]:
-    """What a Ray worker runs: the model cached per worker process, the driver's thread count."""
+def _ray_task(spec, fn, args: dict, threads: int) -> tuple[pd.DataFrame, float, float]:
+    """What a Ray worker runs: the model cached per worker process, the driver's thread count.
+    Returns the table, the wall time and the worker's peak RSS while the shard ran."""
     import torch
 
     torch.set_num_threads(threads)
@@ -234,8 +296,9 @@ def _ray_task(spec, fn, args: dict, threads: int) -> tuple[pd.DataFrame, float]:
             _WORKER_MODELS[key] = spec.load()
         model = _WORKER_MODELS[key]
     t0 = time.perf_counter()
-    df = fn(model, **args)
-    return df, time.perf_counter() - t0
+    with PeakMemory() as peak:
+        df = fn(model, **args)
+    return df, time.perf_counter() - t0, peak.rss_mib
 
 
 def ray_init(address: str | None = None, *, num_cpus: int | None = None) -> None:
@@ -248,8 +311,6 @@ def ray_init(address: str | None = None, *, num_cpus: int | None = None) -> None
         ) from e
     if ray.is_initialized():
         return
-    import os
-
     env = {
         "env_vars": {
             k: os.environ[k] for k in ("HF_HUB_OFFLINE", "MECHINTERP_CACHE") if k in os.environ
@@ -275,10 +336,11 @@ def _run_ray(todo, directory, model_spec, address, cpus, gpus, desc, progress, s
             done, _ = ray.wait(list(pending), num_returns=1)
             for ref in done:
                 shard = pending.pop(ref)
-                df, seconds = ray.get(ref)
-                write_shard(directory, shard, df, seconds, key)
+                df, seconds, peak_mib = ray.get(ref)
+                write_shard(directory, shard, df, seconds, key, peak_mib)
                 stats.computed.append(shard.name)
                 stats.seconds[shard.name] = seconds
+                stats.peak_mib[shard.name] = peak_mib
                 bar.update(1)
     except BaseException:
         for ref in pending:

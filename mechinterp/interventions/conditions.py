@@ -156,7 +156,7 @@ def score_conditions(
     of the prefix's KV cache). Positions before `shared_prefix` run once with no knockout and
     are shared from the KV cache; the knockout acts on every later position.
     """
-    from mechinterp.interventions.patching import filled_cache, prefix_cache
+    from mechinterp.interventions.patching import prefix_cache, shared_cache
 
     a0, a1 = answer
     n = len(ids)
@@ -174,7 +174,7 @@ def score_conditions(
     for start in range(0, len(specs), max_rows):
         chunk = specs[start : start + max_rows]
         rows = len(chunk)
-        cache = filled_cache(model, prefix, rows=rows) if prefix is not None else None
+        cache = shared_cache(model, prefix, rows=rows) if prefix is not None else None
         tail = torch.tensor([ids[shared_prefix:]], device=device).expand(rows, -1)
         with knockout_rows(model, chunk):
             logits = model(tail, logits_to_keep=n_answer + 1, **cache_kwargs(model, cache))

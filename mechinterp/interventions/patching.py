@@ -153,7 +153,7 @@ def run_from_layer(
     if not 0 <= layer < n_layers:
         raise ValueError(f"layer {layer} is outside the model's {n_layers} layers")
     check_resumable(model)
-    cache = None if prefix_kv is None else filled_cache(model, prefix_kv, rows=resid.shape[0])
+    cache = None if prefix_kv is None else shared_cache(model, prefix_kv, rows=resid.shape[0])
     with _resumed_at(model, layer, resid), model.hooks(fwd_hooks=list(hooks)):
         out = model.original_model(
             inputs_embeds=torch.zeros_like(resid), logits_to_keep=1, **cache_kwargs(model, cache)
@@ -179,14 +179,18 @@ class PatchResult:
         return normalised_recovery(self.values, self.clean, self.corrupt)
 
 
-def _cache(model, ids: Tensor) -> tuple[dict[int, Tensor], dict[int, Tensor], Tensor]:
-    """(resid_pre per layer, z per layer [pos, head, d_head], last-position logits) of one run."""
+def _cache(
+    model, ids: Tensor, keep_from: int = 0
+) -> tuple[dict[int, Tensor], dict[int, Tensor], Tensor]:
+    """(resid_pre per layer, z per layer [pos, head, d_head], last-position logits) of one run,
+    activations kept from position `keep_from` on (patching needs no more: memory ∝ what is
+    patched, not the context)."""
     n_layers = model.cfg.n_layers
     resid: dict[int, Tensor] = {}
     z: dict[int, Tensor] = {}
 
     def keep(x, hook, *, store, layer):
-        store[layer] = x[0].detach().clone()
+        store[layer] = x[0, keep_from:].detach().clone()
 
     hooks = []
     for la in range(n_layers):
@@ -216,25 +220,63 @@ def prefix_cache(model, ids: Sequence[int]):
 
 
 def filled_cache(model, prefix, *, rows: int):
-    """A fresh copy of `prefix` (from `prefix_cache`) for a batch of `rows` rows."""
+    """A fresh copy of `prefix` (from `prefix_cache`) for a batch of `rows` rows (for
+    generation, which extends it; one forward over a shared prefix: `shared_cache`)."""
     cache = copy.deepcopy(prefix)
     if rows > 1:
         cache.batch_repeat_interleave(rows)
     return cache
 
 
+def _shared_layer(layer, rows: int):
+    """A shallow copy of one layer of a one-row prefix cache, read by `rows` batch rows in a
+    single forward: its update returns the prefix's keys and values broadcast over the rows,
+    then the new ones, as a copied cache would, and keeps nothing. Memory: one layer's rows ×
+    positions at a time instead of every layer's."""
+
+    def update(key_states: Tensor, value_states: Tensor, *args, **kwargs):
+        keys = layer.keys.expand(rows, *layer.keys.shape[1:])
+        values = layer.values.expand(rows, *layer.values.shape[1:])
+        return torch.cat([keys, key_states], dim=-2), torch.cat([values, value_states], dim=-2)
+
+    shared = copy.copy(layer)
+    shared.update = update
+    return shared
+
+
+def shared_cache(model, prefix, *, rows: int):
+    """`prefix` (a one-row `prefix_cache`) for one forward of `rows` rows after it, without a
+    copy per row: each layer's keys are broadcast when the layer runs. The cache is not
+    extended, so it serves a single forward (teacher forcing, patching), not generation; caches
+    of other layer types (static, quantised, recording past states) are copied instead."""
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    layers = getattr(prefix, "layers", None)
+    plain = layers is not None and all(
+        type(layer) is DynamicLayer
+        or (type(layer) is DynamicSlidingWindowLayer and not layer.record_past)
+        for layer in layers
+    )
+    if not plain or rows == 1:
+        return filled_cache(model, prefix, rows=rows)
+    cache = copy.copy(prefix)
+    cache.layers = [_shared_layer(layer, rows) for layer in layers]
+    return cache
+
+
 def _write_z(
     z: Tensor, hook, *, heads: list[int], positions: list[int | None], source: Tensor, start: int
 ):
-    """Variant i writes source[pos_i, head_i] into z[i, pos_i, head_i] (pos None: all). z holds
-    the positions from `start` on (after a cached prefix)."""
+    """Variant i writes the source's z at position pos_i, head_i into z[i, pos_i, head_i] (pos
+    None: all). z and `source` both hold the positions from `start` on (after a cached
+    prefix)."""
     z = z.clone()
     shaped = z.view(*z.shape[:2], source.shape[1], -1)
     for i, (h, p) in enumerate(zip(heads, positions, strict=True)):
         if p is None:
-            shaped[i, :, h] = source[start:, h]
+            shaped[i, :, h] = source[:, h]
         else:
-            shaped[i, p - start, h] = source[p, h]
+            shaped[i, p - start, h] = source[p - start, h]
     return z
 
 
@@ -290,17 +332,18 @@ def patch_heads(
         raise ValueError(f"patch_from must lie in [0, {n_pos}), got {patch_from}")
     device = model.cfg.device
     t0 = time.perf_counter()
-    resid_c, z_c, logits_c = _cache(model, torch.tensor([list(clean)], device=device))
-    resid_x, z_x, logits_x = _cache(model, torch.tensor([list(corrupt)], device=device))
+    # Before the first corrupted token both runs are identical (causal attention): patching there
+    # changes nothing, and every variant shares the target's KV cache for that prefix.
+    differ = [i for i, (a, b) in enumerate(zip(clean, corrupt, strict=True)) if a != b]
+    start = max(differ[0], patch_from) if differ else n_pos
+    keep = min(start, n_pos - 1)
+    resid_c, z_c, logits_c = _cache(model, torch.tensor([list(clean)], device=device), keep)
+    resid_x, z_x, logits_x = _cache(model, torch.tensor([list(corrupt)], device=device), keep)
     m_clean, m_corrupt = float(metric(logits_c)[0]), float(metric(logits_x)[0])
     target, target_resid, source_z = (
         (corrupt, resid_x, z_c) if direction == "denoise" else (clean, resid_c, z_x)
     )
     m_target = m_corrupt if direction == "denoise" else m_clean
-    # Before the first corrupted token both runs are identical (causal attention): patching there
-    # changes nothing, and every variant shares the target's KV cache for that prefix.
-    differ = [i for i, (a, b) in enumerate(zip(clean, corrupt, strict=True)) if a != b]
-    start = max(differ[0], patch_from) if differ else n_pos
     prefix = prefix_cache(model, target[:start]) if 0 < start < n_pos else None
     out_shape = (shape.n_layers, shape.n_heads) + ((n_pos,) if per_position else ())
     values = torch.full(out_shape, float("nan"))
@@ -317,7 +360,7 @@ def patch_heads(
         for b in range(0, len(variants), batch_size):
             chunk = variants[b : b + batch_size]
             hs, ps = [h for h, _ in chunk], [p for _, p in chunk]
-            resid = target_resid[layer][None, start:].expand(len(chunk), -1, -1)
+            resid = target_resid[layer][None].expand(len(chunk), -1, -1)
             hook = partial(_write_z, heads=hs, positions=ps, source=source_z[layer], start=start)
             logits = run_from_layer(
                 model,
@@ -345,7 +388,7 @@ def patch_heads(
             for la, hs in by_set.items()
         ]
         first = min(by_set)
-        resid = target_resid[first][None, start:]
+        resid = target_resid[first][None]
         logits = run_from_layer(model, resid, first, hooks=hooks, prefix_kv=prefix)
         joint[name] = float(metric(logits)[0])
     settings = {

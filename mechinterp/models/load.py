@@ -384,6 +384,28 @@ def _base_location(base: str, adapter_dir: Path) -> tuple[Path, str, str | None]
     return d, base, _weights_sha(d)
 
 
+def model_config(name_or_path: str | os.PathLike = "smollm2-135m", *,
+                 rope_theta: float | None = None):  # fmt: skip
+    """The HF config of the model `load_model(name_or_path)` would load (a LoRA checkpoint: its
+    base's), without reading any weights: for planning a run."""
+    from transformers import AutoConfig
+
+    name = str(name_or_path)
+    path = Path(name).expanduser()
+    if path.is_dir() and (path / "adapter_config.json").is_file():
+        base = json.loads((path / "adapter_config.json").read_text())
+        name = base.get("base_model_name_or_path") or name
+        directory, _, _ = _base_location(name, path)
+    else:
+        directory, _, _ = _base_location(name, Path.cwd())
+    if not (Path(directory) / "config.json").is_file():
+        raise ValueError(f"{directory} has no config.json: not an HF model directory")
+    config = AutoConfig.from_pretrained(directory, local_files_only=True)
+    if rope_theta is not None:
+        _set_rope_theta(config, rope_theta)
+    return config
+
+
 def _is_gguf(name: str) -> bool:
     path = Path(name).expanduser()
     if path.suffix.lower() != ".gguf":

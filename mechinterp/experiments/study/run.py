@@ -180,9 +180,10 @@ def _run(config, out, model, shape, stats, timings, t_start, opts: rundir.RunOpt
 
 
 def shard_overview(run_dir: str | Path) -> pd.DataFrame:
-    """One row per finished shard (name, rows, seconds) from the shard records."""
+    """One row per finished shard (name, rows, seconds, peak RSS) from the shard records."""
     rows = []
     for rec in sorted(Path(run_dir, "shards").rglob("*.json")):
         meta = json.loads(rec.read_text())
-        rows.append({k: meta.get(k) for k in ("name", "rows", "seconds", "finished")})
+        keys = ("name", "rows", "seconds", "peak_rss_mib", "finished")
+        rows.append({k: meta.get(k) for k in keys})
     return pd.DataFrame(rows)
