@@ -47,7 +47,7 @@ def tiny_dir(tmp_path_factory):
 
 def test_every_shipped_config_is_covered():
     assert SHIPPED == ["extension-3task-mini", "extension-full", "extension-mini",
-                       "extension-multihop-mini", "study", "study-large"]  # fmt: skip
+                       "extension-multihop-mini", "study", "study-large", "study-long"]  # fmt: skip
 
 
 def shrink_tasks(config: ExtensionConfig) -> ExtensionConfig:
