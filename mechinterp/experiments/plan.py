@@ -36,7 +36,8 @@ CALIBRATION = {
 #: A stage fits when SAFETY × its predicted peak is within the budget. The formula predicts live
 #: memory; the process's RSS also holds heap the allocator kept after freeing it (glibc, tuned
 #: not to trim below 2 GiB) and the kernel's buffers: measured peaks were 1% (eager) to 38%
-#: (fused, late stages of a long study) above their predictions (benchmarks/results/plan_check.json).
+#: (fused, late stages of a long study) above their predictions
+#: (benchmarks/results/plan_check.json).
 SAFETY = 1.4
 #: Prompt tokens a chat template and question add around a NIAH context of `length` tokens.
 TEMPLATE_TOKENS = 0
