@@ -202,6 +202,48 @@ def test_patch_writes_per_head_recovery_for_each_instance(tiny_dir, tmp_path, ca
     assert "head_name" in capsys.readouterr().out
 
 
+def test_atp_screens_every_head_and_verifies_the_top_exactly(tiny_dir, tmp_path, capsys):
+    from mechinterp.experiments import ModelSpec, PatchConfig, TaskSpec, run_command
+    from mechinterp.experiments.patch import PATCH
+
+    args = ["atp", "--model", tiny_dir, "--lengths", "400", "--depths", "0.5", "--needles", "2",
+            "--verify-top", "3", "--root", str(tmp_path / "atp")]  # fmt: skip
+    assert main(args) == 0
+    (run,) = (tmp_path / "atp").iterdir()
+    df = pd.read_parquet(run / "atp.parquet")
+    assert len(df) == 2 * 8 and df.groupby("example_id")["exact"].count().eq(3).all()
+    verified = df.dropna(subset=["exact"])
+    assert (verified["atp_star_rank"] < 3).all()
+    # the verified values are exact per-head patching's, from `mechinterp patch` on the same pairs
+    config = PatchConfig(model=ModelSpec(name=tiny_dir),
+                         task=TaskSpec(lengths=(400,), depths=(0.5,), needles=2))  # fmt: skip
+    patch = pd.read_parquet(run_command(PATCH, config, tmp_path / "patch", png=False)
+                            / "patch.parquet")  # fmt: skip
+    both = verified.merge(patch, on=["example_id", "head_name"])
+    assert len(both) == 6
+    assert both["exact"].to_numpy() == pytest.approx(both["value"].to_numpy(), abs=1e-5)
+    assert "atp_star_recovery" in capsys.readouterr().out
+
+
+def test_path_patch_writes_every_sender_per_receiver_input(tiny_dir, tmp_path, capsys):
+    args = ["path-patch", "--model", tiny_dir, "--lengths", "400", "--depths", "0.5",
+            "--needles", "1", "--heads", "L1H1,L1H3", "--inputs", "q,k,v", "--no-png",
+            "--root", str(tmp_path)]  # fmt: skip
+    assert main(args) == 0
+    (run,) = tmp_path.iterdir()
+    df = pd.read_parquet(run / "paths.parquet")
+    assert set(df["receiver_input"]) == {"q", "k", "v"}
+    senders = df[df["kind"] == "sender"]
+    assert sorted(senders["head_name"].unique()) == ["L0H0", "L0H1", "L0H2", "L0H3"]
+    assert (senders["value"] != senders["corrupt_metric"]).any()
+    assert len(pd.read_parquet(run / "senders.parquet")) == 3 * 4
+    assert "receiver_input" in capsys.readouterr().out
+    bad = ["path-patch", "--model", tiny_dir, "--lengths", "400", "--depths", "0.5",
+           "--needles", "1", "--heads", "L0H1", "--root", str(tmp_path / "bad")]  # fmt: skip
+    assert main(bad) == 2
+    assert "layer 0" in capsys.readouterr().err
+
+
 def test_corruption_replaces_one_answer_token_with_another(tiny_gqa, smollm):
     from mechinterp.evaluate import render_all
     from mechinterp.tasks.corrupt import corrupt_answer

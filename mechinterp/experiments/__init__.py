@@ -3,7 +3,7 @@ from the primitives below (`models`, `tasks`, `detect`, `interventions`, `finetu
 `analysis`, `plots`).
 
 - The single commands, each one module run by `command.run_command`: `eval`, `detect`,
-  `knockout`, `patch`, `cross_patch`.
+  `knockout`, `patch`, `atp` and `path-patch` (`attribution`), `cross_patch`.
 - `study`: the necessity & sufficiency study (`mechinterp study`).
 - `extension`: the synthetic-context-extension pipeline (`mechinterp study extension`).
 - `specs` (the model and task specs every experiment shares) and `rundir` (the run directory's
@@ -12,6 +12,7 @@ from the primitives below (`models`, `tasks`, `detect`, `interventions`, `finetu
 
 from functools import partial
 
+from mechinterp.experiments.attribution import ATP, PATH_PATCH, AtpConfig, PathPatchConfig
 from mechinterp.experiments.command import Command, run_command
 from mechinterp.experiments.cross_patch import CROSS_PATCH, CrossPatchConfig
 from mechinterp.experiments.detect import DETECT, DETECT_TASK, DetectConfig
@@ -27,7 +28,9 @@ from mechinterp.experiments.specs import (
 )
 
 #: The single commands by CLI name.
-COMMANDS: dict[str, Command] = {c.name: c for c in (EVAL, DETECT, KNOCKOUT, PATCH, CROSS_PATCH)}
+COMMANDS: dict[str, Command] = {
+    c.name: c for c in (EVAL, DETECT, KNOCKOUT, PATCH, ATP, PATH_PATCH, CROSS_PATCH)
+}
 
 run_eval = partial(run_command, EVAL)
 run_detect = partial(run_command, DETECT)
@@ -37,6 +40,8 @@ run_cross_patch = partial(run_command, CROSS_PATCH)
 
 __all__ = [
     "COMMANDS",
+    "AtpConfig",
+    "PathPatchConfig",
     "DETECT_TASK",
     "KNOCKOUT_TASK",
     "PATCH_TASK",

@@ -249,7 +249,32 @@ def study_plan(config, shape: Shape) -> list[StagePlan]:
                   Forward(rows=p.batch_size, new=RESPONSE_TOKENS, cached=n,
                           count=math.ceil(variants / p.batch_size), shared=True,
                           knob=knob))  # fmt: skip
-    return [detect, baseline, knockout, robust, patch]
+    stages = [detect, baseline, knockout, robust, patch]
+    senders = shape.n_layers * shape.n_heads
+    if config.attribution.enabled:  # AtP, then AtP* with the QK fix and GradDrop
+        atp = StagePlan("attribution")
+        knob = "knockout.niah.lengths"
+        for n in pairs:
+            atp.add(Forward(rows=2, new=n, knob=knob),
+                    Forward(rows=1, new=n, count=4, knob=knob),  # sources and prefixes, twice
+                    # the graphs, one backward each and one per GradDrop layer (≈ 2 forwards)
+                    Forward(rows=1, new=RESPONSE_TOKENS, cached=n, count=2 * shape.n_layers + 4,
+                            knob=knob),
+                    # the QK fix: one layer per receiver layer, every sender below it as a row
+                    Forward(rows=max(1, senders // 2), new=RESPONSE_TOKENS, cached=n,
+                            shared=True, knob=knob))  # fmt: skip
+        stages.append(atp)
+    if config.paths.inputs:  # two passes per batch of senders, per receiver input
+        paths = StagePlan("paths")
+        knob = "patch.batch_size or paths.inputs"
+        for n in pairs:
+            paths.add(Forward(rows=2, new=n, knob=knob),
+                      Forward(rows=1, new=n, count=3, knob=knob),
+                      Forward(rows=p.batch_size, new=RESPONSE_TOKENS, cached=n, shared=True,
+                              count=2 * len(config.paths.inputs)
+                              * (math.ceil(senders / p.batch_size) + 1), knob=knob))  # fmt: skip
+        stages.append(paths)
+    return stages
 
 
 def _scoped(lengths: list[int], n_conditions: int, scope: str, knob: str) -> list[Forward]:

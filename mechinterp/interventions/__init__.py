@@ -1,12 +1,16 @@
 """Interventions on attention heads, each a frozen spec plus a context manager.
 
 - `knockout` / `KnockoutSpec`: zero, mean, resample, uniform_attention, edge_knockout.
-- `patch_heads`: per-head activation patching (denoising / noising), batched per layer.
+- `patch_heads`: per-head activation patching (denoising / noising), batched across layers;
+  `screen="atp*"` ranks the heads by attribution patching first and verifies the top exactly.
+- `attribution_patch`: AtP / AtP* (QK fix, GradDrop) estimates for every head.
+- `path_patch`: exact two-pass path patching of sender heads into receivers' q / k / v / resid.
 - `cross_patch`: cross-model patching (donor head outputs into a recipient, same input), with
   `cross_model_patching` / `patch_head_sets` for Inter / Compl / Rand head sets.
 - `knockout_sweep`: top-k ranked heads vs random complement heads.
 """
 
+from mechinterp.interventions.attribution import AttributionResult, attribution_patch
 from mechinterp.interventions.cross import (
     cross_model_patching,
     cross_patch,
@@ -30,13 +34,16 @@ from mechinterp.interventions.patching import (
     patch_heads,
     run_from_layer,
 )
+from mechinterp.interventions.paths import path_patch
 from mechinterp.interventions.sweep import knockout_sweep, summarise_sweep
 
 __all__ = [
     "MODES",
+    "AttributionResult",
     "KnockoutSpec",
     "PatchResult",
     "Reference",
+    "attribution_patch",
     "cross_model_patching",
     "cross_patch",
     "head_outputs",
@@ -48,6 +55,7 @@ __all__ = [
     "normalised_recovery",
     "patch_head_sets",
     "patch_heads",
+    "path_patch",
     "resample_reference",
     "run_from_layer",
     "summarise_cross",

@@ -1,5 +1,5 @@
-"""Activation patching of per-head outputs (`hook_z`), fast: many patched variants per forward, and
-no recomputation below the patched layer.
+"""Activation patching of per-head outputs (`hook_z`), fast: many patched variants per forward
+(batches filled across layers), and no recomputation below a batch's first patched layer.
 
 - `patch_heads(model, clean, corrupt, metric)`: every head (or a subset), all positions or each
   position separately, denoising (clean z into the corrupt run; sufficiency) or noising (corrupt z
@@ -10,7 +10,9 @@ no recomputation below the patched layer.
   k.. (the bridge's own `start_at_layer` still executes the blocks below and discards them).
 
 Cross-model patching (donor head outputs into a recipient of the same shape) is `cross_patch` in
-`mechinterp.interventions.cross`.
+`mechinterp.interventions.cross`; attribution patching (AtP, AtP*, and `patch_heads(...,
+screen="atp*")`) is in `mechinterp.interventions.attribution`; path patching in
+`mechinterp.interventions.paths`.
 """
 
 from __future__ import annotations
@@ -173,6 +175,7 @@ class PatchResult:
     per_position: bool
     settings: dict = field(default_factory=dict)
     sets: dict[str, float] = field(default_factory=dict)  # metric per jointly patched head set
+    screen: PatchResult | None = None  # the attribution screen, when the heads were screened
 
     @property
     def recovery(self) -> Tensor:
@@ -265,19 +268,94 @@ def shared_cache(model, prefix, *, rows: int):
 
 
 def _write_z(
-    z: Tensor, hook, *, heads: list[int], positions: list[int | None], source: Tensor, start: int
+    z: Tensor, hook, *, heads: list[int], positions: list[int | None], source: Tensor, start: int,
+    rows: list[int] | None = None,
 ):
-    """Variant i writes the source's z at position pos_i, head_i into z[i, pos_i, head_i] (pos
-    None: all). z and `source` both hold the positions from `start` on (after a cached
-    prefix)."""
+    """Batch row rows[i] (default: i) writes the source's z at position pos_i, head_i into
+    z[row, pos_i, head_i] (pos None: all). z and `source` both hold the positions from `start`
+    on (after a cached prefix)."""
     z = z.clone()
     shaped = z.view(*z.shape[:2], source.shape[1], -1)
-    for i, (h, p) in enumerate(zip(heads, positions, strict=True)):
+    rows = range(len(heads)) if rows is None else rows
+    for i, h, p in zip(rows, heads, positions, strict=True):
         if p is None:
             shaped[i, :, h] = source[:, h]
         else:
             shaped[i, p - start, h] = source[p - start, h]
     return z
+
+
+def layer_batches(variants: list[tuple], batch_size: int, n_layers: int) -> list[list[tuple]]:
+    """Variants (tuples starting with their layer, in layer order) cut into batches of at most
+    `batch_size`. A batch runs from its first row's layer, so rows patched higher up recompute
+    the layers in between unpatched: batches fill across layers only within a span of
+    max(1, (layers left) // 8) layers, where that extra work stays small next to what a forward
+    costs per call."""
+    out: list[list[tuple]] = []
+    for v in variants:
+        last = out[-1] if out else None
+        if (last is None or len(last) >= batch_size
+                or v[0] - last[0][0] > max(1, (n_layers - last[0][0]) // 8)):  # fmt: skip
+            out.append([v])
+        else:
+            last.append(v)
+    return out
+
+
+def check_pair(model, clean: Sequence[int], corrupt: Sequence[int], direction: str,
+               batch_size: int) -> None:  # fmt: skip
+    """Refuse a clean / corrupt pair (or options) that patching cannot use, naming the fix."""
+    if len(clean) != len(corrupt):
+        raise ValueError(
+            f"clean ({len(clean)} tokens) and corrupt ({len(corrupt)}) must have the same length: "
+            "corrupt by symmetric token replacement"
+        )
+    if direction not in ("denoise", "noise"):
+        raise ValueError(f"direction must be 'denoise' or 'noise', got {direction!r}")
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    from mechinterp.models.tokens import check_token_ids
+
+    check_token_ids(model, clean, "clean")
+    check_token_ids(model, corrupt, "corrupt")
+
+
+def shared_start(clean: Sequence[int], corrupt: Sequence[int], patch_from: int) -> int:
+    """The first position patching can change: before the first differing token both runs are
+    identical (causal attention), and nothing before `patch_from` is patched. len(clean) when
+    nothing differs from `patch_from` on."""
+    differ = [i for i, (a, b) in enumerate(zip(clean, corrupt, strict=True)) if a != b]
+    return max(differ[0], patch_from) if differ else len(clean)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What patching needs of a clean / corrupt pair besides the patched forwards: the first
+    patched position, the metrics of both runs, the target's residual stream and the source's
+    z per layer from `start` on, and the target's KV cache for the prefix before it."""
+
+    start: int
+    m_clean: float
+    m_corrupt: float
+    target_resid: dict[int, Tensor]
+    source_z: dict[int, Tensor]
+    prefix: object | None
+
+    @classmethod
+    @torch.no_grad()
+    def of(cls, model, clean, corrupt, metric, direction: str, patch_from: int) -> Prepared:
+        device = model.cfg.device
+        n_pos = len(clean)
+        start = shared_start(clean, corrupt, patch_from)
+        keep = min(start, n_pos - 1)
+        resid_c, z_c, logits_c = _cache(model, torch.tensor([list(clean)], device=device), keep)
+        resid_x, z_x, logits_x = _cache(model, torch.tensor([list(corrupt)], device=device), keep)
+        target, target_resid, source_z = (
+            (corrupt, resid_x, z_c) if direction == "denoise" else (clean, resid_c, z_x)
+        )
+        prefix = prefix_cache(model, target[:start]) if 0 < start < n_pos else None
+        m_clean, m_corrupt = float(metric(logits_c)[0]), float(metric(logits_x)[0])
+        return cls(start, m_clean, m_corrupt, target_resid, source_z, prefix)
 
 
 @torch.no_grad()
@@ -295,6 +373,9 @@ def patch_heads(
     sets: dict[str, Sequence[Head]] | None = None,
     batch_size: int = 32,
     progress: bool = False,
+    screen: Literal["atp", "atp*"] | None = None,
+    verify_top: int = 30,
+    prepared: Prepared | None = None,
 ) -> PatchResult:
     """Patch each head's output from the source run into the target run, one variant per head
     (and per position with `per_position`), and evaluate `metric` on the last-position logits.
@@ -306,20 +387,19 @@ def patch_heads(
     `sets`: named head sets also patched *jointly* (all their heads at once, every position
     from `patch_from`), in `result.sets`; with `sets`, `heads=[]` skips the per-head variants.
     Heads not listed (or positions not listed) are NaN in the result.
+    `screen="atp*"` (or `"atp"`): rank the heads by attribution patching first and patch only
+    the `verify_top` best exactly (`attribution.screen_heads`; the ranking is `result.screen`).
+    `prepared`: the pair's runs from an earlier call on the same pair (`Prepared`).
     """
-    if len(clean) != len(corrupt):
-        raise ValueError(
-            f"clean ({len(clean)} tokens) and corrupt ({len(corrupt)}) must have the same length: "
-            "corrupt by symmetric token replacement"
-        )
-    if direction not in ("denoise", "noise"):
-        raise ValueError(f"direction must be 'denoise' or 'noise', got {direction!r}")
-    if batch_size < 1:
-        raise ValueError("batch_size must be >= 1")
-    from mechinterp.models.tokens import check_token_ids
+    if screen is not None:
+        if per_position or sets or positions is not None:
+            raise ValueError("screen= ranks whole heads: drop per_position, positions and sets")
+        from mechinterp.interventions.attribution import screen_heads
 
-    check_token_ids(model, clean, "clean")
-    check_token_ids(model, corrupt, "corrupt")
+        return screen_heads(model, clean, corrupt, metric, screen=screen, verify_top=verify_top,
+                            heads=heads, direction=direction, patch_from=patch_from,
+                            batch_size=batch_size, progress=progress)  # fmt: skip
+    check_pair(model, clean, corrupt, direction, batch_size)
     shape = HeadShape.of(model)
     heads = shape.all_heads() if heads is None else list(parse_heads(heads, shape))
     if not heads and not sets:
@@ -330,21 +410,13 @@ def patch_heads(
         raise ValueError(f"positions must lie in [0, {n_pos}), got {sorted(pos_list)[:3]}…")
     if not 0 <= patch_from < n_pos:
         raise ValueError(f"patch_from must lie in [0, {n_pos}), got {patch_from}")
-    device = model.cfg.device
     t0 = time.perf_counter()
     # Before the first corrupted token both runs are identical (causal attention): patching there
     # changes nothing, and every variant shares the target's KV cache for that prefix.
-    differ = [i for i, (a, b) in enumerate(zip(clean, corrupt, strict=True)) if a != b]
-    start = max(differ[0], patch_from) if differ else n_pos
-    keep = min(start, n_pos - 1)
-    resid_c, z_c, logits_c = _cache(model, torch.tensor([list(clean)], device=device), keep)
-    resid_x, z_x, logits_x = _cache(model, torch.tensor([list(corrupt)], device=device), keep)
-    m_clean, m_corrupt = float(metric(logits_c)[0]), float(metric(logits_x)[0])
-    target, target_resid, source_z = (
-        (corrupt, resid_x, z_c) if direction == "denoise" else (clean, resid_c, z_x)
-    )
+    prep = prepared or Prepared.of(model, clean, corrupt, metric, direction, patch_from)
+    start, prefix, m_clean, m_corrupt = prep.start, prep.prefix, prep.m_clean, prep.m_corrupt
+    target_resid, source_z = prep.target_resid, prep.source_z
     m_target = m_corrupt if direction == "denoise" else m_clean
-    prefix = prefix_cache(model, target[:start]) if 0 < start < n_pos else None
     out_shape = (shape.n_layers, shape.n_heads) + ((n_pos,) if per_position else ())
     values = torch.full(out_shape, float("nan"))
     by_layer: dict[int, list[tuple[int, int | None]]] = {}
@@ -356,23 +428,22 @@ def patch_heads(
                 by_layer.setdefault(h.layer, []).append((h.head, p))
     total = sum(len(v) for v in by_layer.values())
     bar = tqdm(total=total, desc=f"patch ({direction})", disable=not progress, leave=False)
-    for layer, variants in sorted(by_layer.items()):
-        for b in range(0, len(variants), batch_size):
-            chunk = variants[b : b + batch_size]
-            hs, ps = [h for h, _ in chunk], [p for _, p in chunk]
-            resid = target_resid[layer][None].expand(len(chunk), -1, -1)
-            hook = partial(_write_z, heads=hs, positions=ps, source=source_z[layer], start=start)
-            logits = run_from_layer(
-                model,
-                resid,
-                layer,
-                hooks=[(f"blocks.{layer}.attn.hook_z", hook)],
-                prefix_kv=prefix,
-            )
-            vals = metric(logits).float().cpu()
-            for (h, p), v in zip(chunk, vals, strict=True):
-                values[(layer, h) + ((p,) if per_position else ())] = v
-            bar.update(len(chunk))
+    variants = [(layer, h, p) for layer, vs in sorted(by_layer.items()) for h, p in vs]
+    for chunk in layer_batches(variants, batch_size, shape.n_layers):
+        first = chunk[0][0]
+        hooks = []
+        for la in sorted({v[0] for v in chunk}):
+            rows = [i for i, v in enumerate(chunk) if v[0] == la]
+            hook = partial(_write_z, rows=rows, heads=[chunk[i][1] for i in rows],
+                           positions=[chunk[i][2] for i in rows], source=source_z[la],
+                           start=start)  # fmt: skip
+            hooks.append((f"blocks.{la}.attn.hook_z", hook))
+        resid = target_resid[first][None].expand(len(chunk), -1, -1)
+        logits = run_from_layer(model, resid, first, hooks=hooks, prefix_kv=prefix)
+        vals = metric(logits).float().cpu()
+        for (la, h, p), v in zip(chunk, vals, strict=True):
+            values[(la, h) + ((p,) if per_position else ())] = v
+        bar.update(len(chunk))
     bar.close()
     joint = {}
     for name, members in (sets or {}).items():

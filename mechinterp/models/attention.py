@@ -157,17 +157,21 @@ def _rows_attention(module, query, key, value, attention_mask, scaling=None, **k
     q, k, v and mask the kernel was given (registered as `ROWS`)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    out, weights = sdpa_attention_forward(module, query, key, value, attention_mask,
-                                          scaling=scaling, **kwargs)  # fmt: skip
     state = module.__dict__["_mechinterp_fused"]
-    if state["editor"] is not None:
-        out = _edited_output(state["editor"], out, query, key, value, attention_mask, scaling)
-    if state["reader"] is not None:
-        reader: RowReader = state["reader"]
+    state["calls"] += 1
+    reader: RowReader | None = state["reader"]
+    if reader is not None and state["editor"] is None:  # read first: a reader may end the forward
         rows = reader.rows(query.shape[2], key.shape[2])
         with torch.no_grad():
             reader.read(pattern_rows(query, key, rows, attention_mask, scaling=scaling))
-    state["calls"] += 1
+    out, weights = sdpa_attention_forward(module, query, key, value, attention_mask,
+                                          scaling=scaling, **kwargs)  # fmt: skip
+    if state["editor"] is not None:
+        out = _edited_output(state["editor"], out, query, key, value, attention_mask, scaling)
+        if reader is not None:
+            rows = reader.rows(query.shape[2], key.shape[2])
+            with torch.no_grad():
+                reader.read(pattern_rows(query, key, rows, attention_mask, scaling=scaling))
     return out, weights
 
 

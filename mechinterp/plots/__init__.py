@@ -14,7 +14,7 @@ from mechinterp.plots.extension import (
     recall_by_task,
     recall_scatter,
 )
-from mechinterp.plots.study import accuracy_panels, knockout_ci_curves
+from mechinterp.plots.study import accuracy_panels, knockout_ci_curves, sender_heatmaps
 
 __all__ = [
     "accuracy_heatmap",
@@ -28,4 +28,5 @@ __all__ = [
     "overlap_heatmap",
     "recall_by_task",
     "recall_scatter",
+    "sender_heatmaps",
 ]

@@ -221,3 +221,51 @@ def _baseline(base: pd.DataFrame, task, mode, modes: list) -> float | None:
     rows = own if not own.empty else rows[~rows["mode"].isin(modes)]
     values = rows["value"].dropna()
     return float(values.mean()) if not values.empty else None
+
+
+#: What a receiver input is called in a panel title.
+INPUT_NAMES = {"q": "queries", "k": "keys", "v": "values", "resid": "residual stream"}
+
+
+def sender_heatmaps(
+    df: pd.DataFrame, *, value: str = "recovery", top_k: int = 5, title: str | None = None
+) -> go.Figure:
+    """Path patching: one layer × head heatmap of `value` per receiver input (columns
+    `receiver_input`, `layer`, `head`, `value`; one row per sender and input), on one shared
+    diverging colour scale centred at 0, each panel's `top_k` senders labelled."""
+    missing = {"receiver_input", "layer", "head", value} - set(df.columns)
+    if missing:
+        raise ValueError(f"sender_heatmaps needs columns {sorted(missing)}")
+    if df.empty:
+        raise ValueError("sender_heatmaps got an empty table")
+    inputs = list(dict.fromkeys(df["receiver_input"]))
+    n_layers = int(df["layer"].max()) + 1
+    n_heads = int(df["head"].max()) + 1
+    limit = float(df[value].abs().max()) or 1.0
+    titles = [f"into their {INPUT_NAMES.get(i, i)}" for i in inputs]
+    fig = make_subplots(rows=1, cols=len(inputs), shared_yaxes=True, horizontal_spacing=0.06,
+                        subplot_titles=titles)  # fmt: skip
+    for col, inp in enumerate(inputs, start=1):
+        part = df[df["receiver_input"] == inp]
+        grid = part.pivot(index="layer", columns="head", values=value).reindex(
+            index=range(n_layers), columns=range(n_heads)
+        )
+        fig.add_trace(go.Heatmap(
+            z=grid.values, x=[str(h) for h in grid.columns], y=[str(la) for la in grid.index],
+            zmin=-limit, zmax=limit, colorscale="RdBu", reversescale=True,
+            coloraxis=None, showscale=col == len(inputs), colorbar={"title": value},
+            hovertemplate="L%{y}H%{x}<br>" + value + "=%{z:.3f}<extra></extra>",
+        ), row=1, col=col)  # fmt: skip
+        top = part.reindex(part[value].abs().sort_values(ascending=False).index).head(top_k)
+        for r in top.itertuples():
+            fig.add_annotation(
+                x=str(int(r.head)), y=str(int(r.layer)), text=f"L{int(r.layer)}H{int(r.head)} "
+                f"{getattr(r, value):+.2f}", showarrow=True, arrowhead=0,
+                ax=-30 if r.head >= n_heads / 2 else 30, ay=-14, font={"size": 10},
+                bgcolor="rgba(255,255,255,0.85)", row=1, col=col,
+            )  # fmt: skip
+        fig.update_xaxes(title_text="sender head", row=1, col=col)
+    fig.update_yaxes(title_text="sender layer", row=1, col=1)
+    fig.update_layout(title=title, template="plotly_white", width=360 * len(inputs) + 200,
+                      height=max(460, 18 * n_layers + 180))  # fmt: skip
+    return fig

@@ -20,6 +20,8 @@ PRIMITIVES = (
     "patch_heads per position",
     "patch_from",
     "joint sets",
+    "attribution_patch",
+    "path_patch",
     "knockout zero",
     "knockout mean",
     "knockout resample",
@@ -59,6 +61,7 @@ def record(family: str, primitive: str, diff: float | None, scale: float | None)
 COLUMNS = {
     "patching (per head, per position, `patch_from`, joint sets)": (
         "run_from_layer", "patch_heads", "patch_heads per position", "patch_from", "joint sets"),
+    "AtP / AtP\\*, path patching (q, k)": ("attribution_patch", "path_patch"),
     "knockout `zero` / `mean` / `resample`": (
         "knockout zero", "knockout mean", "knockout resample"),
     "knockout `uniform_attention`": ("knockout uniform_attention",),

@@ -17,7 +17,8 @@ inconclusive.
 3. sufficient — "patching them recovers the answer": normalised recovery when the retrieval
    heads are patched jointly, over pairs the corruption flips (primary; min_recovery); the
    excess over random sets of the same size, and the per-head recovery of retrieval heads minus
-   the rest (secondary).
+   the rest (secondary); and, from path patching, the share of the retrieval heads' recovery
+   carried by their query inputs vs their key inputs (secondary).
 """
 
 from __future__ import annotations
@@ -309,6 +310,33 @@ def sufficiency_rows(patch: pd.DataFrame, settings) -> list[dict]:
     return rows
 
 
+def path_rows(paths: pd.DataFrame, settings) -> list[dict]:
+    """A secondary row of the sufficiency claim: of the recovery the retrieval heads get from
+    every upstream head path-patched into their queries (R_q) and, separately, into their keys
+    (R_k), the share R_q / (R_q + R_k), means over the flipped pairs; > 0.5: queries carry more.
+    Needs both inputs."""
+    joint = paths[(paths["kind"] == "set") & paths["flipped"]]
+    if not {"q", "k"} <= set(joint["receiver_input"]):
+        return []
+    per = joint.pivot_table(index="example_id", columns="receiver_input", values="recovery")
+    ids = list(per.index)
+    clusters = cluster_labels(joint).reindex(ids)
+    q, k = per["q"].to_numpy(), per["k"].to_numpy()
+
+    def share(w: np.ndarray) -> float:
+        rq, rk = float(w @ q) / w.sum(), float(w @ k) / w.sum()
+        return rq / (rq + rk) if rq + rk > 0 else float("nan")
+
+    iv = cluster_bootstrap_stat(share, clusters.to_numpy(), **_boot(settings))
+    n = len(paths["receivers"].iloc[0].split(","))
+    return [_row("sufficient", f"share of the {n} best retrieval heads' recovery from upstream "
+                 f"heads carried by their queries vs their keys (path patching; recovery via "
+                 f"queries {q.mean():.2f}, via keys {k.mean():.2f}); > 0.5: queries carry more",
+                 "query_share", iv.estimate, iv.low, iv.high, len(ids), "share", primary=False,
+                 null=0.5, minimum=0.5, rule="above",
+                 resampled=iv.unit(*_cluster_name(clusters)), n_pairs=len(ids))]  # fmt: skip
+
+
 def table_lines(
     claims: pd.DataFrame, fmt: Callable[[float, str], str], *, with_claim: bool = False
 ) -> list[str]:
@@ -348,6 +376,8 @@ def compute_claims(tables: dict[str, pd.DataFrame], config) -> pd.DataFrame:
             rows += robustness_rows(tables["knockout"], tables["robustness"], config)
     if len(tables.get("patch", ())):
         rows += sufficiency_rows(tables["patch"], s)
+    if len(tables.get("paths", ())):
+        rows += path_rows(tables["paths"], s)
     return pd.DataFrame(rows)
 
 

@@ -179,6 +179,33 @@ class PatchStage:
 
 
 @dataclass(frozen=True)
+class AttributionStage:
+    """Step 3b: AtP and AtP* (QK fix + GradDrop) of every head on the patch stage's pairs, set
+    beside that stage's exact per-head values (how well the cheap screen ranks the heads)."""
+
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
+class PathsStage:
+    """Step 3c: path patching of every head below the receivers, alone and all together, into
+    the `receivers` best retrieval heads' `inputs` (q: queries, k: keys, v: values; under GQA
+    a key or value input is the receiver's KV group's), on the patch stage's pairs.
+    `via_mlps`: the MLPs in between recompute (the senders' effect through them counts).
+    Empty `inputs` skips it."""
+
+    inputs: tuple[Literal["q", "k", "v"], ...] = ("q", "k")
+    receivers: int = 10
+    via_mlps: bool = True
+
+    def __post_init__(self) -> None:
+        if self.receivers < 1:
+            raise ValueError("paths.receivers must be >= 1")
+        if len(set(self.inputs)) != len(self.inputs):
+            raise ValueError(f"paths.inputs repeats an input: {self.inputs}")
+
+
+@dataclass(frozen=True)
 class ClaimSettings:
     """How the report judges each claim: an effect, a percentile bootstrap CI, and a verdict.
 
@@ -200,13 +227,16 @@ class ClaimSettings:
 
 @dataclass(frozen=True)
 class StudyConfig:
-    """Detect → knock out (and check where it holds) → patch → judge the claims."""
+    """Detect → knock out (and check where it holds) → patch (screen with AtP*, trace the paths
+    into the retrieval heads) → judge the claims."""
 
     model: ModelSpec = field(default_factory=ModelSpec)
     detect: DetectStage = field(default_factory=DetectStage)
     knockout: KnockoutStage = field(default_factory=KnockoutStage)
     robustness: RobustnessStage = field(default_factory=RobustnessStage)
     patch: PatchStage = field(default_factory=PatchStage)
+    attribution: AttributionStage = field(default_factory=AttributionStage)
+    paths: PathsStage = field(default_factory=PathsStage)
     claims: ClaimSettings = field(default_factory=ClaimSettings)
     template: Literal["chat", "plain"] | None = None
     version: int = field(default=STUDY_VERSION, metadata={"flag": False})

@@ -20,7 +20,8 @@ from mechinterp.experiments.study.claims import (
     table_lines,
 )
 
-TABLES = ("detect_scores", "detect_instances", "baseline", "knockout", "robustness", "patch")
+TABLES = ("detect_scores", "detect_instances", "baseline", "knockout", "robustness", "patch",
+          "attribution", "paths", "head_patterns")  # fmt: skip
 
 
 def read_config(run_dir: str | Path, kind=None, what: str = "study"):
@@ -165,12 +166,61 @@ def _patch_recovery(tables, config, model: str):
     )
 
 
+def sender_recovery(paths: pd.DataFrame) -> pd.DataFrame:
+    """Mean recovery per (receiver input, sender) over the pairs the corruption flips (all
+    pairs when none does), with the sender's name and the number of pairs."""
+    senders = paths[paths["kind"] == "sender"]
+    valid = senders[senders["flipped"]] if senders["flipped"].any() else senders
+    out = valid.groupby(["receiver_input", "layer", "head", "name"], sort=False)["recovery"]
+    out = out.mean().reset_index()
+    out["n_pairs"] = valid["example_id"].nunique()
+    return out
+
+
+def _path_patching(tables, config, model: str):
+    from mechinterp.plots import sender_heatmaps
+
+    if not len(tables.get("paths", ())):
+        return None
+    rec = sender_recovery(tables["paths"])
+    receivers = tables["paths"]["receivers"].iloc[0].split(",")
+    return sender_heatmaps(
+        rec, title=f"{model} · path patching into {len(receivers)} retrieval heads: mean "
+        f"recovery per sender (n={int(rec['n_pairs'].iloc[0])} pairs)",
+    )  # fmt: skip
+
+
+def screen_quality(attribution: pd.DataFrame, patch: pd.DataFrame) -> pd.DataFrame:
+    """Per pair: Spearman of AtP and AtP* against the exact per-head patching of the same pair
+    (signed estimate vs exact; AtP*'s ranking score vs |exact effect|), and how many of the
+    exact top-10 heads (by |effect|) fall outside AtP*'s top-30."""
+    exact = patch[patch["kind"] == "head"][["example_id", "name", "value"]]
+    both = attribution.merge(exact, on=["example_id", "name"])
+    rows = []
+    for ex, g in both.groupby("example_id", sort=False):
+        eff = g["value"] - g["corrupt_metric"]
+        top10 = set(g.loc[eff.abs().nlargest(10).index, "name"])
+        top30 = set(g.nsmallest(30, "atp_star_rank")["name"])
+        rows.append({
+            "example_id": ex, "length": g["length"].iloc[0] if "length" in g else None,
+            "flipped": bool(g["flipped"].iloc[0]),
+            "spearman_atp": g["atp"].corr(g["value"], method="spearman"),
+            "spearman_atp_star": g["atp_star"].corr(g["value"], method="spearman"),
+            "spearman_atp_star_score": g["atp_star_score"].corr(eff.abs(), method="spearman"),
+            "exact_top10_outside_top30": len(top10 - top30),
+            "seconds_atp": g["seconds_atp"].iloc[0],
+            "seconds_atp_star": g["seconds_atp_star"].iloc[0],
+        })  # fmt: skip
+    return pd.DataFrame(rows)
+
+
 #: The study's figures: name -> fn(tables, config, model) -> Figure (None: its stage did not run).
 FIGURES = {
     "retrieval_scores": _retrieval_scores,
     "niah_knockout": _niah_knockout,
     "knockout_vs_k": _knockout_vs_k,
     "patch_recovery": _patch_recovery,
+    "path_patching": _path_patching,
 }
 
 
@@ -291,6 +341,8 @@ def write_report(run_dir: str | Path) -> Path:
             lines += ["", f"![{claim}](figures/{figure})"]
         if claim == "necessary" and (run_dir / "figures" / "niah_knockout.png").is_file():
             lines += ["", "![NIAH with and without knockout](figures/niah_knockout.png)"]
+    lines += _screen_text(tables)
+    lines += _paths_text(tables, run_dir)
     lines += ["", "## How the verdicts are decided", "",
               "- supported: the CI excludes the null (0) and the estimate reaches the minimum "
               "effect; not supported: the CI lies below the minimum effect; inconclusive: "
@@ -404,3 +456,61 @@ def _sufficient_text(tables, config) -> list[str]:
         "shortest pair); metric: logit(clean token) − logit(corrupt token) where the clean "
         "response writes it."
     ]
+
+
+def _screen_text(tables) -> list[str]:
+    if "attribution" not in tables or "patch" not in tables:
+        return []
+    q = screen_quality(tables["attribution"], tables["patch"])
+    lines = ["", "## Screening every head with AtP*", "",
+             "Attribution patching estimates every head's patching effect from two forwards and "
+             "one backward (AtP); AtP* adds the QK fix (later heads' softmax recomputed exactly "
+             "for the head's write into their queries and keys) and GradDrop (ranking by the mean "
+             "|estimate| with each layer's gradient dropped). On the patch stage's pairs, against "
+             "its exact per-head values:", "",
+             "| pair | flipped | Spearman AtP | Spearman AtP* | Spearman AtP* score vs |exact| "
+             "| exact top-10 outside AtP* top-30 | AtP s | AtP* s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    for r in q.itertuples():
+        lines.append(f"| {r.example_id} | {'yes' if r.flipped else 'no'} | {r.spearman_atp:.3f} "
+                     f"| {r.spearman_atp_star:.3f} | {r.spearman_atp_star_score:.3f} | "
+                     f"{r.exact_top10_outside_top30} | {r.seconds_atp:.1f} | "
+                     f"{r.seconds_atp_star:.1f} |")  # fmt: skip
+    return lines
+
+
+def _paths_text(tables, run_dir: Path) -> list[str]:
+    if "paths" not in tables:
+        return []
+    from mechinterp.plots.study import INPUT_NAMES
+
+    paths = tables["paths"]
+    receivers = paths["receivers"].iloc[0].split(",")
+    rec = sender_recovery(paths)
+    joint = paths[(paths["kind"] == "set")]
+    joint = joint[joint["flipped"]] if joint["flipped"].any() else joint
+    lines = ["", "## What feeds the retrieval heads: path patching", "",
+             f"Receivers: the {len(receivers)} best retrieval heads ({', '.join(receivers)}). "
+             "Each head below the last receiver is patched (clean into corrupt) with every other "
+             "head frozen, and only the receivers' inputs take the result (exact two-pass path "
+             f"patching; MLPs in between {'recompute' if paths['via_mlps'].iloc[0] else 'frozen'}"
+             "). Under GQA a key input is the receiver's KV group's. Mean recovery over "
+             f"{int(rec['n_pairs'].iloc[0])} pairs; all upstream heads together:"]  # fmt: skip
+    for inp, g in joint.groupby("receiver_input", sort=False):
+        lines.append(f"- into their {INPUT_NAMES.get(inp, inp)}: recovery "
+                     f"{g['recovery'].mean():.2f}")  # fmt: skip
+    patterns = tables.get("head_patterns")
+    lines += ["", "Top senders per input (by |mean recovery|), with their pattern scores on "
+              "repeated random tokens (previous-token, induction):", "",
+              "| input | sender | recovery | previous-token | induction |",
+              "| --- | --- | --- | --- | --- |"]  # fmt: skip
+    for inp, g in rec.groupby("receiver_input", sort=False):
+        order = g["recovery"].abs().sort_values(ascending=False).index
+        for r in g.reindex(order).head(5).itertuples():
+            p = (patterns.set_index("name").loc[r.name] if patterns is not None else None)
+            prev = f"{p['previous_token']:.2f}" if p is not None else "—"
+            ind = f"{p['induction']:.2f}" if p is not None else "—"
+            lines.append(f"| {inp} | {r.name} | {r.recovery:+.2f} | {prev} | {ind} |")
+    if (run_dir / "figures" / "path_patching.png").is_file():
+        lines += ["", "![path patching](figures/path_patching.png)"]
+    return lines

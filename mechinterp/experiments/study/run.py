@@ -16,7 +16,7 @@ from mechinterp import store
 from mechinterp.experiments import rundir
 from mechinterp.experiments.rundir import RunDirError  # noqa: F401  (re-exported)
 from mechinterp.experiments.study.config import StudyConfig
-from mechinterp.runner import ShardStats, run_shards
+from mechinterp.runner import Shard, ShardStats, run_shards
 
 
 def run_study(config: StudyConfig, root: str | Path = "runs", *, model=None, **options) -> Path:
@@ -93,7 +93,7 @@ def _run(config, out, model, shape, stats, timings, t_start, opts: rundir.RunOpt
                              needles=list(d.niah.needles), haystack=d.niah.haystack,
                              seed=d.niah.seed)  # fmt: skip
     per_instance = run_shards(
-        stages.detect_shards(det_examples, d, config.template), shard_dir, desc="1/5 detect",
+        stages.detect_shards(det_examples, d, config.template), shard_dir, desc="1/7 detect",
         **common,
     )  # fmt: skip
     scores = stages.combine_detect(per_instance, d.threshold, d.top_k).assign(
@@ -120,7 +120,7 @@ def _run(config, out, model, shape, stats, timings, t_start, opts: rundir.RunOpt
         held += synthetic_mdqa(k.mdqa.n, n_docs=k.mdqa.n_docs, realism=realism,
                                diversity=diversity, seed=k.mdqa.seed)  # fmt: skip
     baseline = run_shards(
-        stages.baseline_shards(held, k, config.template), shard_dir, desc="2/5 clean answers",
+        stages.baseline_shards(held, k, config.template), shard_dir, desc="2/7 clean answers",
         **common,
     )  # fmt: skip
     store.write_table(baseline, out / "baseline.parquet")
@@ -129,14 +129,14 @@ def _run(config, out, model, shape, stats, timings, t_start, opts: rundir.RunOpt
     tic = time.perf_counter()
     knock = run_shards(
         stages.knockout_shards(held, baseline, ranked, shape, k, config.template), shard_dir,
-        desc="3/5 knockout", **common,
+        desc="3/7 knockout", **common,
     )  # fmt: skip
     store.write_table(knock, out / "knockout.parquet")
     timings["knockout_s"] = time.perf_counter() - tic
     tic = time.perf_counter()
     shards = stages.robustness_shards(held, baseline, ranked, shape, config)
     if shards:
-        robust = run_shards(shards, shard_dir, desc="4/5 robustness", **common)
+        robust = run_shards(shards, shard_dir, desc="4/7 robustness", **common)
         store.write_table(robust, out / "robustness.parquet")
         written.append("robustness.parquet")
         timings["robustness_s"] = time.perf_counter() - tic
@@ -146,10 +146,29 @@ def _run(config, out, model, shape, stats, timings, t_start, opts: rundir.RunOpt
     patch = run_shards(
         stages.patch_shards(held, baseline, retrieval, shape, config.patch, k.niah.seed,
                             k.scope, config.template),
-        shard_dir, desc="5/5 patch", **common,
+        shard_dir, desc="5/7 patch", **common,
     )  # fmt: skip
     store.write_table(patch, out / "patch.parquet")
     timings["patch_s"] = time.perf_counter() - tic
+
+    # 3b-c. the AtP* screen and the paths into the retrieval heads, on the same pairs
+    for name, shards, desc in (
+        ("attribution", stages.attribution_shards(held, baseline, retrieval, shape, config,
+                                                  k.scope), "6/7 AtP* screen"),
+        ("paths", stages.path_shards(held, baseline, retrieval, ranked, shape, config, k.scope),
+         "7/7 path patching"),
+    ):  # fmt: skip
+        if shards:
+            tic = time.perf_counter()
+            table = run_shards(shards, shard_dir, desc=desc, **common)
+            store.write_table(table, out / f"{name}.parquet")
+            written.append(f"{name}.parquet")
+            timings[f"{name}_s"] = time.perf_counter() - tic
+            if name == "paths":  # what kind of head each sender is
+                patterns = run_shards([Shard("patterns/heads", stages.pattern_shard, {})],
+                                      shard_dir, desc="head patterns", **common)  # fmt: skip
+                store.write_table(patterns, out / "head_patterns.parquet")
+                written.append("head_patterns.parquet")
 
     # 4. provenance, figures, report
     timings["total_s"] = time.perf_counter() - t_start

@@ -6,7 +6,8 @@ study's tables.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import pandas as pd
 
@@ -443,6 +444,38 @@ def _pick_corruption(model, prompt, response: dict, seed: int, max_tries: int):
     return first[:-1] + (tries,)
 
 
+@dataclass(frozen=True)
+class PatchPair:
+    """One clean / corrupt pair of the patching stages: token ids, the metric, the first
+    patched position (the knockout scope's), and the facts every row of the pair carries."""
+
+    clean: list[int]
+    corrupt: list[int]
+    metric: Callable
+    start: int
+    facts: dict
+
+
+def patch_pair(model, example: dict, response: dict, *, seed: int, max_tries: int, scope: str,
+               template: str | None) -> PatchPair:  # fmt: skip
+    """The pair `patch_shard` patches (and the attribution and path stages reuse): an answer
+    token of the needle replaced (`_pick_corruption`), the clean response teacher-forced up to
+    where it writes that token; metric logit(clean token) − logit(corrupt token) there."""
+    from mechinterp.evaluate import render_all
+    from mechinterp.interventions.patching import logit_diff_metric
+
+    (ex,) = _examples([example])
+    (prompt,) = render_all(model, [ex], template=template)
+    c, clean, corrupt, target, offset, tried = _pick_corruption(
+        model, prompt, response, seed, max_tries
+    )
+    start = scope_start(prompt, scope)
+    facts = {**_coordinates(ex), "corrupted_position": c.position, "answer_offset": offset,
+             "offsets_tried": tried, "target_token": target, "corrupt_token": c.corrupt_token,
+             "patch_from": start}  # fmt: skip
+    return PatchPair(clean, corrupt, logit_diff_metric(target, c.corrupt_token), start, facts)
+
+
 def patch_shard(
     model,
     *,
@@ -461,34 +494,17 @@ def patch_shard(
     and the clean response is teacher-forced up to where it writes that token; the metric is
     logit(clean token) − logit(corrupt token) there. Rows: one per head (`kind = head`, patched
     alone) and one per head set (`kind = set`, patched jointly)."""
-    from mechinterp.evaluate import render_all
     from mechinterp.heads import HeadShape, parse_heads
-    from mechinterp.interventions.patching import logit_diff_metric, patch_heads
+    from mechinterp.interventions.patching import patch_heads
 
-    (ex,) = _examples([example])
-    (prompt,) = render_all(model, [ex], template=template)
-    c, clean, corrupt, target, offset, tried = _pick_corruption(
-        model, prompt, response, seed, max_tries
-    )
-    metric = logit_diff_metric(target, c.corrupt_token)
-    start = scope_start(prompt, scope)
-    res = patch_heads(
-        model, clean, corrupt, metric, patch_from=start, sets=sets, batch_size=batch_size
-    )
+    pair = patch_pair(model, example, response, seed=seed, max_tries=max_tries, scope=scope,
+                      template=template)  # fmt: skip
+    res = patch_heads(model, pair.clean, pair.corrupt, pair.metric, patch_from=pair.start,
+                      sets=sets, batch_size=batch_size)  # fmt: skip
     joint = res.sets
     shape = HeadShape.of(model)
     chosen = set(parse_heads(retrieval, shape))
-    base = {
-        **_coordinates(ex),
-        "clean_metric": res.clean,
-        "corrupt_metric": res.corrupt,
-        "corrupted_position": c.position,
-        "answer_offset": offset,
-        "offsets_tried": tried,
-        "target_token": target,
-        "corrupt_token": c.corrupt_token,
-        "patch_from": start,
-    }
+    base = {**pair.facts, "clean_metric": res.clean, "corrupt_metric": res.corrupt}
     rows = []
     for h in shape.all_heads():
         rows.append({**base, "kind": "head", "name": str(h), "layer": h.layer, "head": h.head,
@@ -566,3 +582,131 @@ def patch_shards(
         }
         out.append(Shard(f"patch/{e.id}", patch_shard, args))
     return out
+
+
+# ---------------------------------------------------------------- 4. screen and paths
+
+
+def attribution_shard(model, *, example: dict, response: dict, retrieval: list[str],
+                      seed: int, max_tries: int, scope: str,
+                      template: str | None) -> pd.DataFrame:  # fmt: skip
+    """AtP and AtP* (QK fix + GradDrop) of every head on one sufficiency pair (the patch stage's
+    own pair, `patch_pair`): per head the estimated metric after patching it alone, its
+    estimated recovery and AtP*'s ranking score. The exact values are the patch stage's rows
+    for the same pair; the report sets the two side by side."""
+    from mechinterp.heads import HeadShape, parse_heads
+    from mechinterp.interventions.attribution import attribution_patch
+
+    pair = patch_pair(model, example, response, seed=seed, max_tries=max_tries, scope=scope,
+                      template=template)  # fmt: skip
+    plain = attribution_patch(model, pair.clean, pair.corrupt, pair.metric, patch_from=pair.start)
+    star = attribution_patch(model, pair.clean, pair.corrupt, pair.metric, patch_from=pair.start,
+                             qk_fix=True, grad_drop=True)  # fmt: skip
+    shape = HeadShape.of(model)
+    chosen = set(parse_heads(retrieval, shape))
+    rank = {h: i for i, h in enumerate(star.ranking())}
+    gap = star.clean - star.corrupt
+    rows = []
+    for h in shape.all_heads():
+        rows.append({**pair.facts, "clean_metric": star.clean, "corrupt_metric": star.corrupt,
+                     "name": str(h), "layer": h.layer, "head": h.head, "in_set": h in chosen,
+                     "atp": float(plain.values[h]), "atp_star": float(star.values[h]),
+                     "atp_star_score": float(star.score[h]), "atp_star_rank": rank[h],
+                     "atp_recovery": (float(plain.values[h]) - star.corrupt) / gap if gap else
+                     float("nan"),
+                     "atp_star_recovery": (float(star.values[h]) - star.corrupt) / gap if gap
+                     else float("nan"),
+                     "flipped": star.clean > 0 > star.corrupt,
+                     "seconds_atp": plain.settings["seconds"],
+                     "seconds_atp_star": star.settings["seconds"]})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def path_shard(model, *, example: dict, response: dict, receivers: list[str],
+               inputs: list[str], via_mlps: bool, batch_size: int, seed: int, max_tries: int,
+               scope: str, template: str | None) -> pd.DataFrame:  # fmt: skip
+    """Path patching on one sufficiency pair: every head below the last receiver, alone and
+    all together (`upstream`), into the receivers' `inputs` (q, k, ...). Rows: one per (input,
+    sender) (`kind = sender`) and one per input for the joint set (`kind = set`)."""
+    from mechinterp.heads import HeadShape, parse_heads
+    from mechinterp.interventions.paths import path_patch
+
+    pair = patch_pair(model, example, response, seed=seed, max_tries=max_tries, scope=scope,
+                      template=template)  # fmt: skip
+    shape = HeadShape.of(model)
+    heads = parse_heads(receivers, shape)
+    last = max(h.layer for h in heads)
+    upstream = [h for h in shape.all_heads() if h.layer < last]
+    rows = []
+    for inp in inputs:
+        res = path_patch(model, pair.clean, pair.corrupt, pair.metric, receivers=heads,
+                         receiver_input=inp, senders=upstream, sets={"upstream": upstream},
+                         patch_from=pair.start, via_mlps=via_mlps,
+                         batch_size=batch_size)  # fmt: skip
+        base = {**pair.facts, "clean_metric": res.clean, "corrupt_metric": res.corrupt,
+                "receiver_input": inp, "receivers": ",".join(receivers),
+                "receiver_units": res.settings["receiver_units"], "via_mlps": via_mlps,
+                "flipped": res.clean > 0 > res.corrupt}  # fmt: skip
+        for h in upstream:
+            rows.append({**base, "kind": "sender", "name": str(h), "layer": h.layer,
+                         "head": h.head, "value": float(res.values[h])})  # fmt: skip
+        rows.append({**base, "kind": "set", "name": "upstream", "layer": -1, "head": -1,
+                     "value": res.sets["upstream"]})  # fmt: skip
+    df = pd.DataFrame(rows)
+    gap = df["clean_metric"] - df["corrupt_metric"]
+    df["recovery"] = ((df["value"] - df["corrupt_metric"]) / gap).where(gap != 0)
+    return df
+
+
+def _pair_args(examples, baseline, retrieval, shape, config, scope: str) -> list[tuple]:
+    """(shard suffix, the pair's arguments) of the patch stage's pairs, reused by later stages."""
+    patch = patch_shards(examples, baseline, retrieval, shape, config.patch,
+                         config.knockout.niah.seed, scope, config.template)  # fmt: skip
+    keys = ("example", "response", "seed", "max_tries", "scope", "template")
+    return [(sh.name.removeprefix("patch/"), {k: sh.args[k] for k in keys}) for sh in patch]
+
+
+def attribution_shards(examples: list[Example], baseline: pd.DataFrame, retrieval, shape,
+                       config, scope: str) -> list[Shard]:  # fmt: skip
+    """One AtP / AtP* shard per patch-stage pair (none unless `attribution.enabled`)."""
+    if not config.attribution.enabled:
+        return []
+    names = [str(h) for h in retrieval]
+    pairs = _pair_args(examples, baseline, retrieval, shape, config, scope)
+    return [Shard(f"attribution/{name}", attribution_shard, {**args, "retrieval": names})
+            for name, args in pairs]  # fmt: skip
+
+
+def path_receivers(retrieval, ranked, n: int) -> list[str]:
+    """The path stage's receivers: the `n` best-scoring retrieval heads, if any lies above
+    layer 0 (there must be heads below a receiver to send to it)."""
+    chosen = set(retrieval)
+    best = [h for h in ranked if h in chosen][:n]
+    return [str(h) for h in best] if any(h.layer > 0 for h in best) else []
+
+
+def path_shards(examples: list[Example], baseline: pd.DataFrame, retrieval, ranked, shape,
+                config, scope: str) -> list[Shard]:  # fmt: skip
+    """One path-patching shard per patch-stage pair: every upstream head into the best
+    `paths.receivers` retrieval heads' `paths.inputs` (none without receivers or inputs)."""
+    receivers = path_receivers(retrieval, ranked, config.paths.receivers)
+    if not receivers or not config.paths.inputs:
+        return []
+    extra = {"receivers": receivers, "inputs": list(config.paths.inputs),
+             "via_mlps": config.paths.via_mlps, "batch_size": config.patch.batch_size}  # fmt: skip
+    pairs = _pair_args(examples, baseline, retrieval, shape, config, scope)
+    return [Shard(f"paths/{name}", path_shard, {**args, **extra}) for name, args in pairs]
+
+
+def pattern_shard(model, *, seq_len: int = 50, n_sequences: int = 8) -> pd.DataFrame:
+    """Previous-token, duplicate-token and induction scores of every head on repeated random
+    tokens (`detect.patterns`), to say what kind of head the path stage's top senders are."""
+    from mechinterp.detect.patterns import PATTERN_KINDS, pattern_scores
+    from mechinterp.heads import HeadShape
+
+    shape = HeadShape.of(model)
+    scores = {k: pattern_scores(model, k, seq_len=seq_len, n_sequences=n_sequences).scores
+              for k in PATTERN_KINDS}  # fmt: skip
+    return pd.DataFrame([{"name": str(h), "layer": h.layer, "head": h.head,
+                          **{k: float(v[h.layer, h.head]) for k, v in scores.items()}}
+                         for h in shape.all_heads()])  # fmt: skip

@@ -1,0 +1,292 @@
+"""`mechinterp atp` and `mechinterp path-patch`: the single commands of attribution patching
+(every head screened by AtP / AtP*, the top verified exactly) and of exact path patching (every
+upstream head into chosen receivers' queries, keys, values or residual stream), on the same
+clean / corrupt NIAH pairs as `mechinterp patch`. Shards: one instance pair each."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import pandas as pd
+
+from mechinterp import store
+from mechinterp.experiments.command import Command, Plan, table_text
+from mechinterp.experiments.patch import PATCH_TASK, HeadSelection
+from mechinterp.experiments.specs import ModelSpec, TaskSpec, build_examples
+from mechinterp.runner import Shard
+from mechinterp.tasks.example import Example
+
+
+def _pair(model, example: dict, template, seed: int):
+    """(prompt, corruption, metric) of one instance: the needle's first answer token replaced."""
+    from mechinterp.evaluate import render_all
+    from mechinterp.interventions.patching import logit_diff_metric
+    from mechinterp.tasks.corrupt import corrupt_answer
+
+    (prompt,) = render_all(model, [Example.from_dict(example)], template=template)
+    c = corrupt_answer(prompt, model.tokenizer, seed=seed)
+    return prompt, c, logit_diff_metric(c.clean_token, c.corrupt_token)
+
+
+def _flipped(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows of pairs whose corruption flips the preference (all rows when none does)."""
+    flipped = (df["clean_metric"] > 0) & (df["corrupt_metric"] < 0)
+    return df[flipped] if flipped.any() else df
+
+
+# ---------------------------------------------------------------- atp
+
+
+@dataclass(frozen=True)
+class AtpConfig:
+    """Attribution patching of every head between each instance and its corruption (the
+    needle's first answer token replaced), metric logit(clean token) − logit(corrupt token) at
+    the last prompt position: AtP, and AtP* with `qk_fix` / `grad_drop`; the `verify_top` heads
+    AtP* ranks highest are then patched exactly (0: none). `select` marks a head set."""
+
+    model: ModelSpec = field(default_factory=ModelSpec)
+    task: TaskSpec = field(default_factory=lambda: PATCH_TASK)
+    direction: Literal["denoise", "noise"] = "denoise"
+    """denoise: clean activations into the corrupted run; noise: the reverse"""
+    qk_fix: bool = True
+    """AtP*: later heads' softmax recomputed exactly for each head's write into their q and k"""
+    grad_drop: bool = True
+    """AtP*: rank by the mean |estimate| over per-layer gradient drops"""
+    verify_top: int = 30
+    """patch the AtP* top N exactly (0: estimate only)"""
+    select: HeadSelection = field(default_factory=HeadSelection)
+    batch_size: int = 32
+    """patched runs per forward when verifying"""
+    template: Literal["chat", "plain"] | None = None
+    """prompt template (none: chat when the tokenizer has one)"""
+
+    def __post_init__(self) -> None:
+        if self.verify_top < 0 or self.batch_size < 1:
+            raise ValueError("verify_top must be >= 0 and batch_size >= 1")
+
+    @property
+    def slug(self) -> str:
+        return f"atp-{self.direction}-{Path(self.model.name).name}-{self.task.slug}"
+
+
+def atp_shard(model, *, example: dict, chosen: list[str], direction: str, qk_fix: bool,
+              grad_drop: bool, verify_top: int, batch_size: int, template,
+              seed: int) -> pd.DataFrame:  # fmt: skip
+    """One row per head: AtP and AtP* estimates, AtP*'s score and rank, and the exact value
+    where the head is among the verified top."""
+    from mechinterp.heads import HeadShape
+    from mechinterp.interventions.attribution import attribution_patch
+    from mechinterp.interventions.patching import patch_heads
+
+    prompt, c, metric = _pair(model, example, template, seed)
+    plain = attribution_patch(model, c.clean, c.corrupt, metric, direction=direction)
+    star = attribution_patch(model, c.clean, c.corrupt, metric, direction=direction,
+                             qk_fix=qk_fix, grad_drop=grad_drop)  # fmt: skip
+    ranking = star.ranking()
+    rank = {h: i for i, h in enumerate(ranking)}
+    exact = None
+    if verify_top:
+        exact = patch_heads(model, c.clean, c.corrupt, metric, direction=direction,
+                            heads=ranking[:verify_top], batch_size=batch_size,
+                            prepared=star.prepared)  # fmt: skip
+    gap = star.clean - star.corrupt
+
+    def recovery(v: float) -> float:
+        return (v - star.corrupt) / gap if gap else float("nan")
+
+    rows = []
+    for h in HeadShape.of(model).all_heads():
+        value = float(exact.values[h]) if exact is not None else float("nan")
+        rows.append({"example_id": prompt.example_id, "layer": h.layer, "head": h.head,
+                     "head_name": str(h), "in_set": str(h) in chosen,
+                     "atp": float(plain.values[h]), "atp_star": float(star.values[h]),
+                     "atp_star_score": float(star.score[h]), "atp_star_rank": rank[h],
+                     "exact": value, "atp_recovery": recovery(float(plain.values[h])),
+                     "atp_star_recovery": recovery(float(star.values[h])),
+                     "exact_recovery": recovery(value), "clean_metric": star.clean,
+                     "corrupt_metric": star.corrupt, "corrupted_position": c.position,
+                     "seconds_atp": plain.settings["seconds"],
+                     "seconds_atp_star": star.settings["seconds"]})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def atp_plan(config: AtpConfig, model) -> Plan:
+    from mechinterp.heads import HeadShape
+
+    chosen = [str(h) for h in config.select.chosen(HeadShape.of(model))]
+    examples = build_examples(config.task, model.tokenizer)
+    shards = [Shard(f"atp/{i:04d}", atp_shard, {
+        "example": ex.to_dict(), "chosen": chosen, "direction": config.direction,
+        "qk_fix": config.qk_fix, "grad_drop": config.grad_drop, "verify_top": config.verify_top,
+        "batch_size": config.batch_size, "template": config.template, "seed": config.task.seed})
+        for i, ex in enumerate(examples)]  # fmt: skip
+    return Plan(shards, examples, facts={"selected_heads": chosen})
+
+
+def atp_finish(config: AtpConfig, df: pd.DataFrame, plan: Plan, card) -> dict:
+    df = df.assign(model=card.id, direction=config.direction,
+                   config_hash=store.config_hash(config))  # fmt: skip
+    valid = _flipped(df)
+    heads = (
+        valid.groupby(["layer", "head", "head_name", "in_set"])
+        .agg(atp_recovery=("atp_recovery", "mean"), atp_star_recovery=("atp_star_recovery", "mean"),
+             atp_star_score=("atp_star_score", "mean"), mean_rank=("atp_star_rank", "mean"),
+             exact_recovery=("exact_recovery", "mean"), n_verified=("exact", "count"))
+        .reset_index().assign(n_examples=valid["example_id"].nunique(), model=card.id)
+    )  # fmt: skip
+    pairs = []
+    for ex, g in df.groupby("example_id", sort=False):
+        seen = g.dropna(subset=["exact"])
+        pairs.append({"example_id": ex, "n_verified": len(seen),
+                      "spearman_verified": seen["atp_star"].corr(seen["exact"], method="spearman")
+                      if len(seen) > 2 else float("nan"),
+                      "seconds_atp": g["seconds_atp"].iloc[0],
+                      "seconds_atp_star": g["seconds_atp_star"].iloc[0]})  # fmt: skip
+    return {"atp": df, "heads": heads, "pairs": pd.DataFrame(pairs)}
+
+
+def atp_draw(out: Path, config: AtpConfig) -> dict:
+    from mechinterp.plots import head_heatmap
+
+    heads = pd.read_parquet(out / "heads.parquet")
+    title = (f"{heads['model'].iloc[0]} · AtP* estimated recovery per head "
+             f"(n={heads['n_examples'].iloc[0]})")  # fmt: skip
+    return {"atp_star": head_heatmap(heads, value="atp_star_recovery", title=title)}
+
+
+def atp_summary(out: Path, top: int) -> str:
+    heads = pd.read_parquet(out / "heads.parquet").nsmallest(top, "mean_rank")
+    return table_text(heads[["head_name", "in_set", "mean_rank", "atp_star_recovery",
+                             "exact_recovery"]])  # fmt: skip
+
+
+ATP_HELP = ("attribution patching (AtP, AtP*) of every head between each task instance and its "
+            "corruption, the top verified exactly; tidy tables and a layer x head heatmap")
+ATP = Command("atp", AtpConfig, ATP_HELP, atp_plan, atp_finish, atp_draw, atp_summary)
+
+
+# ---------------------------------------------------------------- path-patch
+
+
+@dataclass(frozen=True)
+class PathPatchConfig:
+    """Exact path patching between each instance and its corruption: every head below the
+    last receiver, alone and all together (`upstream`), into the receivers' `inputs` (q, k, v;
+    under GQA a key or value input is the receiver's KV group's). Receivers: `receivers.heads`,
+    or the `top_k` (default 10) best of a detection run's score table."""
+
+    model: ModelSpec = field(default_factory=ModelSpec)
+    task: TaskSpec = field(default_factory=lambda: PATCH_TASK)
+    receivers: HeadSelection = field(default_factory=HeadSelection)
+    inputs: tuple[Literal["q", "k", "v"], ...] = ("q", "k")
+    """the receivers' inputs to patch, one path patch each"""
+    via_mlps: bool = True
+    """MLPs between sender and receiver recompute (false: the direct edge only)"""
+    direction: Literal["denoise", "noise"] = "denoise"
+    """denoise: clean activations into the corrupted run; noise: the reverse"""
+    batch_size: int = 32
+    """senders per forward"""
+    template: Literal["chat", "plain"] | None = None
+    """prompt template (none: chat when the tokenizer has one)"""
+
+    def __post_init__(self) -> None:
+        if not self.inputs or len(set(self.inputs)) != len(self.inputs):
+            raise ValueError(f"inputs must name q, k and/or v once each, got {self.inputs}")
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+
+    @property
+    def slug(self) -> str:
+        return f"path-patch-{self.direction}-{Path(self.model.name).name}-{self.task.slug}"
+
+
+def path_patch_shard(model, *, example: dict, receivers: list[str], inputs: list[str],
+                     via_mlps: bool, direction: str, batch_size: int, template,
+                     seed: int) -> pd.DataFrame:  # fmt: skip
+    """One row per (input, sender), and one per input for all upstream heads together."""
+    from mechinterp.heads import HeadShape, parse_heads
+    from mechinterp.interventions.paths import path_patch
+
+    prompt, c, metric = _pair(model, example, template, seed)
+    shape = HeadShape.of(model)
+    heads = parse_heads(receivers, shape)
+    upstream = [h for h in shape.all_heads() if h.layer < max(h.layer for h in heads)]
+    rows = []
+    for inp in inputs:
+        res = path_patch(model, c.clean, c.corrupt, metric, receivers=heads, receiver_input=inp,
+                         senders=upstream, sets={"upstream": upstream}, direction=direction,
+                         via_mlps=via_mlps, batch_size=batch_size)  # fmt: skip
+        base = {"example_id": prompt.example_id, "receiver_input": inp,
+                "clean_metric": res.clean, "corrupt_metric": res.corrupt,
+                "corrupted_position": c.position}  # fmt: skip
+        rows += [{**base, "kind": "sender", "head_name": str(h), "layer": h.layer,
+                  "head": h.head, "value": float(res.values[h])} for h in upstream]  # fmt: skip
+        rows.append({**base, "kind": "set", "head_name": "upstream", "layer": -1, "head": -1,
+                     "value": res.sets["upstream"]})  # fmt: skip
+    df = pd.DataFrame(rows)
+    gap = df["clean_metric"] - df["corrupt_metric"]
+    df["recovery"] = ((df["value"] - df["corrupt_metric"]) / gap).where(gap != 0)
+    return df
+
+
+def path_plan(config: PathPatchConfig, model) -> Plan:
+    from mechinterp.heads import HeadShape
+
+    shape = HeadShape.of(model)
+    sel = config.receivers
+    if sel.scores and sel.threshold is None and sel.top_k is None:
+        sel = HeadSelection(scores=sel.scores, top_k=10)
+    heads = sel.chosen(shape)
+    if not heads:
+        raise ValueError("name the receiver heads: --heads L18H6,... or --scores RUN [--top-k N]")
+    if max(h.layer for h in heads) == 0:
+        raise ValueError("every receiver is in layer 0: no head sits below them to send")
+    receivers = [str(h) for h in heads]
+    examples = build_examples(config.task, model.tokenizer)
+    shards = [Shard(f"path-patch/{i:04d}", path_patch_shard, {
+        "example": ex.to_dict(), "receivers": receivers, "inputs": list(config.inputs),
+        "via_mlps": config.via_mlps, "direction": config.direction,
+        "batch_size": config.batch_size, "template": config.template,
+        "seed": config.task.seed}) for i, ex in enumerate(examples)]  # fmt: skip
+    return Plan(shards, examples, facts={"receivers": receivers})
+
+
+def path_finish(config: PathPatchConfig, df: pd.DataFrame, plan: Plan, card) -> dict:
+    df = df.assign(model=card.id, direction=config.direction, via_mlps=config.via_mlps,
+                   receivers=",".join(plan.facts["receivers"]),
+                   config_hash=store.config_hash(config))  # fmt: skip
+    valid = _flipped(df)
+    keys = ["receiver_input", "layer", "head", "head_name"]
+    senders = valid[valid["kind"] == "sender"].groupby(keys, sort=False)["recovery"].mean()
+    senders = senders.reset_index().assign(n_examples=valid["example_id"].nunique(),
+                                           model=card.id)  # fmt: skip
+    sets = valid[valid["kind"] == "set"].groupby("receiver_input", sort=False)["recovery"]
+    sets = sets.agg(["mean", "std", "count"]).reset_index()
+    return {"paths": df, "senders": senders, "sets": sets}
+
+
+def path_draw(out: Path, config: PathPatchConfig) -> dict:
+    from mechinterp.plots import sender_heatmaps
+
+    senders = pd.read_parquet(out / "senders.parquet")
+    receivers = pd.read_parquet(out / "paths.parquet")["receivers"].iloc[0]
+    title = (f"{senders['model'].iloc[0]} · path patching into {receivers}: mean recovery per "
+             f"sender (n={senders['n_examples'].iloc[0]})")  # fmt: skip
+    return {"senders": sender_heatmaps(senders, title=title)}
+
+
+def path_summary(out: Path, top: int) -> str:
+    senders = pd.read_parquet(out / "senders.parquet")
+    parts = []
+    for _, g in senders.groupby("receiver_input", sort=False):
+        g = g.reindex(g["recovery"].abs().sort_values(ascending=False).index).head(top)
+        parts.append(table_text(g[["receiver_input", "head_name", "recovery"]]))
+    return "\n".join(parts) + "\n" + table_text(pd.read_csv(out / "sets.csv"))
+
+
+PATH_HELP = ("exact path patching of every upstream head into chosen receiver heads' queries, "
+             "keys or values; tidy tables and sender heatmaps per receiver input")
+PATH_PATCH = Command("path-patch", PathPatchConfig, PATH_HELP, path_plan, path_finish,
+                     path_draw, path_summary)  # fmt: skip

@@ -1,0 +1,269 @@
+"""Exact path patching (Wang et al. 2022; Goldowsky-Dill et al. 2023): the effect of a sender
+head on chosen receivers' inputs only, for every sender in one call.
+
+    res = path_patch(model, clean, corrupt, metric, senders=None,
+                     receivers="L18H6,L20H1", receiver_input="q")
+
+Two passes per batch of senders (one variant per sender, batched like `patch_heads`):
+1. Run the target with the sender's z taken from the source run (from the first patched position
+   on) and every other head frozen at its target output; MLPs recompute (`via_mlps=True`, the
+   sender's effect through them counts) or are frozen too (`via_mlps=False`: only the direct
+   edge, TransformerLens' `get_act_patch_direct_path`). Record the receivers' inputs.
+2. Run the target with only those inputs replaced by the recorded ones; everything else
+   recomputes. The metric there is the sender's effect through the receivers.
+
+Receiver inputs: `q` (the receiver heads' query projections, `hook_q`), `k` / `v` (key / value
+projections, `hook_k` / `hook_v`; under GQA a key or value input belongs to a KV group, so the
+group's input is patched and every query head in it receives the path; `settings` names the
+groups), or `resid` (the whole residual stream entering layer r, `receivers=[r]`; r = n_layers
+is the stream the unembedding reads, so one sender with `via_mlps=False` gives that head's
+direct effect on the logits).
+
+Both passes start at the first layer they change from the cached target residual stream and
+share the target's KV cache for the prefix nobody patches (as `patch_heads`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from functools import partial
+from typing import Literal
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from mechinterp.heads import Head, HeadShape, parse_heads
+from mechinterp.interventions.patching import (
+    Direction,
+    Metric,
+    PatchResult,
+    _cache,
+    check_pair,
+    layer_batches,
+    prefix_cache,
+    run_from_layer,
+    shared_start,
+)
+
+ReceiverInput = Literal["q", "k", "v", "resid"]
+RECEIVER_INPUTS: tuple[ReceiverInput, ...] = ("q", "k", "v", "resid")
+
+
+class _Recorded(Exception):
+    """Ends pass 1 once the last receiver input is recorded."""
+
+
+def _receiver_units(receivers, receiver_input: str, shape: HeadShape) -> dict[int, list[int]]:
+    """{layer: the indices patched there}: query heads for q, KV groups for k / v, [] for resid
+    (the whole stream entering that layer)."""
+    if receiver_input == "resid":
+        layers = [receivers] if isinstance(receivers, int) else list(receivers)
+        if len(layers) != 1 or not all(isinstance(r, int) for r in layers):
+            raise ValueError(
+                "receiver_input='resid' takes one layer index as receivers "
+                f"(1..{shape.n_layers}; {shape.n_layers} = the unembedding's input)"
+            )
+        (r,) = layers
+        if not 0 < r <= shape.n_layers:
+            raise ValueError(f"a resid receiver is a layer in 1..{shape.n_layers} "
+                             f"({shape.n_layers}: the unembedding's input), got {r}")  # fmt: skip
+        return {r: []}
+    heads = list(parse_heads(receivers, shape))
+    if not heads:
+        raise ValueError("no receivers: name the receiver heads (e.g. 'L18H6,L20H1')")
+    units: dict[int, set[int]] = {}
+    for h in heads:
+        unit = h.head if receiver_input == "q" else shape.kv_head(h)
+        units.setdefault(h.layer, set()).add(unit)
+    return {la: sorted(u) for la, u in sorted(units.items())}
+
+
+def _point(receiver_input: str, layer: int, n_layers: int) -> str:
+    if receiver_input == "resid":
+        return (f"blocks.{layer}.hook_resid_pre" if layer < n_layers
+                else f"blocks.{n_layers - 1}.hook_resid_post")  # fmt: skip
+    return f"blocks.{layer}.attn.hook_{receiver_input}"
+
+
+def _shaped(x: Tensor, units: int) -> Tensor:
+    """x as [batch, pos, unit, d] (hooks may hand heads flattened)."""
+    return x.view(*x.shape[:2], units, -1)
+
+
+@torch.no_grad()
+def path_patch(
+    model,
+    clean: Sequence[int],
+    corrupt: Sequence[int],
+    metric: Metric,
+    *,
+    receivers,
+    receiver_input: ReceiverInput = "q",
+    senders: Sequence[Head] | str | None = None,
+    sets: dict[str, Sequence[Head]] | None = None,
+    direction: Direction = "denoise",
+    patch_from: int = 0,
+    via_mlps: bool = True,
+    batch_size: int = 32,
+    progress: bool = False,
+) -> PatchResult:
+    """The metric after patching the path from each sender head (alone) into `receivers`'
+    `receiver_input`, `values[layer, head]` (NaN for heads that are not senders). Default
+    senders: every head below the last receiver layer. `sets`: named sender sets whose paths
+    are patched jointly (all members at once; members not below the last receiver layer are
+    dropped), in `result.sets`; with `sets`, `senders=[]` skips the single senders. See the
+    module docstring."""
+    check_pair(model, clean, corrupt, direction, batch_size)
+    if receiver_input not in RECEIVER_INPUTS:
+        raise ValueError(f"receiver_input must be one of {RECEIVER_INPUTS}, got {receiver_input!r}")
+    shape = HeadShape.of(model)
+    n_layers, n_pos = shape.n_layers, len(clean)
+    units = _receiver_units(receivers, receiver_input, shape)
+    last = max(units)
+    if senders is None:
+        senders = [h for h in shape.all_heads() if h.layer < last]
+    senders = list(parse_heads(senders, shape)) if senders else []
+    late = [str(h) for h in senders if h.layer >= last]
+    if late:
+        raise ValueError(f"senders {late[:3]} are not below any receiver (last receiver layer "
+                         f"{last}): no path leads from them into the receivers")  # fmt: skip
+    if not senders and not sets:
+        raise ValueError("no senders: every sender must sit below the last receiver layer")
+    if not 0 <= patch_from < n_pos:
+        raise ValueError(f"patch_from must lie in [0, {n_pos}), got {patch_from}")
+    t0 = time.perf_counter()
+    device = model.cfg.device
+    start = shared_start(clean, corrupt, patch_from)
+    keep = min(start, n_pos - 1)
+    resid_c, z_c, logits_c = _cache(model, torch.tensor([list(clean)], device=device), keep)
+    resid_x, z_x, logits_x = _cache(model, torch.tensor([list(corrupt)], device=device), keep)
+    m_clean, m_corrupt = float(metric(logits_c)[0]), float(metric(logits_x)[0])
+    target, t_resid, t_z, s_z = (
+        (corrupt, resid_x, z_x, z_c) if direction == "denoise" else (clean, resid_c, z_c, z_x)
+    )
+    m_target = m_corrupt if direction == "denoise" else m_clean
+    values = torch.full((n_layers, shape.n_heads), float("nan"))
+    settings = {
+        "receiver_input": receiver_input,
+        "receivers": {f"L{la}": u for la, u in units.items()},
+        "receiver_units": "heads" if receiver_input == "q" else
+                          "kv_groups" if receiver_input in ("k", "v") else "residual stream",
+        "via_mlps": via_mlps, "n_senders": len(senders), "n_positions": n_pos,
+        "shared_prefix": start, "patch_from": patch_from, "batch_size": batch_size,
+    }  # fmt: skip
+    if start == n_pos:
+        for h in senders:
+            values[h] = m_target
+        joint = dict.fromkeys(sets or {}, m_target)
+        return PatchResult(values, m_clean, m_corrupt, direction, False, settings, joint)
+    prefix = prefix_cache(model, target[:start]) if start > 0 else None
+    mlp_out = None if via_mlps else _mlp_outputs(model, target, keep, start)
+    bar = tqdm(total=len(senders), desc=f"path patch ({receiver_input})", disable=not progress,
+               leave=False)  # fmt: skip
+    for chunk in layer_batches(sorted(senders), batch_size, n_layers):
+        recorded = _pass_one(model, [[h] for h in chunk], t_resid, t_z, s_z, mlp_out, units,
+                             receiver_input, prefix)  # fmt: skip
+        logits = _pass_two(model, recorded, units, receiver_input, t_resid, prefix, len(chunk))
+        for h, v in zip(chunk, metric(logits).float().cpu(), strict=True):
+            values[h] = v
+        bar.update(len(chunk))
+    bar.close()
+    joint = {}
+    for name, members in (sets or {}).items():
+        members = [h for h in parse_heads(members, shape) if h.layer < last]
+        if not members:
+            joint[name] = m_target
+            continue
+        recorded = _pass_one(model, [members], t_resid, t_z, s_z, mlp_out, units,
+                             receiver_input, prefix)  # fmt: skip
+        logits = _pass_two(model, recorded, units, receiver_input, t_resid, prefix, 1)
+        joint[name] = float(metric(logits)[0])
+    settings["seconds"] = round(time.perf_counter() - t0, 3)
+    return PatchResult(values, m_clean, m_corrupt, direction, False, settings, joint)
+
+
+def _mlp_outputs(model, target: Sequence[int], keep: int, start: int) -> dict[int, Tensor]:
+    """The target's MLP writes per layer, from `start` on (for `via_mlps=False`)."""
+    out: dict[int, Tensor] = {}
+
+    def grab(x: Tensor, hook, *, layer: int) -> None:
+        out[layer] = x[0, start:].detach().clone()
+
+    hooks = [(f"blocks.{la}.hook_mlp_out", partial(grab, layer=la))
+             for la in range(model.cfg.n_layers)]  # fmt: skip
+    with model.hooks(fwd_hooks=hooks):
+        model(torch.tensor([list(target)], device=model.cfg.device), logits_to_keep=1)
+    return out
+
+
+def _pass_one(model, variants: list[list[Head]], t_resid, t_z, s_z, mlp_out, units,
+              receiver_input: str, prefix) -> dict[int, Tensor]:  # fmt: skip
+    """Pass 1, one batch row per variant (a list of sender heads patched together): the
+    senders' source z, every other head (and with `mlp_out`, every MLP) frozen at the target's;
+    returns the receivers' inputs per receiver layer [batch, pos, unit, d] ([batch, pos,
+    d_model] for resid)."""
+    n_layers = model.cfg.n_layers
+    rows = len(variants)
+    first = min(h.layer for v in variants for h in v)
+    last = max(units)
+    recorded: dict[int, Tensor] = {}
+    shape = HeadShape.of(model)
+    n_units = shape.n_heads if receiver_input == "q" else shape.n_kv_heads
+
+    def write_z(z: Tensor, hook, *, la: int) -> Tensor:
+        out = t_z[la][None].expand(rows, -1, -1, -1).clone()
+        for i, variant in enumerate(variants):
+            for h in variant:
+                if h.layer == la:
+                    out[i, :, h.head] = s_z[la][:, h.head]
+        return out.reshape(z.shape)
+
+    def frozen_mlp(x: Tensor, hook, *, la: int) -> Tensor:
+        return mlp_out[la][None].expand(rows, -1, -1).to(x.dtype)
+
+    def record(x: Tensor, hook, *, la: int) -> None:
+        x = x.detach().clone()
+        recorded[la] = x if receiver_input == "resid" else _shaped(x, n_units)
+        if la == last:
+            raise _Recorded
+
+    hooks = [(f"blocks.{la}.attn.hook_z", partial(write_z, la=la)) for la in range(first, n_layers)]
+    if mlp_out is not None:
+        hooks += [(f"blocks.{la}.hook_mlp_out", partial(frozen_mlp, la=la))
+                  for la in range(first, n_layers)]  # fmt: skip
+    hooks += [(_point(receiver_input, la, n_layers), partial(record, la=la)) for la in units]
+    resid = t_resid[first][None].expand(rows, -1, -1)
+    try:
+        run_from_layer(model, resid, first, hooks=hooks, prefix_kv=prefix)
+    except _Recorded:
+        pass
+    return recorded
+
+
+def _pass_two(model, recorded: dict[int, Tensor], units: dict[int, list[int]],
+              receiver_input: str, t_resid, prefix, rows: int) -> Tensor:  # fmt: skip
+    """Pass 2: the target with only the receivers' inputs replaced by the recorded ones (under
+    GQA a key or value input is its KV group's: every query head of the group reads it)."""
+    n_layers = model.cfg.n_layers
+    if receiver_input == "resid":
+        (r,) = units
+        if r < n_layers:
+            return run_from_layer(model, recorded[r], r, prefix_kv=prefix)
+        hook = (f"blocks.{n_layers - 1}.hook_resid_post", lambda x, hook: recorded[r])
+        resid = t_resid[n_layers - 1][None].expand(rows, -1, -1)
+        return run_from_layer(model, resid, n_layers - 1, hooks=[hook], prefix_kv=prefix)
+
+    def write(x: Tensor, hook, *, la: int) -> Tensor:
+        if la not in recorded:  # a receiver at or below the senders' layer: its input is unchanged
+            return x
+        x = x.clone()
+        rec = recorded[la]
+        _shaped(x, rec.shape[2])[:, :, units[la]] = rec[:, :, units[la]]
+        return x
+
+    hooks = [(_point(receiver_input, la, n_layers), partial(write, la=la)) for la in units]
+    first = min(units)
+    resid = t_resid[first][None].expand(rows, -1, -1)
+    return run_from_layer(model, resid, first, hooks=hooks, prefix_kv=prefix)

@@ -1,0 +1,184 @@
+"""Oracle tests of exact path patching on tiny MHA/GQA/MQA models: a hand-written two-pass hook
+reference, the direct effect on the logits, and TransformerLens' direct path patching."""
+
+from functools import partial
+
+import pytest
+import torch
+
+from mechinterp.heads import Head, HeadShape
+from mechinterp.interventions.patching import logit_diff_metric, patch_heads
+from mechinterp.interventions.paths import path_patch
+
+CLEAN = [1, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22]
+CORRUPT = [1, 10, 11, 40, 41, 14, 15, 16, 17, 18, 19, 20, 21, 22]  # positions 3-4 replaced
+
+
+@pytest.fixture(scope="module")
+def deep(tmp_path_factory):
+    """4 layers, GQA, so that paths can run through layers in between."""
+    from mechinterp.models.tiny import tiny_model
+
+    return tiny_model(n_layers=4, n_kv_heads=2, seed=5,
+                      directory=tmp_path_factory.mktemp("deep"))  # fmt: skip
+
+
+def metric_for(model):
+    with torch.no_grad():
+        lc = model(torch.tensor([CLEAN]))[0, -1]
+        lx = model(torch.tensor([CORRUPT]))[0, -1]
+    return logit_diff_metric(int((lc - lx).argmax()), int((lx - lc).argmax()))
+
+
+def run_all(model, ids, hooks=()):
+    with torch.no_grad(), model.hooks(fwd_hooks=list(hooks)):
+        return model(torch.tensor([ids]))[:, -1]
+
+
+def grab(model, ids, names):
+    store = {}
+
+    def keep(x, hook, *, name):
+        store[name] = x.detach().clone()
+
+    run_all(model, ids, [(n, partial(keep, name=n)) for n in names])
+    return store
+
+
+def hand_path_patch(model, sender, receivers, receiver_input, metric, start, via_mlps=True):
+    """Two full forwards of the corrupt prompt, hooks only: pass 1 patches the sender's z from
+    the clean run at positions >= start and freezes every other head (and without `via_mlps`
+    every MLP) at its corrupt value, recording the receivers' inputs; pass 2 writes them."""
+    shape = HeadShape.of(model)
+    n_layers = shape.n_layers
+    z_names = [f"blocks.{la}.attn.hook_z" for la in range(n_layers)]
+    mlp_names = [f"blocks.{la}.hook_mlp_out" for la in range(n_layers)]
+    clean = grab(model, CLEAN, z_names)
+    corrupt = grab(model, CORRUPT, z_names + mlp_names)
+
+    def z_hook(x, hook, *, la):
+        out = corrupt[z_names[la]].clone().view(*x.shape[:2], shape.n_heads, -1)
+        if la == sender.layer:
+            src = clean[z_names[la]].view(*x.shape[:2], shape.n_heads, -1)
+            out[:, start:, sender.head] = src[:, start:, sender.head]
+        return out.view(x.shape)
+
+    hooks = [(z_names[la], partial(z_hook, la=la)) for la in range(sender.layer, n_layers)]
+    if not via_mlps:
+        hooks += [(mlp_names[la], lambda x, hook, la=la: corrupt[mlp_names[la]])
+                  for la in range(sender.layer, n_layers)]  # fmt: skip
+    layers = sorted({h.layer for h in receivers})
+    points = [f"blocks.{la}.attn.hook_{receiver_input}" for la in layers]
+    recorded = {}
+
+    def record(x, hook, *, name):
+        recorded[name] = x.detach().clone()
+
+    run_all(model, CORRUPT, hooks + [(p, partial(record, name=p)) for p in points])
+
+    def write(x, hook, *, la, name):
+        x = x.clone()
+        for h in receivers:
+            if h.layer == la:
+                u = h.head if receiver_input == "q" else shape.kv_head(h)
+                x[:, :, u] = recorded[name][:, :, u]
+        return x
+
+    logits = run_all(model, CORRUPT, [(p, partial(write, la=la, name=p))
+                                      for la, p in zip(layers, points, strict=True)])  # fmt: skip
+    return float(metric(logits)[0])
+
+
+@pytest.mark.parametrize("receiver_input", ["q", "k", "v"])
+@pytest.mark.parametrize("patch_from", [0, 9])
+def test_path_patching_equals_a_hand_written_two_pass_reference(deep, receiver_input, patch_from):
+    metric = metric_for(deep)
+    receivers = [Head(2, 1), Head(3, 0), Head(3, 3)]
+    for via_mlps in (True, False):
+        res = path_patch(deep, CLEAN, CORRUPT, metric, receivers=receivers,
+                         receiver_input=receiver_input, patch_from=patch_from,
+                         via_mlps=via_mlps, batch_size=3)  # fmt: skip
+        senders = [h for h in HeadShape.of(deep).all_heads() if h.layer < 3]
+        assert int((~res.values.isnan()).sum()) == len(senders)
+        for s in senders:
+            want = hand_path_patch(deep, s, receivers, receiver_input, metric,
+                                   max(3, patch_from), via_mlps)  # fmt: skip
+            assert float(res.values[s]) == pytest.approx(want, abs=2e-5), (s, via_mlps)
+    assert (res.values - res.corrupt).nan_to_num().abs().max() > 1e-3
+
+
+def test_a_single_sender_into_the_unembedding_is_its_direct_effect(tiny):
+    metric = metric_for(tiny)
+    shape = HeadShape.of(tiny)
+    n = shape.n_layers
+    z_name = "blocks.0.attn.hook_z"
+    clean, corrupt = grab(tiny, CLEAN, [z_name]), grab(tiny, CORRUPT, [z_name])
+    post = f"blocks.{n - 1}.hook_resid_post"
+    final = grab(tiny, CORRUPT, [post])[post]
+    res = path_patch(tiny, CLEAN, CORRUPT, metric, receivers=[n], receiver_input="resid",
+                     via_mlps=False)  # fmt: skip
+    w_o = tiny.blocks[0].attn.W_O
+    for h in range(shape.n_heads):
+        dz = (clean[z_name] - corrupt[z_name]).view(1, len(CLEAN), shape.n_heads, -1)[0, :, h]
+        resid = final[0, -1] + dz[-1] @ w_o[h]
+        with torch.no_grad():
+            logits = tiny.unembed(tiny.ln_final(resid[None, None]))[:, -1]
+        assert float(res.values[0, h]) == pytest.approx(float(metric(logits)[0]), abs=1e-5)
+    # with the MLPs recomputing, the same path also carries the head's effect through them
+    via = path_patch(tiny, CLEAN, CORRUPT, metric, receivers=[n], receiver_input="resid")
+    assert (via.values[0] - res.values[0]).abs().max() > 1e-5
+    # into the whole stream entering layer 1, a layer-0 head's path is all its effect
+    at1 = path_patch(tiny, CLEAN, CORRUPT, metric, receivers=[1], receiver_input="resid")
+    exact = patch_heads(tiny, CLEAN, CORRUPT, metric, heads="L0H0,L0H1")
+    torch.testing.assert_close(at1.values[0, :2], exact.values[0, :2], atol=1e-5, rtol=0)
+
+
+def test_direct_edges_equal_transformer_lens(tmp_path_factory):
+    """`via_mlps=False` is the exact edge sender → receiver input: TransformerLens'
+    `get_act_patch_direct_path` (MHA: it refuses k / v under GQA)."""
+    from transformer_lens import patching as tl_patching
+
+    from mechinterp.models.tiny import tiny_model
+
+    model = tiny_model(n_layers=3, n_kv_heads=4, seed=2, directory=tmp_path_factory.mktemp("mha3"))
+    metric = metric_for(model)
+    _, clean_cache = model.run_with_cache(torch.tensor([CLEAN]))
+    _, corrupt_cache = model.run_with_cache(torch.tensor([CORRUPT]))
+    for component in ("q", "k", "v"):
+        theirs = tl_patching.get_act_patch_direct_path(
+            model, torch.tensor([CORRUPT]), clean_cache, corrupt_cache,
+            lambda lg: metric(lg[:, -1]).squeeze(), src_layer=0, src_head=1,
+            component=component, verbose=False,
+        )  # fmt: skip
+        for dst in (Head(1, 2), Head(2, 0)):
+            ours = path_patch(model, CLEAN, CORRUPT, metric, senders=[Head(0, 1)], receivers=[dst],
+                              receiver_input=component, via_mlps=False)  # fmt: skip
+            assert float(ours.values[0, 1]) == pytest.approx(float(theirs[dst]), abs=2e-5)
+
+
+def test_bad_path_requests_are_clear_errors(tiny):
+    metric = metric_for(tiny)
+    with pytest.raises(ValueError, match="not below any receiver"):
+        path_patch(tiny, CLEAN, CORRUPT, metric, receivers="L0H1", senders="L1H0")
+    with pytest.raises(ValueError, match="receiver_input must be"):
+        path_patch(tiny, CLEAN, CORRUPT, metric, receivers="L1H1", receiver_input="o")
+    with pytest.raises(ValueError, match="one layer index"):
+        path_patch(tiny, CLEAN, CORRUPT, metric, receivers=[1, 2], receiver_input="resid")
+    with pytest.raises(ValueError, match="no receivers"):
+        path_patch(tiny, CLEAN, CORRUPT, metric, receivers=[])
+
+
+def test_a_joint_sender_set_into_a_layers_input_is_joint_patching_of_the_set(deep):
+    """Every head below layer 2, together, into the whole stream entering layer 2: nothing
+    below it is frozen, so the path is the set's whole effect (`patch_heads` with `sets`)."""
+    metric = metric_for(deep)
+    below = [h for h in HeadShape.of(deep).all_heads() if h.layer < 2]
+    res = path_patch(deep, CLEAN, CORRUPT, metric, receivers=[2], receiver_input="resid",
+                     senders=[], sets={"below": below, "one": below[:1]}, patch_from=5)  # fmt: skip
+    exact = patch_heads(deep, CLEAN, CORRUPT, metric, heads=[], patch_from=5,
+                        sets={"below": below})  # fmt: skip
+    assert res.sets["below"] == pytest.approx(exact.sets["below"], abs=1e-5)
+    alone = path_patch(deep, CLEAN, CORRUPT, metric, receivers=[2], receiver_input="resid",
+                       senders=below[:1], patch_from=5)  # fmt: skip
+    assert res.sets["one"] == pytest.approx(float(alone.values[below[0]]), abs=1e-6)
+    assert abs(res.sets["below"] - res.corrupt) > 1e-3
