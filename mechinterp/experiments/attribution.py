@@ -106,9 +106,8 @@ def atp_shard(model, *, example: dict, chosen: list[str], direction: str, qk_fix
                      "exact": value, "atp_recovery": recovery(float(plain.values[h])),
                      "atp_star_recovery": recovery(float(star.values[h])),
                      "exact_recovery": recovery(value), "clean_metric": star.clean,
-                     "corrupt_metric": star.corrupt, "corrupted_position": c.position,
-                     "seconds_atp": plain.settings["seconds"],
-                     "seconds_atp_star": star.settings["seconds"]})  # fmt: skip
+                     "corrupt_metric": star.corrupt,
+                     "corrupted_position": c.position})  # fmt: skip
     return pd.DataFrame(rows)
 
 
@@ -141,9 +140,7 @@ def atp_finish(config: AtpConfig, df: pd.DataFrame, plan: Plan, card) -> dict:
         seen = g.dropna(subset=["exact"])
         pairs.append({"example_id": ex, "n_verified": len(seen),
                       "spearman_verified": seen["atp_star"].corr(seen["exact"], method="spearman")
-                      if len(seen) > 2 else float("nan"),
-                      "seconds_atp": g["seconds_atp"].iloc[0],
-                      "seconds_atp_star": g["seconds_atp_star"].iloc[0]})  # fmt: skip
+                      if len(seen) > 2 else float("nan")})  # fmt: skip
     return {"atp": df, "heads": heads, "pairs": pd.DataFrame(pairs)}
 
 
@@ -202,33 +199,46 @@ class PathPatchConfig:
         return f"path-patch-{self.direction}-{Path(self.model.name).name}-{self.task.slug}"
 
 
-def path_patch_shard(model, *, example: dict, receivers: list[str], inputs: list[str],
-                     via_mlps: bool, direction: str, batch_size: int, template,
-                     seed: int) -> pd.DataFrame:  # fmt: skip
-    """One row per (input, sender), and one per input for all upstream heads together."""
+def path_table(model, clean, corrupt, metric, receivers: list[str], inputs: list[str], *,
+               via_mlps: bool, batch_size: int, facts: dict, direction: str = "denoise",
+               patch_from: int = 0, name: str = "head_name") -> pd.DataFrame:  # fmt: skip
+    """Path patching of every head below the last receiver, alone (`kind = sender`) and all
+    together (`kind = set`, `upstream`), into the receivers' `inputs`, one row each with
+    `facts`, the metrics and the recovery; the sender's name goes in column `name`."""
     from mechinterp.heads import HeadShape, parse_heads
     from mechinterp.interventions.paths import path_patch
 
-    prompt, c, metric = _pair(model, example, template, seed)
     shape = HeadShape.of(model)
     heads = parse_heads(receivers, shape)
     upstream = [h for h in shape.all_heads() if h.layer < max(h.layer for h in heads)]
     rows = []
     for inp in inputs:
-        res = path_patch(model, c.clean, c.corrupt, metric, receivers=heads, receiver_input=inp,
+        res = path_patch(model, clean, corrupt, metric, receivers=heads, receiver_input=inp,
                          senders=upstream, sets={"upstream": upstream}, direction=direction,
-                         via_mlps=via_mlps, batch_size=batch_size)  # fmt: skip
-        base = {"example_id": prompt.example_id, "receiver_input": inp,
+                         patch_from=patch_from, via_mlps=via_mlps,
+                         batch_size=batch_size)  # fmt: skip
+        base = {**facts, "receiver_input": inp, "receivers": ",".join(receivers),
+                "receiver_units": res.settings["receiver_units"], "via_mlps": via_mlps,
                 "clean_metric": res.clean, "corrupt_metric": res.corrupt,
-                "corrupted_position": c.position}  # fmt: skip
-        rows += [{**base, "kind": "sender", "head_name": str(h), "layer": h.layer,
-                  "head": h.head, "value": float(res.values[h])} for h in upstream]  # fmt: skip
-        rows.append({**base, "kind": "set", "head_name": "upstream", "layer": -1, "head": -1,
+                "flipped": res.clean > 0 > res.corrupt}  # fmt: skip
+        rows += [{**base, "kind": "sender", name: str(h), "layer": h.layer, "head": h.head,
+                  "value": float(res.values[h])} for h in upstream]  # fmt: skip
+        rows.append({**base, "kind": "set", name: "upstream", "layer": -1, "head": -1,
                      "value": res.sets["upstream"]})  # fmt: skip
     df = pd.DataFrame(rows)
     gap = df["clean_metric"] - df["corrupt_metric"]
     df["recovery"] = ((df["value"] - df["corrupt_metric"]) / gap).where(gap != 0)
     return df
+
+
+def path_patch_shard(model, *, example: dict, receivers: list[str], inputs: list[str],
+                     via_mlps: bool, direction: str, batch_size: int, template,
+                     seed: int) -> pd.DataFrame:  # fmt: skip
+    """One row per (input, sender), and one per input for all upstream heads together."""
+    prompt, c, metric = _pair(model, example, template, seed)
+    facts = {"example_id": prompt.example_id, "corrupted_position": c.position}
+    return path_table(model, c.clean, c.corrupt, metric, receivers, inputs, via_mlps=via_mlps,
+                      batch_size=batch_size, facts=facts, direction=direction)  # fmt: skip
 
 
 def path_plan(config: PathPatchConfig, model) -> Plan:
@@ -254,8 +264,7 @@ def path_plan(config: PathPatchConfig, model) -> Plan:
 
 
 def path_finish(config: PathPatchConfig, df: pd.DataFrame, plan: Plan, card) -> dict:
-    df = df.assign(model=card.id, direction=config.direction, via_mlps=config.via_mlps,
-                   receivers=",".join(plan.facts["receivers"]),
+    df = df.assign(model=card.id, direction=config.direction,
                    config_hash=store.config_hash(config))  # fmt: skip
     valid = _flipped(df)
     keys = ["receiver_input", "layer", "head", "head_name"]

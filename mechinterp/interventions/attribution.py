@@ -1,5 +1,6 @@
 """Attribution patching of per-head outputs (`hook_z`): every head screened from two forwards and
-one backward, then the top of the ranking verified exactly (`patch_heads(..., screen=...)`).
+one backward, then the top of the ranking verified exactly (`patch_heads(..., screen=...)`,
+`patching.screen_heads`).
 
 - AtP (Nanda 2022; Syed et al. 2023): patching head h from the source run into the target run
   moves the metric by about (z_source − z_target)_h · ∂M/∂z_h, the gradient taken on the target
@@ -25,13 +26,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Literal
 
 import torch
 from torch import Tensor
 
-from mechinterp.heads import Head, HeadShape, parse_heads
-from mechinterp.interventions.patching import (
+from mechinterp.heads import Head, HeadShape
+from mechinterp.interventions.resume import (
     Direction,
     Metric,
     PatchResult,
@@ -43,8 +43,6 @@ from mechinterp.interventions.patching import (
     shared_start,
 )
 from mechinterp.models.kv_cache import cache_kwargs
-
-Screen = Literal["atp", "atp*"]
 
 
 @dataclass(frozen=True)
@@ -154,6 +152,8 @@ def attribution_patch(
     The QK fix batches every sender of a receiver layer into one forward, as far as
     `QK_BLOCK_BYTES` allows. `result.prepared` holds the pair's runs for `patch_heads`."""
     check_pair(model, clean, corrupt, direction, 1)
+    if qk_fix and per_position:
+        raise ValueError("qk_fix estimates whole heads; use per_position with plain AtP")
     shape = HeadShape.of(model)
     n_pos = len(clean)
     if not 0 <= patch_from < n_pos:
@@ -181,8 +181,6 @@ def attribution_patch(
         zeros = torch.zeros(out_shape)
         return AttributionResult(zeros + m, clean_m, corrupt_m, direction, per_position,
                                  settings, score=zeros)  # fmt: skip
-    if qk_fix and per_position:
-        raise ValueError("qk_fix estimates whole heads; use per_position with plain AtP")
     logits, z_tgt, writes, resid, vals = _target_graph(
         model, target, start, prefix, keep_outputs=grad_drop, keep_inputs=qk_fix
     )
@@ -278,16 +276,15 @@ def _qk_fix(model, start: int, prefix, dz: dict[int, Tensor], grads: Sequence[Te
     g_z(r)[t] · v(r)[s]. AtP's own term for that path is lin's, so the sum replaces it with the
     exact pattern change. Paths from h into r's queries and keys through layers in between stay
     linear."""
-    from mechinterp.interventions.cross import _o_proj
-    from mechinterp.interventions.patching import run_from_layer
-    from mechinterp.models.attention import RowReader, read_rows
+    from mechinterp.interventions.resume import run_from_layer
+    from mechinterp.models.attention import RowReader, output_projection, read_rows
 
     shape = HeadShape.of(model)
     n_layers, n_heads = shape.n_layers, shape.n_heads
     out = torch.zeros(n_layers, n_heads)
     writes = {}
     for la in range(n_layers - 1):
-        w, _ = _o_proj(model, la)  # [d_model, head · d_head]
+        w, _ = output_projection(model, la)  # [d_model, head · d_head]
         d_head = w.shape[1] // n_heads
         w = w.float().reshape(w.shape[0], n_heads, d_head)
         writes[la] = torch.einsum("phd,mhd->hpm", dz[la].float(), w)  # [head, pos, d_model]
@@ -337,50 +334,3 @@ def _qk_fix(model, start: int, prefix, dz: dict[int, Tensor], grads: Sequence[Te
             for (la, h), v in zip(chunk, (exact - lin).tolist(), strict=True):
                 out[la, h] += v
     return out
-
-
-def screen_heads(
-    model,
-    clean: Sequence[int],
-    corrupt: Sequence[int],
-    metric: Metric,
-    *,
-    screen: Screen = "atp*",
-    verify_top: int = 30,
-    heads: Sequence[Head] | str | None = None,
-    direction: Direction = "denoise",
-    patch_from: int = 0,
-    batch_size: int = 32,
-    progress: bool = False,
-) -> PatchResult:
-    """Rank every head by AtP (`screen="atp"`) or AtP* (QK fix + GradDrop), patch the top
-    `verify_top` exactly, and return the exact `PatchResult` (NaN for heads not verified) with
-    the screen in `result.screen` and, in `settings["screen_misses"]`, for each n ≤ verify_top,
-    how many of the exact top-k verified heads (k = min(10, verify_top // 3), by |effect|)
-    rank below n in the screen: what verifying only the top n would have missed."""
-    from mechinterp.interventions.patching import patch_heads
-
-    if screen not in ("atp", "atp*"):
-        raise ValueError(f"screen must be 'atp' or 'atp*', got {screen!r}")
-    if verify_top < 1:
-        raise ValueError(f"verify_top must be >= 1, got {verify_top}")
-    shape = HeadShape.of(model)
-    pool = shape.all_heads() if heads is None else list(parse_heads(heads, shape))
-    star = screen == "atp*"
-    est = attribution_patch(model, clean, corrupt, metric, direction=direction,
-                            patch_from=patch_from, qk_fix=star, grad_drop=star)  # fmt: skip
-    ranked = est.ranking(pool)
-    verified = ranked[:verify_top]
-    exact = patch_heads(model, clean, corrupt, metric, direction=direction, heads=verified,
-                        patch_from=patch_from, batch_size=batch_size, progress=progress,
-                        prepared=est.prepared)  # fmt: skip
-    base = exact.corrupt if direction == "denoise" else exact.clean
-    by_exact = sorted(verified, key=lambda h: -abs(float(exact.values[h]) - base))
-    k = min(10, max(1, len(verified) // 3))
-    rank = {h: i for i, h in enumerate(ranked)}
-    misses = {n: sum(rank[h] >= n for h in by_exact[:k]) for n in range(1, len(verified) + 1)}
-    settings = {**exact.settings, "screen": screen, "verify_top": len(verified),
-                "screen_seconds": est.settings["seconds"], "screen_misses": misses,
-                "screen_k": k}  # fmt: skip
-    return PatchResult(exact.values, exact.clean, exact.corrupt, direction, False, settings,
-                       exact.sets, screen=est)  # fmt: skip

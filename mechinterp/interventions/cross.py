@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from mechinterp.analysis.headsets import Draw
 from mechinterp.heads import Head, HeadShape, parse_heads
 from mechinterp.interventions.knockout import _by_layer
+from mechinterp.models.attention import output_projection as _o_proj
 from mechinterp.models.kv_cache import NEW_NAME, OLD_NAME, cache_kwargs, new_cache, passed_cache
 from mechinterp.tasks.example import Example
 
@@ -76,24 +77,6 @@ def _cache_length(cache) -> int:
 #: value-weighted sum before the output projection (then read through the recipient's W_O).
 Patched = Literal["output", "z"]
 PATCHED: tuple[Patched, ...] = ("output", "z")
-
-
-def _o_proj(model, layer: int) -> tuple[Tensor, Tensor | None]:
-    """(weight `[d_model, head · d_head]`, bias) of `layer`'s attention output projection: an
-    `nn.Linear`, or GPT-2's `Conv1D` (weight stored transposed)."""
-    from transformers.pytorch_utils import Conv1D
-
-    o = model.blocks[layer].attn.o
-    proj = getattr(o, "original_component", o)
-    if isinstance(proj, torch.nn.Linear):
-        return proj.weight, proj.bias
-    if isinstance(proj, Conv1D):
-        return proj.weight.T, proj.bias
-    raise NotImplementedError(
-        f"{model.original_model.config.model_type}, layer {layer}: the attention output "
-        f"projection is a {type(proj).__name__}, neither a Linear nor a Conv1D; use "
-        "patched='z' instead"
-    )
 
 
 def _mixed_output(recipient, donor, layer: int, z_rec: Tensor, z_don: Tensor, heads: Tensor,
@@ -349,7 +332,7 @@ def cross_rows(
     for the donor alone.
     """
     from mechinterp.evaluate import greedy_decode, left_pad, pad_id
-    from mechinterp.interventions.patching import filled_cache
+    from mechinterp.interventions.resume import filled_cache
 
     shape = HeadShape.of(recipient)
     parsed = [parse_heads(hs, shape) for hs in sets]

@@ -17,254 +17,36 @@ screen="atp*")`) is in `mechinterp.interventions.attribution`; path patching in
 
 from __future__ import annotations
 
-import copy
 import time
-from collections.abc import Callable, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from functools import partial
 from typing import Literal
 
 import torch
-from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from mechinterp.heads import Head, HeadShape, parse_heads
-from mechinterp.interventions.knockout import _by_layer, family_name
-from mechinterp.models.kv_cache import cache_kwargs, new_cache
-
-Direction = Literal["denoise", "noise"]
-#: A metric maps last-position logits [batch, vocab] to one value per row [batch].
-Metric = Callable[[Tensor], Tensor]
-
-
-def logit_diff_metric(correct: int, wrong: int) -> Metric:
-    """logit[correct] − logit[wrong] at the last position."""
-    return lambda logits: logits[:, correct] - logits[:, wrong]
-
-
-def logprob_metric(token: int) -> Metric:
-    """log p(token) at the last position (the answer's log-prob)."""
-    return lambda logits: logits.float().log_softmax(-1)[:, token]
-
-
-def normalised_recovery(patched: Tensor, clean: float, corrupt: float) -> Tensor:
-    """(M_patched − M_corrupt) / (M_clean − M_corrupt); 1 = clean behaviour restored."""
-    if clean == corrupt:
-        raise ValueError("clean and corrupt metrics are equal: recovery is undefined")
-    return (patched - corrupt) / (clean - corrupt)
-
-
-@contextmanager
-def _resumed_at(model, layer: int, resid: Tensor):
-    """During the HF forward inside the block, blocks below `layer` pass their input through
-    unrun and block `layer` receives `resid` as its input.
-
-    The model's own forward still builds everything around the blocks (per-layer attention types
-    and masks, sliding windows, position ids and per-layer rotary tables, embedding scaling,
-    final norm, soft-capping), so nothing of its layer logic is re-implemented or sliced here.
-    """
-    blocks = list(model.blocks)
-    if not 0 <= layer < len(blocks):
-        raise ValueError(f"layer {layer} is outside the model's {len(blocks)} layers")
-
-    def skip(hidden_states, *args, **kwargs):
-        return hidden_states
-
-    def inject(module, args, kwargs):
-        if args:
-            return (resid, *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": resid}
-
-    own = [vars(b).get("forward") for b in blocks[:layer]]
-    for b in blocks[:layer]:  # on the instance; bridge components forward plain setattr
-        object.__setattr__(b, "forward", skip)
-    handle = blocks[layer].register_forward_pre_hook(inject, with_kwargs=True)
-    try:
-        yield
-    finally:
-        handle.remove()
-        for b, f in zip(blocks[:layer], own, strict=True):
-            if f is None:
-                object.__delattr__(b, "forward")
-            else:
-                object.__setattr__(b, "forward", f)
-
-
-@torch.no_grad()
-def resumable(model) -> bool:
-    """Whether `run_from_layer` runs `model` correctly: resuming from every layer on the residual
-    stream the model itself fed that layer must reproduce its own forward (a decoder layer that
-    returns something other than its hidden states, say, would fail). Probed once per model
-    (`load_model` does it at load, with no hooks attached, on 8 tokens) and remembered on it."""
-    known = getattr(model, "mechinterp_resumable", None)
-    if known is None:
-        ids = (torch.arange(1, 9, device=model.cfg.device) % model.cfg.d_vocab)[None, :]
-        resid: dict[int, Tensor] = {}
-
-        def keep(x: Tensor, hook, *, layer: int) -> None:
-            resid[layer] = x.detach()
-
-        n_layers = model.cfg.n_layers
-        hooks = [(f"blocks.{la}.hook_resid_pre", partial(keep, layer=la)) for la in range(n_layers)]
-        with model.hooks(fwd_hooks=hooks):
-            full = model(ids, logits_to_keep=1, use_cache=False)[:, -1].float()
-        known = True
-        model.mechinterp_resumable = True  # so run_from_layer runs for the probe itself
-        try:
-            for la in range(n_layers):
-                got = run_from_layer(model, resid[la], la).float()
-                known = known and bool(torch.allclose(got, full, atol=1e-3, rtol=1e-3))
-        except Exception as e:  # a model the resumed forward cannot run at all: say why
-            known = False
-            model.mechinterp_resume_error = f"{type(e).__name__}: {e}"
-        model.mechinterp_resumable = known
-    return known
-
-
-def check_resumable(model) -> None:
-    """Raise for a model `run_from_layer` would run wrongly (see `resumable`)."""
-    if not resumable(model):
-        why = getattr(model, "mechinterp_resume_error", None)
-        raise NotImplementedError(
-            f"{family_name(model)}: resuming a forward at a layer (skipping the blocks below it) "
-            "does not reproduce the model's own forward, so per-head patching from cached "
-            "residuals is refused for it" + (f" (the resumed forward failed: {why})" if why else "")
-        )
-
-
-@torch.no_grad()
-def run_from_layer(
-    model,
-    resid: Float[Tensor, "batch pos d_model"],
-    layer: int,
-    *,
-    hooks: Sequence = (),
-    prefix_kv=None,
-) -> Float[Tensor, "batch vocab"]:
-    """Last-position logits of blocks `layer`.. run on `resid` (the residual entering `layer`).
-
-    The model's own forward runs, with the blocks below `layer` skipped and `resid` fed to block
-    `layer` (see `_resumed_at`): each later block gets the attention type, mask, positions and
-    rotary table the model gives it. With `prefix_kv` (a `prefix_cache` of an unchanged prefix of
-    p positions), `resid` holds only the positions after the prefix, which attend to the cached
-    prefix instead of recomputing it.
-    """
-    n_layers = model.cfg.n_layers
-    if not 0 <= layer < n_layers:
-        raise ValueError(f"layer {layer} is outside the model's {n_layers} layers")
-    check_resumable(model)
-    cache = None if prefix_kv is None else shared_cache(model, prefix_kv, rows=resid.shape[0])
-    with _resumed_at(model, layer, resid), model.hooks(fwd_hooks=list(hooks)):
-        out = model.original_model(
-            inputs_embeds=torch.zeros_like(resid), logits_to_keep=1, **cache_kwargs(model, cache)
-        )
-    return out.logits[:, -1]
-
-
-@dataclass(frozen=True)
-class PatchResult:
-    """Metric after patching each head (`values[layer, head]`, or `[layer, head, pos]` per
-    position), plus the unpatched clean and corrupt metrics."""
-
-    values: Tensor
-    clean: float
-    corrupt: float
-    direction: Direction
-    per_position: bool
-    settings: dict = field(default_factory=dict)
-    sets: dict[str, float] = field(default_factory=dict)  # metric per jointly patched head set
-    screen: PatchResult | None = None  # the attribution screen, when the heads were screened
-
-    @property
-    def recovery(self) -> Tensor:
-        return normalised_recovery(self.values, self.clean, self.corrupt)
-
-
-def _cache(
-    model, ids: Tensor, keep_from: int = 0
-) -> tuple[dict[int, Tensor], dict[int, Tensor], Tensor]:
-    """(resid_pre per layer, z per layer [pos, head, d_head], last-position logits) of one run,
-    activations kept from position `keep_from` on (patching needs no more: memory ∝ what is
-    patched, not the context)."""
-    n_layers = model.cfg.n_layers
-    resid: dict[int, Tensor] = {}
-    z: dict[int, Tensor] = {}
-
-    def keep(x, hook, *, store, layer):
-        store[layer] = x[0, keep_from:].detach().clone()
-
-    hooks = []
-    for la in range(n_layers):
-        hooks.append((f"blocks.{la}.hook_resid_pre", partial(keep, store=resid, layer=la)))
-        hooks.append((f"blocks.{la}.attn.hook_z", partial(keep, store=z, layer=la)))
-    with torch.no_grad(), model.hooks(fwd_hooks=hooks):
-        logits = model(ids, logits_to_keep=1)[:, -1]
-    shape = HeadShape.of(model)
-    z = {la: v.view(v.shape[0], shape.n_heads, -1) for la, v in z.items()}
-    return resid, z, logits
-
-
-@torch.no_grad()
-def prefix_cache(model, ids: Sequence[int]):
-    """The model's own KV cache (one row) after running `ids`; `filled_cache` copies it per use.
-
-    The cache object is kept whole, not its key/value tensors: a sliding-window layer keeps only
-    its last window of keys but counts every position seen, and that count places the tokens
-    that follow (their RoPE positions and masks)."""
-    cache = new_cache(model)
-    model(
-        torch.tensor([list(ids)], device=model.cfg.device),
-        logits_to_keep=1,
-        **cache_kwargs(model, cache),
-    )
-    return cache
-
-
-def filled_cache(model, prefix, *, rows: int):
-    """A fresh copy of `prefix` (from `prefix_cache`) for a batch of `rows` rows (for
-    generation, which extends it; one forward over a shared prefix: `shared_cache`)."""
-    cache = copy.deepcopy(prefix)
-    if rows > 1:
-        cache.batch_repeat_interleave(rows)
-    return cache
-
-
-def _shared_layer(layer, rows: int):
-    """A shallow copy of one layer of a one-row prefix cache, read by `rows` batch rows in a
-    single forward: its update returns the prefix's keys and values broadcast over the rows,
-    then the new ones, as a copied cache would, and keeps nothing. Memory: one layer's rows ×
-    positions at a time instead of every layer's."""
-
-    def update(key_states: Tensor, value_states: Tensor, *args, **kwargs):
-        keys = layer.keys.expand(rows, *layer.keys.shape[1:])
-        values = layer.values.expand(rows, *layer.values.shape[1:])
-        return torch.cat([keys, key_states], dim=-2), torch.cat([values, value_states], dim=-2)
-
-    shared = copy.copy(layer)
-    shared.update = update
-    return shared
-
-
-def shared_cache(model, prefix, *, rows: int):
-    """`prefix` (a one-row `prefix_cache`) for one forward of `rows` rows after it, without a
-    copy per row: each layer's keys are broadcast when the layer runs. The cache is not
-    extended, so it serves a single forward (teacher forcing, patching), not generation; caches
-    of other layer types (static, quantised, recording past states) are copied instead."""
-    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
-
-    layers = getattr(prefix, "layers", None)
-    plain = layers is not None and all(
-        type(layer) is DynamicLayer
-        or (type(layer) is DynamicSlidingWindowLayer and not layer.record_past)
-        for layer in layers
-    )
-    if not plain or rows == 1:
-        return filled_cache(model, prefix, rows=rows)
-    cache = copy.copy(prefix)
-    cache.layers = [_shared_layer(layer, rows) for layer in layers]
-    return cache
+from mechinterp.interventions.knockout import _by_layer
+from mechinterp.interventions.resume import (  # noqa: F401  (re-exported: the patching API)
+    Direction,
+    Metric,
+    PatchResult,
+    Prepared,
+    _cache,
+    check_pair,
+    check_resumable,
+    filled_cache,
+    layer_batches,
+    logit_diff_metric,
+    logprob_metric,
+    normalised_recovery,
+    prefix_cache,
+    resumable,
+    run_from_layer,
+    shared_cache,
+    shared_start,
+)
 
 
 def _write_z(
@@ -283,79 +65,6 @@ def _write_z(
         else:
             shaped[i, p - start, h] = source[p - start, h]
     return z
-
-
-def layer_batches(variants: list[tuple], batch_size: int, n_layers: int) -> list[list[tuple]]:
-    """Variants (tuples starting with their layer, in layer order) cut into batches of at most
-    `batch_size`. A batch runs from its first row's layer, so rows patched higher up recompute
-    the layers in between unpatched: batches fill across layers only within a span of
-    max(1, (layers left) // 8) layers, where that extra work stays small next to what a forward
-    costs per call."""
-    out: list[list[tuple]] = []
-    for v in variants:
-        last = out[-1] if out else None
-        if (last is None or len(last) >= batch_size
-                or v[0] - last[0][0] > max(1, (n_layers - last[0][0]) // 8)):  # fmt: skip
-            out.append([v])
-        else:
-            last.append(v)
-    return out
-
-
-def check_pair(model, clean: Sequence[int], corrupt: Sequence[int], direction: str,
-               batch_size: int) -> None:  # fmt: skip
-    """Refuse a clean / corrupt pair (or options) that patching cannot use, naming the fix."""
-    if len(clean) != len(corrupt):
-        raise ValueError(
-            f"clean ({len(clean)} tokens) and corrupt ({len(corrupt)}) must have the same length: "
-            "corrupt by symmetric token replacement"
-        )
-    if direction not in ("denoise", "noise"):
-        raise ValueError(f"direction must be 'denoise' or 'noise', got {direction!r}")
-    if batch_size < 1:
-        raise ValueError("batch_size must be >= 1")
-    from mechinterp.models.tokens import check_token_ids
-
-    check_token_ids(model, clean, "clean")
-    check_token_ids(model, corrupt, "corrupt")
-
-
-def shared_start(clean: Sequence[int], corrupt: Sequence[int], patch_from: int) -> int:
-    """The first position patching can change: before the first differing token both runs are
-    identical (causal attention), and nothing before `patch_from` is patched. len(clean) when
-    nothing differs from `patch_from` on."""
-    differ = [i for i, (a, b) in enumerate(zip(clean, corrupt, strict=True)) if a != b]
-    return max(differ[0], patch_from) if differ else len(clean)
-
-
-@dataclass(frozen=True)
-class Prepared:
-    """What patching needs of a clean / corrupt pair besides the patched forwards: the first
-    patched position, the metrics of both runs, the target's residual stream and the source's
-    z per layer from `start` on, and the target's KV cache for the prefix before it."""
-
-    start: int
-    m_clean: float
-    m_corrupt: float
-    target_resid: dict[int, Tensor]
-    source_z: dict[int, Tensor]
-    prefix: object | None
-
-    @classmethod
-    @torch.no_grad()
-    def of(cls, model, clean, corrupt, metric, direction: str, patch_from: int) -> Prepared:
-        device = model.cfg.device
-        n_pos = len(clean)
-        start = shared_start(clean, corrupt, patch_from)
-        keep = min(start, n_pos - 1)
-        resid_c, z_c, logits_c = _cache(model, torch.tensor([list(clean)], device=device), keep)
-        resid_x, z_x, logits_x = _cache(model, torch.tensor([list(corrupt)], device=device), keep)
-        target, target_resid, source_z = (
-            (corrupt, resid_x, z_c) if direction == "denoise" else (clean, resid_c, z_x)
-        )
-        prefix = prefix_cache(model, target[:start]) if 0 < start < n_pos else None
-        m_clean, m_corrupt = float(metric(logits_c)[0]), float(metric(logits_x)[0])
-        return cls(start, m_clean, m_corrupt, target_resid, source_z, prefix)
 
 
 @torch.no_grad()
@@ -388,14 +97,12 @@ def patch_heads(
     from `patch_from`), in `result.sets`; with `sets`, `heads=[]` skips the per-head variants.
     Heads not listed (or positions not listed) are NaN in the result.
     `screen="atp*"` (or `"atp"`): rank the heads by attribution patching first and patch only
-    the `verify_top` best exactly (`attribution.screen_heads`; the ranking is `result.screen`).
+    the `verify_top` best exactly (`screen_heads`; the ranking is `result.screen`).
     `prepared`: the pair's runs from an earlier call on the same pair (`Prepared`).
     """
     if screen is not None:
         if per_position or sets or positions is not None:
             raise ValueError("screen= ranks whole heads: drop per_position, positions and sets")
-        from mechinterp.interventions.attribution import screen_heads
-
         return screen_heads(model, clean, corrupt, metric, screen=screen, verify_top=verify_top,
                             heads=heads, direction=direction, patch_from=patch_from,
                             batch_size=batch_size, progress=progress)  # fmt: skip
@@ -471,6 +178,53 @@ def patch_heads(
         "seconds": round(time.perf_counter() - t0, 3),
     }
     return PatchResult(values, m_clean, m_corrupt, direction, per_position, settings, joint)
+
+
+def screen_heads(
+    model,
+    clean: Sequence[int],
+    corrupt: Sequence[int],
+    metric: Metric,
+    *,
+    screen: Literal["atp", "atp*"] = "atp*",
+    verify_top: int = 30,
+    heads: Sequence[Head] | str | None = None,
+    direction: Direction = "denoise",
+    patch_from: int = 0,
+    batch_size: int = 32,
+    progress: bool = False,
+) -> PatchResult:
+    """Rank every head by AtP (`screen="atp"`) or AtP* (QK fix + GradDrop), patch the top
+    `verify_top` exactly, and return the exact `PatchResult` (NaN for heads not verified) with
+    the screen in `result.screen` and, in `settings["screen_misses"]`, for each n ≤ verify_top,
+    how many of the exact top-k verified heads (k = min(10, verify_top // 3), by |effect|)
+    rank below n in the screen: what verifying only the top n would have missed."""
+    from mechinterp.interventions.attribution import attribution_patch
+
+    if screen not in ("atp", "atp*"):
+        raise ValueError(f"screen must be 'atp' or 'atp*', got {screen!r}")
+    if verify_top < 1:
+        raise ValueError(f"verify_top must be >= 1, got {verify_top}")
+    shape = HeadShape.of(model)
+    pool = shape.all_heads() if heads is None else list(parse_heads(heads, shape))
+    star = screen == "atp*"
+    est = attribution_patch(model, clean, corrupt, metric, direction=direction,
+                            patch_from=patch_from, qk_fix=star, grad_drop=star)  # fmt: skip
+    ranked = est.ranking(pool)
+    verified = ranked[:verify_top]
+    exact = patch_heads(model, clean, corrupt, metric, direction=direction, heads=verified,
+                        patch_from=patch_from, batch_size=batch_size, progress=progress,
+                        prepared=est.prepared)  # fmt: skip
+    base = exact.corrupt if direction == "denoise" else exact.clean
+    by_exact = sorted(verified, key=lambda h: -abs(float(exact.values[h]) - base))
+    k = min(10, max(1, len(verified) // 3))
+    rank = {h: i for i, h in enumerate(ranked)}
+    misses = {n: sum(rank[h] >= n for h in by_exact[:k]) for n in range(1, len(verified) + 1)}
+    settings = {**exact.settings, "screen": screen, "verify_top": len(verified),
+                "screen_seconds": est.settings["seconds"], "screen_misses": misses,
+                "screen_k": k}  # fmt: skip
+    return PatchResult(exact.values, exact.clean, exact.corrupt, direction, False, settings,
+                       exact.sets, screen=est)  # fmt: skip
 
 
 def patch_sets(

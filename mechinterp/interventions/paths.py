@@ -35,7 +35,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mechinterp.heads import Head, HeadShape, parse_heads
-from mechinterp.interventions.patching import (
+from mechinterp.interventions.resume import (
     Direction,
     Metric,
     PatchResult,

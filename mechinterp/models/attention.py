@@ -335,3 +335,21 @@ def use_sdpa(bridge) -> bool:
         object.__setattr__(attn, "forward", types.MethodType(_dispatch, attn))
     hf.config._attn_implementation = "sdpa"
     return True
+
+
+def output_projection(model, layer: int) -> tuple[Tensor, Tensor | None]:
+    """(weight `[d_model, head · d_head]`, bias) of `layer`'s attention output projection: an
+    `nn.Linear`, or GPT-2's `Conv1D` (weight stored transposed)."""
+    from transformers.pytorch_utils import Conv1D
+
+    o = model.blocks[layer].attn.o
+    proj = getattr(o, "original_component", o)
+    if isinstance(proj, torch.nn.Linear):
+        return proj.weight, proj.bias
+    if isinstance(proj, Conv1D):
+        return proj.weight.T, proj.bias
+    raise NotImplementedError(
+        f"{model.original_model.config.model_type}, layer {layer}: the attention output "
+        f"projection is a {type(proj).__name__}, neither a Linear nor a Conv1D; use "
+        "patched='z' instead"
+    )

@@ -219,6 +219,7 @@ def test_attribution_patching_equals_a_hand_written_gradient(family, fused):
     name, model = family
     good, bad, _ = _metric(model)
     metric = logit_diff_metric(good, bad)
+    stars = []
     for m in _paths(model, fused):
         ref = _hand_atp(m, metric, PATCH_FROM)
         ours = attribution_patch(m, CLEAN, CORRUPT, metric, patch_from=PATCH_FROM)
@@ -230,6 +231,10 @@ def test_attribution_patching_equals_a_hand_written_gradient(family, fused):
         last = HeadShape.of(m).n_layers - 1  # no later head: the QK fix adds nothing there
         torch.testing.assert_close(star.effect[last], ours.effect[last])
         assert torch.isfinite(star.effect).all() and torch.isfinite(star.score).all()
+        stars.append(star)
+    if len(stars) == 2:  # the QK fix reads its rows on either path: the same estimate
+        torch.testing.assert_close(stars[1].effect, stars[0].effect, atol=1e-4, rtol=1e-3)
+        torch.testing.assert_close(stars[1].score, stars[0].score, atol=1e-4, rtol=1e-3)
 
 
 def _hand_path(model, sender, receivers, inp, metric, start):

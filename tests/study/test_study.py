@@ -14,7 +14,8 @@ from mechinterp.experiments.study import RunDirError, run_study, write_report
 from mechinterp.experiments.study.config import ClaimSettings
 from mechinterp.experiments.study.report import read_config
 
-TABLES = ("detect_scores", "detect_instances", "baseline", "knockout", "robustness", "patch")
+TABLES = ("detect_scores", "detect_instances", "baseline", "knockout", "robustness", "patch",
+          "attribution", "paths", "head_patterns")  # fmt: skip
 
 
 def _assert_same_tables(a, b) -> None:
@@ -62,6 +63,22 @@ def test_the_study_writes_every_table_with_the_expected_shape(tiny_study):
     # patching every head after the context restores the clean metric exactly
     all_rows = sets[sets["name"] == "all"]
     assert (all_rows["value"] - all_rows["clean_metric"]).abs().max() < 1e-4
+    # the AtP* screen: every head on every patch pair, estimates beside the same pair's exact rows
+    at = t["attribution"]
+    assert len(at) == p["example_id"].nunique() * n_heads
+    assert set(at["example_id"]) == set(p["example_id"])
+    ranks = at.groupby("example_id")["atp_star_rank"]
+    assert all(sorted(g) == list(range(n_heads)) for _, g in ranks)
+    # path patching: every head below the last receiver, alone and together, per input
+    pa = t["paths"]
+    receivers = pa["receivers"].iloc[0].split(",")
+    scores = t["detect_scores"]
+    assert receivers == list(scores.loc[scores["retrieval_head"], "head_name"])
+    last = max(int(r[1:].split("H")[0]) for r in receivers)
+    per = pa.groupby(["example_id", "receiver_input"])
+    assert per.size().eq(4 * last + 1).all() and set(pa["receiver_input"]) == {"q", "k"}
+    assert (pa.loc[pa["kind"] == "sender", "layer"] < last).all()
+    assert len(t["head_patterns"]) == n_heads
     for name in ("report.md", "claims.csv", "figures/retrieval_scores.html", "provenance.json"):
         assert (tiny_study / name).is_file(), name
     prov = json.loads((tiny_study / "provenance.json").read_text())
@@ -115,6 +132,18 @@ def test_the_report_numbers_are_recomputed_from_the_tables(tiny_study):
         rand = g[g["condition"] == cond].groupby("example_id")["retrieved"].mean()
         assert r.estimate == pytest.approx((rand - top.reindex(rand.index)).mean())
     assert "### Where it holds" in report
+    # the query share: of the flipped pairs' mean recovery from all upstream heads, the share
+    # path-patched into the receivers' queries (vs keys)
+    paths = pd.read_parquet(tiny_study / "paths.parquet")
+    joint = paths[(paths["kind"] == "set") & paths["flipped"]]
+    share = claims[claims["metric"] == "query_share"]
+    if len(joint):
+        rq = joint.loc[joint["receiver_input"] == "q", "recovery"].mean()
+        rk = joint.loc[joint["receiver_input"] == "k", "recovery"].mean()
+        assert share["estimate"].iloc[0] == pytest.approx(rq / (rq + rk))
+    else:
+        assert share.empty
+    assert "## What feeds the retrieval heads" in report and "## Screening every head" in report
     # sufficient: mean joint recovery of the retrieval set over the flipped pairs
     patch = pd.read_parquet(tiny_study / "patch.parquet")
     flipped = patch[patch["flipped"] & (patch["kind"] == "set") & (patch["name"] == "retrieval")]
@@ -185,7 +214,8 @@ def test_figures_and_report_regenerate_from_tables_without_a_model(
     )
     assert main(["figures", str(out), "--no-png"]) == 0
     names = {p.name for p in (out / "figures").iterdir()}
-    expected = ("retrieval_scores", "niah_knockout", "knockout_vs_k", "patch_recovery")
+    expected = ("retrieval_scores", "niah_knockout", "knockout_vs_k", "patch_recovery",
+                "path_patching")  # fmt: skip
     assert names == {f"{n}.html" for n in expected}
     assert main(["report", str(out)]) == 0
     assert (out / "report.md").read_text().count("## ") >= 4
@@ -215,7 +245,7 @@ def test_each_figure_script_redraws_its_figure_from_the_tables(tiny_study, tmp_p
     out = tmp_path / "copy"
     shutil.copytree(tiny_study, out, ignore=shutil.ignore_patterns("shards", "figures"))
     scripts = sorted((Path(__file__).parents[2] / "figures").glob("study_*.py"))
-    assert len(scripts) == 4
+    assert len(scripts) == 5
     for script in scripts:
         argv = sys.argv
         sys.argv = [str(script), str(out), "--no-png"]

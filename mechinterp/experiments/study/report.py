@@ -208,8 +208,6 @@ def screen_quality(attribution: pd.DataFrame, patch: pd.DataFrame) -> pd.DataFra
             "spearman_atp_star": g["atp_star"].corr(g["value"], method="spearman"),
             "spearman_atp_star_score": g["atp_star_score"].corr(eff.abs(), method="spearman"),
             "exact_top10_outside_top30": len(top10 - top30),
-            "seconds_atp": g["seconds_atp"].iloc[0],
-            "seconds_atp_star": g["seconds_atp_star"].iloc[0],
         })  # fmt: skip
     return pd.DataFrame(rows)
 
@@ -462,20 +460,19 @@ def _screen_text(tables) -> list[str]:
     if "attribution" not in tables or "patch" not in tables:
         return []
     q = screen_quality(tables["attribution"], tables["patch"])
-    lines = ["", "## Screening every head with AtP*", "",
+    lines = ["", "## Screening every head with AtP\\*", "",
              "Attribution patching estimates every head's patching effect from two forwards and "
-             "one backward (AtP); AtP* adds the QK fix (later heads' softmax recomputed exactly "
+             "one backward (AtP); AtP\\* adds the QK fix (later heads' softmax recomputed exactly "
              "for the head's write into their queries and keys) and GradDrop (ranking by the mean "
              "|estimate| with each layer's gradient dropped). On the patch stage's pairs, against "
              "its exact per-head values:", "",
-             "| pair | flipped | Spearman AtP | Spearman AtP* | Spearman AtP* score vs |exact| "
-             "| exact top-10 outside AtP* top-30 | AtP s | AtP* s |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+             "| pair | flipped | Spearman AtP | Spearman AtP\\* | Spearman AtP\\* score vs "
+             "\\|exact\\| | exact top-10 outside AtP\\* top-30 |",
+             "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for r in q.itertuples():
         lines.append(f"| {r.example_id} | {'yes' if r.flipped else 'no'} | {r.spearman_atp:.3f} "
                      f"| {r.spearman_atp_star:.3f} | {r.spearman_atp_star_score:.3f} | "
-                     f"{r.exact_top10_outside_top30} | {r.seconds_atp:.1f} | "
-                     f"{r.seconds_atp_star:.1f} |")  # fmt: skip
+                     f"{r.exact_top10_outside_top30} |")  # fmt: skip
     return lines
 
 

@@ -616,9 +616,7 @@ def attribution_shard(model, *, example: dict, response: dict, retrieval: list[s
                      float("nan"),
                      "atp_star_recovery": (float(star.values[h]) - star.corrupt) / gap if gap
                      else float("nan"),
-                     "flipped": star.clean > 0 > star.corrupt,
-                     "seconds_atp": plain.settings["seconds"],
-                     "seconds_atp_star": star.settings["seconds"]})  # fmt: skip
+                     "flipped": star.clean > 0 > star.corrupt})  # fmt: skip
     return pd.DataFrame(rows)
 
 
@@ -628,34 +626,13 @@ def path_shard(model, *, example: dict, response: dict, receivers: list[str],
     """Path patching on one sufficiency pair: every head below the last receiver, alone and
     all together (`upstream`), into the receivers' `inputs` (q, k, ...). Rows: one per (input,
     sender) (`kind = sender`) and one per input for the joint set (`kind = set`)."""
-    from mechinterp.heads import HeadShape, parse_heads
-    from mechinterp.interventions.paths import path_patch
+    from mechinterp.experiments.attribution import path_table
 
     pair = patch_pair(model, example, response, seed=seed, max_tries=max_tries, scope=scope,
                       template=template)  # fmt: skip
-    shape = HeadShape.of(model)
-    heads = parse_heads(receivers, shape)
-    last = max(h.layer for h in heads)
-    upstream = [h for h in shape.all_heads() if h.layer < last]
-    rows = []
-    for inp in inputs:
-        res = path_patch(model, pair.clean, pair.corrupt, pair.metric, receivers=heads,
-                         receiver_input=inp, senders=upstream, sets={"upstream": upstream},
-                         patch_from=pair.start, via_mlps=via_mlps,
-                         batch_size=batch_size)  # fmt: skip
-        base = {**pair.facts, "clean_metric": res.clean, "corrupt_metric": res.corrupt,
-                "receiver_input": inp, "receivers": ",".join(receivers),
-                "receiver_units": res.settings["receiver_units"], "via_mlps": via_mlps,
-                "flipped": res.clean > 0 > res.corrupt}  # fmt: skip
-        for h in upstream:
-            rows.append({**base, "kind": "sender", "name": str(h), "layer": h.layer,
-                         "head": h.head, "value": float(res.values[h])})  # fmt: skip
-        rows.append({**base, "kind": "set", "name": "upstream", "layer": -1, "head": -1,
-                     "value": res.sets["upstream"]})  # fmt: skip
-    df = pd.DataFrame(rows)
-    gap = df["clean_metric"] - df["corrupt_metric"]
-    df["recovery"] = ((df["value"] - df["corrupt_metric"]) / gap).where(gap != 0)
-    return df
+    return path_table(model, pair.clean, pair.corrupt, pair.metric, receivers, inputs,
+                      via_mlps=via_mlps, batch_size=batch_size, facts=pair.facts,
+                      patch_from=pair.start, name="name")  # fmt: skip
 
 
 def _pair_args(examples, baseline, retrieval, shape, config, scope: str) -> list[tuple]:
