@@ -257,12 +257,14 @@ def sender_heatmaps(
             hovertemplate="L%{y}H%{x}<br>" + value + "=%{z:.3f}<extra></extra>",
         ), row=1, col=col)  # fmt: skip
         top = part.reindex(part[value].abs().sort_values(ascending=False).index).head(top_k)
-        for r in top.itertuples():
+        for i, r in enumerate(top.itertuples()):  # labels staggered so neighbours stay legible
+            v = getattr(r, value)
             fig.add_annotation(
                 x=str(int(r.head)), y=str(int(r.layer)), text=f"L{int(r.layer)}H{int(r.head)} "
-                f"{getattr(r, value):+.2f}", showarrow=True, arrowhead=0,
-                ax=-30 if r.head >= n_heads / 2 else 30, ay=-14, font={"size": 10},
-                bgcolor="rgba(255,255,255,0.85)", row=1, col=col,
+                f"{v:+.2f}" if abs(v) >= 0.01 else f"L{int(r.layer)}H{int(r.head)} {v:+.1e}",
+                showarrow=True, arrowhead=0, ax=-34 if r.head >= n_heads / 2 else 34,
+                ay=(24, 48, 72, 96, 120)[i % 5] * (1 if r.layer >= n_layers / 2 else -1),
+                font={"size": 10}, bgcolor="rgba(255,255,255,0.85)", row=1, col=col,
             )  # fmt: skip
         fig.update_xaxes(title_text="sender head", row=1, col=col)
     fig.update_yaxes(title_text="sender layer", row=1, col=1)

@@ -164,3 +164,31 @@ def test_the_bootstrap_interval_covers_a_planted_mean_at_its_level():
         iv = cluster_bootstrap(x, n_boot=400, level=0.9, seed=rep)
         hits += iv.low <= 0.3 <= iv.high
     assert 0.82 <= hits / 300 <= 0.96, hits / 300
+
+
+def _paths_table(rq: list[float], rk: list[float]) -> pd.DataFrame:
+    rows = []
+    for i, (q, k) in enumerate(zip(rq, rk, strict=True)):
+        for inp, rec in (("q", q), ("k", k)):
+            rows.append({"example_id": f"ex{i}", "needle_index": i % 3, "kind": "set",
+                         "receiver_input": inp, "recovery": rec, "flipped": True,
+                         "receivers": "L1H0,L2H1"})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def test_the_query_share_splits_path_recovery_only_when_there_is_some():
+    from mechinterp.experiments.study.claims import path_rows
+
+    settings = ClaimSettings(n_boot=500)
+    rq = [0.6, 0.5, 0.7, 0.55, 0.65, 0.6]
+    rk = [0.2, 0.25, 0.15, 0.2, 0.2, 0.1]
+    (row,) = path_rows(_paths_table(rq, rk), settings)
+    assert row["estimate"] == pytest.approx(np.mean(rq) / (np.mean(rq) + np.mean(rk)))
+    assert row["verdict"] == "supported" and row["ci_low"] > 0.5  # queries carry more
+    (swapped,) = path_rows(_paths_table(rk, rq), settings)
+    assert swapped["verdict"] == "not supported"
+    (none,) = path_rows(_paths_table([0.01, -0.02, 0.0, 0.01, -0.01, 0.0],
+                                     [-0.01, 0.0, 0.02, -0.02, 0.0, 0.01]), settings)  # fmt: skip
+    assert np.isnan(none["estimate"]) and "no share to split" in none["label"]
+    assert none["verdict"] == "inconclusive"
+    assert path_rows(_paths_table(rq, rk).query("receiver_input == 'q'"), settings) == []

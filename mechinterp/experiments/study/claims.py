@@ -314,7 +314,8 @@ def path_rows(paths: pd.DataFrame, settings) -> list[dict]:
     """A secondary row of the sufficiency claim: of the recovery the retrieval heads get from
     every upstream head path-patched into their queries (R_q) and, separately, into their keys
     (R_k), the share R_q / (R_q + R_k), means over the flipped pairs; > 0.5: queries carry more.
-    Needs both inputs."""
+    When the CI of R_q + R_k does not lie above 0 there is nothing to split: the row says so,
+    with no estimate. Needs both inputs."""
     joint = paths[(paths["kind"] == "set") & paths["flipped"]]
     if not {"q", "k"} <= set(joint["receiver_input"]):
         return []
@@ -327,14 +328,23 @@ def path_rows(paths: pd.DataFrame, settings) -> list[dict]:
         rq, rk = float(w @ q) / w.sum(), float(w @ k) / w.sum()
         return rq / (rq + rk) if rq + rk > 0 else float("nan")
 
-    iv = cluster_bootstrap_stat(share, clusters.to_numpy(), **_boot(settings))
+    words = _cluster_name(clusters)
+    total = cluster_bootstrap(q + k, clusters.to_numpy(), **_boot(settings))
     n = len(paths["receivers"].iloc[0].split(","))
-    return [_row("sufficient", f"share of the {n} best retrieval heads' recovery from upstream "
-                 f"heads carried by their queries vs their keys (path patching; recovery via "
-                 f"queries {q.mean():.2f}, via keys {k.mean():.2f}); > 0.5: queries carry more",
-                 "query_share", iv.estimate, iv.low, iv.high, len(ids), "share", primary=False,
-                 null=0.5, minimum=0.5, rule="above",
-                 resampled=iv.unit(*_cluster_name(clusters)), n_pairs=len(ids))]  # fmt: skip
+    label = (f"share of the {n} best retrieval heads' recovery from upstream heads carried by "
+             f"their queries vs their keys (path patching; recovery via queries {q.mean():.2f}, "
+             f"via keys {k.mean():.2f})")  # fmt: skip
+    if total.low <= 0:  # nothing to split: say so rather than print a ratio of noise
+        return [_row("sufficient", label + f"; together {total.estimate:.2f} [{total.low:.2f}, "
+                     f"{total.high:.2f}]: neither input carries recovery, no share to split",
+                     "query_share", float("nan"), float("nan"), float("nan"), len(ids), "share",
+                     primary=False, null=0.5, minimum=0.5, rule="above",
+                     resampled=total.unit(*words), n_pairs=len(ids))]  # fmt: skip
+    iv = cluster_bootstrap_stat(share, clusters.to_numpy(), **_boot(settings))
+    return [_row("sufficient", label + "; > 0.5: queries carry more", "query_share",
+                 iv.estimate, iv.low, iv.high, len(ids), "share", primary=False, null=0.5,
+                 minimum=0.5, rule="above", resampled=iv.unit(*words),
+                 n_pairs=len(ids))]  # fmt: skip
 
 
 def table_lines(

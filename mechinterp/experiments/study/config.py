@@ -192,11 +192,14 @@ class PathsStage:
     the `receivers` best retrieval heads' `inputs` (q: queries, k: keys, v: values; under GQA
     a key or value input is the receiver's KV group's), on the patch stage's pairs.
     `via_mlps`: the MLPs in between recompute (the senders' effect through them counts).
-    Empty `inputs` skips it."""
+    `scope`: the positions the senders are patched at (default `knockout.scope`, as patching;
+    `all` patches them from the first corrupted token on, where the receivers' keys at the
+    needle are written). Empty `inputs` skips it."""
 
     inputs: tuple[Literal["q", "k", "v"], ...] = ("q", "k")
     receivers: int = 10
     via_mlps: bool = True
+    scope: KnockoutScope | None = None  # where senders are patched (None: knockout.scope)
 
     def __post_init__(self) -> None:
         if self.receivers < 1:

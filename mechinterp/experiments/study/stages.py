@@ -670,7 +670,8 @@ def path_shards(examples: list[Example], baseline: pd.DataFrame, retrieval, rank
     if not receivers or not config.paths.inputs:
         return []
     extra = {"receivers": receivers, "inputs": list(config.paths.inputs),
-             "via_mlps": config.paths.via_mlps, "batch_size": config.patch.batch_size}  # fmt: skip
+             "via_mlps": config.paths.via_mlps, "batch_size": config.patch.batch_size,
+             "scope": config.paths.scope or scope}  # fmt: skip
     pairs = _pair_args(examples, baseline, retrieval, shape, config, scope)
     return [Shard(f"paths/{name}", path_shard, {**args, **extra}) for name, args in pairs]
 
