@@ -15,7 +15,8 @@
 # # Retrieval heads in SmolLM2-135M: a walkthrough
 #
 # Load the embedded model → build a needle-in-a-haystack (NIAH) set → detect retrieval heads →
-# knock them out → patch them → plot. Every step is one library call; nothing here is logic
+# knock them out → patch them → screen them with AtP and trace their inputs → plot. Every step
+# is one library call; nothing here is logic
 # the library does not test.
 #
 # `MECHINTERP_NB_SMALL=1` (the default) keeps it to a couple of minutes on a laptop CPU: 2
@@ -31,10 +32,16 @@ import pandas as pd
 from mechinterp.detect import detect
 from mechinterp.evaluate import render_all
 from mechinterp.heads import HeadShape
-from mechinterp.interventions import knockout_sweep, logit_diff_metric, summarise_sweep
+from mechinterp.interventions import (
+    attribution_patch,
+    knockout_sweep,
+    logit_diff_metric,
+    path_patch,
+    summarise_sweep,
+)
 from mechinterp.interventions.patching import patch_heads
 from mechinterp.models import load_model
-from mechinterp.plots import head_heatmap, knockout_curve
+from mechinterp.plots import head_heatmap, knockout_curve, sender_heatmaps
 from mechinterp.tasks.corrupt import corrupt_answer
 from mechinterp.tasks.niah import niah_grid
 from mechinterp.tasks.prompt import context_end
@@ -133,10 +140,40 @@ recovery.sort_values("recovery", ascending=False).head(10)
 head_heatmap(recovery, value="recovery")
 
 # %% [markdown]
+# ## 6. Screen every head cheaply, then trace what feeds the retrieval heads
+#
+# Attribution patching (AtP) estimates the same per-head effects from two forwards and one
+# backward; `screen="atp"` patches only its 30 best heads exactly. Path patching then asks
+# which earlier heads, through the top retrieval heads' queries, carry the recovery.
+
+# %%
+metric = logit_diff_metric(c.clean_token, c.corrupt_token)
+est = attribution_patch(model, c.clean, c.corrupt, metric, patch_from=context_end(prompt))
+screened = patch_heads(model, c.clean, c.corrupt, metric, patch_from=context_end(prompt),
+                       screen="atp", verify_top=30)  # fmt: skip
+exact = pd.Series(res.recovery.flatten().tolist())
+print("AtP vs exact recovery, Spearman over all heads:",
+      round(pd.Series(est.recovery.flatten().tolist()).corr(exact, method="spearman"), 3))
+print("verified exactly:", int((~screened.values.isnan()).sum()), "heads; misses by n:",
+      {n: m for n, m in screened.settings["screen_misses"].items() if n in (5, 10, 20, 30)})
+
+# %%
+receivers = list(scores["head_name"].head(3))
+paths = path_patch(model, c.clean, c.corrupt, metric, receivers=receivers, receiver_input="q",
+                   patch_from=context_end(prompt))  # fmt: skip
+senders = pd.DataFrame(
+    [{"receiver_input": "q", "layer": h.layer, "head": h.head,
+      "recovery": float(paths.recovery[h])}
+     for h in HeadShape.of(model).all_heads() if not paths.values[h].isnan()]
+)  # fmt: skip
+sender_heatmaps(senders, title=f"senders into the queries of {', '.join(receivers)}")
+
+# %% [markdown]
 # ## Next
 #
 # - `mechinterp study` runs the full necessity & sufficiency study (detection, knockout with
-#   bootstrap CIs against random heads, patching of head sets), writes the tables, figures
-#   and `report.md` with the claims' verdicts, and resumes if interrupted.
+#   bootstrap CIs against random heads, patching of head sets, the AtP* screen and path
+#   patching into the retrieval heads), writes the tables, figures and `report.md` with the
+#   claims' verdicts, and resumes if interrupted.
 # - `notebooks/results_explorer.py` opens a finished study run directory and redraws its
 #   tables and figures.
