@@ -16,8 +16,7 @@
 #
 # Load the embedded model → build a needle-in-a-haystack (NIAH) set → detect retrieval heads →
 # knock them out → patch them → screen them with AtP and trace their inputs → plot. Every step
-# is one library call; nothing here is logic
-# the library does not test.
+# is one library call; nothing here is logic the library does not test.
 #
 # `MECHINTERP_NB_SMALL=1` (the default) keeps it to a couple of minutes on a laptop CPU: 2
 # needles at 256 tokens, k = 5, one random seed. Set `MECHINTERP_NB_SMALL=0` for the grid the
