@@ -13,8 +13,9 @@ denoising from the knockout scope's first position on. Per pair:
 - Spearman of each estimate against exact over all 270 heads (signed effect; and the ranking
   magnitude against |exact effect|; goal ≥ 0.8), and how many of the exact top-10 (by |effect|)
   fall outside the estimate's top-30 (goal 0).
-- `--full-length N`: AtP and AtP* with `patch_from=0` (every position patched, the gradient
-  over the whole prompt) on planted pairs of N tokens, for the cost when nothing is shared.
+- `--full-length N`: exact patching, AtP, AtP* and both screens + verify 30 with `patch_from=0`
+  (every position patched, the gradient over the whole prompt) on planted pairs of N tokens,
+  for the costs when nothing is shared.
 - Path patching (`path_patch`) of every upstream head into the 10 best retrieval heads' queries
   ÷ the naive loop (two full forwards per sender), on the first pair, with max |difference|.
 Writes benchmarks/results/attribution.json; `--markdown` prints the tables.
@@ -163,6 +164,9 @@ def bench_pair(model, p) -> dict:
 
 
 def full_length(model, n_tokens: int) -> dict:
+    """Every position patched (`patch_from=0`) on a planted pair of n_tokens: nothing is shared,
+    so exact patching runs every head-row over the whole prompt; AtP, AtP* and both screens +
+    verify 30 against it."""
     sys.path.insert(0, str(Path(__file__).parent))
     from bench_patching import pair
 
@@ -171,10 +175,25 @@ def full_length(model, n_tokens: int) -> dict:
     clean, corrupt, good, bad = pair(model.tokenizer, n_tokens, depth=0.5)
     metric = logit_diff_metric(good, bad)
     fwd = forward_time(model, clean)
-    row = {"n_tokens": len(clean), "forward_s": fwd}
+    exact, t_exact = timed(lambda: patch_heads(model, clean, corrupt, metric, batch_size=32))
+    e_exact = exact.values - exact.corrupt
+    exact_top10 = top(e_exact.abs(), 10)
+    row = {"n_tokens": len(clean), "forward_s": fwd, "exact_s": t_exact,
+           "exact_forwards": t_exact / fwd}  # fmt: skip
     for name, opts in {"atp": {}, "atp*": {"qk_fix": True, "grad_drop": True}}.items():
-        _, t = timed(lambda opts=opts: attribution_patch(model, clean, corrupt, metric, **opts))
+        est, t = timed(lambda opts=opts: attribution_patch(model, clean, corrupt, metric, **opts))
         row[f"{name}_forwards"] = t / fwd
+        row[f"{name}_spearman_signed"] = spearman(est.effect, e_exact)
+        row[f"{name}_top10_outside_top30"] = len(exact_top10 - top(est.score, 30))
+        screened, t_screen = timed(
+            lambda name=name: patch_heads(
+                model, clean, corrupt, metric, batch_size=32, screen=name, verify_top=30
+            )
+        )
+        row[f"screen_{name}_over_exact"] = t_screen / t_exact
+        row[f"screen_{name}_top10_identical"] = (
+            top((screened.values - screened.corrupt).abs().nan_to_num(-1.0), 10) == exact_top10
+        )
     return row
 
 
@@ -286,10 +305,18 @@ def markdown(result: dict) -> str:
         f"top-10 in {int(df['screen_atp_top10_identical'].sum())}/{len(df)}"
     )
     for r in result.get("full_length", []):
-        lines.append(
+        line = (
             f"patch_from=0 at {r['n_tokens']} tokens: AtP {r['atp_forwards']:.1f} "
             f"forwards, AtP* {r['atp*_forwards']:.1f}"
         )
+        if "exact_forwards" in r:  # older results timed only the estimates
+            line += (
+                f", exact {r['exact_forwards']:.1f}; screen + verify 30 ÷ exact: AtP "
+                f"{r['screen_atp_over_exact']:.2f} (same top-10: "
+                f"{r['screen_atp_top10_identical']}), AtP* {r['screen_atp*_over_exact']:.2f} "
+                f"(same top-10: {r['screen_atp*_top10_identical']})"
+            )
+        lines.append(line)
     if result.get("paths"):
         r = result["paths"]
         lines.append(
@@ -327,8 +354,12 @@ def main() -> None:
     tune_allocator()
     torch.manual_seed(0)
     model = load_model("smollm2-135m", device="cpu")
-    pairs, ranked = study_pairs(args.run, model, args.pairs)
     parts = set(args.parts.split(","))
+    if parts & {"pairs", "paths"} and args.run is None:
+        ap.error("--run RUN_DIR is needed for the pairs and paths parts (or --parts full)")
+    pairs, ranked = [], []
+    if parts & {"pairs", "paths"}:
+        pairs, ranked = study_pairs(args.run, model, args.pairs)
     result = json.loads(OUT.read_text()) if OUT.is_file() else {}  # parts not rerun are kept
     if "pairs" in parts:
         rows = []
@@ -342,8 +373,12 @@ def main() -> None:
     if "paths" in parts:
         result["paths"] = bench_paths(model, pairs[0], ranked)
         print(json.dumps(result["paths"]), flush=True)
-    result["provenance"] = provenance(run=str(args.run), parts=sorted(parts),
-                                      torch_threads=torch.get_num_threads())  # fmt: skip
+    # one provenance per part: parts not rerun keep theirs (older files held one for all)
+    prov = provenance(run=str(args.run), torch_threads=torch.get_num_threads())
+    kept = result.get("provenance", {})
+    if "created" in kept:
+        kept = {part: kept for part in kept.get("parts", [])}
+    result["provenance"] = {**kept, **{part: prov for part in sorted(parts)}}
     write_json(OUT, result)
     print(markdown(result))
 
