@@ -4,6 +4,7 @@ from functools import partial
 
 import pytest
 import torch
+from hand_references import hand_atp
 
 from mechinterp.interventions.attribution import attribution_patch
 from mechinterp.interventions.patching import logit_diff_metric, patch_heads
@@ -17,33 +18,6 @@ def metric_for(model):
         lc = model(torch.tensor([CLEAN]))[0, -1]
         lx = model(torch.tensor([CORRUPT]))[0, -1]
     return logit_diff_metric(int((lc - lx).argmax()), int((lx - lc).argmax()))
-
-
-def hand_atp(model, source, target, metric, start=0):
-    """(z_source − z_target)·∂M/∂z per head, by autograd on one full forward of the target."""
-    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
-    z_src, z_tgt = {}, {}
-
-    def keep(x, hook, *, store, la):
-        store[la] = x
-        return x
-
-    names = [f"blocks.{la}.attn.hook_z" for la in range(n_layers)]
-    with torch.no_grad(), model.hooks(fwd_hooks=[
-        (n, partial(keep, store=z_src, la=la)) for la, n in enumerate(names)
-    ]):  # fmt: skip
-        model(torch.tensor([source]))
-    hooks = [("blocks.0.hook_resid_pre", lambda x, hook: x.detach().requires_grad_(True))]
-    hooks += [(n, partial(keep, store=z_tgt, la=la)) for la, n in enumerate(names)]
-    with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
-        m = metric(model(torch.tensor([target]))[:, -1])[0]
-        grads = torch.autograd.grad(m, [z_tgt[la] for la in range(n_layers)])
-    out = []
-    for la in range(n_layers):
-        dz = (z_src[la] - z_tgt[la].detach())[0, start:].reshape(-1, n_heads, model.cfg.d_head)
-        g = grads[la][0, start:].reshape(-1, n_heads, model.cfg.d_head)
-        out.append((dz * g).sum((0, 2)))
-    return torch.stack(out), float(m.detach())
 
 
 @pytest.mark.parametrize("direction", ["denoise", "noise"])

@@ -1,10 +1,10 @@
 """Oracle tests of exact path patching on tiny MHA/GQA/MQA models: a hand-written two-pass hook
 reference, the direct effect on the logits, and TransformerLens' direct path patching."""
 
-from functools import partial
 
 import pytest
 import torch
+from hand_references import grab, hand_path_patch
 
 from mechinterp.heads import Head, HeadShape
 from mechinterp.interventions.patching import logit_diff_metric, patch_heads
@@ -30,65 +30,6 @@ def metric_for(model):
     return logit_diff_metric(int((lc - lx).argmax()), int((lx - lc).argmax()))
 
 
-def run_all(model, ids, hooks=()):
-    with torch.no_grad(), model.hooks(fwd_hooks=list(hooks)):
-        return model(torch.tensor([ids]))[:, -1]
-
-
-def grab(model, ids, names):
-    store = {}
-
-    def keep(x, hook, *, name):
-        store[name] = x.detach().clone()
-
-    run_all(model, ids, [(n, partial(keep, name=n)) for n in names])
-    return store
-
-
-def hand_path_patch(model, sender, receivers, receiver_input, metric, start, via_mlps=True):
-    """Two full forwards of the corrupt prompt, hooks only: pass 1 patches the sender's z from
-    the clean run at positions >= start and freezes every other head (and without `via_mlps`
-    every MLP) at its corrupt value, recording the receivers' inputs; pass 2 writes them."""
-    shape = HeadShape.of(model)
-    n_layers = shape.n_layers
-    z_names = [f"blocks.{la}.attn.hook_z" for la in range(n_layers)]
-    mlp_names = [f"blocks.{la}.hook_mlp_out" for la in range(n_layers)]
-    clean = grab(model, CLEAN, z_names)
-    corrupt = grab(model, CORRUPT, z_names + mlp_names)
-
-    def z_hook(x, hook, *, la):
-        out = corrupt[z_names[la]].clone().view(*x.shape[:2], shape.n_heads, -1)
-        if la == sender.layer:
-            src = clean[z_names[la]].view(*x.shape[:2], shape.n_heads, -1)
-            out[:, start:, sender.head] = src[:, start:, sender.head]
-        return out.view(x.shape)
-
-    hooks = [(z_names[la], partial(z_hook, la=la)) for la in range(sender.layer, n_layers)]
-    if not via_mlps:
-        hooks += [(mlp_names[la], lambda x, hook, la=la: corrupt[mlp_names[la]])
-                  for la in range(sender.layer, n_layers)]  # fmt: skip
-    layers = sorted({h.layer for h in receivers})
-    points = [f"blocks.{la}.attn.hook_{receiver_input}" for la in layers]
-    recorded = {}
-
-    def record(x, hook, *, name):
-        recorded[name] = x.detach().clone()
-
-    run_all(model, CORRUPT, hooks + [(p, partial(record, name=p)) for p in points])
-
-    def write(x, hook, *, la, name):
-        x = x.clone()
-        for h in receivers:
-            if h.layer == la:
-                u = h.head if receiver_input == "q" else shape.kv_head(h)
-                x[:, :, u] = recorded[name][:, :, u]
-        return x
-
-    logits = run_all(model, CORRUPT, [(p, partial(write, la=la, name=p))
-                                      for la, p in zip(layers, points, strict=True)])  # fmt: skip
-    return float(metric(logits)[0])
-
-
 @pytest.mark.parametrize("receiver_input", ["q", "k", "v"])
 @pytest.mark.parametrize("patch_from", [0, 9])
 def test_path_patching_equals_a_hand_written_two_pass_reference(deep, receiver_input, patch_from):
@@ -101,7 +42,7 @@ def test_path_patching_equals_a_hand_written_two_pass_reference(deep, receiver_i
         senders = [h for h in HeadShape.of(deep).all_heads() if h.layer < 3]
         assert int((~res.values.isnan()).sum()) == len(senders)
         for s in senders:
-            want = hand_path_patch(deep, s, receivers, receiver_input, metric,
+            want = hand_path_patch(deep, CLEAN, CORRUPT, s, receivers, receiver_input, metric,
                                    max(3, patch_from), via_mlps)  # fmt: skip
             assert float(res.values[s]) == pytest.approx(want, abs=2e-5), (s, via_mlps)
     assert (res.values - res.corrupt).nan_to_num().abs().max() > 1e-3

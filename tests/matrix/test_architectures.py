@@ -19,6 +19,7 @@ from functools import partial
 
 import pytest
 import torch
+from hand_references import hand_atp, hand_path_patch
 from matrix_support import EXPECTED, record
 from transformer_lens import patching as tl_patching
 
@@ -186,33 +187,6 @@ def test_joint_sets_equal_hand_written_transformer_lens_hooks(family):
 # ---------------------------------------------------------------- AtP and path patching
 
 
-def _hand_atp(model, metric, start):
-    """(z_clean − z_corrupt)·∂M/∂z per head by autograd on one full forward of CORRUPT."""
-    shape, d_head = HeadShape.of(model), model.cfg.d_head
-    z_c, z_x = {}, {}
-
-    def keep(x, hook, *, store, la):
-        store[la] = x
-        return x
-
-    names = [f"blocks.{la}.attn.hook_z" for la in range(shape.n_layers)]
-    with torch.no_grad(), model.hooks(fwd_hooks=[
-        (n, partial(keep, store=z_c, la=la)) for la, n in enumerate(names)
-    ]):  # fmt: skip
-        model(torch.tensor([CLEAN]))
-    hooks = [("blocks.0.hook_resid_pre", lambda x, hook: x.detach().requires_grad_(True))]
-    hooks += [(n, partial(keep, store=z_x, la=la)) for la, n in enumerate(names)]
-    with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
-        m = metric(model(torch.tensor([CORRUPT]))[:, -1])[0]
-        grads = torch.autograd.grad(m, [z_x[la] for la in range(shape.n_layers)])
-    rows = []
-    for la in range(shape.n_layers):
-        dz = (z_c[la] - z_x[la].detach())[0, start:].reshape(-1, shape.n_heads, d_head)
-        g = grads[la][0, start:].reshape(dz.shape)
-        rows.append((dz * g).sum((0, 2)))
-    return torch.stack(rows)
-
-
 def test_attribution_patching_equals_a_hand_written_gradient(family, fused):
     from mechinterp.interventions.attribution import attribution_patch
 
@@ -221,7 +195,7 @@ def test_attribution_patching_equals_a_hand_written_gradient(family, fused):
     metric = logit_diff_metric(good, bad)
     stars = []
     for m in _paths(model, fused):
-        ref = _hand_atp(m, metric, PATCH_FROM)
+        ref, _ = hand_atp(m, CLEAN, CORRUPT, metric, PATCH_FROM)
         ours = attribution_patch(m, CLEAN, CORRUPT, metric, patch_from=PATCH_FROM)
         assert ref.abs().max() > 1e-4
         _close(name, "attribution_patch", ours.effect, ref, atol=1e-4,
@@ -235,50 +209,6 @@ def test_attribution_patching_equals_a_hand_written_gradient(family, fused):
     if len(stars) == 2:  # the QK fix reads its rows on either path: the same estimate
         torch.testing.assert_close(stars[1].effect, stars[0].effect, atol=1e-4, rtol=1e-3)
         torch.testing.assert_close(stars[1].score, stars[0].score, atol=1e-4, rtol=1e-3)
-
-
-def _hand_path(model, sender, receivers, inp, metric, start):
-    """Two full forwards of CORRUPT with hooks: pass 1 patches `sender` from CLEAN (positions
-    ≥ start) with every other head frozen; pass 2 writes the receivers' recorded inputs (a KV
-    group's for k)."""
-    shape = HeadShape.of(model)
-    names = [f"blocks.{la}.attn.hook_z" for la in range(shape.n_layers)]
-    _, c = model.run_with_cache(torch.tensor([CLEAN]), names_filter=lambda n: n in names)
-    _, x = model.run_with_cache(torch.tensor([CORRUPT]), names_filter=lambda n: n in names)
-
-    def z_hook(z, hook, *, la):
-        out = x[names[la]].clone().view(*z.shape[:2], shape.n_heads, -1)
-        if la == sender.layer:
-            src = c[names[la]].view(*z.shape[:2], shape.n_heads, -1)
-            out[:, start:, sender.head] = src[:, start:, sender.head]
-        return out.view(z.shape)
-
-    layers = sorted({h.layer for h in receivers})
-    points = {la: f"blocks.{la}.attn.hook_{inp}" for la in layers}
-    rec = {}
-
-    def record(v, hook, *, la):
-        rec[la] = v.detach().clone()
-
-    hooks = [(names[la], partial(z_hook, la=la)) for la in range(sender.layer, shape.n_layers)]
-    with torch.no_grad():
-        model.run_with_hooks(torch.tensor([CORRUPT]), fwd_hooks=hooks + [
-            (p, partial(record, la=la)) for la, p in points.items()])  # fmt: skip
-
-    def write(v, hook, *, la):
-        v = v.clone()
-        n_units = shape.n_heads if inp == "q" else shape.n_kv_heads
-        shaped, src = v.view(*v.shape[:2], n_units, -1), rec[la].view(*v.shape[:2], n_units, -1)
-        for h in receivers:
-            if h.layer == la:
-                u = h.head if inp == "q" else shape.kv_head(h)
-                shaped[:, :, u] = src[:, :, u]
-        return v
-
-    with torch.no_grad():
-        logits = model.run_with_hooks(torch.tensor([CORRUPT]), fwd_hooks=[
-            (p, partial(write, la=la)) for la, p in points.items()])  # fmt: skip
-    return float(metric(logits[:, -1])[0])
 
 
 def test_path_patching_equals_a_hand_written_two_pass_reference(family, fused):
@@ -295,7 +225,8 @@ def test_path_patching_equals_a_hand_written_two_pass_reference(family, fused):
             ours = path_patch(m, CLEAN, CORRUPT, metric, receivers=receivers, receiver_input=inp,
                               senders=senders, batch_size=2)  # fmt: skip
             for s in senders:
-                ref = _hand_path(m, s, receivers, inp, metric, 7)  # 7: the first corrupted token
+                # 7: the first corrupted token
+                ref = hand_path_patch(m, CLEAN, CORRUPT, s, receivers, inp, metric, 7)
                 diffs.append(abs(float(ours.values[s]) - ref))
             moved = max(moved, float((ours.values - ours.corrupt).nan_to_num().abs().max()))
     assert moved > 1e-5

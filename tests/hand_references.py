@@ -1,0 +1,102 @@
+"""Hand-written references for attribution patching and path patching: full forwards of plain
+hooks and autograd, none of the library's caching or batching. Shared by the tiny-model oracle
+tests and the architecture matrix."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+
+from mechinterp.heads import HeadShape
+
+
+def _z_names(model) -> list[str]:
+    return [f"blocks.{la}.attn.hook_z" for la in range(model.cfg.n_layers)]
+
+
+def run_all(model, ids, hooks=()):
+    """The last position's logits of one forward of `ids` under `hooks`."""
+    with torch.no_grad(), model.hooks(fwd_hooks=list(hooks)):
+        return model(torch.tensor([ids]))[:, -1]
+
+
+def grab(model, ids, names) -> dict:
+    """The activations at `names` of one forward of `ids`."""
+    store = {}
+
+    def keep(x, hook, *, name):
+        store[name] = x.detach().clone()
+
+    run_all(model, ids, [(n, partial(keep, name=n)) for n in names])
+    return store
+
+
+def hand_atp(model, source, target, metric, start=0):
+    """(z_source − z_target)·∂M/∂z per head over positions ≥ start, by autograd on one full
+    forward of the target; also the target's metric."""
+    n_layers, n_heads, d_head = model.cfg.n_layers, model.cfg.n_heads, model.cfg.d_head
+    names = _z_names(model)
+    z_src, z_tgt = grab(model, source, names), {}
+
+    def keep(x, hook, *, name):
+        z_tgt[name] = x
+        return x
+
+    hooks = [("blocks.0.hook_resid_pre", lambda x, hook: x.detach().requires_grad_(True))]
+    hooks += [(n, partial(keep, name=n)) for n in names]
+    with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
+        m = metric(model(torch.tensor([target]))[:, -1])[0]
+        grads = torch.autograd.grad(m, [z_tgt[n] for n in names])
+    out = []
+    for n, g in zip(names, grads, strict=True):
+        dz = (z_src[n] - z_tgt[n].detach())[0, start:].reshape(-1, n_heads, d_head)
+        out.append((dz * g[0, start:].reshape(dz.shape)).sum((0, 2)))
+    assert len(out) == n_layers
+    return torch.stack(out), float(m.detach())
+
+
+def hand_path_patch(model, source, target, sender, receivers, receiver_input, metric, start,
+                    via_mlps=True) -> float:  # fmt: skip
+    """Two full forwards of the target, hooks only: pass 1 patches the sender's z from the source
+    at positions ≥ start and freezes every other head (and without `via_mlps` every MLP) at its
+    target value, recording the receivers' inputs; pass 2 writes them (a KV group's for k, v)."""
+    shape = HeadShape.of(model)
+    n_layers = shape.n_layers
+    z_names = _z_names(model)
+    mlp_names = [f"blocks.{la}.hook_mlp_out" for la in range(n_layers)]
+    src_z = grab(model, source, z_names)
+    tgt = grab(model, target, z_names + mlp_names)
+
+    def z_hook(x, hook, *, la):
+        out = tgt[z_names[la]].clone().view(*x.shape[:2], shape.n_heads, -1)
+        if la == sender.layer:
+            src = src_z[z_names[la]].view(*x.shape[:2], shape.n_heads, -1)
+            out[:, start:, sender.head] = src[:, start:, sender.head]
+        return out.view(x.shape)
+
+    hooks = [(z_names[la], partial(z_hook, la=la)) for la in range(sender.layer, n_layers)]
+    if not via_mlps:
+        hooks += [(mlp_names[la], lambda x, hook, la=la: tgt[mlp_names[la]])
+                  for la in range(sender.layer, n_layers)]  # fmt: skip
+    layers = sorted({h.layer for h in receivers})
+    points = {la: f"blocks.{la}.attn.hook_{receiver_input}" for la in layers}
+    recorded = {}
+
+    def record(x, hook, *, la):
+        recorded[la] = x.detach().clone()
+
+    run_all(model, target, hooks + [(p, partial(record, la=la)) for la, p in points.items()])
+    n_units = shape.n_heads if receiver_input == "q" else shape.n_kv_heads
+
+    def write(x, hook, *, la):
+        x = x.clone()
+        units, src = x.view(*x.shape[:2], n_units, -1), recorded[la].view(*x.shape[:2], n_units, -1)
+        for h in receivers:
+            if h.layer == la:
+                u = h.head if receiver_input == "q" else shape.kv_head(h)
+                units[:, :, u] = src[:, :, u]
+        return x
+
+    logits = run_all(model, target, [(p, partial(write, la=la)) for la, p in points.items()])
+    return float(metric(logits)[0])
