@@ -81,7 +81,6 @@ def atp_shard(model, *, example: dict, chosen: list[str], direction: str, qk_fix
     from mechinterp.interventions.patching import patch_heads
 
     prompt, c, metric = _pair(model, example, template, seed)
-    plain = attribution_patch(model, c.clean, c.corrupt, metric, direction=direction)
     star = attribution_patch(model, c.clean, c.corrupt, metric, direction=direction,
                              qk_fix=qk_fix, grad_drop=grad_drop)  # fmt: skip
     ranking = star.ranking()
@@ -101,9 +100,9 @@ def atp_shard(model, *, example: dict, chosen: list[str], direction: str, qk_fix
         value = float(exact.values[h]) if exact is not None else float("nan")
         rows.append({"example_id": prompt.example_id, "layer": h.layer, "head": h.head,
                      "head_name": str(h), "in_set": str(h) in chosen,
-                     "atp": float(plain.values[h]), "atp_star": float(star.values[h]),
+                     "atp": float(star.atp[h]), "atp_star": float(star.values[h]),
                      "atp_star_score": float(star.score[h]), "atp_star_rank": rank[h],
-                     "exact": value, "atp_recovery": recovery(float(plain.values[h])),
+                     "exact": value, "atp_recovery": recovery(float(star.atp[h])),
                      "atp_star_recovery": recovery(float(star.values[h])),
                      "exact_recovery": recovery(value), "clean_metric": star.clean,
                      "corrupt_metric": star.corrupt,

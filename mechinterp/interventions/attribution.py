@@ -49,9 +49,12 @@ from mechinterp.models.kv_cache import cache_kwargs
 class AttributionResult(PatchResult):
     """`values[layer, head]` (or `[layer, head, pos]`): the *estimated* metric after patching each
     head; `score`: the magnitude heads are ranked by (|estimate − target| for AtP, the GradDrop
-    mean for `grad_drop`); `effect` = values − the target's metric."""
+    mean for `grad_drop`); `effect` = values − the target's metric; `atp`: plain AtP's estimate,
+    the first-order term AtP* starts from (= `values` without `qk_fix`), so one AtP* call also
+    gives AtP (`settings["seconds_atp"]`: the time it took)."""
 
     score: Tensor | None = None
+    atp: Tensor | None = None
     prepared: Prepared | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -179,8 +182,9 @@ def attribution_patch(
         m_src = float(metric(logits_src)[0])
         clean_m, corrupt_m = (m_src, m) if direction == "denoise" else (m, m_src)
         zeros = torch.zeros(out_shape)
+        settings["seconds"] = settings["seconds_atp"] = round(time.perf_counter() - t0, 3)
         return AttributionResult(zeros + m, clean_m, corrupt_m, direction, per_position,
-                                 settings, score=zeros)  # fmt: skip
+                                 settings, score=zeros, atp=zeros + m)  # fmt: skip
     logits, z_tgt, writes, resid, vals = _target_graph(
         model, target, start, prefix, keep_outputs=grad_drop, keep_inputs=qk_fix
     )
@@ -194,7 +198,9 @@ def attribution_patch(
     }
     zs = [z_tgt[la] for la in layers]
     grads = _grads(m_tgt, zs, retain_graph=grad_drop)
-    effect = _effects(dz, grads, layers, per_position, shape)
+    first_order = _effects(dz, grads, layers, per_position, shape)
+    settings["seconds_atp"] = round(time.perf_counter() - t0, 3)
+    effect = first_order
     if qk_fix:
         effect = effect + _qk_fix(model, start, prefix, dz, grads, resid, vals)
     score = effect.abs()
@@ -203,22 +209,21 @@ def attribution_patch(
     m_target = float(m_tgt.detach())
     m_source = float(metric(logits_src)[0])
     clean_m, corrupt_m = (m_source, m_target) if direction == "denoise" else (m_target, m_source)
-    values = torch.full(out_shape, float("nan"))
-    est = effect + m_target
-    if per_position:
-        values[..., start:] = est
+    values = effect + m_target
+    if per_position:  # (never with the QK fix: first_order is effect)
+        values = torch.full(out_shape, float("nan"))
+        values[..., start:] = effect + m_target
         values[..., :start] = m_target
         drop = [p for p in range(n_pos) if p not in set(pos_list)]
         values[..., drop] = float("nan")
         full = torch.zeros(out_shape)
         full[..., start:] = score
         score = full
-    else:
-        values = est
+    atp = values if first_order is effect else first_order + m_target
     settings["seconds"] = round(time.perf_counter() - t0, 3)
     prepared = Prepared(start, clean_m, corrupt_m, resid, z_src, prefix)
     return AttributionResult(values, clean_m, corrupt_m, direction, per_position, settings,
-                             score=score, prepared=prepared)  # fmt: skip
+                             score=score, atp=atp, prepared=prepared)  # fmt: skip
 
 
 def _grads(m: Tensor, zs: list[Tensor], *, retain_graph: bool) -> list[Tensor]:

@@ -142,6 +142,8 @@ def test_qk_fix_replaces_the_linear_pattern_change_with_the_exact_one(tiny, tmp_
         got_fix = float(fixed.effect[0, h] - plain.effect[0, h])
         assert got_fix == pytest.approx(want, abs=1e-6, rel=1e-3)
     torch.testing.assert_close(fixed.effect[1], plain.effect[1])  # no layer after the last
+    torch.testing.assert_close(fixed.atp, plain.values)  # AtP* carries the AtP it starts from
+    assert fixed.settings["seconds_atp"] <= fixed.settings["seconds"]
 
 
 def test_grad_drop_scores_the_last_layer_by_its_atp_and_earlier_heads_by_the_drops(tiny):

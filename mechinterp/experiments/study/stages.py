@@ -599,7 +599,6 @@ def attribution_shard(model, *, example: dict, response: dict, retrieval: list[s
 
     pair = patch_pair(model, example, response, seed=seed, max_tries=max_tries, scope=scope,
                       template=template)  # fmt: skip
-    plain = attribution_patch(model, pair.clean, pair.corrupt, pair.metric, patch_from=pair.start)
     star = attribution_patch(model, pair.clean, pair.corrupt, pair.metric, patch_from=pair.start,
                              qk_fix=True, grad_drop=True)  # fmt: skip
     shape = HeadShape.of(model)
@@ -610,9 +609,9 @@ def attribution_shard(model, *, example: dict, response: dict, retrieval: list[s
     for h in shape.all_heads():
         rows.append({**pair.facts, "clean_metric": star.clean, "corrupt_metric": star.corrupt,
                      "name": str(h), "layer": h.layer, "head": h.head, "in_set": h in chosen,
-                     "atp": float(plain.values[h]), "atp_star": float(star.values[h]),
+                     "atp": float(star.atp[h]), "atp_star": float(star.values[h]),
                      "atp_star_score": float(star.score[h]), "atp_star_rank": rank[h],
-                     "atp_recovery": (float(plain.values[h]) - star.corrupt) / gap if gap else
+                     "atp_recovery": (float(star.atp[h]) - star.corrupt) / gap if gap else
                      float("nan"),
                      "atp_star_recovery": (float(star.values[h]) - star.corrupt) / gap if gap
                      else float("nan"),
