@@ -17,7 +17,8 @@ denoising from the knockout scope's first position on. Per pair:
   (every position patched, the gradient over the whole prompt) on planted pairs of N tokens,
   for the costs when nothing is shared.
 - Path patching (`path_patch`) of every upstream head into the 10 best retrieval heads' queries
-  ÷ the naive loop (two full forwards per sender), on the first pair, with max |difference|.
+  ÷ the naive loop (two full forwards per sender), on the first pair, with max |difference|;
+  and queries + keys in one `path_patch_inputs` call ÷ one `path_patch` call per input.
 Writes benchmarks/results/attribution.json; `--markdown` prints the tables.
 """
 
@@ -244,7 +245,7 @@ def naive_path_patch(model, clean, corrupt, metric, senders, receivers, start: i
 
 
 def bench_paths(model, p, ranked) -> dict:
-    from mechinterp.interventions.paths import path_patch
+    from mechinterp.interventions.paths import path_patch, path_patch_inputs
 
     receivers = list(ranked[:10])
     first = min(h.layer for h in receivers)
@@ -269,6 +270,13 @@ def bench_paths(model, p, ranked) -> dict:
     )
     diff = max(abs(float(fast.values[h]) - float(slow[h])) for h in naive_senders)
     per_sender_naive = t_slow / len(naive_senders)
+    # queries and keys (the study's two inputs): one pass 1 for both vs one call per input
+    common = {"senders": senders, "receivers": receivers, "patch_from": p.start}
+    both, t_both = timed(lambda: path_patch_inputs(
+        model, p.clean, p.corrupt, p.metric, receiver_inputs=("q", "k"), **common))  # fmt: skip
+    t_each = t_fast + timed(lambda: path_patch(model, p.clean, p.corrupt, p.metric,
+                                               receiver_input="k", **common))[1]  # fmt: skip
+    assert (both["q"].values - fast.values).nan_to_num().abs().max() < 1e-5
     return {
         "n_senders": len(senders),
         "n_receivers": len(receivers),
@@ -278,6 +286,9 @@ def bench_paths(model, p, ranked) -> dict:
         "ratio": t_fast / (per_sender_naive * len(senders)),
         "max_abs_diff": diff,
         "naive_senders_timed": len(naive_senders),
+        "q_and_k_one_call_s": t_both,
+        "q_and_k_one_call_each_s": t_each,
+        "q_and_k_ratio": t_both / t_each,
     }
 
 
@@ -324,6 +335,12 @@ def markdown(result: dict) -> str:
             f"receivers: {r['path_patch_s']:.1f} s vs naive {r['naive_s_estimated']:.1f} s "
             f"(ratio {r['ratio']:.3f}; max |diff| {r['max_abs_diff']:.1e})"
         )
+        if "q_and_k_ratio" in r:
+            lines.append(
+                f"queries and keys: {r['q_and_k_one_call_s']:.1f} s in one call (one pass 1) "
+                f"vs {r['q_and_k_one_call_each_s']:.1f} s in one call each "
+                f"(ratio {r['q_and_k_ratio']:.2f})"
+            )
     return "\n".join(lines)
 
 

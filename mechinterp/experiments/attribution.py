@@ -177,7 +177,7 @@ class PathPatchConfig:
     task: TaskSpec = field(default_factory=lambda: PATCH_TASK)
     receivers: HeadSelection = field(default_factory=HeadSelection)
     inputs: tuple[Literal["q", "k", "v"], ...] = ("q", "k")
-    """the receivers' inputs to patch, one path patch each"""
+    """the receivers' inputs to patch (one first pass records them all)"""
     via_mlps: bool = True
     """MLPs between sender and receiver recompute (false: the direct edge only)"""
     direction: Literal["denoise", "noise"] = "denoise"
@@ -205,17 +205,18 @@ def path_table(model, clean, corrupt, metric, receivers: list[str], inputs: list
     together (`kind = set`, `upstream`), into the receivers' `inputs`, one row each with
     `facts`, the metrics and the recovery; the sender's name goes in column `name`."""
     from mechinterp.heads import HeadShape, parse_heads
-    from mechinterp.interventions.paths import path_patch
+    from mechinterp.interventions.paths import path_patch_inputs
 
     shape = HeadShape.of(model)
     heads = parse_heads(receivers, shape)
     upstream = [h for h in shape.all_heads() if h.layer < max(h.layer for h in heads)]
     rows = []
-    for inp in inputs:
-        res = path_patch(model, clean, corrupt, metric, receivers=heads, receiver_input=inp,
-                         senders=upstream, sets={"upstream": upstream}, direction=direction,
-                         patch_from=patch_from, via_mlps=via_mlps,
-                         batch_size=batch_size)  # fmt: skip
+    results = path_patch_inputs(model, clean, corrupt, metric, receivers=heads,
+                                receiver_inputs=inputs, senders=upstream,
+                                sets={"upstream": upstream}, direction=direction,
+                                patch_from=patch_from, via_mlps=via_mlps,
+                                batch_size=batch_size)  # fmt: skip
+    for inp, res in results.items():
         base = {**facts, "receiver_input": inp, "receivers": ",".join(receivers),
                 "receiver_units": res.settings["receiver_units"], "via_mlps": via_mlps,
                 "clean_metric": res.clean, "corrupt_metric": res.corrupt,

@@ -4,7 +4,8 @@
 - `patch_heads`: per-head activation patching (denoising / noising), batched across layers;
   `screen="atp*"` ranks the heads by attribution patching first and verifies the top exactly.
 - `attribution_patch`: AtP / AtP* (QK fix, GradDrop) estimates for every head.
-- `path_patch`: exact two-pass path patching of sender heads into receivers' q / k / v / resid.
+- `path_patch`: exact two-pass path patching of sender heads into receivers' q / k / v / resid
+  (`path_patch_inputs`: several of q / k / v from one first pass).
 - `cross_patch`: cross-model patching (donor head outputs into a recipient, same input), with
   `cross_model_patching` / `patch_head_sets` for Inter / Compl / Rand head sets.
 - `knockout_sweep`: top-k ranked heads vs random complement heads.
@@ -34,7 +35,7 @@ from mechinterp.interventions.patching import (
     patch_heads,
     run_from_layer,
 )
-from mechinterp.interventions.paths import path_patch
+from mechinterp.interventions.paths import path_patch, path_patch_inputs
 from mechinterp.interventions.sweep import knockout_sweep, summarise_sweep
 
 __all__ = [
@@ -56,6 +57,7 @@ __all__ = [
     "patch_head_sets",
     "patch_heads",
     "path_patch",
+    "path_patch_inputs",
     "resample_reference",
     "run_from_layer",
     "summarise_cross",

@@ -21,6 +21,10 @@ direct effect on the logits).
 
 Both passes start at the first layer they change from the cached target residual stream and
 share the target's KV cache for the prefix nobody patches (as `patch_heads`).
+
+`path_patch_inputs(..., receiver_inputs=("q", "k"))` patches several of q / k / v into the same
+receivers from one pass 1 per batch (pass 1 does not depend on the input recorded), one
+`PatchResult` per input.
 """
 
 from __future__ import annotations
@@ -115,13 +119,44 @@ def path_patch(
     are patched jointly (all members at once; members not below the last receiver layer are
     dropped), in `result.sets`; with `sets`, `senders=[]` skips the single senders. See the
     module docstring."""
+    return path_patch_inputs(
+        model, clean, corrupt, metric, receivers=receivers, receiver_inputs=(receiver_input,),
+        senders=senders, sets=sets, direction=direction, patch_from=patch_from,
+        via_mlps=via_mlps, batch_size=batch_size, progress=progress,
+    )[receiver_input]  # fmt: skip
+
+
+@torch.no_grad()
+def path_patch_inputs(
+    model,
+    clean: Sequence[int],
+    corrupt: Sequence[int],
+    metric: Metric,
+    *,
+    receivers,
+    receiver_inputs: Sequence[ReceiverInput] = ("q", "k"),
+    senders: Sequence[Head] | str | None = None,
+    sets: dict[str, Sequence[Head]] | None = None,
+    direction: Direction = "denoise",
+    patch_from: int = 0,
+    via_mlps: bool = True,
+    batch_size: int = 32,
+    progress: bool = False,
+) -> dict[str, PatchResult]:
+    """`path_patch` into each of `receiver_inputs` of the same receivers, {input: result}: one
+    pass 1 per batch of senders records every input, then one pass 2 per input. `resid` is
+    patched alone (its receivers are a layer, not heads)."""
     check_pair(model, clean, corrupt, direction, batch_size)
-    if receiver_input not in RECEIVER_INPUTS:
-        raise ValueError(f"receiver_input must be one of {RECEIVER_INPUTS}, got {receiver_input!r}")
+    inputs = list(dict.fromkeys(receiver_inputs))
+    bad = [i for i in inputs if i not in RECEIVER_INPUTS]
+    if bad or not inputs:
+        raise ValueError(f"receiver_input must be one of {RECEIVER_INPUTS}, got {bad or inputs}")
+    if "resid" in inputs and len(inputs) > 1:
+        raise ValueError("receiver_input='resid' is patched alone: call path_patch once for it")
     shape = HeadShape.of(model)
     n_layers, n_pos = shape.n_layers, len(clean)
-    units = _receiver_units(receivers, receiver_input, shape)
-    last = max(units)
+    units = {inp: _receiver_units(receivers, inp, shape) for inp in inputs}
+    last = max(max(u) for u in units.values())
     if senders is None:
         senders = [h for h in shape.all_heads() if h.layer < last]
     senders = list(parse_heads(senders, shape)) if senders else []
@@ -144,44 +179,53 @@ def path_patch(
         (corrupt, resid_x, z_x, z_c) if direction == "denoise" else (clean, resid_c, z_c, z_x)
     )
     m_target = m_corrupt if direction == "denoise" else m_clean
-    values = torch.full((n_layers, shape.n_heads), float("nan"))
-    settings = {
-        "receiver_input": receiver_input,
-        "receivers": {f"L{la}": u for la, u in units.items()},
-        "receiver_units": "heads" if receiver_input == "q" else
-                          "kv_groups" if receiver_input in ("k", "v") else "residual stream",
+    values = {inp: torch.full((n_layers, shape.n_heads), float("nan")) for inp in inputs}
+    joint: dict[str, dict[str, float]] = {inp: {} for inp in inputs}
+    settings = {inp: {
+        "receiver_input": inp,
+        "receivers": {f"L{la}": u for la, u in units[inp].items()},
+        "receiver_units": "heads" if inp == "q" else
+                          "kv_groups" if inp in ("k", "v") else "residual stream",
         "via_mlps": via_mlps, "n_senders": len(senders), "n_positions": n_pos,
         "shared_prefix": start, "patch_from": patch_from, "batch_size": batch_size,
-    }  # fmt: skip
+    } for inp in inputs}  # fmt: skip
+
+    def results() -> dict[str, PatchResult]:
+        return {inp: PatchResult(values[inp], m_clean, m_corrupt, direction, False, settings[inp],
+                                 joint[inp]) for inp in inputs}  # fmt: skip
+
     if start == n_pos:
-        for h in senders:
-            values[h] = m_target
-        joint = dict.fromkeys(sets or {}, m_target)
-        return PatchResult(values, m_clean, m_corrupt, direction, False, settings, joint)
+        for inp in inputs:
+            for h in senders:
+                values[inp][h] = m_target
+            joint[inp] = dict.fromkeys(sets or {}, m_target)
+        return results()
     prefix = prefix_cache(model, target[:start]) if start > 0 else None
     mlp_out = None if via_mlps else _mlp_outputs(model, target, keep, start)
-    bar = tqdm(total=len(senders), desc=f"path patch ({receiver_input})", disable=not progress,
-               leave=False)  # fmt: skip
+
+    def both_passes(variants: list[list[Head]]) -> dict[str, Tensor]:
+        recorded = _pass_one(model, variants, t_resid, t_z, s_z, mlp_out, units, prefix)
+        return {inp: metric(_pass_two(model, recorded[inp], units[inp], inp, t_resid, prefix,
+                                      len(variants))).float().cpu() for inp in inputs}  # fmt: skip
+
+    bar = tqdm(total=len(senders), desc=f"path patch ({','.join(inputs)})",
+               disable=not progress, leave=False)  # fmt: skip
     for chunk in layer_batches(sorted(senders), batch_size, n_layers):
-        recorded = _pass_one(model, [[h] for h in chunk], t_resid, t_z, s_z, mlp_out, units,
-                             receiver_input, prefix)  # fmt: skip
-        logits = _pass_two(model, recorded, units, receiver_input, t_resid, prefix, len(chunk))
-        for h, v in zip(chunk, metric(logits).float().cpu(), strict=True):
-            values[h] = v
+        for inp, vals in both_passes([[h] for h in chunk]).items():
+            for h, v in zip(chunk, vals, strict=True):
+                values[inp][h] = v
         bar.update(len(chunk))
     bar.close()
-    joint = {}
     for name, members in (sets or {}).items():
         members = [h for h in parse_heads(members, shape) if h.layer < last]
-        if not members:
-            joint[name] = m_target
-            continue
-        recorded = _pass_one(model, [members], t_resid, t_z, s_z, mlp_out, units,
-                             receiver_input, prefix)  # fmt: skip
-        logits = _pass_two(model, recorded, units, receiver_input, t_resid, prefix, 1)
-        joint[name] = float(metric(logits)[0])
-    settings["seconds"] = round(time.perf_counter() - t0, 3)
-    return PatchResult(values, m_clean, m_corrupt, direction, False, settings, joint)
+        got = both_passes([members]) if members else {}
+        for inp in inputs:
+            joint[inp][name] = float(got[inp][0]) if members else m_target
+    seconds = round(time.perf_counter() - t0, 3)
+    for inp in inputs:
+        settings[inp]["seconds"] = seconds
+        settings[inp]["receiver_inputs_together"] = inputs
+    return results()
 
 
 def _mlp_outputs(model, target: Sequence[int], keep: int, start: int) -> dict[int, Tensor]:
@@ -198,19 +242,19 @@ def _mlp_outputs(model, target: Sequence[int], keep: int, start: int) -> dict[in
     return out
 
 
-def _pass_one(model, variants: list[list[Head]], t_resid, t_z, s_z, mlp_out, units,
-              receiver_input: str, prefix) -> dict[int, Tensor]:  # fmt: skip
+def _pass_one(model, variants: list[list[Head]], t_resid, t_z, s_z, mlp_out,
+              units: dict[str, dict[int, list[int]]], prefix) -> dict[str, dict[int, Tensor]]:
     """Pass 1, one batch row per variant (a list of sender heads patched together): the
     senders' source z, every other head (and with `mlp_out`, every MLP) frozen at the target's;
-    returns the receivers' inputs per receiver layer [batch, pos, unit, d] ([batch, pos,
-    d_model] for resid)."""
+    returns, per receiver input, the receivers' inputs per receiver layer [batch, pos, unit, d]
+    ([batch, pos, d_model] for resid)."""
     n_layers = model.cfg.n_layers
     rows = len(variants)
     first = min(h.layer for v in variants for h in v)
-    last = max(units)
-    recorded: dict[int, Tensor] = {}
+    recorded: dict[str, dict[int, Tensor]] = {inp: {} for inp in units}
+    # receivers at or below `first` are never reached: their inputs stay unpatched
+    n_points = sum(la > first for u in units.values() for la in u)
     shape = HeadShape.of(model)
-    n_units = shape.n_heads if receiver_input == "q" else shape.n_kv_heads
 
     def write_z(z: Tensor, hook, *, la: int) -> Tensor:
         out = t_z[la][None].expand(rows, -1, -1, -1).clone()
@@ -223,17 +267,19 @@ def _pass_one(model, variants: list[list[Head]], t_resid, t_z, s_z, mlp_out, uni
     def frozen_mlp(x: Tensor, hook, *, la: int) -> Tensor:
         return mlp_out[la][None].expand(rows, -1, -1).to(x.dtype)
 
-    def record(x: Tensor, hook, *, la: int) -> None:
+    def record(x: Tensor, hook, *, inp: str, la: int) -> None:
         x = x.detach().clone()
-        recorded[la] = x if receiver_input == "resid" else _shaped(x, n_units)
-        if la == last:
+        n_units = shape.n_heads if inp == "q" else shape.n_kv_heads
+        recorded[inp][la] = x if inp == "resid" else _shaped(x, n_units)
+        if sum(map(len, recorded.values())) == n_points:
             raise _Recorded
 
     hooks = [(f"blocks.{la}.attn.hook_z", partial(write_z, la=la)) for la in range(first, n_layers)]
     if mlp_out is not None:
         hooks += [(f"blocks.{la}.hook_mlp_out", partial(frozen_mlp, la=la))
                   for la in range(first, n_layers)]  # fmt: skip
-    hooks += [(_point(receiver_input, la, n_layers), partial(record, la=la)) for la in units]
+    hooks += [(_point(inp, la, n_layers), partial(record, inp=inp, la=la))
+              for inp, u in units.items() for la in u if la > first]  # fmt: skip
     resid = t_resid[first][None].expand(rows, -1, -1)
     try:
         run_from_layer(model, resid, first, hooks=hooks, prefix_kv=prefix)

@@ -8,7 +8,7 @@ from hand_references import grab, hand_path_patch
 
 from mechinterp.heads import Head, HeadShape
 from mechinterp.interventions.patching import logit_diff_metric, patch_heads
-from mechinterp.interventions.paths import path_patch
+from mechinterp.interventions.paths import path_patch, path_patch_inputs
 
 CLEAN = [1, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22]
 CORRUPT = [1, 10, 11, 40, 41, 14, 15, 16, 17, 18, 19, 20, 21, 22]  # positions 3-4 replaced
@@ -123,3 +123,27 @@ def test_a_joint_sender_set_into_a_layers_input_is_joint_patching_of_the_set(dee
                        senders=below[:1], patch_from=5)  # fmt: skip
     assert res.sets["one"] == pytest.approx(float(alone.values[below[0]]), abs=1e-6)
     assert abs(res.sets["below"] - res.corrupt) > 1e-3
+
+
+@pytest.mark.parametrize("patch_from", [0, 9])
+def test_several_inputs_from_one_first_pass_equal_one_call_each(deep, patch_from):
+    """q, k and v recorded in one pass 1 (receivers in two layers, one at the senders' own
+    layer for layer-2 senders) = three separate path_patch calls, singles and sets."""
+    metric = metric_for(deep)
+    receivers = [Head(2, 1), Head(3, 0), Head(3, 3)]
+    below = [h for h in HeadShape.of(deep).all_heads() if h.layer < 3]
+    sets = {"low": [Head(0, 1), Head(1, 2)], "all": below}
+    together = path_patch_inputs(deep, CLEAN, CORRUPT, metric, receivers=receivers,
+                                 receiver_inputs=("q", "k", "v"), sets=sets,
+                                 patch_from=patch_from, batch_size=5)  # fmt: skip
+    assert list(together) == ["q", "k", "v"]
+    for inp, res in together.items():
+        alone = path_patch(deep, CLEAN, CORRUPT, metric, receivers=receivers, receiver_input=inp,
+                           sets=sets, patch_from=patch_from, batch_size=5)  # fmt: skip
+        torch.testing.assert_close(res.values, alone.values, equal_nan=True, atol=1e-6, rtol=0)
+        assert res.sets == pytest.approx(alone.sets, abs=1e-6)
+        assert res.settings["receiver_units"] == alone.settings["receiver_units"]
+    assert (together["q"].values - together["k"].values).nan_to_num().abs().max() > 1e-4
+    with pytest.raises(ValueError, match="patched alone"):
+        path_patch_inputs(deep, CLEAN, CORRUPT, metric, receivers=[3],
+                          receiver_inputs=("q", "resid"))  # fmt: skip
