@@ -9,6 +9,7 @@
 - `cross_patch`: cross-model patching (donor head outputs into a recipient, same input), with
   `cross_model_patching` / `patch_head_sets` for Inter / Compl / Rand head sets.
 - `knockout_sweep`: top-k ranked heads vs random complement heads.
+- `answer_pair`: the clean / corrupt pair for patching a retrieved answer token.
 """
 
 from mechinterp.interventions.attribution import AttributionResult, attribution_patch
@@ -27,12 +28,14 @@ from mechinterp.interventions.knockout import (
     mean_reference,
     resample_reference,
 )
+from mechinterp.interventions.pairs import AnswerPair, answer_pair
 from mechinterp.interventions.patching import (
     PatchResult,
     logit_diff_metric,
     logprob_metric,
     normalised_recovery,
     patch_heads,
+    patch_sets,
     run_from_layer,
 )
 from mechinterp.interventions.paths import path_patch, path_patch_inputs
@@ -40,10 +43,12 @@ from mechinterp.interventions.sweep import knockout_sweep, summarise_sweep
 
 __all__ = [
     "MODES",
+    "AnswerPair",
     "AttributionResult",
     "KnockoutSpec",
     "PatchResult",
     "Reference",
+    "answer_pair",
     "attribution_patch",
     "cross_model_patching",
     "cross_patch",
@@ -56,6 +61,7 @@ __all__ = [
     "normalised_recovery",
     "patch_head_sets",
     "patch_heads",
+    "patch_sets",
     "path_patch",
     "path_patch_inputs",
     "resample_reference",

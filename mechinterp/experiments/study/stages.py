@@ -414,36 +414,6 @@ def _response(base: pd.DataFrame, example_id: str) -> dict:
 # ---------------------------------------------------------------- 3. patching
 
 
-def _pick_corruption(model, prompt, response: dict, seed: int, max_tries: int):
-    """The first answer token (in the needle, at most `max_tries` of them) whose replacement
-    flips the model's preference where the response writes it, and the teacher-forced response
-    up to there. Falls back to the first token when none flips."""
-    import torch
-
-    from mechinterp.tasks.corrupt import corrupt_answer
-
-    a0, a1 = response["answer_start"], response["answer_end"]
-    resp = [int(t) for t in response["response_ids"]]
-    p0, p1 = prompt.spans["answer"][0]
-    aligned = list(prompt.input_ids[p0:p1]) == resp[a0:a1]
-    tries = min(max_tries, p1 - p0) if aligned else 1
-    first = None
-    for i in range(tries):
-        c = corrupt_answer(prompt, model.tokenizer, seed=seed, offset=i)
-        lead, target = resp[: a0 + i], resp[a0 + i]
-        clean, corrupt = list(c.clean) + lead, list(c.corrupt) + lead
-        with torch.no_grad():
-            logits = model(
-                torch.tensor([clean, corrupt], device=model.cfg.device), logits_to_keep=1
-            )
-        diff = (logits[:, -1, target] - logits[:, -1, c.corrupt_token]).tolist()
-        pick = (c, clean, corrupt, target, i, i + 1)
-        first = first or pick
-        if diff[0] > 0 > diff[1]:
-            return pick
-    return first[:-1] + (tries,)
-
-
 @dataclass(frozen=True)
 class PatchPair:
     """One clean / corrupt pair of the patching stages: token ids, the metric, the first
@@ -458,22 +428,21 @@ class PatchPair:
 
 def patch_pair(model, example: dict, response: dict, *, seed: int, max_tries: int, scope: str,
                template: str | None) -> PatchPair:  # fmt: skip
-    """The pair `patch_shard` patches (and the attribution and path stages reuse): an answer
-    token of the needle replaced (`_pick_corruption`), the clean response teacher-forced up to
-    where it writes that token; metric logit(clean token) − logit(corrupt token) there."""
+    """The pair `patch_shard` patches (and the attribution and path stages reuse):
+    `interventions.pairs.answer_pair` on the stored clean response, with the example's
+    coordinates and the corruption's facts that every row of the pair carries."""
     from mechinterp.evaluate import render_all
-    from mechinterp.interventions.patching import logit_diff_metric
+    from mechinterp.interventions.pairs import answer_pair
 
     (ex,) = _examples([example])
     (prompt,) = render_all(model, [ex], template=template)
-    c, clean, corrupt, target, offset, tried = _pick_corruption(
-        model, prompt, response, seed, max_tries
-    )
-    start = scope_start(prompt, scope)
-    facts = {**_coordinates(ex), "corrupted_position": c.position, "answer_offset": offset,
-             "offsets_tried": tried, "target_token": target, "corrupt_token": c.corrupt_token,
-             "patch_from": start}  # fmt: skip
-    return PatchPair(clean, corrupt, logit_diff_metric(target, c.corrupt_token), start, facts)
+    resp = (response["response_ids"], response["answer_start"], response["answer_end"])
+    p = answer_pair(model, prompt, response=resp, seed=seed, max_tries=max_tries, scope=scope)
+    facts = {**_coordinates(ex), "corrupted_position": p.corrupted_position,
+             "answer_offset": p.answer_offset, "offsets_tried": p.offsets_tried,
+             "target_token": p.target_token, "corrupt_token": p.corrupt_token,
+             "patch_from": p.patch_from}  # fmt: skip
+    return PatchPair(list(p.clean), list(p.corrupt), p.metric, p.patch_from, facts)
 
 
 def patch_shard(
