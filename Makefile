@@ -62,9 +62,9 @@ test-fast: setup
 matrix: setup
 	MECHINTERP_MATRIX_JSON=benchmarks/results/architecture_matrix.json $(BIN)/python -m pytest -q tests/matrix
 
-# Re-render the README's architecture support table from tests/matrix/matrix_support.py.
+# Re-render the architecture support table in docs/models.md from tests/matrix/matrix_support.py.
 matrix-table: setup
-	$(BIN)/python tests/matrix/matrix_support.py README.md
+	$(BIN)/python tests/matrix/matrix_support.py docs/models.md
 
 # Refresh the lock from pyproject.toml's ranges (newest releases they allow, for Python >= 3.11 on
 # every platform). Then run `make test` and `make demo` before committing it.

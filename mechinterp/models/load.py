@@ -249,7 +249,7 @@ def _boot(hf_model, tokenizer, directory: Path, *, model_id, source, sha, dtype,
         raise ValueError(
             f"{config.model_type} ({', '.join(config.architectures or [type(hf_model).__name__])})"
             " is not an architecture the TransformerLens bridge supports, so mechinterp cannot "
-            "hook it; see the README's 'Your own model' for the families that are tested"
+            "hook it; see docs/models.md for the families that are tested"
         )
     bridge = TransformerBridge.boot_transformers(
         str(directory), hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype

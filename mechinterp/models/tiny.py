@@ -110,7 +110,7 @@ def tiny_model(
 @dataclass(frozen=True)
 class Family:
     """One architecture of the test matrix: how to build a tiny random model of it, and what it
-    exercises (`features`, for the README's support table)."""
+    exercises (`features`, for the support table in docs/models.md)."""
 
     name: str
     config_class: str

@@ -9,8 +9,8 @@ HF model for cached decoding; the donor's own logits for cross-model patching of
 Batched primitives run on left-padded batches whose prompts are longer than every sliding window.
 
 Each test records its largest difference with `record(...)`; `make matrix` writes them to a JSON
-file and renders the README's support table from `EXPECTED` (a cell is ✓ or a refusal that must
-raise the expected error), so the README cannot say what the matrix does not test.
+file and renders the support table in docs/models.md from `EXPECTED` (a cell is ✓ or a refusal
+that must raise the expected error), so the docs cannot say what the matrix does not test.
 """
 
 from __future__ import annotations
