@@ -391,7 +391,9 @@ def main() -> None:
         result["paths"] = bench_paths(model, pairs[0], ranked)
         print(json.dumps(result["paths"]), flush=True)
     # one provenance per part: parts not rerun keep theirs (older files held one for all)
-    prov = provenance(run=str(args.run), torch_threads=torch.get_num_threads())
+    # the run directory's name (study-<model>-<config hash>), not this machine's path to it
+    run_name = None if args.run is None else args.run.resolve().name
+    prov = provenance(run=run_name, torch_threads=torch.get_num_threads())
     kept = result.get("provenance", {})
     if "created" in kept:
         kept = {part: kept for part in kept.get("parts", [])}

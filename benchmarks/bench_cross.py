@@ -30,7 +30,9 @@ from mechinterp.models import load_model  # noqa: E402
 from mechinterp.store import provenance, write_json  # noqa: E402
 from mechinterp.tasks.mdqa import synthetic_mdqa  # noqa: E402
 
-DONOR_HEADS = "L17H3 L18H6 L18H7 L23H2 L17H4 L20H6 L23H7 L21H8 L24H4 L23H1"  # measured, issue 3
+# SmolLM2-135M's top-10 Wu retrieval heads, as `mechinterp detect` ranks them on a NIAH grid of
+# 4 needles × {256, 512, 1024} tokens × depths {0, 0.5, 1}
+DONOR_HEADS = "L17H3 L18H6 L18H7 L23H2 L17H4 L20H6 L23H7 L21H8 L24H4 L23H1"
 RECIPIENT_HEADS = "L17H3 L18H6 L23H2 L20H6 L24H4 L29H1 L23H0 L19H2 L22H5 L16H1"
 
 

@@ -1,4 +1,4 @@
-"""Long context at the cost of plain inference (issue 17): each score and intervention ÷ HF
+"""Long context at the cost of plain inference: each score and intervention ÷ HF
 `generate` with SDPA attention on the same NIAH instance, at 2K, 4K and 8K tokens, on the
 embedded model; the explicit (eager, T × T) path beside the fused one.
 
@@ -15,7 +15,7 @@ the job alone (loading excluded). Jobs, each on one instance with 24 new tokens 
   instance of the same length);
 - `patch`: per-head patching of all 270 heads (denoising) at the question positions of a planted
   clean/corrupt pair (`patch_from`: the question; 9 heads per batch).
-Goals (issue 17): detection ≤ 1.5× the peak memory and ≤ 1.3× the time of SDPA generation at 8K;
+Goals: detection ≤ 1.5× the peak memory and ≤ 1.3× the time of SDPA generation at 8K;
 the growth of peak memory linear in T (fitted exponent ≤ 1.1 over 2K–8K).
 Writes benchmarks/results/long_context.json.
 """
@@ -34,7 +34,9 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-TOP_HEADS = "L17H3 L18H6 L18H7 L23H2 L17H4 L20H6 L23H7 L21H8 L24H4 L23H1"  # measured, issue 3
+# SmolLM2-135M's top-10 Wu retrieval heads, as `mechinterp detect` ranks them on a NIAH grid of
+# 4 needles × {256, 512, 1024} tokens × depths {0, 0.5, 1}
+TOP_HEADS = "L17H3 L18H6 L18H7 L23H2 L17H4 L20H6 L23H7 L21H8 L24H4 L23H1"
 MODES = ("zero", "mean", "resample", "uniform_attention", "edge_knockout")
 JOBS = ("generate", "detect", "qr", *(f"knockout-{m}" for m in MODES), "patch")
 NEW_TOKENS = 24

@@ -39,7 +39,9 @@ from mechinterp.models import load_model
 from mechinterp.store import provenance, write_json
 from mechinterp.tasks.haystack import essay_corpus
 
-TOP_HEADS = "L17H3 L18H6 L18H7 L23H2 L17H4 L20H6 L23H7 L21H8 L24H4 L23H1"  # measured, issue 3
+# SmolLM2-135M's top-10 Wu retrieval heads, as `mechinterp detect` ranks them on a NIAH grid of
+# 4 needles × {256, 512, 1024} tokens × depths {0, 0.5, 1}
+TOP_HEADS = "L17H3 L18H6 L18H7 L23H2 L17H4 L20H6 L23H7 L21H8 L24H4 L23H1"
 
 
 def pair(tok, n_tokens: int, depth: float = 0.0):

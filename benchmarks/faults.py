@@ -56,6 +56,7 @@ class Ctx:
         from mechinterp.models.tiny import tiny_model
 
         self.root = root
+        self.scrub = placeholders(str(root))  # machine paths → placeholders, for the table
         self.model = str(tiny_model(n_kv_heads=2, directory=root / "tiny").mechinterp_card.source)
         self.donor = str(tiny_model(n_kv_heads=2, seed=1,
                                     directory=root / "donor").mechinterp_card.source)  # fmt: skip
@@ -524,7 +525,8 @@ def _other_out(ctx: Ctx) -> tuple[str, str]:
         return "lost", "the other config's results were overwritten"
     if code == 0:
         return "silent", "exit 0"
-    return ("clear" if "holds a eval run with another config" in err else "unclear"), err[-200:]
+    clear = "holds a eval run with another config" in err
+    return ("clear" if clear else "unclear"), ctx.scrub(err)[-200:]
 
 
 def _hold(run: Path, pid: int) -> None:
@@ -547,7 +549,7 @@ def _live(ctx: Ctx) -> tuple[str, str]:
             return "lost", "the held run was rewritten"
         if code == 0:
             return "silent", "exit 0 while another process held the directory"
-        return ("clear" if f"PID {proc.pid}" in err else "unclear"), err[-200:]
+        return ("clear" if f"PID {proc.pid}" in err else "unclear"), ctx.scrub(err)[-200:]
     finally:
         proc.kill()
         proc.wait()
@@ -590,7 +592,7 @@ def _report_locked(ctx: Ctx) -> tuple[str, str]:
         code, err = cli_call(["report", str(run)])
         if code == 0:
             return "silent", "exit 0"
-        return ("clear" if f"PID {proc.pid}" in err else "unclear"), err[-200:]
+        return ("clear" if f"PID {proc.pid}" in err else "unclear"), ctx.scrub(err)[-200:]
     finally:
         proc.kill()
         proc.wait()
@@ -612,7 +614,7 @@ def _stale(ctx: Ctx) -> tuple[str, str]:
     _hold(run, proc.pid)
     code, err = cli_call(ctx.eval_args("--examples-per-shard", "1", "--out", str(run)))
     ok = code == 0 and not (run / ".lock").exists()
-    return ("recovered" if ok else "unclear"), f"exit {code} {err[-200:]}"
+    return ("recovered" if ok else "unclear"), f"exit {code} {ctx.scrub(err)[-200:]}"
 
 
 def _garbage(ctx: Ctx) -> tuple[str, str]:
@@ -621,7 +623,7 @@ def _garbage(ctx: Ctx) -> tuple[str, str]:
     old = time.time() - 60
     os.utime(run / ".lock", (old, old))
     code, err = cli_call(ctx.eval_args("--examples-per-shard", "1", "--out", str(run)))
-    return ("recovered" if code == 0 else "unclear"), f"exit {code} {err[-200:]}"
+    return ("recovered" if code == 0 else "unclear"), f"exit {code} {ctx.scrub(err)[-200:]}"
 
 
 KILL = """
@@ -644,7 +646,7 @@ def _killed(ctx: Ctx, sig: str) -> tuple[str, str]:
     proc = subprocess.run([sys.executable, "-c", KILL.format(sig=sig), *argv],
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     if sig == "INT" and "Traceback" in proc.stderr:
-        return "traceback", proc.stderr[-300:]
+        return "traceback", ctx.scrub(proc.stderr)[-300:]
     code, err = cli_call(argv)
     shards = _finished(out)["shards"] if code == 0 else {}
     ok = shards == {"computed": 1, "skipped": 1, "repaired": []}
@@ -669,7 +671,7 @@ def _rerun(ctx: Ctx, run: Path, expect: dict, **extra) -> tuple[str, str]:
         code, err = cli_call(ctx.eval_args("--examples-per-shard", "1", "--out", str(run),
                                            *extra.get("args", ())))  # fmt: skip
     if code != 0:
-        return ("traceback" if isinstance(code, str) else "unclear"), err[-300:]
+        return ("traceback" if isinstance(code, str) else "unclear"), ctx.scrub(err)[-300:]
     shards = _finished(run)["shards"]
     got = {k: (len(v) if isinstance(v, list) else v) for k, v in shards.items()}
     return ("recovered" if got == expect else "silent"), str(shards)
@@ -782,6 +784,27 @@ def all_cases() -> list[Case]:
     return _cli_cases() + _api_cases() + _rundir_cases()
 
 
+def placeholders(tmp: str) -> Callable[[str], str]:
+    """A function writing this machine's paths in a message as placeholders: the cases' temporary
+    folder as `<tmp>`, the repository as `<repo>`, the home folder as `~`, so that the recorded
+    table reads the same on every machine."""
+    repo = Path(__file__).resolve().parent.parent
+    names = {}
+    for path, name in ((Path.home(), "~"), (repo, "<repo>"), (Path(tmp), "<tmp>")):
+        for form in {str(path), os.path.realpath(path)}:
+            if len(form) > 1:  # never "/"
+                names[form] = name
+    order = sorted(names, key=len, reverse=True)  # the longest first: a repository in the home
+    # folder is written `<repo>`, not `~/...`
+
+    def scrub(text: str) -> str:
+        for form in order:
+            text = text.replace(form, names[form])
+        return text
+
+    return scrub
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="benchmarks/results/faults.csv")
@@ -798,7 +821,7 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as e:  # noqa: BLE001 - a case that breaks its own harness
                 outcome, detail = "traceback", f"harness: {type(e).__name__}: {e}"
             rows.append({"id": case.id, "what": case.what, "outcome": outcome,
-                         "detail": " ".join(str(detail).split())[:300],
+                         "detail": ctx.scrub(" ".join(str(detail).split()))[:300],
                          "seconds": round(time.perf_counter() - t0, 2)})  # fmt: skip
             print(f"[{i:3d}/{len(cases)}] {outcome:>9}  {case.id}", file=sys.stderr, flush=True)
     df = pd.DataFrame(rows)

@@ -9,9 +9,9 @@ Conventions (`convention=`):
 - `"per_step"`: every copying step counts (Wu's reference code; can exceed 1 when the answer
   repeats a needle token).
 
-Keys (`keys=`): the argmax runs over the prompt's keys (`"prompt"`, DESIGN.md) or over every key the
-query sees, generated tokens included (`"context"`, the reference code; an argmax on a generated
-token is never a copy).
+Keys (`keys=`): the argmax runs over the prompt's keys (`"prompt"`, as docs/concepts/scores.md
+defines the score) or over every key the query sees, generated tokens included (`"context"`, the
+reference code; an argmax on a generated token is never a copy).
 
 Cost: each layer's last query row per step is read (`models.attention.read_rows`: on a fused
 layer only that row is computed, so decoding runs at the cost of plain SDPA generation) and

@@ -1,5 +1,6 @@
 """Cross-model activation patching: the donor's per-head outputs written into the recipient, on
-the same input (DESIGN.md step 6). A head's output is its contribution to the residual stream,
+the same input (the extension pipeline's last step, docs/experiments/extension.md; defined in
+docs/concepts/patching.md). A head's output is its contribution to the residual stream,
 z_h · W_O[h] with the donor's own W_O (`patched="output"`, the default); `patched="z"` moves z only.
 
     with cross_patch(recipient, donor, heads=inter):

@@ -4,7 +4,7 @@ removes them.
     with knockout(model, KnockoutSpec(heads=parse_heads("L17H3 L18H6"), mode="zero")):
         generate(model, prompts)
 
-Modes (DESIGN.md "Interventions"):
+Modes (defined in docs/concepts/interventions.md):
 - `zero`: z_h ← 0 (the head's output before the output projection).
 - `mean`: z_h ← its mean over a reference set (`mean_over="pooled"`: over positions too;
   `"position"`: one mean per absolute position). Pass `reference=mean_reference(...)`.
@@ -14,14 +14,15 @@ Modes (DESIGN.md "Interventions"):
 - `edge_knockout`: attention logits from the chosen query positions to `key_positions` are set to
   a large negative number (not −inf) and the row renormalises over the remaining keys.
 
-Scope is a set of query positions (DESIGN.md), never a property of how a forward is chunked:
-`all` — every position; `response` — the prompt's last position (it writes the first response
-token, and the retrieval score reads its row) and every later one; `query` — from the end of the
-context on (question, template, response). `scope_start(prompt, scope)` gives the first position,
-and the same start serves cached generation, teacher-forced scoring (`score_conditions`'s shared
-prefix) and patching (`patch_from`). `query_positions` further limits the intervention to those
-absolute positions. Positions count from each row's first real token, so left padding is handled.
-Heads are query heads: under GQA an intervention on one query head leaves its KV siblings intact.
+Scope is a set of query positions (docs/concepts/interventions.md), never a property of how a
+forward is chunked: `all` — every position; `response` — the prompt's last position (it writes the
+first response token, and the retrieval score reads its row) and every later one; `query` — from the
+end of the context on (question, template, response). `scope_start(prompt, scope)` gives the first
+position, and the same start serves cached generation, teacher-forced scoring (`score_conditions`'s
+shared prefix) and patching (`patch_from`). `query_positions` further limits the intervention to
+those absolute positions. Positions count from each row's first real token, so left padding is
+handled. Heads are query heads: under GQA an intervention on one query head leaves its KV siblings
+intact.
 """
 
 from __future__ import annotations

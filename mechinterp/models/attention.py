@@ -1,18 +1,25 @@
-"""Fast attention where nothing reads the pattern (issue 17, first step; opt-in for now).
+"""Fused attention wherever nothing reads the pattern: the default path of `load_model`
+(`attention="sdpa"`; `attention="eager"` keeps the explicit computation everywhere).
 
 The bridge reimplements attention and materialises every layer's T × T pattern on each forward.
-`use_sdpa(bridge)` lets each eligible layer hand its forward to the HF attention module, which
-runs the fused kernel (SDPA) instead, whenever no hook is attached to a point only the explicit
-computation has: the scores, the pattern, post-RoPE q/k and the rotary cos/sin. `hook_q`,
-`hook_k`, `hook_v`, `hook_z` (the input of the output projection) and the residual hooks fire
-in both modes, so interventions on z, patching, cross-model patching and cached generation run
-on SDPA. Score-level knockouts still take the explicit path, layer by layer.
+`use_sdpa(bridge)`, which `load_model` calls unless told `attention="eager"`, lets each eligible
+layer hand its forward to the HF attention module, which runs the fused kernel (SDPA) instead,
+whenever no hook is attached to a point only the explicit computation has: the scores, the
+pattern, post-RoPE q/k and the rotary cos/sin. `hook_q`, `hook_k`, `hook_v`, `hook_z` (the input
+of the output projection) and the residual hooks fire in both modes, so interventions on z,
+patching, cross-model patching and cached generation run on SDPA. `ModelCard.attention` records
+which path a loaded model takes.
 
 Readers of a few pattern rows (the retrieval score's decode row, QR's question rows) use
 `read_rows`: on a fused layer the rows are recomputed, in blocks, from the very q, k and mask the
 kernel was given (after the KV-cache update), so memory is rows × keys, never T × T; on an
-explicit layer they are sliced from `hook_pattern`. Measured on the tiny models both equal the
-explicit computation to float32 rounding (tests/test_fast_attention.py).
+explicit layer they are sliced from `hook_pattern`. Score-level knockouts (`uniform_attention`,
+`edge_knockout`) use `edit_scores`: on a fused layer the kernel's output is kept except for the
+edited heads' rows, recomputed in row blocks from their edited scores; on an explicit layer they
+edit `hook_attn_scores`. A layer with both a reader and an editor attached, or with a hook on one
+of the explicit-only points, takes the explicit path for that forward. On the tiny models the
+fused rows, edits and outputs equal the explicit computation to float32 rounding
+(tests/test_fast_attention.py).
 
 Eligible: layers of the plain rotary attention bridge (Llama, Mistral, Qwen2, Gemma 3, OLMo 2,
 ...) whose HF module supports SDPA, without logit soft-capping or learned sinks. A model with any

@@ -47,10 +47,10 @@ class ModelKnockout:
 
 @dataclass(frozen=True)
 class LofitStage:
-    """Optional (DESIGN.md "Learned localisation"): LoFiT from the base model on the reference
-    variant's training examples. Scaling vectors on every head (L1) rank heads by ‖A‖₂; bias
-    vectors are then trained on the top `top_share` of heads. The report compares the ranking
-    with the reference model's retrieval scores."""
+    """Optional learned localisation (LoFiT ranking, docs/concepts/scores.md): LoFiT from the base
+    model on the reference variant's training examples. Scaling vectors on every head (L1) rank
+    heads by ‖A‖₂; bias vectors are then trained on the top `top_share` of heads. The report
+    compares the ranking with the reference model's retrieval scores."""
 
     spec: LofitSpec = field(default_factory=lambda: LofitSpec(steps=60))
     top_share: float = 0.05

@@ -1,4 +1,5 @@
-"""The synthetic-context-extension pipeline (DESIGN.md "The question", steps 1–6), as shards:
+"""The synthetic-context-extension pipeline (the paper's steps, docs/experiments/extension.md),
+as shards:
 
 1. `finetune/<variant>`: LoRA on the variant's training examples (the reference variant too).
 2. `eval/<variant>`: the fine-tuned model on the *reference* task's held-out examples.

@@ -1,5 +1,5 @@
 """The extension pipeline over several tasks, and the recall–performance correlation pooled
-over them (issue 19; the paper studies MDQA, multi-hop QA and citation together).
+over them (the paper studies MDQA, multi-hop QA and citation together).
 
     config.tasks = (TaskRun("mdqa", lofit=True), TaskRun("multihop", n_docs=4), ...)
     run_tasks(config)        # <run>/<task>/ is a whole extension run per task (its own report)
