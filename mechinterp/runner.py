@@ -12,6 +12,7 @@ recomputed (with a warning), never silently read. A killed sweep therefore resum
 stopped: at most the shards in flight are lost.
 
 Engines:
+
 - `local`: in this process, one shard at a time (the model is loaded once, only if some shard
   needs computing).
 - `ray`: Ray tasks (`pip install 'mechinterp[ray]'`); connects to `ray_address` (an existing

@@ -19,8 +19,8 @@
 # is one library call; nothing here is logic the library does not test.
 #
 # `MECHINTERP_NB_SMALL=1` (the default) keeps it to a couple of minutes on a laptop CPU: 2
-# needles at 256 tokens, k = 5, one random seed. Set `MECHINTERP_NB_SMALL=0` for the grid the
-# README reports (4 needles × {256, 512, 1024} tokens × depths {0, 0.5, 1}; k ∈ {5, 10, 20},
+# needles at 256 tokens, k = 5, one random seed. Set `MECHINTERP_NB_SMALL=0` for the grid of
+# `mechinterp detect` (4 needles × {256, 512, 1024} tokens × depths {0, 0.5, 1}; k ∈ {5, 10, 20},
 # 3 seeds; tens of minutes on a CPU).
 
 # %%

@@ -5,6 +5,7 @@ in a shell block resolves its config (`--print-config`), so the docs cannot drif
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import os
 import re
@@ -19,9 +20,13 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 RUN_MARK = "<!-- docs-test: run -->"
+#: A ```text block right after a Python block, introduced by this line, is its exact stdout.
+PRINTS = "It prints:"
 SHELLS = ("bash", "sh", "shell")
 #: Commands whose arguments are a run directory or a planning request, not a config.
 NO_CONFIG = ("figures", "report", "plan")
+#: Flags whose value a config checks exists: the docs name the user's own files there.
+PATH_FLAGS = ("--data", "--scores", "--recipient-scores")
 
 
 @dataclass(frozen=True)
@@ -31,6 +36,7 @@ class Block:
     lang: str
     code: str
     run: bool  # preceded by RUN_MARK
+    prints: str | None = None  # the expected stdout of a Python block (PRINTS)
 
     @property
     def where(self) -> str:
@@ -54,6 +60,8 @@ def blocks(path: Path) -> list[Block]:
         assert end is not None, f"{path.relative_to(ROOT)}:{start + 1}: unclosed code fence"
         prev = next((lines[j] for j in range(start - 1, -1, -1) if lines[j].strip()), "")
         code = "\n".join(lines[start + 1 : end]) + "\n"
+        if lang == "text" and prev.strip() == PRINTS and out and out[-1].lang == "python":
+            out[-1] = dataclasses.replace(out[-1], prints=code)
         out.append(Block(path, start + 1, lang, code, prev.strip() == RUN_MARK))
         i = end + 1
     return out
@@ -102,10 +110,16 @@ def docs_cwd(tmp_path, monkeypatch):
 def test_every_python_block_runs(page, docs_cwd):
     namespace: dict = {"__name__": "__docs__"}
     for block in page:
+        out = io.StringIO()
         try:
-            exec(compile(block.code, block.where, "exec"), namespace)
+            with contextlib.redirect_stdout(out):
+                exec(compile(block.code, block.where, "exec"), namespace)
         except Exception as e:  # noqa: BLE001 - re-raised with the block's location
             raise AssertionError(f"the Python block at {block.where} fails: {e!r}") from e
+        if block.prints is not None:
+            assert out.getvalue() == block.prints, (
+                f"{block.where} prints something else than the page says:\n{out.getvalue()}"
+            )
 
 
 def _run_blocks():
@@ -141,6 +155,11 @@ def test_every_documented_command_resolves_its_config(argv, docs_cwd):
             except SystemExit as e:
                 assert e.code == 0, f"`mechinterp {' '.join(argv)}` does not parse"
         return
+    for flag, value in zip(argv, argv[1:], strict=False):
+        if flag in PATH_FLAGS and not Path(value).exists():  # stands for the user's file
+            path = docs_cwd / value
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.touch() if path.suffix else path.mkdir()
     err = io.StringIO()
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
         code = main([*argv, "--print-config"])
@@ -161,7 +180,8 @@ def test_docs_site_builds_strictly(tmp_path):
 def test_block_parser_reads_fences_and_marks(tmp_path):
     page = tmp_path / "x.md"
     page.write_text(f"text\n\n{RUN_MARK}\n```bash\nmechinterp eval \\\n  --n 2  # two\n```\n"
-                    "```python\nprint(1)\n```\n")  # fmt: skip
-    (shell, py) = blocks(page)
+                    f"```python\nprint(1)\n```\n{PRINTS}\n\n```text\n1\n```\n")  # fmt: skip
+    (shell, py, text) = blocks(page)
     assert (shell.lang, shell.run, shell.line, py.lang, py.run) == ("bash", True, 4, "python", False)
     assert command_lines(shell.code) == [["eval", "--n", "2"]]
+    assert (py.prints, text.prints) == ("1\n", None)

@@ -5,6 +5,7 @@ lands on a needle position j and token(j) == w. Score(h) = copies / |needle| per
 over the instances the model answered (ROUGE-1 recall of the answer > `gate`).
 
 Conventions (`convention=`):
+
 - `"set"`: each needle position counts at most once (the paper's definition; score ≤ 1).
 - `"per_step"`: every copying step counts (Wu's reference code; can exceed 1 when the answer
   repeats a needle token).

@@ -3,6 +3,7 @@ from the model's shape (its config, no weights loaded) and the config's lengths 
 and a refusal, naming the knob to turn, when a stage cannot fit.
 
 The memory of one forward of B rows × T new positions on C cached ones (d: the weights' bytes):
+
 - KV cache, kept:     2 · n_layers · n_kv_heads · d_head · B · (C + T) · d
 - activations:        ACT · B · T · (d_model + d_mlp) · d          (one layer's transients)
 - attention, eager:   ATTN · B · n_heads · T · (C + T) · 4         (the T × T pattern)

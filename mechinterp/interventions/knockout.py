@@ -5,6 +5,7 @@ removes them.
         generate(model, prompts)
 
 Modes (defined in docs/concepts/interventions.md):
+
 - `zero`: z_h ← 0 (the head's output before the output projection).
 - `mean`: z_h ← its mean over a reference set (`mean_over="pooled"`: over positions too;
   `"position"`: one mean per absolute position). Pass `reference=mean_reference(...)`.

@@ -5,6 +5,7 @@ head on chosen receivers' inputs only, for every sender in one call.
                      receivers="L18H6,L20H1", receiver_input="q")
 
 Two passes per batch of senders (one variant per sender, batched like `patch_heads`):
+
 1. Run the target with the sender's z taken from the source run (from the first patched position
    on) and every other head frozen at its target output; MLPs recompute (`via_mlps=True`, the
    sender's effect through them counts) or are frozen too (`via_mlps=False`: only the direct

@@ -8,6 +8,7 @@ update the cache and every cached decode step attends to itself alone: greedy de
 garbage after the first token.
 
 Every cached forward in mechinterp goes through this module:
+
 - `new_cache(model)` makes the cache object (we always own it and pass it in, so we never read a
   cache back from a model output under either name);
 - `cache_kwargs(model, cache)` names it the way the installed transformers expects;

@@ -1,6 +1,7 @@
 """`load_model(spec) -> TransformerBridge`, with a model card on every model.
 
 Sources, in the order a name is tried:
+
 1. an embedded model by short name (`smollm2-135m`);
 2. a `.gguf` file: dequantised once and cached by its hash, like the embedded default;
 3. a local directory: an HF causal LM, or a LoRA checkpoint (`adapter_config.json`), merged;
