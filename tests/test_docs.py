@@ -126,7 +126,7 @@ def _run_blocks():
     for b in _all_blocks():
         if b.run:
             assert b.lang in SHELLS, f"{b.where}: {RUN_MARK} marks only shell blocks"
-            yield pytest.param(b, id=b.where)
+            yield pytest.param(b, id=b.where, marks=[pytest.mark.integration])  # whole commands
 
 
 @pytest.mark.parametrize("block", _run_blocks())
@@ -182,6 +182,7 @@ def test_block_parser_reads_fences_and_marks(tmp_path):
     page.write_text(f"text\n\n{RUN_MARK}\n```bash\nmechinterp eval \\\n  --n 2  # two\n```\n"
                     f"```python\nprint(1)\n```\n{PRINTS}\n\n```text\n1\n```\n")  # fmt: skip
     (shell, py, text) = blocks(page)
-    assert (shell.lang, shell.run, shell.line, py.lang, py.run) == ("bash", True, 4, "python", False)
+    assert (shell.lang, shell.run, shell.line) == ("bash", True, 4)
+    assert (py.lang, py.run) == ("python", False)
     assert command_lines(shell.code) == [["eval", "--n", "2"]]
     assert (py.prints, text.prints) == ("1\n", None)

@@ -58,7 +58,7 @@ def record(family: str, primitive: str, diff: float | None, scale: float | None)
     cells[primitive] = {"max_abs_diff": diff, "scale": scale}
 
 
-#: Support-table columns: each groups matrix cells; a column is ✓ only if all its cells are supported.
+#: Support-table columns: each groups matrix cells; ✓ only if all its cells are supported.
 COLUMNS = {
     "patching (per head, per position, `patch_from`, joint sets)": (
         "run_from_layer", "patch_heads", "patch_heads per position", "patch_from", "joint sets"),
