@@ -80,7 +80,7 @@ def tiny_study_config(tmp_path_factory):
                 max_new_tokens=8, examples_per_shard=2,
             ),
             patch=PatchStage(n_pairs=2, seeds=(0, 1), max_tries=2),
-            claims=ClaimSettings(k=2, n_boot=200),
+            claims=ClaimSettings(k=2),
         )  # fmt: skip
         base.update(changes)
         return StudyConfig(**base)

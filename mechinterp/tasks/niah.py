@@ -72,6 +72,46 @@ NEEDLES: tuple[Needle, ...] = (
         "What is the favourite drink of the painter Tomas Varga?",
         "cold mint tea with honey",
     ),
+    Needle(
+        "The school band of Millbrook Academy practises every Thursday in the old boathouse.",
+        "Where does the school band of Millbrook Academy practise?",
+        "in the old boathouse",
+    ),
+    Needle(
+        "The lucky number of the chess champion Ana Petrova is 47.",
+        "What is the lucky number of the chess champion Ana Petrova?",
+        "47",
+    ),
+    Needle(
+        "The first bakery in Elmwood Village sold only rye bread and plum cake.",
+        "What did the first bakery in Elmwood Village sell?",
+        "only rye bread and plum cake",
+    ),
+    Needle(
+        "The hidden door in the Hartley Museum opens when you pull the third book on the left.",
+        "How does the hidden door in the Hartley Museum open?",
+        "when you pull the third book on the left",
+    ),
+    Needle(
+        "The most popular ice cream flavour in Saltmarsh is roasted fig with sea salt.",
+        "What is the most popular ice cream flavour in Saltmarsh?",
+        "roasted fig with sea salt",
+    ),
+    Needle(
+        "The pet tortoise of Professor Okonkwo is named Sir Reginald.",
+        "What is the name of Professor Okonkwo's pet tortoise?",
+        "Sir Reginald",
+    ),
+    Needle(
+        "The lost ring of Duchess Amara was found inside a loaf of bread in the castle kitchen.",
+        "Where was the lost ring of Duchess Amara found?",
+        "inside a loaf of bread in the castle kitchen",
+    ),
+    Needle(
+        "The tallest tree in Greywood Forest is a silver birch planted by the monks in 1802.",
+        "What is the tallest tree in Greywood Forest?",
+        "a silver birch planted by the monks in 1802",
+    ),
 )
 
 

@@ -29,7 +29,7 @@ def study(smollm, tmp_path_factory):
             "robustness.scopes=[response, all]",
             "patch.n_pairs=2",
             "patch.seeds=[0, 1]",
-            "claims.n_boot=500",
+            "claims.level=0.95",
         ],
     )
     out = tmp_path_factory.mktemp("study-embedded") / "run"

@@ -6,11 +6,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mechinterp.analysis.stats import cluster_bootstrap
 from mechinterp.experiments.study.claims import compute_claims, headline, verdict
 from mechinterp.experiments.study.config import ClaimSettings, StudyConfig
 
-SETTINGS = ClaimSettings(k=2, n_boot=500)
+SETTINGS = ClaimSettings(k=2)
 
 
 def _per_instance(n_inst=6, n_heads=50, hot=(0, 1)):
@@ -36,18 +35,25 @@ def _knockout(top_ok: float, random_ok: float, n=10):
     return pd.DataFrame(rows)
 
 
-def _patch(retrieval: float, random: float, n=5):
+def _patch(retrieval: float, random: float, n=5, gaps=None, recoveries=None):
+    """Planted patch rows: pair e has clean − corrupt gap `gaps[e]` (1 + e by default) and the
+    retrieval set recovers `recoveries[e]` of it (`retrieval` for every pair by default)."""
+    gaps = [1.0 + e for e in range(n)] if gaps is None else gaps
+    recoveries = [retrieval] * n if recoveries is None else recoveries
     rows = []
-    for e in range(n):
-        base = {"example_id": f"e{e}", "flipped": True, "kind": "set"}
-        rows.append({**base, "name": "retrieval", "n_heads": 3, "recovery": retrieval,
-                     "in_set": True})  # fmt: skip
-        rows.append({**base, "name": "random-s0", "n_heads": 3, "recovery": random,
-                     "in_set": False})  # fmt: skip
-        rows.append({**base, "name": "all", "n_heads": 9, "recovery": 1.0, "in_set": False})
+    for e, (gap, rec) in enumerate(zip(gaps, recoveries, strict=True)):
+        base = {"example_id": f"e{e}", "flipped": True, "kind": "set", "clean_metric": gap - 1.0,
+                "corrupt_metric": -1.0}  # fmt: skip
+
+        def at(r, gap=gap):
+            return {"recovery": r, "value": -1.0 + r * gap}
+
+        rows.append({**base, "name": "retrieval", "n_heads": 3, "in_set": True, **at(rec)})
+        rows.append({**base, "name": "random-s0", "n_heads": 3, "in_set": False, **at(random)})
+        rows.append({**base, "name": "all", "n_heads": 9, "in_set": False, **at(1.0)})
         for h in range(4):
             rows.append({**base, "kind": "head", "name": f"L0H{h}", "n_heads": 1,
-                         "in_set": h < 2, "recovery": 0.3 if h < 2 else 0.0})  # fmt: skip
+                         "in_set": h < 2, **at(0.3 if h < 2 else 0.0)})  # fmt: skip
     return pd.DataFrame(rows)
 
 
@@ -98,58 +104,48 @@ def test_no_effect_is_not_supported_and_a_dense_set_is_not_sparse():
     }
 
 
-def test_verdict_rules():
-    assert verdict(0.1, 0.5, 0.3, null=0.0, minimum=0.2) == "supported"
-    assert verdict(-0.1, 0.5, 0.3, null=0.0, minimum=0.2) == "inconclusive"
-    assert verdict(0.01, 0.15, 0.1, null=0.0, minimum=0.2) == "not supported"
+def test_verdicts_need_the_effect_not_just_a_point_estimate():
+    assert verdict(0.25, 0.5, null=0.0, minimum=0.2) == "supported"
+    # the interval excludes the null but its lower end misses the minimum: not enough
+    assert verdict(0.1, 0.5, null=0.0, minimum=0.2) == "inconclusive"
+    assert verdict(0.02, 0.98, null=0.0, minimum=0.5) == "inconclusive"  # recovery 0.51 [.02, .98]
+    assert verdict(-0.1, 0.5, null=0.0, minimum=0.2) == "inconclusive"
+    assert verdict(0.01, 0.15, null=0.0, minimum=0.2) == "not supported"
+    # a minimum of 0 (an excess over random): the interval must lie above the null
+    assert verdict(0.0, 0.3, null=0.0, minimum=0.0) == "inconclusive"
+    assert verdict(0.01, 0.3, null=0.0, minimum=0.0) == "supported"
+    # too few clusters: never a verdict either way
+    assert verdict(0.25, 0.5, null=0.0, minimum=0.2, trusted=False) == "inconclusive"
+    assert verdict(0.01, 0.15, null=0.0, minimum=0.2, trusted=False) == "inconclusive"
 
 
-def test_the_cluster_bootstrap_moves_whole_clusters_weighted_by_their_items():
-    """Cluster A holds one item (0), cluster B three (1): a resample is AA, AB or BB, whose item
-    means are 0, 3/4 and 1 (not the 1/2 a mean of cluster means would give)."""
-    iv = cluster_bootstrap([0.0, 1.0, 1.0, 1.0], ["A", "B", "B", "B"], n_boot=4000, seed=0)
-    assert iv.estimate == 0.75 and (iv.low, iv.high) == (0.0, 1.0)
-    assert (iv.n_items, iv.n_clusters, iv.n_draws) == (4, 2, 1)
-    assert iv.unit("needles") == "2 needles (4 examples)"
-    # every item its own cluster: the ordinary bootstrap of a mean
-    iv = cluster_bootstrap(np.array([0.0, 1.0] * 20), n_boot=2000, seed=0)
-    assert iv.estimate == 0.5 and 0.3 < iv.low < 0.45 and 0.55 < iv.high < 0.7
-    assert iv.unit() == "40 examples"
-    with pytest.raises(ValueError, match="NaN"):
-        cluster_bootstrap([0.0, float("nan")])
-    with pytest.raises(ValueError, match="cluster labels"):
-        cluster_bootstrap([0.0, 1.0], ["A"])
+def test_rows_on_fewer_than_five_clusters_are_untrusted_and_inconclusive():
+    """The same planted effects as above, with the 6 detection instances on 3 needles and the
+    10 knockout examples on 4: the estimates stand, the verdicts do not."""
+    per_instance = _per_instance().assign(needle_index=lambda d: d["instance_id"].str[1:]
+                                          .astype(int) % 3)  # fmt: skip
+    knockout = _knockout(top_ok=0.0, random_ok=1.0)
+    knockout["needle_index"] = knockout["example_id"].str[1:].astype(int) % 4
+    claims = compute_claims({"detect_instances": per_instance, "knockout": knockout}, _config())
+    sparse, nec = _row(claims, "sparse", "share_of_heads"), _row(claims, "necessary", "retrieved")
+    assert sparse["estimate"] == pytest.approx(2 / 50) and sparse["n_clusters"] == 3
+    assert nec["estimate"] == 1.0 and nec["n_clusters"] == 4
+    assert not sparse["trusted"] and not nec["trusted"]
+    assert sparse["verdict"] == nec["verdict"] == "inconclusive"
+    assert "3 needles (6 detection instances)" == sparse["resampled"]
 
 
-def _coverage(sample, *, clusters, level=0.9, reps=200):
-    hits = 0
-    for rep in range(reps):
-        x = sample(np.random.default_rng(rep))
-        iv = cluster_bootstrap(x, clusters, n_boot=400, level=level, seed=rep)
-        hits += iv.low <= 0.0 <= iv.high
-    return hits / reps
-
-
-def test_intervals_cover_a_planted_mean_only_when_they_resample_every_source_of_variance():
-    """Planted: 8 needles × 5 examples, a needle effect (SD 1) shared by its examples, item noise
-    SD 0.5, true mean 0. Clustered 90 % intervals cover 0 about 90 % of the time (the
-    percentile bootstrap runs narrow at 8 clusters); intervals that treat the 40 examples as
-    independent cover far less. Likewise a random-draw effect shared by every example: only
-    resampling the draws covers it."""
-    needles = np.repeat(np.arange(8), 5)
-
-    def clustered(rng):
-        return rng.normal(0, 1, 8)[needles] + rng.normal(0, 0.5, 40)
-
-    assert 0.75 <= _coverage(clustered, clusters=needles) <= 0.97
-    assert _coverage(clustered, clusters=None) < 0.6
-
-    def with_draws(rng):  # [example, draw]: each of 10 draws shifts every example alike
-        return rng.normal(0, 0.2, (40, 1)) + rng.normal(0, 1, 10)[None, :]
-
-    assert 0.75 <= _coverage(with_draws, clusters=None) <= 0.97
-    single = _coverage(lambda rng: with_draws(rng).mean(1), clusters=None)  # draws averaged
-    assert single < 0.6
+def test_sufficiency_is_a_ratio_of_sums_that_a_small_gap_cannot_dominate():
+    """Five pairs: four with gap 4 recover half of it; one with gap 0.1 overshoots to 5 × its
+    gap (a small gap turns noise into a large ratio). The mean of per-pair recoveries is
+    (4 × 0.5 + 5) / 5 = 1.4; Σ recovered / Σ gap is (4 × 2 + 0.5) / 16.1 = 0.528."""
+    patch = _patch(0.5, 0.0, gaps=[4.0, 4.0, 4.0, 4.0, 0.1], recoveries=[0.5] * 4 + [5.0])
+    claims = compute_claims({"detect_instances": _per_instance(), "patch": patch}, _config())
+    primary = claims[(claims["claim"] == "sufficient") & claims["primary"]].iloc[0]
+    assert primary["estimate"] == pytest.approx(8.5 / 16.1)
+    assert primary["per_pair_mean"] == pytest.approx(1.4)
+    assert primary["min_gap"] == pytest.approx(0.1)
+    assert primary["ci_low"] < primary["estimate"] < primary["ci_high"]
 
 
 def test_no_flipped_pair_makes_sufficiency_inconclusive_not_supported():
@@ -161,42 +157,31 @@ def test_no_flipped_pair_makes_sufficiency_inconclusive_not_supported():
     assert headline(claims).set_index("claim").loc["necessary", "verdict"] == "not tested"
 
 
-def test_the_bootstrap_interval_covers_a_planted_mean_at_its_level():
-    """Coverage on a planted distribution: 90 % intervals of a Bernoulli(0.3) mean over 40 items
-    contain 0.3 in about 90 % of 300 independent samples (binomial SD 1.7 %; the percentile
-    bootstrap runs a little narrow at this n)."""
-    rng = np.random.default_rng(1)
-    hits = 0
-    for rep in range(300):
-        x = (rng.random(40) < 0.3).astype(float)
-        iv = cluster_bootstrap(x, n_boot=400, level=0.9, seed=rep)
-        hits += iv.low <= 0.3 <= iv.high
-    assert 0.82 <= hits / 300 <= 0.96, hits / 300
-
-
 def _paths_table(rq: list[float], rk: list[float]) -> pd.DataFrame:
+    """Path-patching rows: pair i (gap 2, needle i) recovers rq[i] through the queries and rk[i]
+    through the keys."""
     rows = []
     for i, (q, k) in enumerate(zip(rq, rk, strict=True)):
         for inp, rec in (("q", q), ("k", k)):
-            rows.append({"example_id": f"ex{i}", "needle_index": i % 3, "kind": "set",
+            rows.append({"example_id": f"ex{i}", "needle_index": i, "kind": "set",
                          "receiver_input": inp, "recovery": rec, "flipped": True,
+                         "clean_metric": 1.0, "corrupt_metric": -1.0, "value": -1.0 + 2 * rec,
                          "receivers": "L1H0,L2H1"})  # fmt: skip
     return pd.DataFrame(rows)
 
 
-def test_the_query_share_splits_path_recovery_only_when_there_is_some():
+def test_the_query_share_splits_path_recovery_only_when_both_inputs_carry_some():
     from mechinterp.experiments.study.claims import path_rows
 
-    settings = ClaimSettings(n_boot=500)
     rq = [0.6, 0.5, 0.7, 0.55, 0.65, 0.6]
     rk = [0.2, 0.25, 0.15, 0.2, 0.2, 0.1]
-    (row,) = path_rows(_paths_table(rq, rk), settings)
-    assert row["estimate"] == pytest.approx(np.mean(rq) / (np.mean(rq) + np.mean(rk)))
-    assert row["verdict"] == "supported" and row["ci_low"] > 0.5  # queries carry more
-    (swapped,) = path_rows(_paths_table(rk, rq), settings)
+    q_row, k_row, share = path_rows(_paths_table(rq, rk), SETTINGS)
+    assert q_row["estimate"] == pytest.approx(np.mean(rq)) and q_row["ci_low"] > 0
+    assert k_row["estimate"] == pytest.approx(np.mean(rk)) and k_row["ci_low"] > 0
+    assert share["estimate"] == pytest.approx(np.mean(rq) / (np.mean(rq) + np.mean(rk)))
+    assert share["verdict"] == "supported" and share["ci_low"] > 0.5  # queries carry more
+    *_, swapped = path_rows(_paths_table(rk, rq), SETTINGS)
     assert swapped["verdict"] == "not supported"
-    (none,) = path_rows(_paths_table([0.01, -0.02, 0.0, 0.01, -0.01, 0.0],
-                                     [-0.01, 0.0, 0.02, -0.02, 0.0, 0.01]), settings)  # fmt: skip
+    # the keys carry nothing (or take some away): no share, whatever the queries do
+    *_, none = path_rows(_paths_table(rq, [0.01, -0.02, 0.0, 0.01, -0.01, 0.0]), SETTINGS)
     assert np.isnan(none["estimate"]) and "no share to split" in none["label"]
-    assert none["verdict"] == "inconclusive"
-    assert path_rows(_paths_table(rq, rk).query("receiver_input == 'q'"), settings) == []

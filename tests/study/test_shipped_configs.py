@@ -25,14 +25,14 @@ STUDY_SHRINK = [
     "knockout.mdqa.n=2", "knockout.mdqa.n_docs=2", "knockout.ks=[1,2]", "knockout.seeds=[0]",
     "knockout.target=gold", "knockout.max_new_tokens=6",
     "patch.n_pairs=1", "patch.seeds=[0]", "patch.max_tries=2",
-    "claims.k=2", "claims.n_boot=100",
+    "claims.k=2",
 ]
 EXTENSION_SHRINK = [
     "n_train=3", "n_eval=2", "n_detect=2", "n_docs=2", "doc_words=20", "max_new_tokens=6",
     "lora.r=2", "lora.steps=2", "lora.save_every=2", "lora.batch_size=1", "lora.max_tokens=2048",
     "detect.gate=null", "detect.top_k=3", "detect.max_new_tokens=6", "detect.batch_size=2",
     "knockout.ks=[1,2]", "knockout.seeds=[0]", "knockout.target=gold",
-    "cross_seeds=[0]", "claims.k=2", "claims.n_boot=100",
+    "cross_seeds=[0]", "claims.k=2",
 ]
 
 

@@ -231,7 +231,7 @@ def test_a_directory_from_another_config_or_version_is_refused(
 ):
     out = tmp_path / "run"
     shutil.copytree(tiny_study, out)
-    other = tiny_study_config(claims=ClaimSettings(k=4, n_boot=200))
+    other = tiny_study_config(claims=ClaimSettings(k=4))
     with pytest.raises(RunDirError, match="another config .*claims"):
         run_study(other, out=out, png=False, progress=False)
     cfg = json.loads((out / "config.json").read_text())
@@ -312,7 +312,7 @@ def test_report_and_figures_refuse_a_replaced_config_or_missing_table(
     out = tmp_path / "copy"
     shutil.copytree(tiny_study, out, ignore=shutil.ignore_patterns("shards"))
     before = {p: (out / p).read_bytes() for p in ("report.md", "claims.csv")}
-    other = to_dict(tiny_study_config(claims=ClaimSettings(k=4, n_boot=200)))
+    other = to_dict(tiny_study_config(claims=ClaimSettings(k=4)))
     (out / "config.json").write_text(json.dumps(other))  # another run's config
     with pytest.raises(RunDirError, match="is not the config its tables were computed from"):
         write_report(out)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 from mechinterp.experiments.specs import ModelSpec
-from mechinterp.experiments.study.config import ClaimSettings, DetectStage, KnockoutScope
+from mechinterp.experiments.study.config import DetectStage, KnockoutScope
 from mechinterp.finetune.lofit import LofitSpec
 from mechinterp.finetune.lora import LoraSpec
 
@@ -71,7 +71,7 @@ class LofitStage:
 
 @dataclass(frozen=True)
 class ExtensionClaims:
-    """How the report judges the paper's claims (a bootstrap CI and a minimum effect each; see
+    """How the report judges the paper's claims (an interval and a minimum effect each; see
     `mechinterp.experiments.extension.report`)."""
 
     min_correlation: float = 0.5  # recall predicts performance: Spearman ρ
@@ -79,11 +79,13 @@ class ExtensionClaims:
     min_gain: float = 0.0  # Inter minus Rand, F1 after patching
     k: int = 10  # the knockout k whose rows are judged (largest tested k when absent)
     min_drop: float = 0.2
-    n_boot: int = 2000
+    n_boot: int = 2000  # resamples of the correlations' descriptive percentile bootstrap
     level: float = 0.95
     seed: int = 0
 
-    __post_init__ = ClaimSettings.__post_init__  # the same checks of level and n_boot
+    def __post_init__(self) -> None:
+        if not 0 < self.level < 1 or self.n_boot < 100:
+            raise ValueError("claims.level must lie in (0, 1) and claims.n_boot be >= 100")
 
 
 @dataclass(frozen=True)

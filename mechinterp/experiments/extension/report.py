@@ -3,18 +3,20 @@
 analyse(run_dir)    # detect_scores, heads.csv, recall.csv, correlation.json, cross_summary.csv,
                     # knockout_summary.csv, claims.csv, report.md, figures/*
 
-Claims (each row: an effect, a percentile bootstrap CI, a verdict as in `study.claims.verdict`):
+Claims (each row: an effect, a cluster-robust t interval (`analysis.stats`), a verdict as in
+`study.claims.verdict`):
 
 1. recall_predicts — "head recall predicts task performance": Spearman ρ between each synthetic
    model's recall of the reference model's heads and its F1 on the reference task (primary;
-   judged by the exact permutation p-value; the bootstrap CI over variants only describes),
+   judged by the exact permutation p-value; the percentile bootstrap CI over variants only
+   describes),
    Pearson r (secondary).
 2. subset — "synthetic heads are mostly a subset of the reference heads": per synthetic model, the
-   share of its heads that the reference model also has; the mean over models (primary,
-   bootstrap over models) must exceed `min_subset`; per model (secondary, bootstrap over heads).
+   share of its heads that the reference model also has; the mean over models (primary, an
+   interval over models) must exceed `min_subset`; per model (secondary, over heads).
 3. inter_beats_rand — "patching Inter heads recovers more than Rand": per (synthetic model,
    example × Rand draw), F1 with Inter patched in minus F1 with that Rand set (primary;
-   hierarchical bootstrap over examples, shared by every model, crossed with the draws); the
+   clustered by example, shared by every model, crossed with the draws); the
    same on the answer's log-prob (secondary). Models whose mean metric already equals the
    donor's have nothing to recover and are left out of that row.
 4. necessary — "each model's own top-k heads matter more than k random heads": the study's
@@ -30,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from mechinterp import store
-from mechinterp.analysis.stats import cluster_bootstrap
+from mechinterp.analysis.stats import cluster_mean
 from mechinterp.experiments.extension.config import (
     LIMITED,
     REFERENCE_LABEL,
@@ -114,7 +116,7 @@ def cross_summary(cross: pd.DataFrame, metric: str = "f1") -> pd.DataFrame:
 
 def knockout_table(knockout: pd.DataFrame, settings) -> pd.DataFrame:
     """Per (model, mode, condition) at the judged k: answer-retrieved rate over the answered
-    examples, with a bootstrap CI over examples (× random draws for `random`)."""
+    examples, with a cluster t interval over examples (× random draws for `random`)."""
     k = judged_k(knockout, settings)
     rows = []
     for (v, mode), g in knockout.groupby(["model_variant", "mode"], sort=False):
@@ -127,9 +129,8 @@ def knockout_table(knockout: pd.DataFrame, settings) -> pd.DataFrame:
                 continue
             wide = part.pivot_table(index="example_id", columns="seed", values="retrieved",
                                     aggfunc="mean").astype(float).dropna()  # fmt: skip
-            iv = cluster_bootstrap(wide.to_numpy(), cluster_labels(part).reindex(wide.index),
-                                   n_boot=settings.n_boot, level=settings.level,
-                                   seed=settings.seed)  # fmt: skip
+            iv = cluster_mean(wide.to_numpy(), cluster_labels(part).reindex(wide.index),
+                              level=settings.level, bounds=(0.0, 1.0))  # fmt: skip
             rows.append({"model_variant": v, "mode": mode, "k": 0 if cond == "none" else k,
                          "condition": cond, "value": iv.estimate, "lo": iv.low, "hi": iv.high,
                          "n": len(wide)})  # fmt: skip
@@ -267,7 +268,7 @@ def _nan_row(claim, label, metric, n, unit, *, minimum, why):
 
 def compute_claims(tables, heads: pd.DataFrame, config) -> pd.DataFrame:
     c = config.claims
-    boot = {"n_boot": c.n_boot, "level": c.level, "seed": c.seed}
+    boot = {"level": c.level}
     syn = synthetic(heads, config)
     metric, name = metric_of(config)
     rows = []
@@ -288,21 +289,16 @@ def compute_claims(tables, heads: pd.DataFrame, config) -> pd.DataFrame:
                          p_permutation=r["p_permutation"], alpha=1 - c.level))  # fmt: skip
     shares = syn.dropna(subset=["subset_share"])
     if len(shares):
-        iv = cluster_bootstrap(shares["subset_share"].to_numpy(dtype=float), **boot)
-        rows.append(_row("subset", "share of a synthetic model's heads that the reference model "
-                         "also has, mean over models", "subset_share", iv.estimate, iv.low,
-                         iv.high, iv.n_items, "share", primary=True, null=c.min_subset,
-                         minimum=c.min_subset, rule="above",
-                         resampled=iv.unit(item="models")))  # fmt: skip
+        label = ("share of a synthetic model's heads that the reference model also has, mean "
+                 "over models")
+        rows.append(_subset_row(shares["subset_share"].to_numpy(dtype=float), label, "models", c,
+                                primary=True))  # fmt: skip
         ref = set(heads.loc[heads["model_variant"] == config.reference, "heads"].iloc[0].split())
         for r in shares.itertuples():
             inside = np.array([h in ref for h in r.heads.split()], dtype=float)
-            iv = cluster_bootstrap(inside, **boot)
-            rows.append(_row("subset", f"{r.model_variant}: share of its {len(inside)} heads",
-                             "subset_share", iv.estimate, iv.low, iv.high, len(inside), "share",
-                             primary=False, null=c.min_subset, minimum=c.min_subset,
-                             rule="above", resampled=iv.unit(item="heads"),
-                             model_variant=r.model_variant))  # fmt: skip
+            rows.append(_subset_row(inside, f"{r.model_variant}: share of its {len(inside)} heads",
+                                    "heads", c, primary=False,
+                                    model_variant=r.model_variant))  # fmt: skip
     else:
         rows.append(_nan_row("subset", "share of synthetic heads in the reference set",
                              "subset_share", 0, "share", minimum=c.min_subset,
@@ -310,13 +306,27 @@ def compute_claims(tables, heads: pd.DataFrame, config) -> pd.DataFrame:
     rows += _inter_rows(tables.get("cross"), c, boot, (metric, name))
     if len(tables.get("knockout", ())):
         ko = tables["knockout"]
-        settings = ClaimSettings(k=judged_k(ko, c), min_drop=c.min_drop, n_boot=c.n_boot,
-                                 level=c.level, seed=c.seed)  # fmt: skip
+        settings = ClaimSettings(k=judged_k(ko, c), min_drop=c.min_drop, level=c.level)
         for v, g in ko.groupby("model_variant", sort=False):
             for r in necessity_rows(g, settings):
                 rows.append({**r, "label": f"{label_of(v, config)} · {r['label']}",
                              "model_variant": v})  # fmt: skip
     return pd.DataFrame(rows)
+
+
+def _subset_row(inside: np.ndarray, label: str, item: str, c, *, primary: bool, **extra):
+    """A subset-claim row: the mean of `inside` with its interval over the items (models or
+    heads), or no estimate where there is only one item."""
+    if len(inside) < 2:
+        nan = float("nan")
+        return _row("subset", f"{label} (one {item[:-1]}: no interval)", "subset_share",
+                    float(inside.mean()) if len(inside) else nan, nan, nan, len(inside), "share",
+                    primary=primary, null=c.min_subset, minimum=c.min_subset, rule="above",
+                    trusted=False, **extra)  # fmt: skip
+    iv = cluster_mean(inside, level=c.level, bounds=(0.0, 1.0))
+    return _row("subset", label, "subset_share", iv.estimate, iv.low, iv.high, iv.n_items,
+                "share", primary=primary, null=c.min_subset, minimum=c.min_subset, rule="above",
+                trusted=iv.trusted, resampled=iv.unit(item=item), **extra)  # fmt: skip
 
 
 def _inter_rows(cross: pd.DataFrame | None, c, boot, performance=("f1", "F1")) -> list[dict]:
@@ -345,11 +355,12 @@ def _inter_rows(cross: pd.DataFrame | None, c, boot, performance=("f1", "F1")) -
                 out.append(_nan_row("inter_beats_rand", label, metric, 0, unit,
                                     minimum=c.min_gain, why="no model had both sets"))  # fmt: skip
             continue
-        # every model sees the same examples: an example resamples with all its models' rows
-        iv = cluster_bootstrap(-d, [e for _, e in ids], **boot)
+        # every model sees the same examples: an example is one cluster with all its models' rows
+        bounds = None if metric == "answer_logprob" else (-1.0, 1.0)  # F1 or EM: in [0, 1]
+        iv = cluster_mean(-d, [e for _, e in ids], **boot, bounds=bounds)
         out.append(_row("inter_beats_rand", f"{label} ({metric})", metric, iv.estimate, iv.low,
                         iv.high, len(ids), unit, primary=primary, null=0.0,
-                        minimum=c.min_gain if primary else 0.0, rule="above",
+                        minimum=c.min_gain if primary else 0.0, rule="above", trusted=iv.trusted,
                         resampled=iv.unit("examples", "model × example pairs"),
                         baseline=BASELINES["random"],
                         n_models=len({m for m, _ in ids})))  # fmt: skip
@@ -472,9 +483,10 @@ def write_report(run_dir: Path, tables, heads, claims, config) -> Path:
         "",
         "Every number is computed by `mechinterp.experiments.extension.report` from the tables in "
         "this directory (`mechinterp report <dir>` recomputes it). CIs are "
-        f"{int(c.level * 100)}% percentile bootstrap intervals ({c.n_boot} resamples) over what "
-        "each row's `resampled` names: examples (with every model's row of an example moving "
-        "together) crossed with the random baseline's draws.",
+        f"{int(c.level * 100)}% cluster-robust t intervals over what each row's `resampled` "
+        "names: examples (every model's row of an example in one cluster) crossed with the "
+        "random baseline's draws; a row resting on fewer than 5 clusters is not trusted and "
+        "is inconclusive.",
         "",
         f"- reference: `{config.reference}` = {label_of(config.reference, config)}"
         + (f" (evaluation data: `{config.reference_data}`)" if config.reference_data else ""),
@@ -534,10 +546,11 @@ def write_report(run_dir: Path, tables, heads, claims, config) -> Path:
         if (run_dir / "figures" / f"{name}.png").is_file():
             lines += ["", f"![{name}](figures/{name}.png)"]
     lines += ["", "## How the verdicts are decided", "",
-              "- supported: the CI excludes the null and the estimate reaches the minimum effect "
-              "(the subset claim's null is the minimum share itself); not supported: the CI lies "
-              "below the minimum effect; inconclusive: anything else. A claim's verdict combines "
-              "its primary rows.",
+              "- supported: the interval's lower end reaches the minimum effect and lies above "
+              "the null (the subset claim's null is the minimum share itself); not supported: "
+              "its upper end lies below the minimum effect; inconclusive: anything else, and "
+              "always when the interval rests on fewer than 5 clusters. A claim's verdict "
+              "combines its primary rows.",
               "- A correlation is judged by its exact two-sided permutation p-value (every "
               "pairing of the N synthetic variants): supported when p ≤ "
               f"{1 - config.claims.level:.2f} and the estimate reaches the minimum. Its bootstrap "

@@ -1,24 +1,28 @@
 """The claims report's numbers, computed from the study's stored tables only.
 
-Each claim has one or more rows: an effect size, a percentile bootstrap CI and a verdict from
-`verdict`. The intervals are hierarchical (`analysis.stats.cluster_bootstrap`): NIAH examples
-that share a needle resample together (MDQA examples, each its own fact and documents, are their
-own clusters), and the random baseline's draws are resampled crossed with them; each row names
-what it resampled (`resampled`) and its baseline draw (`baseline`). The claim's headline verdict
-comes from its primary rows: supported when all are, not supported when all are, else
-inconclusive.
+Each claim has one or more rows: an effect size, a 95 % interval and a verdict from `verdict`.
+The intervals are cluster-robust t intervals (`analysis.stats`): NIAH examples that share a
+needle form one cluster (MDQA examples, each its own fact and documents, are their own
+clusters), and a random baseline's draws are a second random factor crossed with them; each
+row names what it rests on (`resampled`), its baseline draw (`baseline`) and whether it has
+enough clusters to be read (`trusted`: at least `analysis.stats.MIN_CLUSTERS`). The claim's
+headline verdict comes from its primary rows: supported when all are, not supported when all
+are, else inconclusive.
 
-1. sparse — "retrieval heads are sparse": the share of heads scoring > threshold (resampling
-   detection needles); supported when the CI lies inside (0, max_share).
+1. sparse — "retrieval heads are sparse": the share of heads scoring > threshold (a
+   delete-one-needle jackknife interval); supported when the interval lies inside
+   (0, max_share).
 2. necessary — "knocking them out hurts more than random heads": per example and random draw,
    answer retrieved under k layer-matched random heads minus under the top k, for each task and
    mode (primary), the same for the answer's log-prob and against uniform draws (secondary);
-   supported when the CI excludes 0 and the estimate reaches min_drop.
-3. sufficient — "patching them recovers the answer": normalised recovery when the retrieval
-   heads are patched jointly, over pairs the corruption flips (primary; min_recovery); the
+   supported when the interval's lower end reaches min_drop.
+3. sufficient — "patching them recovers the answer": recovery when the retrieval heads are
+   patched jointly, Σ recovered / Σ gap over the pairs the corruption flips (primary;
+   min_recovery), with the mean of per-pair recoveries and the smallest gap beside it; the
    excess over random sets of the same size, and the per-head recovery of retrieval heads minus
-   the rest (secondary); and, from path patching, the share of the retrieval heads' recovery
-   carried by their query inputs vs their key inputs (secondary).
+   the rest (secondary); and, from path patching, the recovery carried by the retrieval heads'
+   query inputs and by their key inputs, each with its interval, and the query share when both
+   are positive (secondary).
 """
 
 from __future__ import annotations
@@ -28,7 +32,12 @@ from collections.abc import Callable
 import numpy as np
 import pandas as pd
 
-from mechinterp.analysis.stats import cluster_bootstrap, cluster_bootstrap_stat
+from mechinterp.analysis.stats import (
+    Interval,
+    cluster_jackknife,
+    cluster_mean,
+    cluster_ratio,
+)
 
 CLAIMS = {
     "sparse": "Retrieval heads are sparse",
@@ -37,17 +46,21 @@ CLAIMS = {
 }
 
 
-def verdict(lo: float, hi: float, estimate: float, *, null: float, minimum: float) -> str:
-    """supported: CI above `null` and the estimate reaches `minimum`; not supported: the CI lies
-    below `minimum`; inconclusive otherwise."""
-    if lo > null and estimate >= minimum:
+def verdict(lo: float, hi: float, *, null: float, minimum: float, trusted: bool = True) -> str:
+    """supported: the interval lies above `null` and its lower end reaches `minimum`; not
+    supported: its upper end lies below `minimum`; inconclusive otherwise, and always when the
+    interval rests on too few clusters to be trusted (`trusted=False`)."""
+    if not trusted:
+        return "inconclusive"
+    if lo > null and lo >= minimum:
         return "supported"
     if hi < minimum:
         return "not supported"
     return "inconclusive"
 
 
-def _row(claim, label, metric, est, lo, hi, n, unit, *, primary, null, minimum, rule, **extra):
+def _row(claim, label, metric, est, lo, hi, n, unit, *, primary, null, minimum, rule,
+         trusted=True, **extra):  # fmt: skip
     return {
         "claim": claim,
         "label": label,
@@ -65,9 +78,10 @@ def _row(claim, label, metric, est, lo, hi, n, unit, *, primary, null, minimum, 
             extra["p_permutation"], hi, est, minimum=minimum, alpha=extra["alpha"]
         )
         if rule == "correlation"
-        else verdict(lo, hi, est, null=null, minimum=minimum)
+        else verdict(lo, hi, null=null, minimum=minimum, trusted=trusted)
         if rule == "above"
-        else _share_verdict(lo, hi, maximum=minimum),
+        else _share_verdict(lo, hi, maximum=minimum, trusted=trusted),
+        "trusted": bool(trusted),
         **extra,
     }
 
@@ -85,7 +99,9 @@ def _correlation_verdict(
     return "inconclusive"
 
 
-def _share_verdict(lo: float, hi: float, *, maximum: float) -> str:
+def _share_verdict(lo: float, hi: float, *, maximum: float, trusted: bool = True) -> str:
+    if not trusted:
+        return "inconclusive"
     if lo > 0 and hi < maximum:
         return "supported"
     if lo >= maximum or hi == 0:
@@ -110,8 +126,12 @@ def _cluster_name(labels) -> tuple[str, str]:
     return ("needles", "examples") if needles else ("clusters", "examples")
 
 
-def _boot(settings) -> dict:
-    return {"n_boot": settings.n_boot, "level": settings.level, "seed": settings.seed}
+def _judged(claim: str, label: str, metric: str, iv: Interval, n: int, unit: str, words,
+            **kw) -> dict:  # fmt: skip
+    """A claims row from an interval: its bounds, what it rests on and whether it is trusted."""
+    return _row(claim, label, metric, iv.estimate, iv.low, iv.high, n, unit,
+                trusted=iv.trusted, resampled=iv.unit(*words), n_clusters=iv.n_clusters,
+                **kw)  # fmt: skip
 
 
 def sparse_rows(per_instance: pd.DataFrame, threshold: float, settings) -> list[dict]:
@@ -127,25 +147,13 @@ def sparse_rows(per_instance: pd.DataFrame, threshold: float, settings) -> list[
         return float(((w @ cube) / w.sum() > threshold).mean())
 
     clusters = cluster_labels(counted, "instance_id").reindex(ids).to_numpy()
-    iv = cluster_bootstrap_stat(share, clusters, **_boot(settings))
+    iv = cluster_jackknife(share, clusters, level=settings.level)
     return [
-        _row(
-            "sparse",
-            f"share of heads with retrieval score > {threshold:g}",
-            "share_of_heads",
-            iv.estimate,
-            iv.low,
-            iv.high,
-            len(ids),
-            "fraction of heads",
-            primary=True,
-            null=0.0,
-            minimum=settings.max_share,
-            rule="share",
-            resampled=iv.unit("needles", "detection instances"),
-            n_heads=cube.shape[1],
-            n_retrieval_heads=int(round(iv.estimate * cube.shape[1])),
-        )  # fmt: skip
+        _judged("sparse", f"share of heads with retrieval score > {threshold:g}",
+                "share_of_heads", iv, len(ids), "fraction of heads",
+                ("needles", "detection instances"), primary=True, null=0.0,
+                minimum=settings.max_share, rule="share", n_heads=cube.shape[1],
+                n_retrieval_heads=int(round(iv.estimate * cube.shape[1])))  # fmt: skip
     ]
 
 
@@ -171,7 +179,8 @@ def _versus(g: pd.DataFrame, metric: str, baseline: str, clusters: pd.Series, se
         .astype(float)
     )  # [example, draw]
     ids, diff = paired_draws(top, rand)
-    iv = cluster_bootstrap(diff, clusters.reindex(ids).to_numpy(), **_boot(settings))
+    bounds = (-1.0, 1.0) if metric == "retrieved" else None  # a difference of two rates
+    iv = cluster_mean(diff, clusters.reindex(ids).to_numpy(), level=settings.level, bounds=bounds)
     return iv, ids, float(top.reindex(ids).mean()), float(rand.reindex(ids).to_numpy().mean())
 
 
@@ -190,26 +199,13 @@ def necessity_rows(knockout: pd.DataFrame, settings) -> list[dict]:
                 continue
             iv, ids, top, rand = _versus(g, metric, baseline, clusters, settings)
             rows.append(
-                _row(
+                _judged(
                     "necessary",
                     f"{task} · {mode} · k={k}: random-{k} ({BASELINES[baseline]}) minus top-{k}"
                     + ("" if metric == "retrieved" else f" ({metric})"),
-                    metric,
-                    iv.estimate,
-                    iv.low,
-                    iv.high,
-                    len(ids),
-                    unit,
-                    primary=primary,
-                    null=0.0,
-                    minimum=minimum,
-                    rule="above",
-                    resampled=iv.unit(*_cluster_name(clusters.reindex(ids))),
-                    task=task,
-                    mode=mode,
-                    baseline=BASELINES[baseline],
-                    top=top,
-                    random=rand,
+                    metric, iv, len(ids), unit, _cluster_name(clusters.reindex(ids)),
+                    primary=primary, null=0.0, minimum=minimum, rule="above", task=task,
+                    mode=mode, baseline=BASELINES[baseline], top=top, random=rand,
                 )  # fmt: skip
             )
     return rows
@@ -237,13 +233,13 @@ def robustness_rows(knockout: pd.DataFrame, robustness: pd.DataFrame, config) ->
             if not (g["condition"] == baseline).any():
                 continue
             iv, ids, top, rand = _versus(g, "retrieved", baseline, clusters, s)
-            rows.append(_row(
+            rows.append(_judged(
                 "necessary",
                 f"{task} · {mode} · k={s.k} · scope {scope}, {method}: random-{s.k} "
                 f"({BASELINES[baseline]}) minus top-{s.k}",
-                "retrieved", iv.estimate, iv.low, iv.high, len(ids), "fraction of examples",
-                primary=False, null=0.0, minimum=s.min_drop, rule="above",
-                resampled=iv.unit(*_cluster_name(clusters.reindex(ids))), task=task, mode=mode,
+                "retrieved", iv, len(ids), "fraction of examples",
+                _cluster_name(clusters.reindex(ids)), primary=False, null=0.0,
+                minimum=s.min_drop, rule="above", task=task, mode=mode,
                 baseline=BASELINES[baseline], top=top, random=rand, robustness=True,
                 scope=scope, method=method,
                 none=float(none.set_index("example_id")["retrieved"].reindex(ids).mean()),
@@ -261,6 +257,11 @@ def _coverage(pairs: pd.DataFrame) -> str:
     return f" (pairs at lengths {lengths} × depths {depths})" if lengths else ""
 
 
+def _recovered(rows: pd.DataFrame) -> pd.Series:
+    """The metric moved from the corrupt run toward the clean one, per row: value − corrupt."""
+    return rows["value"].astype(float) - rows["corrupt_metric"].astype(float)
+
+
 def sufficiency_rows(patch: pd.DataFrame, settings) -> list[dict]:
     flipped = patch[patch["flipped"]]
     n_pairs = patch["example_id"].nunique()
@@ -269,82 +270,87 @@ def sufficiency_rows(patch: pd.DataFrame, settings) -> list[dict]:
                      float("nan"), float("nan"), float("nan"), 0, "normalised recovery",
                      primary=True, null=0.0, minimum=settings.min_recovery, rule="above",
                      resampled="", n_pairs=n_pairs)]  # fmt: skip
-    sets = flipped[flipped["kind"] == "set"].pivot_table(
-        index="example_id", columns="name", values="recovery"
-    )
-    ids = list(sets.index)
+    one = flipped.drop_duplicates("example_id").set_index("example_id")
+    sets_ = flipped[flipped["kind"] == "set"].assign(recovered=_recovered)
+    recovered = sets_.pivot_table(index="example_id", columns="name", values="recovered")
+    per_pair = sets_.pivot_table(index="example_id", columns="name", values="recovery")
+    ids = list(recovered.index)
+    gap = (one["clean_metric"] - one["corrupt_metric"]).reindex(ids).to_numpy(float)
     clusters = cluster_labels(flipped).reindex(ids)
     words = _cluster_name(clusters)
 
-    def judged(values, label, metric, *, primary, minimum, **extra):
-        iv = cluster_bootstrap(values, clusters.to_numpy(), **_boot(settings))
-        return _row("sufficient", label, metric, iv.estimate, iv.low, iv.high, len(ids),
-                    "normalised recovery", primary=primary, null=0.0, minimum=minimum,
-                    rule="above", resampled=iv.unit(*words), n_pairs=n_pairs,
-                    **extra)  # fmt: skip
+    def judged(numerator, label, metric, *, primary, minimum, **extra):
+        iv = cluster_ratio(numerator, gap, clusters.to_numpy(), level=settings.level)
+        return _judged("sufficient", label, metric, iv, len(ids), "normalised recovery", words,
+                       primary=primary, null=0.0, minimum=minimum, rule="above",
+                       n_pairs=n_pairs, min_gap=float(gap.min()), **extra)  # fmt: skip
 
     rows = []
-    if "retrieval" in sets.columns:
-        ret = sets["retrieval"].to_numpy()
+    if "retrieval" in recovered.columns:
+        ret = recovered["retrieval"].to_numpy()
         n_ret = int(flipped.loc[flipped["name"] == "retrieval", "n_heads"].iloc[0])
         rows.append(judged(ret, f"recovery when the {n_ret} retrieval heads are patched jointly"
-                           f"{_coverage(flipped)}", "recovery", primary=True,
-                           minimum=settings.min_recovery))  # fmt: skip
-        rand_cols = [c for c in sets.columns if c.startswith("random-")]
+                           f" (Σ recovered / Σ gap){_coverage(flipped)}", "recovery",
+                           primary=True, minimum=settings.min_recovery,
+                           per_pair_mean=float(per_pair["retrieval"].mean())))  # fmt: skip
+        rand_cols = [c for c in recovered.columns if c.startswith("random-")]
         if rand_cols:
-            excess = ret[:, None] - sets[rand_cols].to_numpy()  # [pair, draw]
+            excess = ret[:, None] - recovered[rand_cols].to_numpy()  # [pair, draw]
             rows.append(judged(excess, f"retrieval set minus random sets of {n_ret} heads "
                                f"({len(rand_cols)} layer-matched draws)", "recovery",
                                primary=False, minimum=0.0,
                                baseline=BASELINES["random"]))  # fmt: skip
-    heads = flipped[flipped["kind"] == "head"]
-    per = heads.groupby(["example_id", "in_set"])["recovery"].mean().unstack("in_set")
+    heads = flipped[flipped["kind"] == "head"].assign(recovered=_recovered)
+    per = heads.groupby(["example_id", "in_set"])["recovered"].mean().unstack("in_set")
     if True in per.columns and False in per.columns:
-        gap = (per[True] - per[False]).reindex(ids).to_numpy()
-        rows.append(judged(gap, "mean per-head recovery: retrieval heads minus the rest",
+        diff = (per[True] - per[False]).reindex(ids).to_numpy()
+        rows.append(judged(diff, "mean per-head recovery: retrieval heads minus the rest",
                            "recovery_per_head", primary=False, minimum=0.0))  # fmt: skip
-    if "all" in sets.columns:
-        rows.append(judged(sets["all"].to_numpy(), "check: every head patched jointly "
+    if "all" in recovered.columns:
+        rows.append(judged(recovered["all"].to_numpy(), "check: every head patched jointly "
                            "(exactly 1 expected)", "recovery", primary=False,
                            minimum=0.99))  # fmt: skip
     return rows
 
 
 def path_rows(paths: pd.DataFrame, settings) -> list[dict]:
-    """A secondary row of the sufficiency claim: of the recovery the retrieval heads get from
-    every upstream head path-patched into their queries (R_q) and, separately, into their keys
-    (R_k), the share R_q / (R_q + R_k), means over the flipped pairs; > 0.5: queries carry more.
-    When the CI of R_q + R_k does not lie above 0 there is nothing to split: the row says so,
-    with no estimate. Needs both inputs."""
+    """Secondary rows of the sufficiency claim, from path patching every upstream head into the
+    best retrieval heads: the recovery through their queries (R_q) and, separately, through
+    their keys (R_k), each Σ recovered / Σ gap over the flipped pairs with its own interval;
+    and the query share R_q / (R_q + R_k) only when both intervals lie above 0 (otherwise the
+    share of noise is not a number to read, and the row says so)."""
     joint = paths[(paths["kind"] == "set") & paths["flipped"]]
     if not {"q", "k"} <= set(joint["receiver_input"]):
         return []
-    per = joint.pivot_table(index="example_id", columns="receiver_input", values="recovery")
+    joint = joint.assign(recovered=_recovered)
+    per = joint.pivot_table(index="example_id", columns="receiver_input", values="recovered")
     ids = list(per.index)
-    clusters = cluster_labels(joint).reindex(ids)
-    q, k = per["q"].to_numpy(), per["k"].to_numpy()
-
-    def share(w: np.ndarray) -> float:
-        rq, rk = float(w @ q) / w.sum(), float(w @ k) / w.sum()
-        return rq / (rq + rk) if rq + rk > 0 else float("nan")
-
+    one = joint.drop_duplicates("example_id").set_index("example_id")
+    gap = (one["clean_metric"] - one["corrupt_metric"]).reindex(ids).to_numpy(float)
+    clusters = cluster_labels(joint).reindex(ids).to_numpy()
     words = _cluster_name(clusters)
-    total = cluster_bootstrap(q + k, clusters.to_numpy(), **_boot(settings))
     n = len(paths["receivers"].iloc[0].split(","))
-    label = (f"share of the {n} best retrieval heads' recovery from upstream heads carried by "
-             f"their queries vs their keys (path patching; recovery via queries {q.mean():.2f}, "
-             f"via keys {k.mean():.2f})")  # fmt: skip
-    if total.low <= 0:  # nothing to split: say so rather than print a ratio of noise
-        return [_row("sufficient", label + f"; together {total.estimate:.2f} [{total.low:.2f}, "
-                     f"{total.high:.2f}]: neither input carries recovery, no share to split",
-                     "query_share", float("nan"), float("nan"), float("nan"), len(ids), "share",
-                     primary=False, null=0.5, minimum=0.5, rule="above",
-                     resampled=total.unit(*words), n_pairs=len(ids))]  # fmt: skip
-    iv = cluster_bootstrap_stat(share, clusters.to_numpy(), **_boot(settings))
-    return [_row("sufficient", label + "; > 0.5: queries carry more", "query_share",
-                 iv.estimate, iv.low, iv.high, len(ids), "share", primary=False, null=0.5,
-                 minimum=0.5, rule="above", resampled=iv.unit(*words),
-                 n_pairs=len(ids))]  # fmt: skip
+    rows, ivs = [], {}
+    for node, word in (("q", "queries"), ("k", "keys")):
+        ivs[node] = iv = cluster_ratio(per[node].to_numpy(), gap, clusters, level=settings.level)
+        rows.append(_judged("sufficient", f"recovery carried into the {n} best retrieval heads' "
+                            f"{word} by every upstream head (path patching)", f"recovery_{node}",
+                            iv, len(ids), "normalised recovery", words, primary=False,
+                            null=0.0, minimum=0.0, rule="above",
+                            n_pairs=len(ids)))  # fmt: skip
+    label = f"share of that recovery carried by the {n} heads' queries rather than their keys"
+    if ivs["q"].low <= 0 or ivs["k"].low <= 0:
+        rows.append(_row("sufficient", label + ": not both inputs carry recovery, no share to "
+                         "split", "query_share", float("nan"), float("nan"), float("nan"),
+                         len(ids), "share", primary=False, null=0.5, minimum=0.5, rule="above",
+                         resampled=ivs["q"].unit(*words), n_pairs=len(ids)))  # fmt: skip
+        return rows
+    q = per["q"].to_numpy()
+    iv = cluster_ratio(q, q + per["k"].to_numpy(), clusters, level=settings.level)
+    rows.append(_judged("sufficient", label + "; > 0.5: queries carry more", "query_share", iv,
+                        len(ids), "share", words, primary=False, null=0.5, minimum=0.5,
+                        rule="above", n_pairs=len(ids)))  # fmt: skip
+    return rows
 
 
 def table_lines(

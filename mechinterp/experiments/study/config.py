@@ -24,7 +24,7 @@ KnockoutScope = Literal["response", "query", "all"]  # interventions.knockout.Sc
 class NiahSpec:
     """A NIAH grid: needle indices (into `mechinterp.tasks.niah.NEEDLES`) × lengths × depths."""
 
-    needles: tuple[int, ...] = (0, 1, 3)
+    needles: tuple[int, ...] = (0, 1, 3, 11, 15)
     lengths: tuple[int, ...] = (256, 512, 1024)
     depths: tuple[float, ...] = (0.2, 0.8)
     haystack: Literal["essays", "filler"] = "essays"
@@ -99,7 +99,8 @@ class KnockoutStage:
     answer)."""
 
     niah: NiahSpec = field(
-        default_factory=lambda: NiahSpec(needles=(2, 4, 5, 6, 7), depths=(0.0, 0.5, 1.0), seed=1)
+        default_factory=lambda: NiahSpec(needles=(2, 4, 5, 6, 7, 8, 9, 10, 12, 13, 14),
+                                         lengths=(256, 1024), depths=(0.0, 0.5, 1.0), seed=1)
     )
     mdqa: MdqaSpec = field(default_factory=MdqaSpec)
     ks: tuple[int, ...] = (1, 2, 5, 10, 20)
@@ -168,7 +169,7 @@ class PatchStage:
     positions of the knockout scope (`knockout.scope`); the retrieval set and `seeds` random sets
     of the same size are also patched jointly."""
 
-    n_pairs: int = 9
+    n_pairs: int = 12
     seeds: tuple[int, ...] = tuple(range(10))
     max_tries: int = 4
     batch_size: int = 32
@@ -210,22 +211,22 @@ class PathsStage:
 
 @dataclass(frozen=True)
 class ClaimSettings:
-    """How the report judges each claim: an effect, a percentile bootstrap CI, and a verdict.
+    """How the report judges each claim: an effect, a cluster-robust t interval at `level`, and
+    a verdict (`mechinterp.experiments.study.claims.verdict`).
 
-    supported: the CI excludes the null and the estimate reaches the claim's minimum effect;
-    not supported: the CI lies below the minimum effect; inconclusive: anything else."""
+    supported: the interval's lower end reaches the claim's minimum effect (and lies above the
+    null); not supported: its upper end lies below the minimum effect; inconclusive: anything
+    else, and always when the interval rests on fewer than 5 clusters."""
 
-    k: int = 10
-    max_share: float = 0.10
-    min_drop: float = 0.20
-    min_recovery: float = 0.50
-    n_boot: int = 2000
-    level: float = 0.95
-    seed: int = 0
+    k: int = 10  # the knockout k the necessity claim judges
+    max_share: float = 0.10  # "sparse": the share of heads above the threshold stays below this
+    min_drop: float = 0.20  # "necessary": random-k minus top-k answers retrieved, at least
+    min_recovery: float = 0.50  # "sufficient": joint recovery, Σ recovered / Σ gap, at least
+    level: float = 0.95  # the intervals' coverage
 
     def __post_init__(self) -> None:
-        if not 0 < self.level < 1 or self.n_boot < 100:
-            raise ValueError("level must lie in (0, 1) and n_boot be >= 100")
+        if not 0 < self.level < 1:
+            raise ValueError(f"claims.level must lie in (0, 1), got {self.level}")
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from mechinterp import store
-from mechinterp.analysis.stats import cluster_bootstrap
+from mechinterp.analysis.stats import cluster_mean
 from mechinterp.experiments.study.claims import (
     cluster_labels,
     compute_claims,
@@ -72,7 +72,7 @@ def _per_example(knockout: pd.DataFrame, baseline: pd.DataFrame, task: str, valu
 
 def knockout_summary(tables: dict[str, pd.DataFrame], config) -> pd.DataFrame:
     """Answer-retrieved rate per (task, mode, k, condition) over every held-out example, with a
-    hierarchical bootstrap CI (needles × random draws, as the claims) (the `none` rows are the
+    cluster t interval (needles × random draws, as the claims) (the `none` rows are the
     no-knockout baseline, k = 0)."""
     s = config.claims
     ko, base = tables["knockout"], tables["baseline"]
@@ -81,8 +81,8 @@ def knockout_summary(tables: dict[str, pd.DataFrame], config) -> pd.DataFrame:
     for task in sorted(ko["task"].unique()):
         ids, per = _per_example(ko, base, task, "retrieved")
         for (mode, k, cond), wide in per.items():
-            iv = cluster_bootstrap(wide.to_numpy(), clusters.reindex(ids).to_numpy(),
-                                   n_boot=s.n_boot, level=s.level, seed=s.seed)  # fmt: skip
+            iv = cluster_mean(wide.to_numpy(), clusters.reindex(ids).to_numpy(), level=s.level,
+                              bounds=(0.0, 1.0))  # fmt: skip
             rows.append({"task": task, "mode": mode, "k": int(k), "condition": cond,
                          "value": iv.estimate, "lo": iv.low, "hi": iv.high,
                          "n": len(ids)})  # fmt: skip
@@ -148,7 +148,7 @@ def _knockout_vs_k(tables, config, model: str):
     return knockout_ci_curves(
         knockout_summary(tables, config),
         title=f"{model} · answer retrieved vs heads knocked out "
-        f"({int(config.claims.level * 100)}% bootstrap CI)",
+        f"({int(config.claims.level * 100)}% cluster t interval)",
     )
 
 
@@ -292,9 +292,11 @@ def write_report(run_dir: str | Path) -> Path:
         "Every number below is computed by `mechinterp.experiments.study.claims` from the "
         "tables in this directory (`mechinterp report <dir>` recomputes it); nothing is typed "
         "by hand. "
-        f"CIs are {level}% percentile bootstrap intervals ({config.claims.n_boot} resamples), "
-        "hierarchical: examples that share a needle resample together, crossed with the random "
-        "baseline's draws (each row's `resampled` says what it resampled).",
+        f"Intervals are {level}% cluster-robust t intervals: examples that share a needle form "
+        "one cluster, crossed with the random baseline's draws (each row's `resampled` says "
+        "what it rests on). A row resting on fewer than 5 clusters is not trusted and its "
+        "verdict is inconclusive. Supported needs the interval's lower end at the minimum "
+        "effect.",
         "",
         f"- model: `{prov.get('model_card', {}).get('id', config.model.name)}` "
         f"({config.model.dtype}); commit `{prov.get('git_commit')}`; config hash "
@@ -342,9 +344,10 @@ def write_report(run_dir: str | Path) -> Path:
     lines += _screen_text(tables)
     lines += _paths_text(tables, run_dir)
     lines += ["", "## How the verdicts are decided", "",
-              "- supported: the CI excludes the null (0) and the estimate reaches the minimum "
-              "effect; not supported: the CI lies below the minimum effect; inconclusive: "
-              "anything else. Sparsity instead asks the CI of the share to lie inside "
+              "- supported: the interval lies above the null (0) and its lower end reaches the "
+              "minimum effect; not supported: its upper end lies below the minimum effect; "
+              "inconclusive: anything else, and always when the interval rests on fewer than 5 "
+              "clusters. Sparsity instead asks the interval of the share to lie inside "
               f"(0, {config.claims.max_share:.0%}).",
               "- A claim's verdict combines its primary rows: supported if all are, not "
               "supported if all are, else inconclusive."]  # fmt: skip

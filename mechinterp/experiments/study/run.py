@@ -182,7 +182,6 @@ def _run(config, out, model, shape, stats, timings, t_start, opts: rundir.RunOpt
                 "heldout": k.niah.seed,
                 "knockout": list(k.seeds),
                 "patch": list(config.patch.seeds),
-                "bootstrap": config.claims.seed,
             },  # fmt: skip
             engine=opts.engine,
             device=str(model.cfg.device),
