@@ -189,16 +189,17 @@ def greedy_decode(
 # ---------------------------------------------------------------- answer metrics
 
 #: The headline "correct" per task: NIAH uses Wu et al.'s ROUGE-1 recall > 0.5 gate; the QA tasks
-#: use substring match; the citation task, citation F1 ≥ 0.5 against its `insights`.
+#: use substring match; the citation task, `tasks.citation.citation_correct` against its
+#: `insights` (every insight covered, citation precision and recall each ≥ 0.5).
 def is_correct(
     task: str, prediction: str, answers: Sequence[str], *, insights: Sequence | None = None
 ) -> bool:
     if task == "niah":
         return rouge1_recall(prediction, answers) > 0.5
     if task == "citation":
-        from mechinterp.tasks.citation import citation_scores
+        from mechinterp.tasks.citation import citation_correct, citation_scores
 
-        return citation_scores(prediction, insights or ())["citation_f1"] >= 0.5
+        return citation_correct(citation_scores(prediction, insights or ()))
     return substring_match(prediction, answers) == 1.0
 
 

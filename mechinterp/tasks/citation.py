@@ -3,9 +3,13 @@
 A haystack is a topic with subtopics; each subtopic has insights; each document lists the ids
 of the insights it contains. One example per subtopic: every document of the haystack in order
 (`Document [i]`), and a request to summarise the subtopic's insights as bullets citing the
-documents that contain each one, like `[1][4]`. There is no judge model: `citation_scores`
-matches each bullet to the insight whose words it covers best (ROUGE-1 recall > 0.5) and scores
-the bullets' citations against the documents that contain that insight.
+documents that contain each one, like `[1][4]`. There is no judge model: `parse_citations`
+reads the citations in the forms models write them (`[2, 5]`, `[Document 2]`, `Documents 2 and
+5`, ...), `citation_scores` matches each bullet to the insight whose words it covers best
+(ROUGE-1 recall > 0.5) and scores the bullets' citations against the documents that contain that
+insight, and `citation_correct` is the task's pass/fail gate (every insight covered, citation
+precision and recall each at least 0.5). `cite_all_baseline` scores the response that cites every
+document, the floor a model's citations have to beat.
 
 - `load_summhay(path)`: the released format (one JSON haystack per file: `topic`, `subtopics[]`
   with `subtopic`, `query` and `insights[]` with `insight_id` and `insight`, `documents[]` with
@@ -27,7 +31,7 @@ import random
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mechinterp.tasks.example import Document, Example
 from mechinterp.tasks.mdqa import (
@@ -38,8 +42,28 @@ from mechinterp.tasks.mdqa import (
 )
 from mechinterp.tasks.needles import NeedleRealism, make_facts
 
-_CITE = re.compile(r"\[(\d+)\]")
+if TYPE_CHECKING:
+    import pandas as pd
+
 _BULLET = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+")
+
+# A document number: 1 to 3 digits, not part of a longer number, a decimal or a thousands group
+# (so a year such as 2019 or an amount such as 5,000 is never one).
+_NUM = r"(?<!\d)\d{1,3}(?!\d|\.\d|,\d{3}(?!\d))"
+_ITEM = rf"{_NUM}(?:\s*[-–—]\s*{_NUM}|\s+(?:to|through)\s+{_NUM})?"  # 2, or a range 2-4
+_SEP = r"(?:\s*,\s*(?:and\s+|&\s*)?|\s*[;&]\s*|\s+and\s+)"
+# Document, Documents, Doc, Docs, Doc. (not "document." ending a sentence), then an optional #
+_KW = r"\b(?:docs?\.|doc(?:ument)?s?(?![a-z.]))\s*(?:#\s*)?"
+_BRACKETED = rf"\[\s*(?:{_KW})?{_ITEM}(?:{_SEP}(?:{_KW})?{_ITEM})*\s*\]"
+_K_ITEM = rf"(?:{_ITEM}|\[\s*{_ITEM}\s*\])"
+_PHRASE = rf"{_KW}{_K_ITEM}(?:{_SEP}(?:{_KW})?{_K_ITEM})*"
+_CITE = re.compile(rf"{_BRACKETED}|\(\s*{_PHRASE}\s*\)|{_PHRASE}", re.IGNORECASE)
+_RANGE = re.compile(rf"({_NUM})(?:\s*[-–—]\s*|\s+(?:to|through)\s+)({_NUM})", re.IGNORECASE)
+_EMPTY = re.compile(r"\((?:\s*(?:see|cf\.))?\s*\)|\[(?:\s*(?:see|cf\.))?\s*\]", re.IGNORECASE)
+
+#: The defaults of `citation_correct`: citation precision and recall must each reach these.
+MIN_PRECISION = 0.5
+MIN_RECALL = 0.5
 
 
 def question_for(subtopic: str, n_insights: int) -> str:
@@ -58,10 +82,47 @@ def reference_summary(insights: Sequence[Mapping[str, Any]]) -> str:
     )
 
 
+def parse_citations(text: str) -> frozenset[int]:
+    """The document numbers `text` cites, in the forms models write them.
+
+    The prompt labels documents `Document [i]` and asks for citations like `[1][4]`; models
+    answer in that form and in others. Read as citations (case-insensitive):
+
+    - bare numbers in square brackets: `[2]`, `[2][5]`, `[2, 5]`, `[2; 5]`, `[2 and 5]`;
+    - the document keyword (`Document`, `Documents`, `Doc`, `Docs`, `Doc.`, optionally `#`)
+      followed by numbers, bracketed or not, in brackets, parentheses or running text:
+      `[Document 2]`, `[Doc 2, Doc 5]`, `(Doc 2)`, `(Document 2, 5)`, `Documents 2 and 5`,
+      `Document [2]`, `doc #2`;
+    - ranges inside either form: `[2-4]`, `Documents 2 to 4` (both ends included).
+
+    Not read as citations: numbers in prose without brackets or the keyword (`in 2019 there were
+    5 ...`), list numbering (`1. ...`, `2) ...`), bare numbers in parentheses (`(2)` reads as an
+    enumeration), a number of four or more digits even in brackets (`[2019]` is a year; no
+    haystack here has 1000 documents), decimals and thousands (`[1.5]`, `[5,000]`), ordinals
+    (`the second document`), brackets holding other words (`[see note 2]`), and `document.`
+    ending a sentence before a number. A number that names no document (`[0]`, `[99]` of 8) is
+    still a citation, and a wrong one."""
+    cited: set[int] = set()
+    for m in _CITE.finditer(text):
+        rest = m.group(0)
+        for r in _RANGE.finditer(rest):
+            a, b = sorted((int(r.group(1)), int(r.group(2))))
+            cited.update(range(a, b + 1))
+        cited.update(int(n) for n in re.findall(_NUM, _RANGE.sub(" ", rest)))
+    return frozenset(cited)
+
+
+def strip_citations(text: str) -> str:
+    """`text` without the citations `parse_citations` reads (and the brackets they leave empty
+    or holding only "see" or "cf."), whitespace collapsed."""
+    return " ".join(_EMPTY.sub(" ", _CITE.sub(" ", text)).split())
+
+
 def parse_bullets(text: str) -> list[tuple[str, frozenset[int]]]:
     """(text without citations, cited document numbers) per bullet of a summary. Lines that start
     with `-`, `*`, `•` or `1.` open a bullet; other non-empty lines continue the current one
-    (a summary without bullet marks is one bullet per line)."""
+    (a summary without bullet marks is one bullet per line). Citations are read by
+    `parse_citations`; the bullet mark is removed first, so list numbering is not one."""
     bullets: list[list[str]] = []
     has_marks = any(_BULLET.match(line) for line in text.splitlines())
     for line in text.splitlines():
@@ -74,8 +135,7 @@ def parse_bullets(text: str) -> list[tuple[str, frozenset[int]]]:
     out = []
     for parts in bullets:
         joined = " ".join(p.strip() for p in parts)
-        cited = frozenset(int(m) for m in _CITE.findall(joined))
-        out.append((" ".join(_CITE.sub(" ", joined).split()), cited))
+        out.append((strip_citations(joined), parse_citations(joined)))
     return out
 
 
@@ -84,11 +144,14 @@ def citation_scores(
 ) -> dict[str, float]:
     """Citation precision, recall and F1 over (insight, document) pairs, and coverage.
 
-    Each bullet is assigned to the insight whose words it covers best (ROUGE-1 recall of the
-    insight's words in the bullet, counted only above `match`); its citations then count as that
-    insight's predicted documents. Gold pairs are (insight, each document containing it), so an
-    insight no bullet covers loses all its pairs (recall), and a wrong citation costs
-    precision. `coverage` is the share of insights some bullet covers."""
+    Each bullet covers at most one insight: the one whose words it covers best (ROUGE-1 recall
+    of the insight's words in the bullet, counted only above `match`; ties go to the earlier
+    insight). Its citations then count as that insight's predicted documents. A bullet that
+    merges two insights therefore covers only the better-matched one, and its citations of the
+    other insight's documents are wrong pairs: each insight needs its own bullet. Gold pairs are
+    (insight, each document containing it), so an insight no bullet covers loses all its pairs
+    (recall), and a wrong citation costs precision. `coverage` is the share of insights some
+    bullet covers. Citations are read by `parse_citations`."""
     from mechinterp.metrics import rouge1_recall
 
     if not insights:
@@ -112,6 +175,61 @@ def citation_scores(
         "citation_f1": f1,
         "coverage": len(covered) / len(insights),
     }
+
+
+def citation_correct(
+    scores: Mapping[str, float],
+    *,
+    min_precision: float = MIN_PRECISION,
+    min_recall: float = MIN_RECALL,
+) -> bool:
+    """The citation task's gate on `citation_scores`: correct when every insight is covered
+    (coverage 1, one bullet per insight, see `citation_scores`) and citation precision and
+    recall each reach their minimum (defaults `MIN_PRECISION` = `MIN_RECALL` = 0.5: at least half
+    the cited (insight, document) pairs are right and at least half the gold pairs are cited).
+
+    Citing every document for every insight has recall 1 and precision equal to the share of
+    (insight, document) pairs that are gold, so it passes only where the insights' documents make
+    up at least `min_precision` of that grid (`cite_all_baseline` measures it)."""
+    for name, value in (("min_precision", min_precision), ("min_recall", min_recall)):
+        if not 0 <= value <= 1:
+            raise ValueError(f"{name} must lie in [0, 1], got {value}")
+    return (
+        scores["coverage"] == 1.0
+        and scores["citation_precision"] >= min_precision
+        and scores["citation_recall"] >= min_recall
+    )
+
+
+def cite_every_document(insights: Sequence[Mapping[str, Any]], n_docs: int) -> str:
+    """The cite-everything response: one bullet per insight, stated verbatim, each citing every
+    document `[1]`...`[n_docs]`. Its coverage is 1 by construction, so its scores measure the
+    citations alone."""
+    every = "".join(f"[{d}]" for d in range(1, n_docs + 1))
+    return "\n".join(f"- {ins['text']} {every}" for ins in insights)
+
+
+def cite_all_baseline(
+    examples: Sequence[Example],
+    *,
+    min_precision: float = MIN_PRECISION,
+    min_recall: float = MIN_RECALL,
+) -> pd.DataFrame:
+    """Per example (a DataFrame row): `citation_scores` of `cite_every_document` for its
+    insights and documents, and `correct` by `citation_correct` at the given minimums. The floor
+    a model's citations must beat: a model that cites indiscriminately scores about this."""
+    import pandas as pd
+
+    rows = []
+    for ex in examples:
+        if ex.task != "citation":
+            raise ValueError(f"example {ex.id!r} is a {ex.task} example; the cite-all baseline "
+                             "scores citation examples only, pass those")  # fmt: skip
+        scores = citation_scores(cite_every_document(ex.meta["insights"], len(ex.documents)),
+                                 ex.meta["insights"])  # fmt: skip
+        correct = citation_correct(scores, min_precision=min_precision, min_recall=min_recall)
+        rows.append({"example_id": ex.id, **scores, "correct": correct})
+    return pd.DataFrame(rows)
 
 
 # ---------------------------------------------------------------- the released format

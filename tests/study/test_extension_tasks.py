@@ -150,6 +150,8 @@ def test_the_pooled_report_regenerates_from_the_tables_alone(config, run, monkey
     assert "## Verdict" in report and "[citation](citation/report.md)" in report
     assert "## mdqa: LoFiT localised to retrieval heads" in report
     assert (run / "citation" / "report.md").is_file()  # every task's report is rewritten too
+    citation_report = (run / "citation" / "report.md").read_text()
+    assert "| cite every document (baseline) | 0.40 |" in citation_report
     assert cli.main(["figures", str(run), "--no-png"]) == 0
     assert (run / "figures" / "recall_by_task.html").is_file()
 

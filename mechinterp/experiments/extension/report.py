@@ -234,6 +234,58 @@ def lofit_lines(tables: dict, config) -> list[str]:
     return lines
 
 
+def citation_baseline(tables: dict[str, pd.DataFrame], config) -> pd.DataFrame:
+    """The citation task's scores per model beside the cite-every-document baseline: each
+    model's stored responses and the baseline's (`tasks.citation.cite_all_baseline`) scored by
+    the current scorer on the evaluation examples the config builds, mean per model; one row
+    per model, then `model_variant` "cite-all"."""
+    from mechinterp.experiments.extension.stages import build_data, data_args
+    from mechinterp.tasks.citation import citation_correct, citation_scores, cite_all_baseline
+
+    cols = ["citation_precision", "citation_recall", "citation_f1", "coverage", "correct"]
+    examples = {ex.id: ex for ex in build_data(**data_args(config, config.reference, "eval"))}
+    ev = tables["eval"]
+    unknown = sorted(set(ev["example_id"]) - set(examples))
+    if unknown:
+        raise ValueError(f"the eval table holds examples the config does not build "
+                         f"({unknown[:3]}); rerun the evaluation with this config")  # fmt: skip
+    scored = []
+    for r in ev.itertuples():
+        s = citation_scores(r.prediction, examples[r.example_id].meta["insights"])
+        scored.append({"model_variant": r.model_variant, **s, "correct": citation_correct(s)})
+    models = pd.DataFrame(scored).groupby("model_variant", sort=False)
+    rows = models[cols].mean().assign(n=models.size()).reset_index()
+    base = cite_all_baseline(list(examples.values()))
+    rows.loc[len(rows)] = {"model_variant": "cite-all", "n": len(base),
+                           **base[cols].mean()}  # fmt: skip
+    return rows
+
+
+def citation_lines(tables: dict, config) -> list[str]:
+    """The report's cite-every-document section (the citation task only)."""
+    from mechinterp.tasks.citation import MIN_PRECISION, MIN_RECALL
+
+    if config.task != "citation":
+        return []
+    try:
+        rows = citation_baseline(tables, config)
+    except (ValueError, OSError) as e:  # e.g. a user's haystack file no longer where it was
+        return ["", "## Citations beside citing every document", "", f"Not computed: {e}"]
+    lines = ["", "## Citations beside citing every document", "",
+             "| model | citation precision | citation recall | citation F1 | coverage | correct "
+             "| n |", "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    for r in rows.itertuples():
+        label = ("cite every document (baseline)" if r.model_variant == "cite-all"
+                 else label_of(r.model_variant, config))  # fmt: skip
+        lines.append(f"| {label} | {_fmt(r.citation_precision)} | {_fmt(r.citation_recall)} | "
+                     f"{_fmt(r.citation_f1)} | {_fmt(r.coverage)} | {_fmt(r.correct)} | "
+                     f"{r.n} |")  # fmt: skip
+    return lines + ["", "Every row is scored now from the stored responses. The baseline states "
+                    "each insight and cites every document for it. correct: every insight "
+                    f"covered, citation precision ≥ {MIN_PRECISION:g} and recall ≥ "
+                    f"{MIN_RECALL:g}."]  # fmt: skip
+
+
 def lofit_vs_retrieval(lofit: pd.DataFrame, scores: pd.DataFrame, sets: dict, config) -> dict:
     """LoFiT's learned importance (‖A‖₂, reference data) against the reference model's retrieval
     scores: Spearman over all heads, and the share of the reference retrieval heads among
@@ -542,6 +594,7 @@ def write_report(run_dir: Path, tables, heads, claims, config) -> Path:
                   f"top {m['n_reference_heads']}, and {_fmt(m['reference_heads_among_tuned'])} of "
                   f"the {m['n_bias_tuned']} heads whose bias vectors step 2 tuned"]  # fmt: skip
     lines += lofit_lines(tables, config)
+    lines += citation_lines(tables, config)
     for name in ("recall_vs_performance", "cross_patching", "head_overlap", "knockout_by_model"):
         if (run_dir / "figures" / f"{name}.png").is_file():
             lines += ["", f"![{name}](figures/{name}.png)"]
