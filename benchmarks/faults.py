@@ -39,6 +39,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pandas as pd  # noqa: E402
 
+from mechinterp.tasks.niah import NEEDLES  # noqa: E402
+
 OUTCOMES = ("clear", "recovered", "unclear", "traceback", "silent", "lost")
 
 
@@ -103,7 +105,7 @@ knockout: {{niah: {{needles: [4, 5], lengths: [500], depths: [0.0, 1.0], seed: 1
             max_new_tokens: 8, examples_per_shard: 2}}
 robustness: {{scopes: [], generate: false}}
 patch: {{n_pairs: 2, seeds: [0, 1], max_tries: 2}}
-claims: {{k: 2, n_boot: 200}}
+claims: {{k: 2}}
 """
 
 MADE: dict[str, Callable[[Ctx], list[str]]] = {
@@ -181,8 +183,8 @@ def _cli_cases() -> list[Case]:
         ("eval-lengths-text", e("--lengths", "abc"), "lengths: expected a list of int"),
         ("eval-lengths-tiny", e("--lengths", "8"), "lengths must be token counts >= 16"),
         ("eval-depth-range", e("--depths", "1.5"), "depths must lie in [0, 1]"),
-        ("eval-needles-0", e("--needles", "0"), "needles must lie in [1, 8]"),
-        ("eval-needles-99", e("--needles", "99"), "needles must lie in [1, 8]"),
+        ("eval-needles-0", e("--needles", "0"), f"needles must lie in [1, {len(NEEDLES)}]"),
+        ("eval-needles-99", e("--needles", "99"), f"needles must lie in [1, {len(NEEDLES)}]"),
         ("eval-haystack", e("--haystack", "web"), "haystack: expected one of 'essays', 'filler'"),
         ("eval-task", e("--task", "summarise"), "task: expected one of"),
         ("eval-variant", e("--variant", "fancy-high"), "unknown variant 'fancy-high'"),
@@ -296,7 +298,8 @@ def _cli_cases() -> list[Case]:
                                              "--knockout-niah-needles", "0,1"],
          "would repeat detection instances"),
         ("study-level", lambda c: ["study", "--level", "1.5"], "level must lie in (0, 1)"),
-        ("study-n-boot", lambda c: ["study", "--n-boot", "10"], "n_boot be >= 100"),
+        ("study-max-share", lambda c: ["study", "--set", "claims.max_share=1.5"],
+         "claims.max_share must lie in (0, 1)"),
         ("study-draws", lambda c: ["study", "--draws", "uniform"], "draws must start with"),
         ("study-config-missing", lambda c: ["study", "--config", "/nonexistent.yaml"],
          "does not exist"),

@@ -227,6 +227,12 @@ class ClaimSettings:
     def __post_init__(self) -> None:
         if not 0 < self.level < 1:
             raise ValueError(f"claims.level must lie in (0, 1), got {self.level}")
+        if not 0 < self.max_share < 1:
+            raise ValueError(f"claims.max_share must lie in (0, 1), got {self.max_share}")
+        if not 0 < self.min_drop <= 1:
+            raise ValueError(f"claims.min_drop must lie in (0, 1], got {self.min_drop}")
+        if not self.min_recovery > 0:
+            raise ValueError(f"claims.min_recovery must be > 0, got {self.min_recovery}")
 
 
 @dataclass(frozen=True)
