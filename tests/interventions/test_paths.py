@@ -147,3 +147,43 @@ def test_several_inputs_from_one_first_pass_equal_one_call_each(deep, patch_from
     with pytest.raises(ValueError, match="patched alone"):
         path_patch_inputs(deep, CLEAN, CORRUPT, metric, receivers=[3],
                           receiver_inputs=("q", "resid"))  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def olmo2(tmp_path_factory):
+    """OLMo-2: one q norm over all heads' queries, one k norm over all KV heads' keys."""
+    from mechinterp.models.tiny import tiny_family
+
+    return tiny_family("olmo2", directory=tmp_path_factory.mktemp("olmo2"))
+
+
+def test_queries_and_keys_are_written_after_a_norm_that_spans_heads(olmo2, deep):
+    """OLMo-2's receivers are read and written after its q / k norms; Llama's (no norm) at
+    hook_q / hook_k, as before."""
+    metric = metric_for(olmo2)
+    got = path_patch_inputs(olmo2, CLEAN, CORRUPT, metric, receivers="L2H1", senders="L0H3",
+                            receiver_inputs=("q", "k", "v"))  # fmt: skip
+    points = {inp: res.settings["hook_points"] for inp, res in got.items()}
+    assert points == {"q": {"L2": "blocks.2.attn.q_norm.hook_out"},
+                      "k": {"L2": "blocks.2.attn.k_norm.hook_out"},
+                      "v": {"L2": "blocks.2.attn.hook_v"}}  # fmt: skip
+    llama = path_patch(deep, CLEAN, CORRUPT, metric_for(deep), receivers="L2H1", senders="L0H3",
+                       receiver_input="k")  # fmt: skip
+    assert llama.settings["hook_points"] == {"L2": "blocks.2.attn.hook_k"}
+
+
+def test_a_head_spanning_norm_that_cannot_be_read_or_written_after_is_refused(
+    olmo2, monkeypatch
+):
+    metric = metric_for(olmo2)
+    norm = olmo2.blocks[2].attn.original_component.q_norm.original_component
+    with monkeypatch.context() as m:
+        m.setitem(norm._parameters, "weight", torch.nn.Parameter(torch.ones(5)))
+        with pytest.raises(ValueError, match="cannot tell whether layer 2's q_norm normalises"):
+            path_patch(olmo2, CLEAN, CORRUPT, metric, receivers="L2H1", receiver_input="q")
+    hooks = type(olmo2).hook_dict.fget
+    without = property(lambda self: {k: v for k, v in hooks(self).items() if "k_norm" not in k})
+    monkeypatch.setattr(type(olmo2), "hook_dict", without)
+    with pytest.raises(ValueError, match="no hook after it.*receiver_input='v' or 'resid'"):
+        path_patch(olmo2, CLEAN, CORRUPT, metric, receivers="L2H1", receiver_input="k")
+    path_patch(olmo2, CLEAN, CORRUPT, metric, receivers="L2H1", receiver_input="v")  # unaffected
