@@ -8,7 +8,7 @@ from functools import cache, partial
 
 import torch
 
-from mechinterp.heads import HeadShape
+from mechinterp.heads import Head, HeadShape
 
 
 def _z_names(model) -> list[str]:
@@ -78,10 +78,11 @@ def consumed_point(model, layer: int, receiver_input: str) -> str:
     return f"blocks.{layer}.attn.hook_{receiver_input}"
 
 
-def pass_one_hooks(model, source, target, sender, start, via_mlps=True) -> list:
-    """Hooks of a hand pass 1 on a full forward of the target: the sender's z from the source
-    at positions ≥ start, every other head (and without `via_mlps` every MLP) frozen at its
-    target value."""
+def pass_one_hooks(model, source, target, senders, start, via_mlps=True) -> list:
+    """Hooks of a hand pass 1 on a full forward of the target: the z of the sender (a head, or
+    a list patched together) from the source at positions ≥ start, every other head (and
+    without `via_mlps` every MLP) frozen at its target value."""
+    senders = [senders] if isinstance(senders, Head) else list(senders)
     shape = HeadShape.of(model)
     n_layers = shape.n_layers
     z_names = _z_names(model)
@@ -91,23 +92,25 @@ def pass_one_hooks(model, source, target, sender, start, via_mlps=True) -> list:
 
     def z_hook(x, hook, *, la):
         out = tgt[z_names[la]].clone().view(*x.shape[:2], shape.n_heads, -1)
-        if la == sender.layer:
-            src = src_z[z_names[la]].view(*x.shape[:2], shape.n_heads, -1)
-            out[:, start:, sender.head] = src[:, start:, sender.head]
+        src = src_z[z_names[la]].view(*x.shape[:2], shape.n_heads, -1)
+        for s in senders:
+            if s.layer == la:
+                out[:, start:, s.head] = src[:, start:, s.head]
         return out.view(x.shape)
 
-    hooks = [(z_names[la], partial(z_hook, la=la)) for la in range(sender.layer, n_layers)]
+    first = min(s.layer for s in senders)
+    hooks = [(z_names[la], partial(z_hook, la=la)) for la in range(first, n_layers)]
     if not via_mlps:
         hooks += [(mlp_names[la], lambda x, hook, la=la: tgt[mlp_names[la]])
-                  for la in range(sender.layer, n_layers)]  # fmt: skip
+                  for la in range(first, n_layers)]  # fmt: skip
     return hooks
 
 
 def hand_path_patch(model, source, target, sender, receivers, receiver_input, metric, start,
                     via_mlps=True) -> float:  # fmt: skip
-    """Two full forwards of the target, hooks only: pass 1 (`pass_one_hooks`) records the
-    receivers' inputs where the attention consumes them (`consumed_point`), pass 2 writes them
-    there (a KV group's for k, v)."""
+    """Two full forwards of the target, hooks only: pass 1 (`pass_one_hooks`; `sender` a head
+    or a list patched together) records the receivers' inputs where the attention consumes
+    them (`consumed_point`), pass 2 writes them there (a KV group's for k, v)."""
     shape = HeadShape.of(model)
     hooks = pass_one_hooks(model, source, target, sender, start, via_mlps)
     layers = sorted({h.layer for h in receivers})

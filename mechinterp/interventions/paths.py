@@ -53,12 +53,10 @@ from mechinterp.interventions.resume import (
     Direction,
     Metric,
     PatchResult,
-    _cache,
+    Prepared,
     check_pair,
     layer_batches,
-    prefix_cache,
     run_from_layer,
-    shared_start,
 )
 
 ReceiverInput = Literal["q", "k", "v", "resid"]
@@ -166,17 +164,19 @@ def path_patch(
     via_mlps: bool = True,
     batch_size: int = 32,
     progress: bool = False,
+    prepared: Prepared | None = None,
 ) -> PatchResult:
     """The metric after patching the path from each sender head (alone) into `receivers`'
     `receiver_input`, `values[layer, head]` (NaN for heads that are not senders). Default
     senders: every head below the last receiver layer. `sets`: named sender sets whose paths
     are patched jointly (all members at once; members not below the last receiver layer are
-    dropped), in `result.sets`; with `sets`, `senders=[]` skips the single senders. See the
-    module docstring."""
+    dropped), in `result.sets`; with `sets`, `senders=[]` skips the single senders.
+    `prepared`: the pair's runs (`Prepared.of`) from an earlier call on the same pair and
+    direction, so that calls into other receivers skip them. See the module docstring."""
     return path_patch_inputs(
         model, clean, corrupt, metric, receivers=receivers, receiver_inputs=(receiver_input,),
         senders=senders, sets=sets, direction=direction, patch_from=patch_from,
-        via_mlps=via_mlps, batch_size=batch_size, progress=progress,
+        via_mlps=via_mlps, batch_size=batch_size, progress=progress, prepared=prepared,
     )[receiver_input]  # fmt: skip
 
 
@@ -196,6 +196,7 @@ def path_patch_inputs(
     via_mlps: bool = True,
     batch_size: int = 32,
     progress: bool = False,
+    prepared: Prepared | None = None,
 ) -> dict[str, PatchResult]:
     """`path_patch` into each of `receiver_inputs` of the same receivers, {input: result}: one
     pass 1 per batch of senders records every input, then one pass 2 per input. `resid` is
@@ -224,15 +225,13 @@ def path_patch_inputs(
     if not 0 <= patch_from < n_pos:
         raise ValueError(f"patch_from must lie in [0, {n_pos}), got {patch_from}")
     t0 = time.perf_counter()
-    device = model.cfg.device
-    start = shared_start(clean, corrupt, patch_from)
-    keep = min(start, n_pos - 1)
-    resid_c, z_c, logits_c = _cache(model, torch.tensor([list(clean)], device=device), keep)
-    resid_x, z_x, logits_x = _cache(model, torch.tensor([list(corrupt)], device=device), keep)
-    m_clean, m_corrupt = float(metric(logits_c)[0]), float(metric(logits_x)[0])
-    target, t_resid, t_z, s_z = (
-        (corrupt, resid_x, z_x, z_c) if direction == "denoise" else (clean, resid_c, z_c, z_x)
-    )
+    prep = prepared or Prepared.of(model, clean, corrupt, metric, direction, patch_from)
+    if prep.target_z is None:
+        raise ValueError("prepared= lacks the target's z (it came from attribution patching): "
+                         "pass Prepared.of(model, clean, corrupt, metric, direction, patch_from)")
+    start, prefix, m_clean, m_corrupt = prep.start, prep.prefix, prep.m_clean, prep.m_corrupt
+    t_resid, t_z, s_z = prep.target_resid, prep.target_z, prep.source_z
+    target = corrupt if direction == "denoise" else clean
     m_target = m_corrupt if direction == "denoise" else m_clean
     values = {inp: torch.full((n_layers, shape.n_heads), float("nan")) for inp in inputs}
     joint: dict[str, dict[str, float]] = {inp: {} for inp in inputs}
@@ -256,8 +255,7 @@ def path_patch_inputs(
                 values[inp][h] = m_target
             joint[inp] = dict.fromkeys(sets or {}, m_target)
         return results()
-    prefix = prefix_cache(model, target[:start]) if start > 0 else None
-    mlp_out = None if via_mlps else _mlp_outputs(model, target, keep, start)
+    mlp_out = None if via_mlps else _mlp_outputs(model, target, start)
 
     def both_passes(variants: list[list[Head]]) -> dict[str, Tensor]:
         recorded = _pass_one(model, variants, t_resid, t_z, s_z, mlp_out, points, prefix)
@@ -285,7 +283,7 @@ def path_patch_inputs(
     return results()
 
 
-def _mlp_outputs(model, target: Sequence[int], keep: int, start: int) -> dict[int, Tensor]:
+def _mlp_outputs(model, target: Sequence[int], start: int) -> dict[int, Tensor]:
     """The target's MLP writes per layer, from `start` on (for `via_mlps=False`)."""
     out: dict[int, Tensor] = {}
 

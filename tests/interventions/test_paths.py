@@ -187,3 +187,51 @@ def test_a_head_spanning_norm_that_cannot_be_read_or_written_after_is_refused(
     with pytest.raises(ValueError, match="no hook after it.*receiver_input='v' or 'resid'"):
         path_patch(olmo2, CLEAN, CORRUPT, metric, receivers="L2H1", receiver_input="k")
     path_patch(olmo2, CLEAN, CORRUPT, metric, receivers="L2H1", receiver_input="v")  # unaffected
+
+
+def test_same_heads_rows_patch_the_queries_and_the_keys_of_the_same_query_heads(deep):
+    """Under GQA (2 query heads per KV head) the receivers L2H1, L3H0, L3H1, L3H2 hold one
+    whole KV group (layer 3's first) and touch three. Each same-heads row is every upstream
+    head jointly into the queries, or the keys, of exactly the compared heads: equal to the
+    hand-written two-pass reference on those heads; the whole groups' keys are the receivers'
+    own keys (a key input is its group's)."""
+    from mechinterp.experiments.attribution import path_table
+
+    metric = metric_for(deep)
+    receivers = ["L2H1", "L3H0", "L3H1", "L3H2"]
+    df = path_table(deep, CLEAN, CORRUPT, metric, receivers, ["q", "k"], via_mlps=True,
+                    batch_size=8, facts={"example_id": "e0"}, patch_from=9,
+                    same_heads=True)  # fmt: skip
+    same = df[df["kind"] == "same_heads"].set_index(["comparison", "receiver_input"])
+    assert sorted(same.index) == [(c, i) for c in ("receiver_groups", "whole_groups")
+                                  for i in ("k", "q")]  # fmt: skip
+    compared = {"receiver_groups": "L3H0,L3H1", "whole_groups": "L2H0,L2H1,L3H0,L3H1,L3H2,L3H3"}
+    upstream = [h for h in HeadShape.of(deep).all_heads() if h.layer < 3]
+    for (comparison, inp), row in same.iterrows():
+        assert row["compared_heads"] == compared[comparison]
+        assert (row["n_compared_heads"], row["n_kv_groups"]) == (
+            (2, 1) if comparison == "receiver_groups" else (6, 3))
+        heads = [Head.parse(h) for h in compared[comparison].split(",")]
+        want = hand_path_patch(deep, CLEAN, CORRUPT, upstream, heads, inp, metric, 9)
+        assert row["value"] == pytest.approx(want, abs=2e-5), (comparison, inp)
+    own = df[(df["kind"] == "set")].set_index("receiver_input")["value"]
+    assert same.loc[("whole_groups", "k"), "value"] == pytest.approx(own["k"], abs=1e-6)
+    assert abs(same.loc[("whole_groups", "q"), "value"] - own["q"]) > 1e-4  # 6 heads, not 4
+    assert (df["kind"] == "set").sum() == 2 and df["recovery"].notna().all()
+
+
+def test_without_a_whole_kv_group_inside_only_whole_groups_are_compared(deep, tiny):
+    from mechinterp.experiments.attribution import path_table
+
+    shape = HeadShape.of(tiny)
+    df = path_table(tiny, CLEAN, CORRUPT, metric_for(tiny), ["L1H0", "L1H2"], ["q", "k"],
+                    via_mlps=True, batch_size=8, facts={}, same_heads=True)  # fmt: skip
+    same = df[df["kind"] == "same_heads"]
+    if shape.group_size == 1:  # MHA: the receivers are their own KV groups
+        assert set(same["comparison"]) == {"receiver_groups", "whole_groups"}
+        assert set(same["compared_heads"]) == {"L1H0,L1H2"}
+    else:
+        assert set(same["comparison"]) == {"whole_groups"}
+        assert same["compared_heads"].iloc[0] == ",".join(
+            str(h) for h in shape.kv_group_heads([Head(1, 0), Head(1, 2)]))
+    assert len(same) == 2 * same["comparison"].nunique()

@@ -15,7 +15,7 @@ from mechinterp.experiments.specs import ModelSpec
 
 #: Bump when the study's tables change meaning; a run directory written by another version is
 #: refused rather than mixed with new shards.
-STUDY_VERSION = 1
+STUDY_VERSION = 2
 
 KnockoutScope = Literal["response", "query", "all"]  # interventions.knockout.Scope
 
