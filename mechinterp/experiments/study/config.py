@@ -191,8 +191,10 @@ class AttributionStage:
 class PathsStage:
     """Step 3c: path patching of every head below the receivers, alone and all together, into
     the `receivers` best retrieval heads' `inputs` (q: queries, k: keys, v: values; under GQA
-    a key or value input is the receiver's KV group's), on the patch stage's pairs.
-    `via_mlps`: the MLPs in between recompute (the senders' effect through them counts).
+    a key or value input is the receiver's KV group's), on the patch stage's pairs. With q and
+    k, all of them together also go into the queries and into the keys of the same query heads
+    (the KV groups wholly inside the receivers, and their whole KV groups): the claims compare
+    these. `via_mlps`: the MLPs in between recompute (the senders' effect through them counts).
     `scope`: the positions the senders are patched at (default `knockout.scope`, as patching;
     `all` patches them from the first corrupted token on, where the receivers' keys at the
     needle are written). Empty `inputs` skips it."""
