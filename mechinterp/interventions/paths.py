@@ -227,8 +227,10 @@ def path_patch_inputs(
     t0 = time.perf_counter()
     prep = prepared or Prepared.of(model, clean, corrupt, metric, direction, patch_from)
     if prep.target_z is None:
-        raise ValueError("prepared= lacks the target's z (it came from attribution patching): "
-                         "pass Prepared.of(model, clean, corrupt, metric, direction, patch_from)")
+        raise ValueError(
+            "prepared= lacks the target's z (it came from attribution patching): "
+            "pass Prepared.of(model, clean, corrupt, metric, direction, patch_from)"
+        )
     start, prefix, m_clean, m_corrupt = prep.start, prep.prefix, prep.m_clean, prep.m_corrupt
     t_resid, t_z, s_z = prep.target_resid, prep.target_z, prep.source_z
     target = corrupt if direction == "denoise" else clean

@@ -172,9 +172,7 @@ def test_queries_and_keys_are_written_after_a_norm_that_spans_heads(olmo2, deep)
     assert llama.settings["hook_points"] == {"L2": "blocks.2.attn.hook_k"}
 
 
-def test_a_head_spanning_norm_that_cannot_be_read_or_written_after_is_refused(
-    olmo2, monkeypatch
-):
+def test_a_head_spanning_norm_that_cannot_be_read_or_written_after_is_refused(olmo2, monkeypatch):
     metric = metric_for(olmo2)
     norm = olmo2.blocks[2].attn.original_component.q_norm.original_component
     with monkeypatch.context() as m:
@@ -210,7 +208,8 @@ def test_same_heads_rows_patch_the_queries_and_the_keys_of_the_same_query_heads(
     for (comparison, inp), row in same.iterrows():
         assert row["compared_heads"] == compared[comparison]
         assert (row["n_compared_heads"], row["n_kv_groups"]) == (
-            (2, 1) if comparison == "receiver_groups" else (6, 3))
+            (2, 1) if comparison == "receiver_groups" else (6, 3)
+        )
         heads = [Head.parse(h) for h in compared[comparison].split(",")]
         want = hand_path_patch(deep, CLEAN, CORRUPT, upstream, heads, inp, metric, 9)
         assert row["value"] == pytest.approx(want, abs=2e-5), (comparison, inp)
@@ -233,5 +232,6 @@ def test_without_a_whole_kv_group_inside_only_whole_groups_are_compared(deep, ti
     else:
         assert set(same["comparison"]) == {"whole_groups"}
         assert same["compared_heads"].iloc[0] == ",".join(
-            str(h) for h in shape.kv_group_heads([Head(1, 0), Head(1, 2)]))
+            str(h) for h in shape.kv_group_heads([Head(1, 0), Head(1, 2)])
+        )
     assert len(same) == 2 * same["comparison"].nunique()
