@@ -86,6 +86,19 @@ class HeadShape:
     def all_heads(self) -> list[Head]:
         return [Head(layer, h) for layer in range(self.n_layers) for h in range(self.n_heads)]
 
+    def kv_group(self, head: Head) -> list[Head]:
+        """Every query head that reads `head`'s KV head, `head` included."""
+        first = self.kv_head(head) * self.group_size
+        return [Head(head.layer, first + i) for i in range(self.group_size)]
+
+    def kv_group_heads(self, heads: Iterable[Head], *, inside: bool = False) -> list[Head]:
+        """The query heads of the KV groups that `heads` touch, each group whole, layer-major;
+        with `inside`, only of the groups that lie wholly inside `heads`. Under GQA a key input
+        is its KV group's, so the queries and the keys of these heads patch the same heads."""
+        chosen = set(heads)
+        groups = {g[0]: g for g in (self.kv_group(h) for h in chosen)}
+        return sorted(h for g in groups.values() if not inside or set(g) <= chosen for h in g)
+
 
 class HeadSet(tuple):
     """An ordered tuple of heads that remembers the `(n_layers, n_heads)` grid it came from, so that

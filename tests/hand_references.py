@@ -4,11 +4,11 @@ tests and the architecture matrix."""
 
 from __future__ import annotations
 
-from functools import partial
+from functools import cache, partial
 
 import torch
 
-from mechinterp.heads import HeadShape
+from mechinterp.heads import Head, HeadShape
 
 
 def _z_names(model) -> list[str]:
@@ -56,11 +56,33 @@ def hand_atp(model, source, target, metric, start=0):
     return torch.stack(out), float(m.detach())
 
 
-def hand_path_patch(model, source, target, sender, receivers, receiver_input, metric, start,
-                    via_mlps=True) -> float:  # fmt: skip
-    """Two full forwards of the target, hooks only: pass 1 patches the sender's z from the source
-    at positions ≥ start and freezes every other head (and without `via_mlps` every MLP) at its
-    target value, recording the receivers' inputs; pass 2 writes them (a KV group's for k, v)."""
+@cache
+def fires(model, name: str) -> bool:
+    """Whether hook `name` fires on a forward (some attentions register `hook_rot_q` and never
+    call it)."""
+    if name not in model.hook_dict:
+        return False
+    seen = []
+    run_all(model, [1, 2], [(name, lambda x, hook: seen.append(1))])
+    return bool(seen)
+
+
+def consumed_point(model, layer: int, receiver_input: str) -> str:
+    """Where `layer`'s attention holds a head's query or key as the softmax consumes it: after
+    any q/k norm and RoPE (`hook_rot_q` / `hook_rot_k`), where the attention fires those hooks;
+    else `hook_q` / `hook_k` (the attentions that do not have no q/k norm); `hook_v` for v.
+    Never the point the library writes, so the reference checks where it writes."""
+    rot = f"blocks.{layer}.attn.hook_rot_{receiver_input}"
+    if receiver_input in ("q", "k") and fires(model, rot):
+        return rot
+    return f"blocks.{layer}.attn.hook_{receiver_input}"
+
+
+def pass_one_hooks(model, source, target, senders, start, via_mlps=True) -> list:
+    """Hooks of a hand pass 1 on a full forward of the target: the z of the sender (a head, or
+    a list patched together) from the source at positions ≥ start, every other head (and
+    without `via_mlps` every MLP) frozen at its target value."""
+    senders = [senders] if isinstance(senders, Head) else list(senders)
     shape = HeadShape.of(model)
     n_layers = shape.n_layers
     z_names = _z_names(model)
@@ -70,17 +92,29 @@ def hand_path_patch(model, source, target, sender, receivers, receiver_input, me
 
     def z_hook(x, hook, *, la):
         out = tgt[z_names[la]].clone().view(*x.shape[:2], shape.n_heads, -1)
-        if la == sender.layer:
-            src = src_z[z_names[la]].view(*x.shape[:2], shape.n_heads, -1)
-            out[:, start:, sender.head] = src[:, start:, sender.head]
+        src = src_z[z_names[la]].view(*x.shape[:2], shape.n_heads, -1)
+        for s in senders:
+            if s.layer == la:
+                out[:, start:, s.head] = src[:, start:, s.head]
         return out.view(x.shape)
 
-    hooks = [(z_names[la], partial(z_hook, la=la)) for la in range(sender.layer, n_layers)]
+    first = min(s.layer for s in senders)
+    hooks = [(z_names[la], partial(z_hook, la=la)) for la in range(first, n_layers)]
     if not via_mlps:
         hooks += [(mlp_names[la], lambda x, hook, la=la: tgt[mlp_names[la]])
-                  for la in range(sender.layer, n_layers)]  # fmt: skip
+                  for la in range(first, n_layers)]  # fmt: skip
+    return hooks
+
+
+def hand_path_patch(model, source, target, sender, receivers, receiver_input, metric, start,
+                    via_mlps=True) -> float:  # fmt: skip
+    """Two full forwards of the target, hooks only: pass 1 (`pass_one_hooks`; `sender` a head
+    or a list patched together) records the receivers' inputs where the attention consumes
+    them (`consumed_point`), pass 2 writes them there (a KV group's for k, v)."""
+    shape = HeadShape.of(model)
+    hooks = pass_one_hooks(model, source, target, sender, start, via_mlps)
     layers = sorted({h.layer for h in receivers})
-    points = {la: f"blocks.{la}.attn.hook_{receiver_input}" for la in layers}
+    points = {la: consumed_point(model, la, receiver_input) for la in layers}
     recorded = {}
 
     def record(x, hook, *, la):

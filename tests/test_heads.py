@@ -48,3 +48,16 @@ def test_head_shape_of_a_loaded_model(tiny_gqa):
     shape = HeadShape.of(tiny_gqa)
     assert (shape.n_layers, shape.n_heads, shape.n_kv_heads) == (2, 4, 2)
     assert len(shape.all_heads()) == 8
+
+
+def test_kv_groups_of_a_head_set_are_whole_and_inside_only_when_every_member_is_chosen():
+    shape = HeadShape(30, 9, 3)  # SmolLM2-135M: 3 query heads per KV head
+    chosen = parse_heads("L18H7,L17H3,L18H6,L18H8,L17H5,L23H2")
+    assert shape.kv_group(Head(18, 7)) == list(parse_heads("L18H6,L18H7,L18H8"))
+    assert shape.kv_group_heads(chosen) == list(
+        parse_heads("L17H3,L17H4,L17H5,L18H6,L18H7,L18H8,L23H0,L23H1,L23H2")
+    )
+    assert shape.kv_group_heads(chosen, inside=True) == list(parse_heads("L18H6,L18H7,L18H8"))
+    assert shape.kv_group_heads(chosen[:2], inside=True) == []
+    mha = HeadShape(30, 9, 9)  # each head its own group: both are the heads themselves
+    assert mha.kv_group_heads(chosen) == mha.kv_group_heads(chosen, inside=True) == sorted(chosen)

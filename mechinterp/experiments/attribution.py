@@ -198,33 +198,66 @@ class PathPatchConfig:
         return f"path-patch-{self.direction}-{Path(self.model.name).name}-{self.task.slug}"
 
 
+#: Same-heads comparisons of queries and keys (`path_table(same_heads=True)`): the query heads
+#: of the KV groups that lie wholly inside the receivers, and of every KV group they touch.
+SAME_HEADS = ("receiver_groups", "whole_groups")
+
+
 def path_table(model, clean, corrupt, metric, receivers: list[str], inputs: list[str], *,
                via_mlps: bool, batch_size: int, facts: dict, direction: str = "denoise",
-               patch_from: int = 0, name: str = "head_name") -> pd.DataFrame:  # fmt: skip
+               patch_from: int = 0, name: str = "head_name",
+               same_heads: bool = False) -> pd.DataFrame:  # fmt: skip
     """Path patching of every head below the last receiver, alone (`kind = sender`) and all
     together (`kind = set`, `upstream`), into the receivers' `inputs`, one row each with
-    `facts`, the metrics and the recovery; the sender's name goes in column `name`."""
+    `facts`, the metrics and the recovery; the sender's name goes in column `name`.
+
+    Under GQA a key input is its KV group's, so the keys reach more query heads than the
+    queries do. `same_heads` adds rows (`kind = same_heads`) that patch `upstream` into the
+    queries and into the keys of the same query heads, per comparison of `SAME_HEADS`
+    (`comparison`; the heads in `compared_heads`, `n_compared_heads`, `n_kv_groups`; none for
+    `receiver_groups` when no KV group lies wholly inside the receivers). Each costs one
+    first pass and two second passes, batch 1, over the patched positions only."""
     from mechinterp.heads import HeadShape, parse_heads
     from mechinterp.interventions.paths import path_patch_inputs
+    from mechinterp.interventions.resume import Prepared
 
     shape = HeadShape.of(model)
     heads = parse_heads(receivers, shape)
     upstream = [h for h in shape.all_heads() if h.layer < max(h.layer for h in heads)]
-    rows = []
+    prep = Prepared.of(model, clean, corrupt, metric, direction, patch_from)
+    run = dict(direction=direction, patch_from=patch_from, via_mlps=via_mlps,
+               batch_size=batch_size, prepared=prep)  # fmt: skip
     results = path_patch_inputs(model, clean, corrupt, metric, receivers=heads,
                                 receiver_inputs=inputs, senders=upstream,
-                                sets={"upstream": upstream}, direction=direction,
-                                patch_from=patch_from, via_mlps=via_mlps,
-                                batch_size=batch_size)  # fmt: skip
+                                sets={"upstream": upstream}, **run)  # fmt: skip
+    base = {**facts, "receivers": ",".join(receivers), "via_mlps": via_mlps,
+            "clean_metric": prep.m_clean, "corrupt_metric": prep.m_corrupt,
+            "flipped": prep.m_clean > 0 > prep.m_corrupt}  # fmt: skip
+    rows = []
     for inp, res in results.items():
-        base = {**facts, "receiver_input": inp, "receivers": ",".join(receivers),
-                "receiver_units": res.settings["receiver_units"], "via_mlps": via_mlps,
-                "clean_metric": res.clean, "corrupt_metric": res.corrupt,
-                "flipped": res.clean > 0 > res.corrupt}  # fmt: skip
-        rows += [{**base, "kind": "sender", name: str(h), "layer": h.layer, "head": h.head,
+        row = {**base, "receiver_input": inp, "receiver_units": res.settings["receiver_units"]}
+        rows += [{**row, "kind": "sender", name: str(h), "layer": h.layer, "head": h.head,
                   "value": float(res.values[h])} for h in upstream]  # fmt: skip
-        rows.append({**base, "kind": "set", name: "upstream", "layer": -1, "head": -1,
+        rows.append({**row, "kind": "set", name: "upstream", "layer": -1, "head": -1,
                      "value": res.sets["upstream"]})  # fmt: skip
+    if same_heads:
+        done: dict[tuple, dict] = {}
+        for comparison in SAME_HEADS:
+            compared = shape.kv_group_heads(heads, inside=comparison == "receiver_groups")
+            if not compared:
+                continue
+            if tuple(compared) not in done:  # MHA: both comparisons are the receivers
+                done[tuple(compared)] = path_patch_inputs(
+                    model, clean, corrupt, metric, receivers=compared, receiver_inputs=("q", "k"),
+                    senders=[], sets={"upstream": upstream}, **run)  # fmt: skip
+            for inp, res in done[tuple(compared)].items():
+                rows.append({**base, "receiver_input": inp,
+                             "receiver_units": res.settings["receiver_units"],
+                             "kind": "same_heads", name: "upstream", "layer": -1, "head": -1,
+                             "value": res.sets["upstream"], "comparison": comparison,
+                             "compared_heads": ",".join(map(str, compared)),
+                             "n_compared_heads": len(compared),
+                             "n_kv_groups": len(compared) // shape.group_size})  # fmt: skip
     df = pd.DataFrame(rows)
     gap = df["clean_metric"] - df["corrupt_metric"]
     df["recovery"] = ((df["value"] - df["corrupt_metric"]) / gap).where(gap != 0)

@@ -20,6 +20,15 @@ groups), or `resid` (the whole residual stream entering layer r, `receivers=[r]`
 is the stream the unembedding reads, so one sender with `via_mlps=False` gives that head's
 direct effect on the logits).
 
+Where a layer's q (or k) norm normalises every head's queries (keys) together, as OLMo-2's
+RMSNorm over n_heads · d_head does, `hook_q` / `hook_k` fire before that norm, and a query
+written there would reach the layer's other heads through it. There the receivers' queries
+(keys) are recorded and written after the norm instead (`q_norm.hook_out` / `k_norm.hook_out`,
+the receiver's d_head columns). A per-head norm (Qwen3, Gemma 3: over d_head alone) maps each
+head's query to its own, so `hook_q` / `hook_k` stay exact there. A norm whose reach cannot be
+read from its weight, or one that spans heads with no hook after it, is refused.
+`settings["hook_points"]` names the point used per receiver layer.
+
 Both passes start at the first layer they change from the cached target residual stream and
 share the target's KV cache for the prefix nobody patches (as `patch_heads`).
 
@@ -44,12 +53,10 @@ from mechinterp.interventions.resume import (
     Direction,
     Metric,
     PatchResult,
-    _cache,
+    Prepared,
     check_pair,
     layer_batches,
-    prefix_cache,
     run_from_layer,
-    shared_start,
 )
 
 ReceiverInput = Literal["q", "k", "v", "resid"]
@@ -85,11 +92,55 @@ def _receiver_units(receivers, receiver_input: str, shape: HeadShape) -> dict[in
     return {la: sorted(u) for la, u in sorted(units.items())}
 
 
-def _point(receiver_input: str, layer: int, n_layers: int) -> str:
+#: The attribute names a q / k norm goes by on HF attention modules.
+_QK_NORMS = {"q": ("q_norm", "q_layernorm"), "k": ("k_norm", "k_layernorm")}
+
+
+def _norm_spans_heads(model, layer: int, receiver_input: str) -> str | None:
+    """The attribute name of `layer`'s q (or k) norm when it normalises every head's queries
+    (keys) together (OLMo-2: one RMSNorm over n_heads · d_head); None without a norm or with a
+    per-head one (weight of shape (d_head,) or (heads, d_head): Qwen3, Gemma 3, Cohere)."""
+    hf = model.blocks[layer].attn.original_component
+    found = [n for n in _QK_NORMS[receiver_input] if getattr(hf, n, None) is not None]
+    if not found:
+        return None
+    norm = getattr(hf, found[0])
+    weight = getattr(getattr(norm, "original_component", norm), "weight", None)
+    shape = HeadShape.of(model)
+    units = shape.n_heads if receiver_input == "q" else shape.n_kv_heads
+    d_head = model.cfg.d_head
+    if isinstance(weight, Tensor) and weight.ndim >= 1:
+        if weight.shape[-1] == d_head:
+            return None
+        if weight.ndim == 1 and weight.numel() == units * d_head:
+            return found[0]
+    raise ValueError(
+        f"path patching into {receiver_input!r} on {type(hf).__name__}: cannot tell whether "
+        f"layer {layer}'s {found[0]} normalises each head alone or all heads together (weight "
+        f"{None if weight is None else tuple(weight.shape)}, d_head {d_head}); patch "
+        "receiver_input='v' or 'resid' instead"
+    )
+
+
+def _point(model, receiver_input: str, layer: int) -> str:
+    """The hook where `layer`'s receiver input is recorded and written: after a q / k norm
+    that spans heads (so a write moves no other head), else `hook_q` / `hook_k` / `hook_v`;
+    the residual stream entering the layer for `resid`."""
+    n_layers = model.cfg.n_layers
     if receiver_input == "resid":
         return (f"blocks.{layer}.hook_resid_pre" if layer < n_layers
                 else f"blocks.{n_layers - 1}.hook_resid_post")  # fmt: skip
-    return f"blocks.{layer}.attn.hook_{receiver_input}"
+    norm = _norm_spans_heads(model, layer, receiver_input) if receiver_input != "v" else None
+    if norm is None:
+        return f"blocks.{layer}.attn.hook_{receiver_input}"
+    point = f"blocks.{layer}.attn.{receiver_input}_norm.hook_out"
+    if point not in model.hook_dict:
+        raise ValueError(
+            f"path patching into {receiver_input!r}: layer {layer}'s {norm} normalises all "
+            "heads together and the bridge has no hook after it, so a write there would move "
+            "every head of the layer; patch receiver_input='v' or 'resid' instead"
+        )
+    return point
 
 
 def _shaped(x: Tensor, units: int) -> Tensor:
@@ -113,17 +164,19 @@ def path_patch(
     via_mlps: bool = True,
     batch_size: int = 32,
     progress: bool = False,
+    prepared: Prepared | None = None,
 ) -> PatchResult:
     """The metric after patching the path from each sender head (alone) into `receivers`'
     `receiver_input`, `values[layer, head]` (NaN for heads that are not senders). Default
     senders: every head below the last receiver layer. `sets`: named sender sets whose paths
     are patched jointly (all members at once; members not below the last receiver layer are
-    dropped), in `result.sets`; with `sets`, `senders=[]` skips the single senders. See the
-    module docstring."""
+    dropped), in `result.sets`; with `sets`, `senders=[]` skips the single senders.
+    `prepared`: the pair's runs (`Prepared.of`) from an earlier call on the same pair and
+    direction, so that calls into other receivers skip them. See the module docstring."""
     return path_patch_inputs(
         model, clean, corrupt, metric, receivers=receivers, receiver_inputs=(receiver_input,),
         senders=senders, sets=sets, direction=direction, patch_from=patch_from,
-        via_mlps=via_mlps, batch_size=batch_size, progress=progress,
+        via_mlps=via_mlps, batch_size=batch_size, progress=progress, prepared=prepared,
     )[receiver_input]  # fmt: skip
 
 
@@ -143,6 +196,7 @@ def path_patch_inputs(
     via_mlps: bool = True,
     batch_size: int = 32,
     progress: bool = False,
+    prepared: Prepared | None = None,
 ) -> dict[str, PatchResult]:
     """`path_patch` into each of `receiver_inputs` of the same receivers, {input: result}: one
     pass 1 per batch of senders records every input, then one pass 2 per input. `resid` is
@@ -157,6 +211,7 @@ def path_patch_inputs(
     shape = HeadShape.of(model)
     n_layers, n_pos = shape.n_layers, len(clean)
     units = {inp: _receiver_units(receivers, inp, shape) for inp in inputs}
+    points = {inp: {la: _point(model, inp, la) for la in units[inp]} for inp in inputs}
     last = max(max(u) for u in units.values())
     if senders is None:
         senders = [h for h in shape.all_heads() if h.layer < last]
@@ -170,15 +225,15 @@ def path_patch_inputs(
     if not 0 <= patch_from < n_pos:
         raise ValueError(f"patch_from must lie in [0, {n_pos}), got {patch_from}")
     t0 = time.perf_counter()
-    device = model.cfg.device
-    start = shared_start(clean, corrupt, patch_from)
-    keep = min(start, n_pos - 1)
-    resid_c, z_c, logits_c = _cache(model, torch.tensor([list(clean)], device=device), keep)
-    resid_x, z_x, logits_x = _cache(model, torch.tensor([list(corrupt)], device=device), keep)
-    m_clean, m_corrupt = float(metric(logits_c)[0]), float(metric(logits_x)[0])
-    target, t_resid, t_z, s_z = (
-        (corrupt, resid_x, z_x, z_c) if direction == "denoise" else (clean, resid_c, z_c, z_x)
-    )
+    prep = prepared or Prepared.of(model, clean, corrupt, metric, direction, patch_from)
+    if prep.target_z is None:
+        raise ValueError(
+            "prepared= lacks the target's z (it came from attribution patching): "
+            "pass Prepared.of(model, clean, corrupt, metric, direction, patch_from)"
+        )
+    start, prefix, m_clean, m_corrupt = prep.start, prep.prefix, prep.m_clean, prep.m_corrupt
+    t_resid, t_z, s_z = prep.target_resid, prep.target_z, prep.source_z
+    target = corrupt if direction == "denoise" else clean
     m_target = m_corrupt if direction == "denoise" else m_clean
     values = {inp: torch.full((n_layers, shape.n_heads), float("nan")) for inp in inputs}
     joint: dict[str, dict[str, float]] = {inp: {} for inp in inputs}
@@ -187,6 +242,7 @@ def path_patch_inputs(
         "receivers": {f"L{la}": u for la, u in units[inp].items()},
         "receiver_units": "heads" if inp == "q" else
                           "kv_groups" if inp in ("k", "v") else "residual stream",
+        "hook_points": {f"L{la}": p for la, p in points[inp].items()},
         "via_mlps": via_mlps, "n_senders": len(senders), "n_positions": n_pos,
         "shared_prefix": start, "patch_from": patch_from, "batch_size": batch_size,
     } for inp in inputs}  # fmt: skip
@@ -201,13 +257,13 @@ def path_patch_inputs(
                 values[inp][h] = m_target
             joint[inp] = dict.fromkeys(sets or {}, m_target)
         return results()
-    prefix = prefix_cache(model, target[:start]) if start > 0 else None
-    mlp_out = None if via_mlps else _mlp_outputs(model, target, keep, start)
+    mlp_out = None if via_mlps else _mlp_outputs(model, target, start)
 
     def both_passes(variants: list[list[Head]]) -> dict[str, Tensor]:
-        recorded = _pass_one(model, variants, t_resid, t_z, s_z, mlp_out, units, prefix)
-        return {inp: metric(_pass_two(model, recorded[inp], units[inp], inp, t_resid, prefix,
-                                      len(variants))).float().cpu() for inp in inputs}  # fmt: skip
+        recorded = _pass_one(model, variants, t_resid, t_z, s_z, mlp_out, points, prefix)
+        return {inp: metric(_pass_two(model, recorded[inp], units[inp], points[inp], inp,
+                                      t_resid, prefix, len(variants))).float().cpu()
+                for inp in inputs}  # fmt: skip
 
     bar = tqdm(total=len(senders), desc=f"path patch ({','.join(inputs)})",
                disable=not progress, leave=False)  # fmt: skip
@@ -229,7 +285,7 @@ def path_patch_inputs(
     return results()
 
 
-def _mlp_outputs(model, target: Sequence[int], keep: int, start: int) -> dict[int, Tensor]:
+def _mlp_outputs(model, target: Sequence[int], start: int) -> dict[int, Tensor]:
     """The target's MLP writes per layer, from `start` on (for `via_mlps=False`)."""
     out: dict[int, Tensor] = {}
 
@@ -244,17 +300,17 @@ def _mlp_outputs(model, target: Sequence[int], keep: int, start: int) -> dict[in
 
 
 def _pass_one(model, variants: list[list[Head]], t_resid, t_z, s_z, mlp_out,
-              units: dict[str, dict[int, list[int]]], prefix) -> dict[str, dict[int, Tensor]]:
+              points: dict[str, dict[int, str]], prefix) -> dict[str, dict[int, Tensor]]:
     """Pass 1, one batch row per variant (a list of sender heads patched together): the
     senders' source z, every other head (and with `mlp_out`, every MLP) frozen at the target's;
-    returns, per receiver input, the receivers' inputs per receiver layer [batch, pos, unit, d]
-    ([batch, pos, d_model] for resid)."""
+    returns, per receiver input, the receivers' inputs (recorded at `points[input][layer]`) per
+    receiver layer [batch, pos, unit, d] ([batch, pos, d_model] for resid)."""
     n_layers = model.cfg.n_layers
     rows = len(variants)
     first = min(h.layer for v in variants for h in v)
-    recorded: dict[str, dict[int, Tensor]] = {inp: {} for inp in units}
+    recorded: dict[str, dict[int, Tensor]] = {inp: {} for inp in points}
     # receivers at or below `first` are never reached: their inputs stay unpatched
-    n_points = sum(la > first for u in units.values() for la in u)
+    n_points = sum(la > first for p in points.values() for la in p)
     shape = HeadShape.of(model)
 
     def write_z(z: Tensor, hook, *, la: int) -> Tensor:
@@ -279,8 +335,8 @@ def _pass_one(model, variants: list[list[Head]], t_resid, t_z, s_z, mlp_out,
     if mlp_out is not None:
         hooks += [(f"blocks.{la}.hook_mlp_out", partial(frozen_mlp, la=la))
                   for la in range(first, n_layers)]  # fmt: skip
-    hooks += [(_point(inp, la, n_layers), partial(record, inp=inp, la=la))
-              for inp, u in units.items() for la in u if la > first]  # fmt: skip
+    hooks += [(point, partial(record, inp=inp, la=la))
+              for inp, p in points.items() for la, point in p.items() if la > first]  # fmt: skip
     resid = t_resid[first][None].expand(rows, -1, -1)
     try:
         run_from_layer(model, resid, first, hooks=hooks, prefix_kv=prefix)
@@ -290,9 +346,11 @@ def _pass_one(model, variants: list[list[Head]], t_resid, t_z, s_z, mlp_out,
 
 
 def _pass_two(model, recorded: dict[int, Tensor], units: dict[int, list[int]],
-              receiver_input: str, t_resid, prefix, rows: int) -> Tensor:  # fmt: skip
-    """Pass 2: the target with only the receivers' inputs replaced by the recorded ones (under
-    GQA a key or value input is its KV group's: every query head of the group reads it)."""
+              points: dict[int, str], receiver_input: str, t_resid, prefix,
+              rows: int) -> Tensor:  # fmt: skip
+    """Pass 2: the target with only the receivers' inputs replaced by the recorded ones, at
+    `points[layer]` (under GQA a key or value input is its KV group's: every query head of the
+    group reads it)."""
     n_layers = model.cfg.n_layers
     if receiver_input == "resid":
         (r,) = units
@@ -310,7 +368,7 @@ def _pass_two(model, recorded: dict[int, Tensor], units: dict[int, list[int]],
         _shaped(x, rec.shape[2])[:, :, units[la]] = rec[:, :, units[la]]
         return x
 
-    hooks = [(_point(receiver_input, la, n_layers), partial(write, la=la)) for la in units]
+    hooks = [(points[la], partial(write, la=la)) for la in units]
     first = min(units)
     resid = t_resid[first][None].expand(rows, -1, -1)
     return run_from_layer(model, resid, first, hooks=hooks, prefix_kv=prefix)

@@ -302,7 +302,8 @@ def shared_start(clean: Sequence[int], corrupt: Sequence[int], patch_from: int) 
 class Prepared:
     """What patching needs of a clean / corrupt pair besides the patched forwards: the first
     patched position, the metrics of both runs, the target's residual stream and the source's
-    z per layer from `start` on, and the target's KV cache for the prefix before it."""
+    z per layer from `start` on, the target's KV cache for the prefix before it, and (path
+    patching freezes every head there; `of` keeps it) the target's z per layer."""
 
     start: int
     m_clean: float
@@ -310,6 +311,7 @@ class Prepared:
     target_resid: dict[int, Tensor]
     source_z: dict[int, Tensor]
     prefix: object | None
+    target_z: dict[int, Tensor] | None = None
 
     @classmethod
     @torch.no_grad()
@@ -320,9 +322,9 @@ class Prepared:
         keep = min(start, n_pos - 1)
         resid_c, z_c, logits_c = _cache(model, torch.tensor([list(clean)], device=device), keep)
         resid_x, z_x, logits_x = _cache(model, torch.tensor([list(corrupt)], device=device), keep)
-        target, target_resid, source_z = (
-            (corrupt, resid_x, z_c) if direction == "denoise" else (clean, resid_c, z_x)
+        target, target_resid, target_z, source_z = (
+            (corrupt, resid_x, z_x, z_c) if direction == "denoise" else (clean, resid_c, z_c, z_x)
         )
         prefix = prefix_cache(model, target[:start]) if 0 < start < n_pos else None
         m_clean, m_corrupt = float(metric(logits_c)[0]), float(metric(logits_x)[0])
-        return cls(start, m_clean, m_corrupt, target_resid, source_z, prefix)
+        return cls(start, m_clean, m_corrupt, target_resid, source_z, prefix, target_z)

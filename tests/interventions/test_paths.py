@@ -147,3 +147,91 @@ def test_several_inputs_from_one_first_pass_equal_one_call_each(deep, patch_from
     with pytest.raises(ValueError, match="patched alone"):
         path_patch_inputs(deep, CLEAN, CORRUPT, metric, receivers=[3],
                           receiver_inputs=("q", "resid"))  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def olmo2(tmp_path_factory):
+    """OLMo-2: one q norm over all heads' queries, one k norm over all KV heads' keys."""
+    from mechinterp.models.tiny import tiny_family
+
+    return tiny_family("olmo2", directory=tmp_path_factory.mktemp("olmo2"))
+
+
+def test_queries_and_keys_are_written_after_a_norm_that_spans_heads(olmo2, deep):
+    """OLMo-2's receivers are read and written after its q / k norms; Llama's (no norm) at
+    hook_q / hook_k, as before."""
+    metric = metric_for(olmo2)
+    got = path_patch_inputs(olmo2, CLEAN, CORRUPT, metric, receivers="L2H1", senders="L0H3",
+                            receiver_inputs=("q", "k", "v"))  # fmt: skip
+    points = {inp: res.settings["hook_points"] for inp, res in got.items()}
+    assert points == {"q": {"L2": "blocks.2.attn.q_norm.hook_out"},
+                      "k": {"L2": "blocks.2.attn.k_norm.hook_out"},
+                      "v": {"L2": "blocks.2.attn.hook_v"}}  # fmt: skip
+    llama = path_patch(deep, CLEAN, CORRUPT, metric_for(deep), receivers="L2H1", senders="L0H3",
+                       receiver_input="k")  # fmt: skip
+    assert llama.settings["hook_points"] == {"L2": "blocks.2.attn.hook_k"}
+
+
+def test_a_head_spanning_norm_that_cannot_be_read_or_written_after_is_refused(olmo2, monkeypatch):
+    metric = metric_for(olmo2)
+    norm = olmo2.blocks[2].attn.original_component.q_norm.original_component
+    with monkeypatch.context() as m:
+        m.setitem(norm._parameters, "weight", torch.nn.Parameter(torch.ones(5)))
+        with pytest.raises(ValueError, match="cannot tell whether layer 2's q_norm normalises"):
+            path_patch(olmo2, CLEAN, CORRUPT, metric, receivers="L2H1", receiver_input="q")
+    hooks = type(olmo2).hook_dict.fget
+    without = property(lambda self: {k: v for k, v in hooks(self).items() if "k_norm" not in k})
+    monkeypatch.setattr(type(olmo2), "hook_dict", without)
+    with pytest.raises(ValueError, match="no hook after it.*receiver_input='v' or 'resid'"):
+        path_patch(olmo2, CLEAN, CORRUPT, metric, receivers="L2H1", receiver_input="k")
+    path_patch(olmo2, CLEAN, CORRUPT, metric, receivers="L2H1", receiver_input="v")  # unaffected
+
+
+def test_same_heads_rows_patch_the_queries_and_the_keys_of_the_same_query_heads(deep):
+    """Under GQA (2 query heads per KV head) the receivers L2H1, L3H0, L3H1, L3H2 hold one
+    whole KV group (layer 3's first) and touch three. Each same-heads row is every upstream
+    head jointly into the queries, or the keys, of exactly the compared heads: equal to the
+    hand-written two-pass reference on those heads; the whole groups' keys are the receivers'
+    own keys (a key input is its group's)."""
+    from mechinterp.experiments.attribution import path_table
+
+    metric = metric_for(deep)
+    receivers = ["L2H1", "L3H0", "L3H1", "L3H2"]
+    df = path_table(deep, CLEAN, CORRUPT, metric, receivers, ["q", "k"], via_mlps=True,
+                    batch_size=8, facts={"example_id": "e0"}, patch_from=9,
+                    same_heads=True)  # fmt: skip
+    same = df[df["kind"] == "same_heads"].set_index(["comparison", "receiver_input"])
+    assert sorted(same.index) == [(c, i) for c in ("receiver_groups", "whole_groups")
+                                  for i in ("k", "q")]  # fmt: skip
+    compared = {"receiver_groups": "L3H0,L3H1", "whole_groups": "L2H0,L2H1,L3H0,L3H1,L3H2,L3H3"}
+    upstream = [h for h in HeadShape.of(deep).all_heads() if h.layer < 3]
+    for (comparison, inp), row in same.iterrows():
+        assert row["compared_heads"] == compared[comparison]
+        assert (row["n_compared_heads"], row["n_kv_groups"]) == (
+            (2, 1) if comparison == "receiver_groups" else (6, 3)
+        )
+        heads = [Head.parse(h) for h in compared[comparison].split(",")]
+        want = hand_path_patch(deep, CLEAN, CORRUPT, upstream, heads, inp, metric, 9)
+        assert row["value"] == pytest.approx(want, abs=2e-5), (comparison, inp)
+    own = df[(df["kind"] == "set")].set_index("receiver_input")["value"]
+    assert same.loc[("whole_groups", "k"), "value"] == pytest.approx(own["k"], abs=1e-6)
+    assert abs(same.loc[("whole_groups", "q"), "value"] - own["q"]) > 1e-4  # 6 heads, not 4
+    assert (df["kind"] == "set").sum() == 2 and df["recovery"].notna().all()
+
+
+def test_without_a_whole_kv_group_inside_only_whole_groups_are_compared(deep, tiny):
+    from mechinterp.experiments.attribution import path_table
+
+    shape = HeadShape.of(tiny)
+    df = path_table(tiny, CLEAN, CORRUPT, metric_for(tiny), ["L1H0", "L1H2"], ["q", "k"],
+                    via_mlps=True, batch_size=8, facts={}, same_heads=True)  # fmt: skip
+    same = df[df["kind"] == "same_heads"]
+    if shape.group_size == 1:  # MHA: the receivers are their own KV groups
+        assert set(same["comparison"]) == {"receiver_groups", "whole_groups"}
+        assert set(same["compared_heads"]) == {"L1H0,L1H2"}
+    else:
+        assert set(same["comparison"]) == {"whole_groups"}
+        assert same["compared_heads"].iloc[0] == ",".join(
+            str(h) for h in shape.kv_group_heads([Head(1, 0), Head(1, 2)])
+        )
+    assert len(same) == 2 * same["comparison"].nunique()

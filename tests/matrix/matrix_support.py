@@ -23,6 +23,7 @@ PRIMITIVES = (
     "joint sets",
     "attribution_patch",
     "path_patch",
+    "path_patch receivers only",
     "knockout zero",
     "knockout mean",
     "knockout resample",
@@ -62,7 +63,8 @@ def record(family: str, primitive: str, diff: float | None, scale: float | None)
 COLUMNS = {
     "patching (per head, per position, `patch_from`, joint sets)": (
         "run_from_layer", "patch_heads", "patch_heads per position", "patch_from", "joint sets"),
-    "AtP / AtP\\*, path patching (q, k)": ("attribution_patch", "path_patch"),
+    "AtP / AtP\\*, path patching (q, k)": (
+        "attribution_patch", "path_patch", "path_patch receivers only"),
     "knockout `zero` / `mean` / `resample`": (
         "knockout zero", "knockout mean", "knockout resample"),
     "knockout `uniform_attention`": ("knockout uniform_attention",),

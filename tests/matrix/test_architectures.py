@@ -5,7 +5,10 @@ References are never our own code path: TransformerLens `patching` for per-head,
 `patch_from` and joint patching; hand-written `hook_z` / `hook_pattern` edits (with masks built
 here from the family's config: causal, sliding window, left padding) for every knockout mode;
 argmaxes and sums of full patterns for the retrieval and QR scores; HF `generate()` on the plain
-HF model for cached decoding; the donor's own logits for cross-model patching of every head.
+HF model for cached decoding; the donor's own logits for cross-model patching of every head; for
+path patching, two hand-written passes that record and write the queries and keys where the
+attention consumes them (after any q/k norm and RoPE), and those consumed queries, keys and
+scores of every head that is not a receiver, which must keep their target values.
 Batched primitives run on left-padded batches whose prompts are longer than every sliding window.
 
 Each test records its largest difference with `record(...)`; `make matrix` writes them to a JSON
@@ -19,7 +22,7 @@ from functools import partial
 
 import pytest
 import torch
-from hand_references import hand_atp, hand_path_patch
+from hand_references import consumed_point, grab, hand_atp, hand_path_patch, pass_one_hooks, run_all
 from matrix_support import EXPECTED, record
 from transformer_lens import patching as tl_patching
 
@@ -231,6 +234,83 @@ def test_path_patching_equals_a_hand_written_two_pass_reference(family, fused):
             moved = max(moved, float((ours.values - ours.corrupt).nan_to_num().abs().max()))
     assert moved > 1e-5
     _close(name, "path_patch", torch.tensor(diffs), torch.zeros(1), atol=1e-4, scale=1.0)
+
+
+def _last_values(model, names, run) -> dict:
+    """The last value each hook of `names` took while `run()` ran."""
+    seen = {}
+
+    def keep(x, hook):
+        seen[hook.name] = x.detach().clone()
+
+    with model.hooks(fwd_hooks=[(n, keep) for n in names]):
+        run()
+    return seen
+
+
+def _by_unit(x, point: str):
+    """[pos, unit, …] of one batch row: q / k hooks hand [batch, pos, unit, d_head], the scores
+    [batch, head, query_pos, key_pos]."""
+    return x[0].transpose(0, 1) if point.endswith("attn_scores") else x[0]
+
+
+def _receiver_leak(model, fused, receiver, sender):
+    """(largest change of a non-receiver head's consumed query, key or score, largest
+    |ours − hand pass 1| of the receiver's query or key, largest move of the receiver's) when
+    path patching writes `sender`'s path into `receiver` alone, through q and then k."""
+    from mechinterp.interventions.paths import path_patch
+
+    good, bad, _ = _metric(model)
+    metric = logit_diff_metric(good, bad)
+    shape = HeadShape.of(model)
+    la, group = receiver.layer, shape.kv_head(receiver)
+    in_group = [h for h in range(shape.n_heads) if shape.kv_head(Head(la, h)) == group]
+    points = {p: consumed_point(model, la, p) for p in ("q", "k")}
+    points = {p: n for p, n in points.items() if "hook_rot" in n}  # where the attention has them
+    points["scores"] = f"blocks.{la}.attn.hook_attn_scores"
+    target = grab(model, CORRUPT, list(points.values()))
+    one = {}
+    run_all(model, CORRUPT, pass_one_hooks(model, CLEAN, CORRUPT, sender, 7)
+            + [(n, lambda x, hook: one.__setitem__(hook.name, x.detach().clone()))
+               for n in points.values()])  # fmt: skip
+    touched = {"q": {"q": [receiver.head], "k": [], "scores": [receiver.head]},
+               "k": {"q": [], "k": [group], "scores": in_group}}  # fmt: skip
+    leak = wrong = moved = 0.0
+    for m in _paths(model, fused):
+        for inp in ("q", "k"):
+            ours = _last_values(m, list(points.values()), lambda m=m, inp=inp: path_patch(
+                m, CLEAN, CORRUPT, metric, receivers=[receiver], receiver_input=inp,
+                senders=[sender]))  # fmt: skip
+            for p, name in points.items():
+                got = _by_unit(ours[name], name)
+                n_q, n_k = got.shape[0], got.shape[-1]
+                ref = _by_unit(target[name], name)[-n_q:, ..., -n_k:]
+                first = _by_unit(one[name], name)[-n_q:, ..., -n_k:]
+                diff = torch.where(torch.isfinite(ref), got - ref, 0).abs()
+                mine = touched[inp][p]
+                others = [u for u in range(got.shape[1]) if u not in mine]
+                if others:  # none for a key under MQA: its one KV group is every head's
+                    leak = max(leak, float(diff[:, others].max()))
+                if p != "scores" and mine:
+                    wrong = max(wrong, float((got - first)[:, mine].abs().max()))
+                    moved = max(moved, float((first - ref)[:, mine].abs().max()))
+                elif mine:
+                    moved = max(moved, float(diff[:, mine].max()))
+    return leak, wrong, moved
+
+
+def test_path_patching_moves_no_query_or_key_but_the_receivers(family, fused):
+    """One receiver head patched through its query, then its KV group through the key: in the
+    pass that writes them, every other head's query, key and score as the attention consumes
+    them (after any q/k norm and RoPE: `hook_rot_q` / `hook_rot_k` where the attention has
+    them, and `hook_attn_scores`; never where the library writes) keeps its value in the
+    target's own forward, and the receiver's query and key equal a hand-written pass 1's. A
+    write before a q/k norm that spans every head (OLMo-2) would move them all."""
+    name, model = family
+    leak, wrong, moved = _receiver_leak(model, fused, Head(2, 1), Head(0, 3))
+    assert moved > 1e-3, f"{name}: the sender's path did not move the receiver"
+    _close(name, "path_patch receivers only", torch.tensor([leak, wrong]), torch.zeros(1),
+           atol=1e-4, scale=moved)  # fmt: skip
 
 
 # ---------------------------------------------------------------- knockout = hand-written hooks

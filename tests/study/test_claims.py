@@ -157,31 +157,69 @@ def test_no_flipped_pair_makes_sufficiency_inconclusive_not_supported():
     assert headline(claims).set_index("claim").loc["necessary", "verdict"] == "not tested"
 
 
-def _paths_table(rq: list[float], rk: list[float]) -> pd.DataFrame:
-    """Path-patching rows: pair i (gap 2, needle i) recovers rq[i] through the queries and rk[i]
-    through the keys."""
+#: The compared heads of each same-heads comparison in `_paths_table`, and the share of the
+#: planted recovery each carries.
+_SAME = {"receiver_groups": ("L2H0,L2H1", 2, 1, 1.0),
+         "whole_groups": ("L1H0,L1H1,L2H0,L2H1", 4, 2, 0.5)}  # fmt: skip
+
+
+def _paths_table(rq: list[float], rk: list[float],
+                 comparisons=("receiver_groups", "whole_groups")) -> pd.DataFrame:  # fmt: skip
+    """Path-patching rows of receivers L1H0,L2H0,L2H1 (2 query heads per KV head): pair i
+    (gap 2, needle i) recovers rq[i] through the queries and rk[i] through the keys of the
+    KV group wholly inside them (`receiver_groups`), half of each through their whole KV groups
+    (`whole_groups`); the receivers' own inputs (`kind = set`: 3 queries against 4 heads' keys)
+    recover 0 and 0.9, which no same-heads row may read."""
     rows = []
     for i, (q, k) in enumerate(zip(rq, rk, strict=True)):
-        for inp, rec in (("q", q), ("k", k)):
-            rows.append({"example_id": f"ex{i}", "needle_index": i, "kind": "set",
-                         "receiver_input": inp, "recovery": rec, "flipped": True,
-                         "clean_metric": 1.0, "corrupt_metric": -1.0, "value": -1.0 + 2 * rec,
-                         "receivers": "L1H0,L2H1"})  # fmt: skip
+        base = {"example_id": f"ex{i}", "needle_index": i, "flipped": True, "clean_metric": 1.0,
+                "corrupt_metric": -1.0, "receivers": "L1H0,L2H0,L2H1"}  # fmt: skip
+        for inp, rec in (("q", 0.0), ("k", 0.9)):
+            rows.append({**base, "kind": "set", "receiver_input": inp, "recovery": rec,
+                         "value": -1.0 + 2 * rec})  # fmt: skip
+        for comparison in comparisons:
+            heads, n_heads, n_groups, part = _SAME[comparison]
+            for inp, rec in (("q", q * part), ("k", k * part)):
+                rows.append({**base, "kind": "same_heads", "receiver_input": inp,
+                             "recovery": rec, "value": -1.0 + 2 * rec, "comparison": comparison,
+                             "compared_heads": heads, "n_compared_heads": n_heads,
+                             "n_kv_groups": n_groups})  # fmt: skip
     return pd.DataFrame(rows)
 
 
-def test_the_query_share_splits_path_recovery_only_when_both_inputs_carry_some():
+def test_queries_and_keys_are_compared_on_the_same_heads_with_a_share_only_when_both_carry():
     from mechinterp.experiments.study.claims import path_rows
 
     rq = [0.6, 0.5, 0.7, 0.55, 0.65, 0.6]
     rk = [0.2, 0.25, 0.15, 0.2, 0.2, 0.1]
-    q_row, k_row, share = path_rows(_paths_table(rq, rk), SETTINGS)
+    rows = path_rows(_paths_table(rq, rk), SETTINGS)
+    assert [(r["comparison"], r["metric"]) for r in rows] == [
+        (c, m) for c in ("receiver_groups", "whole_groups")
+        for m in ("recovery_q", "recovery_k", "query_share")]  # fmt: skip
+    q_row, k_row, share, wq, wk, wshare = rows
     assert q_row["estimate"] == pytest.approx(np.mean(rq)) and q_row["ci_low"] > 0
     assert k_row["estimate"] == pytest.approx(np.mean(rk)) and k_row["ci_low"] > 0
     assert share["estimate"] == pytest.approx(np.mean(rq) / (np.mean(rq) + np.mean(rk)))
     assert share["verdict"] == "supported" and share["ci_low"] > 0.5  # queries carry more
-    *_, swapped = path_rows(_paths_table(rk, rq), SETTINGS)
+    assert "2 query heads of the 1 KV groups wholly inside the 3" in q_row["label"]
+    assert q_row["compared_heads"] == k_row["compared_heads"] == "L2H0,L2H1"
+    assert (wq["estimate"], wk["estimate"]) == pytest.approx((np.mean(rq) / 2, np.mean(rk) / 2))
+    assert wshare["estimate"] == pytest.approx(share["estimate"])
+    assert (wq["n_compared_heads"], wq["n_kv_groups"]) == (4, 2)
+    _, _, swapped, *_ = path_rows(_paths_table(rk, rq), SETTINGS)
     assert swapped["verdict"] == "not supported"
     # the keys carry nothing (or take some away): no share, whatever the queries do
-    *_, none = path_rows(_paths_table(rq, [0.01, -0.02, 0.0, 0.01, -0.01, 0.0]), SETTINGS)
+    _, _, none, *_ = path_rows(_paths_table(rq, [0.01, -0.02, 0.0, 0.01, -0.01, 0.0]),
+                               SETTINGS)  # fmt: skip
     assert np.isnan(none["estimate"]) and "no share to split" in none["label"]
+
+
+def test_without_a_kv_group_inside_the_receivers_their_whole_groups_are_compared_and_said():
+    from mechinterp.experiments.study.claims import path_rows
+
+    rq, rk = [0.6, 0.5, 0.7, 0.55, 0.65, 0.6], [0.2, 0.25, 0.15, 0.2, 0.2, 0.1]
+    rows = path_rows(_paths_table(rq, rk, comparisons=("whole_groups",)), SETTINGS)
+    assert [r["comparison"] for r in rows] == ["whole_groups"] * 3
+    assert all("no KV group lies wholly inside the 3" in r["label"] for r in rows[:2])
+    assert rows[0]["estimate"] == pytest.approx(np.mean(rq) / 2)
+    assert path_rows(_paths_table(rq, rk).assign(flipped=False), SETTINGS) == []

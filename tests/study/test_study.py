@@ -75,9 +75,21 @@ def test_the_study_writes_every_table_with_the_expected_shape(tiny_study):
     scores = t["detect_scores"]
     assert receivers == list(scores.loc[scores["retrieval_head"], "head_name"])
     last = max(int(r[1:].split("H")[0]) for r in receivers)
-    per = pa.groupby(["example_id", "receiver_input"])
+    per = pa[pa["kind"] != "same_heads"].groupby(["example_id", "receiver_input"])
     assert per.size().eq(4 * last + 1).all() and set(pa["receiver_input"]) == {"q", "k"}
     assert (pa.loc[pa["kind"] == "sender", "layer"] < last).all()
+    # and into the queries and the keys of the same query heads (2 per KV head): the KV groups
+    # wholly inside the receivers, when there is one, and every group they touch
+    groups = {(h[0], h[1] // 2) for h in ((int(r[1:].split("H")[0]), int(r.split("H")[1]))
+                                          for r in receivers)}  # fmt: skip
+    inside = {g for g in groups if {f"L{g[0]}H{2 * g[1] + i}" for i in (0, 1)} <= set(receivers)}
+    same = pa[pa["kind"] == "same_heads"]
+    for comparison, chosen in (("receiver_groups", inside), ("whole_groups", groups)):
+        rows = same[same["comparison"] == comparison]
+        want = ",".join(f"L{la}H{2 * g + i}" for la, g in sorted(chosen) for i in (0, 1))
+        assert set(rows["compared_heads"]) == ({want} if chosen else set())
+        assert len(rows) == 2 * pa["example_id"].nunique() * bool(chosen)
+        assert (rows["n_kv_groups"] == len(chosen)).all()
     assert len(t["head_patterns"]) == n_heads
     for name in ("report.md", "claims.csv", "figures/retrieval_scores.html", "provenance.json"):
         assert (tiny_study / name).is_file(), name
@@ -132,21 +144,34 @@ def test_the_report_numbers_are_recomputed_from_the_tables(tiny_study):
         rand = g[g["condition"] == cond].groupby("example_id")["retrieved"].mean()
         assert r.estimate == pytest.approx((rand - top.reindex(rand.index)).mean())
     assert "### Where it holds" in report
-    # the query share: of the flipped pairs' mean recovery from all upstream heads, the share
-    # path-patched into the receivers' queries (vs keys)
+    # path patching: per same-heads comparison, Σ recovered / Σ gap over the flipped pairs from
+    # all upstream heads into the queries, into the keys, and the queries' share of the two
+    # (random models rarely flip a pair: the same rows again with every pair counted)
+    from mechinterp.experiments.study.claims import path_rows
+
     paths = pd.read_parquet(tiny_study / "paths.parquet")
-    joint = paths[(paths["kind"] == "set") & paths["flipped"]]
-    share = claims[claims["metric"] == "query_share"]
-    if len(joint):
-        rq = joint.loc[joint["receiver_input"] == "q", "recovery"].mean()
-        rk = joint.loc[joint["receiver_input"] == "k", "recovery"].mean()
-        row = share.iloc[0]
-        if "no share to split" in row["label"]:
-            assert pd.isna(row["estimate"])
-        else:
-            assert row["estimate"] == pytest.approx(rq / (rq + rk))
-    else:
-        assert share.empty
+    every = pd.DataFrame(path_rows(paths.assign(flipped=True), config.claims))
+    for same, rows in (
+        (paths[paths["flipped"]], claims[claims["metric"].isin(["recovery_q", "recovery_k",
+                                                                 "query_share"])]),
+        (paths, every),
+    ):  # fmt: skip
+        same = same[same["kind"] == "same_heads"]
+        assert len(rows) == 3 * same["compared_heads"].nunique()
+        for r in rows.itertuples():
+            g = same[same["comparison"] == r.comparison]
+            assert r.compared_heads == g["compared_heads"].iloc[0]
+            moved = (g["value"] - g["corrupt_metric"]).groupby(g["receiver_input"]).sum()
+            gap = (g["clean_metric"] - g["corrupt_metric"]).groupby(g["receiver_input"]).sum()
+            if r.metric == "query_share" and "no share to split" in r.label:
+                assert pd.isna(r.estimate)
+            elif r.metric == "query_share":
+                assert r.estimate == pytest.approx(moved["q"] / (moved["q"] + moved["k"]))
+            else:
+                node = r.metric.removeprefix("recovery_")
+                assert r.estimate == pytest.approx(moved[node] / gap[node])
+    assert len(every) >= 3
+    assert paths[paths["kind"] == "same_heads"].empty or "of the *same* query heads" in report
     assert "## What feeds the retrieval heads" in report and "## Screening every head" in report
     # sufficient: mean joint recovery of the retrieval set over the flipped pairs
     patch = pd.read_parquet(tiny_study / "patch.parquet")

@@ -20,9 +20,10 @@ are, else inconclusive.
    patched jointly, Σ recovered / Σ gap over the pairs the corruption flips (primary;
    min_recovery), with the mean of per-pair recoveries and the smallest gap beside it; the
    excess over random sets of the same size, and the per-head recovery of retrieval heads minus
-   the rest (secondary); and, from path patching, the recovery carried by the retrieval heads'
-   query inputs and by their key inputs, each with its interval, and the query share when both
-   are positive (secondary).
+   the rest (secondary); and, from path patching, the recovery carried by the queries and by the
+   keys of the same query heads (the KV groups wholly inside the retrieval heads, else their
+   whole KV groups), each with its interval, and the query share when both lower bounds are
+   positive (secondary).
 """
 
 from __future__ import annotations
@@ -313,43 +314,74 @@ def sufficiency_rows(patch: pd.DataFrame, settings) -> list[dict]:
     return rows
 
 
+#: What each same-heads comparison of the paths table compares (`attribution.SAME_HEADS`).
+_COMPARED = {
+    "receiver_groups": "the {heads} query heads of the {groups} KV groups wholly inside the {n} "
+    "best retrieval heads",
+    "whole_groups": "the {heads} query heads of the {groups} KV groups the {n} best retrieval "
+    "heads read",
+}
+
+
 def path_rows(paths: pd.DataFrame, settings) -> list[dict]:
-    """Secondary rows of the sufficiency claim, from path patching every upstream head into the
-    best retrieval heads: the recovery through their queries (R_q) and, separately, through
-    their keys (R_k), each Σ recovered / Σ gap over the flipped pairs with its own interval;
-    and the query share R_q / (R_q + R_k) only when both intervals lie above 0 (otherwise the
-    share of noise is not a number to read, and the row says so)."""
-    joint = paths[(paths["kind"] == "set") & paths["flipped"]]
-    if not {"q", "k"} <= set(joint["receiver_input"]):
+    """Secondary rows of the sufficiency claim, from path patching every upstream head jointly
+    into the queries and, separately, the keys of the *same* query heads (`kind ==
+    "same_heads"`; under GQA a key input is its KV group's, so the receivers' keys reach query
+    heads their queries do not). Per comparison: the recovery through the queries (R_q) and
+    through the keys (R_k), each Σ recovered / Σ gap over the flipped pairs with its own
+    interval, and the query share R_q / (R_q + R_k) only when both lower bounds lie above 0
+    (otherwise the share of noise is not a number to read, and the row says so). The KV groups
+    wholly inside the receivers come first; when there is none, the rows say so and the
+    receivers' whole KV groups take their place."""
+    same = paths[(paths["kind"] == "same_heads") & paths["flipped"]]
+    if same.empty:
         return []
-    joint = joint.assign(recovered=_recovered)
-    per = joint.pivot_table(index="example_id", columns="receiver_input", values="recovered")
-    ids = list(per.index)
-    one = joint.drop_duplicates("example_id").set_index("example_id")
-    gap = (one["clean_metric"] - one["corrupt_metric"]).reindex(ids).to_numpy(float)
-    clusters = cluster_labels(joint).reindex(ids).to_numpy()
-    words = _cluster_name(clusters)
     n = len(paths["receivers"].iloc[0].split(","))
+    rows, seen = [], set()
+    for comparison in _COMPARED:
+        g = same[same["comparison"] == comparison]
+        if g.empty or g["compared_heads"].iloc[0] in seen:  # MHA: both are the receivers
+            continue
+        seen.add(g["compared_heads"].iloc[0])
+        facts = {"comparison": comparison, "compared_heads": g["compared_heads"].iloc[0],
+                 "n_compared_heads": int(g["n_compared_heads"].iloc[0]),
+                 "n_kv_groups": int(g["n_kv_groups"].iloc[0])}  # fmt: skip
+        what = _COMPARED[comparison].format(heads=facts["n_compared_heads"],
+                                            groups=facts["n_kv_groups"], n=n)  # fmt: skip
+        if comparison == "whole_groups" and not (same["comparison"] == "receiver_groups").any():
+            what += f" (no KV group lies wholly inside the {n})"
+        rows += _query_key_rows(g.assign(recovered=_recovered), what, facts, settings)
+    return rows
+
+
+def _query_key_rows(g: pd.DataFrame, what: str, facts: dict, settings) -> list[dict]:
+    """R_q, R_k and the query share of one same-heads comparison's flipped pairs."""
+    per = g.pivot_table(index="example_id", columns="receiver_input", values="recovered")
+    ids = list(per.index)
+    one = g.drop_duplicates("example_id").set_index("example_id")
+    gap = (one["clean_metric"] - one["corrupt_metric"]).reindex(ids).to_numpy(float)
+    clusters = cluster_labels(g).reindex(ids).to_numpy()
+    words = _cluster_name(clusters)
     rows, ivs = [], {}
     for node, word in (("q", "queries"), ("k", "keys")):
         ivs[node] = iv = cluster_ratio(per[node].to_numpy(), gap, clusters, level=settings.level)
-        rows.append(_judged("sufficient", f"recovery carried into the {n} best retrieval heads' "
-                            f"{word} by every upstream head (path patching)", f"recovery_{node}",
-                            iv, len(ids), "normalised recovery", words, primary=False,
-                            null=0.0, minimum=0.0, rule="above",
-                            n_pairs=len(ids)))  # fmt: skip
-    label = f"share of that recovery carried by the {n} heads' queries rather than their keys"
+        rows.append(_judged("sufficient", f"recovery carried into the {word} of {what} by every "
+                            "upstream head (path patching)", f"recovery_{node}", iv, len(ids),
+                            "normalised recovery", words, primary=False, null=0.0, minimum=0.0,
+                            rule="above", n_pairs=len(ids), **facts))  # fmt: skip
+    label = (f"share of that recovery carried by the queries of those "
+             f"{facts['n_compared_heads']} heads rather than their keys")  # fmt: skip
     if ivs["q"].low <= 0 or ivs["k"].low <= 0:
         rows.append(_row("sufficient", label + ": not both inputs carry recovery, no share to "
                          "split", "query_share", float("nan"), float("nan"), float("nan"),
                          len(ids), "share", primary=False, null=0.5, minimum=0.5, rule="above",
-                         resampled=ivs["q"].unit(*words), n_pairs=len(ids)))  # fmt: skip
+                         resampled=ivs["q"].unit(*words), n_pairs=len(ids), **facts))  # fmt: skip
         return rows
     q = per["q"].to_numpy()
     iv = cluster_ratio(q, q + per["k"].to_numpy(), clusters, level=settings.level)
     rows.append(_judged("sufficient", label + "; > 0.5: queries carry more", "query_share", iv,
                         len(ids), "share", words, primary=False, null=0.5, minimum=0.5,
-                        rule="above", n_pairs=len(ids)))  # fmt: skip
+                        rule="above", n_pairs=len(ids), **facts))  # fmt: skip
     return rows
 
 

@@ -15,7 +15,7 @@ from mechinterp.experiments.specs import ModelSpec
 
 #: Bump when the study's tables change meaning; a run directory written by another version is
 #: refused rather than mixed with new shards.
-STUDY_VERSION = 1
+STUDY_VERSION = 2
 
 KnockoutScope = Literal["response", "query", "all"]  # interventions.knockout.Scope
 
@@ -191,8 +191,10 @@ class AttributionStage:
 class PathsStage:
     """Step 3c: path patching of every head below the receivers, alone and all together, into
     the `receivers` best retrieval heads' `inputs` (q: queries, k: keys, v: values; under GQA
-    a key or value input is the receiver's KV group's), on the patch stage's pairs.
-    `via_mlps`: the MLPs in between recompute (the senders' effect through them counts).
+    a key or value input is the receiver's KV group's), on the patch stage's pairs. With q and
+    k, all of them together also go into the queries and into the keys of the same query heads
+    (the KV groups wholly inside the receivers, and their whole KV groups): the claims compare
+    these. `via_mlps`: the MLPs in between recompute (the senders' effect through them counts).
     `scope`: the positions the senders are patched at (default `knockout.scope`, as patching;
     `all` patches them from the first corrupted token on, where the receivers' keys at the
     needle are written). Empty `inputs` skips it."""

@@ -479,6 +479,27 @@ def _screen_text(tables) -> list[str]:
     return lines
 
 
+def _same_heads_lines(paths: pd.DataFrame) -> list[str]:
+    """The queries and the keys of the same query heads, all upstream heads together: mean
+    recovery per comparison (the claims table has their intervals and the query share)."""
+    same = paths[paths["kind"] == "same_heads"]
+    same = same[same["flipped"]] if same["flipped"].any() else same
+    if same.empty:
+        return []
+    lines = ["", "The same, into the queries and into the keys of the *same* query heads (the "
+             "claims rows compare these):"]  # fmt: skip
+    for comparison, g in same.groupby("comparison", sort=False):
+        mean = g.groupby("receiver_input")["recovery"].mean()
+        where = ("the KV groups wholly inside the receivers" if comparison == "receiver_groups"
+                 else "the receivers' whole KV groups")  # fmt: skip
+        lines.append(f"- {where} ({int(g['n_compared_heads'].iloc[0])} query heads: "
+                     f"{g['compared_heads'].iloc[0]}): queries {mean['q']:.2f}, keys "
+                     f"{mean['k']:.2f}")  # fmt: skip
+    if "receiver_groups" not in set(same["comparison"]):
+        lines.append("- no KV group lies wholly inside the receivers")
+    return lines
+
+
 def _paths_text(tables, run_dir: Path) -> list[str]:
     if "paths" not in tables:
         return []
@@ -494,11 +515,13 @@ def _paths_text(tables, run_dir: Path) -> list[str]:
              "Each head below the last receiver is patched (clean into corrupt) with every other "
              "head frozen, and only the receivers' inputs take the result (exact two-pass path "
              f"patching; MLPs in between {'recompute' if paths['via_mlps'].iloc[0] else 'frozen'}"
-             "). Under GQA a key input is the receiver's KV group's. Mean recovery over "
+             "). Under GQA a key input is the receiver's KV group's, so their keys reach query "
+             "heads their queries do not. Mean recovery over "
              f"{int(rec['n_pairs'].iloc[0])} pairs; all upstream heads together:"]  # fmt: skip
     for inp, g in joint.groupby("receiver_input", sort=False):
         lines.append(f"- into their {INPUT_NAMES.get(inp, inp)}: recovery "
                      f"{g['recovery'].mean():.2f}")  # fmt: skip
+    lines += _same_heads_lines(paths)
     patterns = tables.get("head_patterns")
     lines += ["", "Top senders per input (by |mean recovery|), with their pattern scores on "
               "repeated random tokens (previous-token, induction):", "",

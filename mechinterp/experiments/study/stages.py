@@ -593,14 +593,18 @@ def path_shard(model, *, example: dict, response: dict, receivers: list[str],
                scope: str, template: str | None) -> pd.DataFrame:  # fmt: skip
     """Path patching on one sufficiency pair: every head below the last receiver, alone and
     all together (`upstream`), into the receivers' `inputs` (q, k, ...). Rows: one per (input,
-    sender) (`kind = sender`) and one per input for the joint set (`kind = set`)."""
+    sender) (`kind = sender`) and one per input for the joint set (`kind = set`); with q and k,
+    also the joint set into the queries and the keys of the same query heads (`kind =
+    same_heads`, per comparison of `attribution.SAME_HEADS`: under GQA the receivers' keys are
+    their whole KV groups')."""
     from mechinterp.experiments.attribution import path_table
 
     pair = patch_pair(model, example, response, seed=seed, max_tries=max_tries, scope=scope,
                       template=template)  # fmt: skip
     return path_table(model, pair.clean, pair.corrupt, pair.metric, receivers, inputs,
                       via_mlps=via_mlps, batch_size=batch_size, facts=pair.facts,
-                      patch_from=pair.start, name="name")  # fmt: skip
+                      patch_from=pair.start, name="name",
+                      same_heads={"q", "k"} <= set(inputs))  # fmt: skip
 
 
 def _pair_args(examples, baseline, retrieval, shape, config, scope: str) -> list[tuple]:
