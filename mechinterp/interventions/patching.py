@@ -28,6 +28,14 @@ from tqdm.auto import tqdm
 
 from mechinterp.heads import Head, HeadShape, parse_heads
 from mechinterp.interventions.knockout import _by_layer
+from mechinterp.interventions.nodes import (
+    Node,
+    capture,
+    check_node,
+    check_units,
+    n_units,
+    node_point,
+)
 from mechinterp.interventions.resume import (  # noqa: F401  (re-exported: the patching API)
     Direction,
     Metric,
@@ -50,12 +58,19 @@ from mechinterp.interventions.resume import (  # noqa: F401  (re-exported: the p
 
 
 def _write_z(
-    z: Tensor, hook, *, heads: list[int], positions: list[int | None], source: Tensor, start: int,
+    z: Tensor,
+    hook,
+    *,
+    heads: list[int],
+    positions: list[int | None],
+    source: Tensor,
+    start: int,
     rows: list[int] | None = None,
 ):
-    """Batch row rows[i] (default: i) writes the source's z at position pos_i, head_i into
-    z[row, pos_i, head_i] (pos None: all). z and `source` both hold the positions from `start`
-    on (after a cached prefix)."""
+    """Batch row rows[i] (default: i) writes the source's activation at position pos_i, unit
+    head_i into z[row, pos_i, head_i] (pos None: all); z is any node point's tensor, [batch,
+    pos, unit, d_head] or with the last two flattened. z and `source` both hold the positions
+    from `start` on (after a cached prefix)."""
     z = z.clone()
     shaped = z.view(*z.shape[:2], source.shape[1], -1)
     rows = range(len(heads)) if rows is None else rows
@@ -65,6 +80,46 @@ def _write_z(
         else:
             shaped[i, p - start, h] = source[p - start, h]
     return z
+
+
+def _patch_units(model, units: list[Head], point, source: dict[int, Tensor],
+                 target_resid: dict[int, Tensor], start: int, prefix, metric: Metric,
+                 m_target: float, out_shape: tuple, pos_list: list[int], *, n_pos: int,
+                 per_position: bool, batch_size: int, progress: bool,
+                 desc: str) -> Tensor:  # fmt: skip
+    """The metric with each unit (and with `per_position` each position) patched alone: a
+    unit of layer l is written at `point(l)` from `source[l]` ([pos from `start`, unit,
+    d_head]), one batch row per variant, each batch resumed from its first layer on the
+    target's residual stream. Variants that change nothing (`start == n_pos`, or a position
+    before `start`) keep the target's metric."""
+    values = torch.full(out_shape, float("nan"))
+    by_layer: dict[int, list[tuple[int, int | None]]] = {}
+    for h in units:
+        for p in pos_list if per_position else [None]:
+            if start == n_pos or (p is not None and p < start):
+                values[(h.layer, h.head) + (() if p is None else (p,))] = m_target
+            else:
+                by_layer.setdefault(h.layer, []).append((h.head, p))
+    total = sum(len(v) for v in by_layer.values())
+    bar = tqdm(total=total, desc=desc, disable=not progress, leave=False)
+    variants = [(layer, h, p) for layer, vs in sorted(by_layer.items()) for h, p in vs]
+    for chunk in layer_batches(variants, batch_size, model.cfg.n_layers):
+        first = chunk[0][0]
+        hooks = []
+        for la in sorted({v[0] for v in chunk}):
+            rows = [i for i, v in enumerate(chunk) if v[0] == la]
+            hook = partial(_write_z, rows=rows, heads=[chunk[i][1] for i in rows],
+                           positions=[chunk[i][2] for i in rows], source=source[la],
+                           start=start)  # fmt: skip
+            hooks.append((point(la), hook))
+        resid = target_resid[first][None].expand(len(chunk), -1, -1)
+        logits = run_from_layer(model, resid, first, hooks=hooks, prefix_kv=prefix)
+        vals = metric(logits).float().cpu()
+        for (la, h, p), v in zip(chunk, vals, strict=True):
+            values[(la, h) + ((p,) if per_position else ())] = v
+        bar.update(len(chunk))
+    bar.close()
+    return values
 
 
 @torch.no_grad()
@@ -125,33 +180,10 @@ def patch_heads(
     target_resid, source_z = prep.target_resid, prep.source_z
     m_target = m_corrupt if direction == "denoise" else m_clean
     out_shape = (shape.n_layers, shape.n_heads) + ((n_pos,) if per_position else ())
-    values = torch.full(out_shape, float("nan"))
-    by_layer: dict[int, list[tuple[int, int | None]]] = {}
-    for h in heads:
-        for p in pos_list if per_position else [None]:
-            if start == n_pos or (p is not None and p < start):
-                values[(h.layer, h.head) + (() if p is None else (p,))] = m_target
-            else:
-                by_layer.setdefault(h.layer, []).append((h.head, p))
-    total = sum(len(v) for v in by_layer.values())
-    bar = tqdm(total=total, desc=f"patch ({direction})", disable=not progress, leave=False)
-    variants = [(layer, h, p) for layer, vs in sorted(by_layer.items()) for h, p in vs]
-    for chunk in layer_batches(variants, batch_size, shape.n_layers):
-        first = chunk[0][0]
-        hooks = []
-        for la in sorted({v[0] for v in chunk}):
-            rows = [i for i, v in enumerate(chunk) if v[0] == la]
-            hook = partial(_write_z, rows=rows, heads=[chunk[i][1] for i in rows],
-                           positions=[chunk[i][2] for i in rows], source=source_z[la],
-                           start=start)  # fmt: skip
-            hooks.append((f"blocks.{la}.attn.hook_z", hook))
-        resid = target_resid[first][None].expand(len(chunk), -1, -1)
-        logits = run_from_layer(model, resid, first, hooks=hooks, prefix_kv=prefix)
-        vals = metric(logits).float().cpu()
-        for (la, h, p), v in zip(chunk, vals, strict=True):
-            values[(la, h) + ((p,) if per_position else ())] = v
-        bar.update(len(chunk))
-    bar.close()
+    values = _patch_units(model, heads, lambda la: f"blocks.{la}.attn.hook_z", source_z,
+                          target_resid, start, prefix, metric, m_target, out_shape, pos_list,
+                          n_pos=n_pos, per_position=per_position, batch_size=batch_size,
+                          progress=progress, desc=f"patch ({direction})")  # fmt: skip
     joint = {}
     for name, members in (sets or {}).items():
         by_set = _by_layer(parse_heads(members, shape))
@@ -178,6 +210,71 @@ def patch_heads(
         "seconds": round(time.perf_counter() - t0, 3),
     }
     return PatchResult(values, m_clean, m_corrupt, direction, per_position, settings, joint)
+
+
+@torch.no_grad()
+def patch_nodes(
+    model,
+    clean: Sequence[int],
+    corrupt: Sequence[int],
+    metric: Metric,
+    *,
+    node: Node,
+    units: Sequence[Head] | str | None = None,
+    direction: Direction = "denoise",
+    per_position: bool = False,
+    positions: Sequence[int] | None = None,
+    patch_from: int = 0,
+    batch_size: int = 32,
+    progress: bool = False,
+) -> PatchResult:
+    """Exact activation patching of one node type (`mechinterp.interventions.nodes`): each
+    unit's query (`q`), key (`k`), value (`v`) or output (`z`) taken from the source run into
+    the target run, alone, at every position from `max(first differing token, patch_from)` on
+    (or each position alone with `per_position`). `values[layer, unit]` (`[layer, unit, pos]`);
+    a unit is a query head for q and z and a KV head for k and v. `node="z"` is `patch_heads`.
+    The reference `attribution_patch` estimates."""
+    check_node(model, node)
+    if node == "z":
+        return patch_heads(model, clean, corrupt, metric, direction=direction, heads=units,
+                           per_position=per_position, positions=positions,
+                           patch_from=patch_from, batch_size=batch_size,
+                           progress=progress)  # fmt: skip
+    check_pair(model, clean, corrupt, direction, batch_size)
+    shape = HeadShape.of(model)
+    n_pos = len(clean)
+    chosen = check_units(model, node, units) if units is not None else None
+    pos_list = list(range(n_pos)) if positions is None else list(positions)
+    if any(not 0 <= p < n_pos for p in pos_list):
+        raise ValueError(f"positions must lie in [0, {n_pos}), got {sorted(pos_list)[:3]}…")
+    if not 0 <= patch_from < n_pos:
+        raise ValueError(f"patch_from must lie in [0, {n_pos}), got {patch_from}")
+    t0 = time.perf_counter()
+    device = model.cfg.device
+    start = shared_start(clean, corrupt, patch_from)
+    keep = min(start, n_pos - 1)
+    resid_c, acts_c, logits_c = capture(model, torch.tensor([list(clean)], device=device), node,
+                                        keep)  # fmt: skip
+    resid_x, acts_x, logits_x = capture(model, torch.tensor([list(corrupt)], device=device),
+                                        node, keep)  # fmt: skip
+    target, target_resid, source = (
+        (corrupt, resid_x, acts_c) if direction == "denoise" else (clean, resid_c, acts_x)
+    )
+    m_clean, m_corrupt = float(metric(logits_c)[0]), float(metric(logits_x)[0])
+    m_target = m_corrupt if direction == "denoise" else m_clean
+    prefix = prefix_cache(model, target[:start]) if 0 < start < n_pos else None
+    n = n_units(model, node)
+    if chosen is None:
+        chosen = [Head(la, u) for la in range(shape.n_layers) for u in range(n)]
+    out_shape = (shape.n_layers, n) + ((n_pos,) if per_position else ())
+    values = _patch_units(model, chosen, lambda la: node_point(model, la, node), source,
+                          target_resid, start, prefix, metric, m_target, out_shape, pos_list,
+                          n_pos=n_pos, per_position=per_position, batch_size=batch_size,
+                          progress=progress, desc=f"patch {node} ({direction})")  # fmt: skip
+    settings = {"node": node, "n_units_patched": len(chosen), "n_positions": n_pos,
+                "shared_prefix": start, "patch_from": patch_from, "batch_size": batch_size,
+                "seconds": round(time.perf_counter() - t0, 3)}  # fmt: skip
+    return PatchResult(values, m_clean, m_corrupt, direction, per_position, settings)
 
 
 def screen_heads(
