@@ -5,18 +5,21 @@
   position separately, denoising (clean z into the corrupt run; sufficiency) or noising (corrupt z
   into the clean run; necessity). Returns a `layer × head` (or `layer × head × pos`) tensor of
   the metric, with the clean and corrupt baselines.
+- `patch_nodes`: the same for a head's query, key or value (`mechinterp.interventions.nodes`),
+  the exact values attribution patching estimates.
 - `normalised_recovery`: (M_patched − M_corrupt) / (M_clean − M_corrupt).
 - `run_from_layer`: resume a forward from a cached residual stream at block k, running only blocks
   k.. (the bridge's own `start_at_layer` still executes the blocks below and discards them).
 
 Cross-model patching (donor head outputs into a recipient of the same shape) is `cross_patch` in
 `mechinterp.interventions.cross`; attribution patching (AtP, AtP*, and `patch_heads(...,
-screen="atp*")`) is in `mechinterp.interventions.attribution`; path patching in
-`mechinterp.interventions.paths`.
+screen="atp*")`, with its false-negative diagnostic) is in `mechinterp.interventions.attribution`;
+path patching in `mechinterp.interventions.paths`.
 """
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Sequence
 from functools import partial
@@ -139,6 +142,7 @@ def patch_heads(
     progress: bool = False,
     screen: Literal["atp", "atp*"] | None = None,
     verify_top: int = 30,
+    sample: int = 0,
     prepared: Prepared | None = None,
 ) -> PatchResult:
     """Patch each head's output from the source run into the target run, one variant per head
@@ -152,15 +156,17 @@ def patch_heads(
     from `patch_from`), in `result.sets`; with `sets`, `heads=[]` skips the per-head variants.
     Heads not listed (or positions not listed) are NaN in the result.
     `screen="atp*"` (or `"atp"`): rank the heads by attribution patching first and patch only
-    the `verify_top` best exactly (`screen_heads`; the ranking is `result.screen`).
+    the `verify_top` best exactly, and `sample` more drawn from the rest for the false-negative
+    diagnostic (`screen_heads`; the ranking is `result.screen`).
     `prepared`: the pair's runs from an earlier call on the same pair (`Prepared`).
     """
     if screen is not None:
         if per_position or sets or positions is not None:
             raise ValueError("screen= ranks whole heads: drop per_position, positions and sets")
         return screen_heads(model, clean, corrupt, metric, screen=screen, verify_top=verify_top,
-                            heads=heads, direction=direction, patch_from=patch_from,
-                            batch_size=batch_size, progress=progress)  # fmt: skip
+                            sample=sample, heads=heads, direction=direction,
+                            patch_from=patch_from, batch_size=batch_size,
+                            progress=progress)  # fmt: skip
     check_pair(model, clean, corrupt, direction, batch_size)
     shape = HeadShape.of(model)
     heads = shape.all_heads() if heads is None else list(parse_heads(heads, shape))
@@ -285,41 +291,62 @@ def screen_heads(
     *,
     screen: Literal["atp", "atp*"] = "atp*",
     verify_top: int = 30,
+    sample: int = 0,
+    threshold: float = 0.05,
+    confidence: float = 0.95,
+    seed: int = 0,
     heads: Sequence[Head] | str | None = None,
     direction: Direction = "denoise",
     patch_from: int = 0,
     batch_size: int = 32,
     progress: bool = False,
 ) -> PatchResult:
-    """Rank every head by AtP (`screen="atp"`) or AtP* (QK fix + GradDrop), patch the top
-    `verify_top` exactly, and return the exact `PatchResult` (NaN for heads not verified) with
-    the screen in `result.screen` and, in `settings["screen_misses"]`, for each n ≤ verify_top,
-    how many of the exact top-k verified heads (k = min(10, verify_top // 3), by |effect|)
-    rank below n in the screen: what verifying only the top n would have missed."""
+    """Rank every head's output by AtP (`screen="atp"`) or AtP* (`"atp*"`: GradDrop; the QK fix
+    is for query and key nodes, and a head's output is neither), patch the top `verify_top`
+    exactly, and return the exact `PatchResult` (NaN for heads not patched) with the screen in
+    `result.screen`.
+
+    The false-negative diagnostic (Kramár et al. 2024): with `sample` > 0, that many of the
+    unverified heads, drawn uniformly (`seed`), are patched exactly too, and
+    `settings["false_negatives"]` says how many of them move the metric by more than
+    `threshold` × |clean − corrupt| (`found`), with the `confidence` upper bound on how many
+    unverified heads do (`max_above`) and the chance that any one such head escaped the sample
+    (`p_miss_one`; `mechinterp.analysis.false_negatives`)."""
+    from mechinterp.analysis.false_negatives import max_above
     from mechinterp.interventions.attribution import attribution_patch
 
     if screen not in ("atp", "atp*"):
         raise ValueError(f"screen must be 'atp' or 'atp*', got {screen!r}")
     if verify_top < 1:
         raise ValueError(f"verify_top must be >= 1, got {verify_top}")
+    if sample < 0 or threshold < 0:
+        raise ValueError(f"sample and threshold must be >= 0, got {sample} and {threshold}")
     shape = HeadShape.of(model)
     pool = shape.all_heads() if heads is None else list(parse_heads(heads, shape))
-    star = screen == "atp*"
     est = attribution_patch(model, clean, corrupt, metric, direction=direction,
-                            patch_from=patch_from, qk_fix=star, grad_drop=star)  # fmt: skip
+                            patch_from=patch_from, grad_drop=screen == "atp*")  # fmt: skip
     ranked = est.ranking(pool)
-    verified = ranked[:verify_top]
-    exact = patch_heads(model, clean, corrupt, metric, direction=direction, heads=verified,
-                        patch_from=patch_from, batch_size=batch_size, progress=progress,
-                        prepared=est.prepared)  # fmt: skip
-    base = exact.corrupt if direction == "denoise" else exact.clean
-    by_exact = sorted(verified, key=lambda h: -abs(float(exact.values[h]) - base))
-    k = min(10, max(1, len(verified) // 3))
-    rank = {h: i for i, h in enumerate(ranked)}
-    misses = {n: sum(rank[h] >= n for h in by_exact[:k]) for n in range(1, len(verified) + 1)}
+    verified, rest = ranked[:verify_top], ranked[verify_top:]
+    drawn = sorted(random.Random(seed).sample(rest, min(sample, len(rest))))
+    exact = patch_heads(model, clean, corrupt, metric, direction=direction,
+                        heads=verified + drawn, patch_from=patch_from, batch_size=batch_size,
+                        progress=progress, prepared=est.prepared)  # fmt: skip
     settings = {**exact.settings, "screen": screen, "verify_top": len(verified),
-                "screen_seconds": est.settings["seconds"], "screen_misses": misses,
-                "screen_k": k}  # fmt: skip
+                "screen_seconds": est.settings["seconds"]}  # fmt: skip
+    if sample:
+        base = exact.corrupt if direction == "denoise" else exact.clean
+        cut = threshold * abs(exact.clean - exact.corrupt)
+        effect = {h: abs(float(exact.values[h]) - base) for h in drawn}
+        found = [h for h in drawn if effect[h] > cut]
+        settings["false_negatives"] = {
+            "threshold": threshold, "threshold_effect": cut, "n_unverified": len(rest),
+            "n_sampled": len(drawn), "sampled": [str(h) for h in drawn],
+            "found": [str(h) for h in found],
+            "largest_sampled_effect": max(effect.values(), default=0.0),
+            "max_above": max_above(len(rest), len(drawn), len(found), confidence=confidence),
+            "confidence": confidence,
+            "p_miss_one": 1.0 - len(drawn) / len(rest) if rest else 0.0, "seed": seed,
+        }  # fmt: skip
     return PatchResult(exact.values, exact.clean, exact.corrupt, direction, False, settings,
                        exact.sets, screen=est)  # fmt: skip
 
