@@ -15,6 +15,7 @@ Exact (integer binomials), so it holds for small samples and populations alike.
 
 from __future__ import annotations
 
+from fractions import Fraction
 from math import comb
 
 
@@ -29,10 +30,13 @@ def _check(n_unverified: int, n_sampled: int, found: int) -> None:
 def p_at_most(found: int, n_unverified: int, n_above: int, n_sampled: int) -> float:
     """P(a uniform sample of `n_sampled` of `n_unverified` units holds at most `found` of the
     `n_above` units above the threshold)."""
-    total = comb(n_unverified, n_sampled)
+    return float(_p_at_most(found, n_unverified, n_above, n_sampled))
+
+
+def _p_at_most(found: int, n_unverified: int, n_above: int, n_sampled: int) -> Fraction:
     hits = sum(comb(n_above, i) * comb(n_unverified - n_above, n_sampled - i)
                for i in range(min(found, n_above, n_sampled) + 1))  # fmt: skip
-    return hits / total
+    return Fraction(hits, comb(n_unverified, n_sampled))
 
 
 def p_all_missed(n_unverified: int, n_above: int, n_sampled: int) -> float:
@@ -48,10 +52,10 @@ def max_above(n_unverified: int, n_sampled: int, found: int, *, confidence: floa
     _check(n_unverified, n_sampled, found)
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
-    alpha = 1.0 - confidence
+    alpha = 1 - Fraction(str(confidence))  # 0.9 as 9/10: the comparison below is exact
     k = found
     while k < found + (n_unverified - n_sampled) and (
-        p_at_most(found, n_unverified, k + 1, n_sampled) > alpha
+        _p_at_most(found, n_unverified, k + 1, n_sampled) > alpha
     ):
         k += 1
     return k

@@ -230,9 +230,17 @@ class _Estimator:
 
 
 def _grads(m: Tensor, xs: list[Tensor], *, retain_graph: bool) -> list[Tensor]:
-    """∂m/∂x for each x; zero where m does not depend on it (a hook cut the path)."""
-    grads = torch.autograd.grad(m, xs, retain_graph=retain_graph, allow_unused=True)
-    return [torch.zeros_like(x) if d is None else d for x, d in zip(xs, grads, strict=True)]
+    """∂m/∂x for each x; zero where m does not depend on it (a hook cut the path or replaced
+    the tensor with a constant)."""
+    live = [i for i, x in enumerate(xs) if x.requires_grad]
+    out = [torch.zeros_like(x) for x in xs]
+    if live:
+        grads = torch.autograd.grad(m, [xs[i] for i in live], retain_graph=retain_graph,
+                                    allow_unused=True)  # fmt: skip
+        for i, d in zip(live, grads, strict=True):
+            if d is not None:
+                out[i] = d
+    return out
 
 
 def _grad_drop(g: _Graph, est: _Estimator, plain: dict[int, Tensor], qk: bool) -> Tensor:
