@@ -290,6 +290,7 @@ def screen_heads(
     metric: Metric,
     *,
     screen: Literal["atp", "atp*"] = "atp*",
+    node: Node = "z",
     verify_top: int = 30,
     sample: int = 0,
     threshold: float = 0.05,
@@ -301,38 +302,75 @@ def screen_heads(
     batch_size: int = 32,
     progress: bool = False,
 ) -> PatchResult:
-    """Rank every head's output by AtP (`screen="atp"`) or AtP* (`"atp*"`: GradDrop; the QK fix
-    is for query and key nodes, and a head's output is neither), patch the top `verify_top`
-    exactly, and return the exact `PatchResult` (NaN for heads not patched) with the screen in
-    `result.screen`.
-
-    The false-negative diagnostic (Kramár et al. 2024): with `sample` > 0, that many of the
-    unverified heads, drawn uniformly (`seed`), are patched exactly too, and
-    `settings["false_negatives"]` says how many of them move the metric by more than
-    `threshold` × |clean − corrupt| (`found`), with the `confidence` upper bound on how many
-    unverified heads do (`max_above`) and the chance that any one such head escaped the sample
-    (`p_miss_one`; `mechinterp.analysis.false_negatives`)."""
-    from mechinterp.analysis.false_negatives import max_above
+    """Rank every unit of `node` (default: each head's output) by AtP (`screen="atp"`) or AtP*
+    (`"atp*"`: GradDrop, and for query and key nodes the QK fix), then patch the top
+    `verify_top` exactly and run the false-negative diagnostic on `sample` of the rest
+    (`verify_screen`). `heads`: rank only these units."""
     from mechinterp.interventions.attribution import attribution_patch
 
     if screen not in ("atp", "atp*"):
         raise ValueError(f"screen must be 'atp' or 'atp*', got {screen!r}")
+    star = screen == "atp*"
+    est = attribution_patch(model, clean, corrupt, metric, node=node, direction=direction,
+                            patch_from=patch_from, qk_fix=star and node in ("q", "k"),
+                            grad_drop=star)  # fmt: skip
+    res = verify_screen(model, clean, corrupt, metric, est, units=heads, verify_top=verify_top,
+                        sample=sample, threshold=threshold, confidence=confidence, seed=seed,
+                        batch_size=batch_size, progress=progress)  # fmt: skip
+    res.settings["screen"] = screen
+    return res
+
+
+def verify_screen(
+    model,
+    clean: Sequence[int],
+    corrupt: Sequence[int],
+    metric: Metric,
+    screen,
+    *,
+    units: Sequence[Head] | str | None = None,
+    verify_top: int = 30,
+    sample: int = 0,
+    threshold: float = 0.05,
+    confidence: float = 0.95,
+    seed: int = 0,
+    batch_size: int = 32,
+    progress: bool = False,
+) -> PatchResult:
+    """Patch exactly the `verify_top` units an attribution screen (`screen`, an
+    `AttributionResult` of the same pair) ranks highest, and return the exact `PatchResult`
+    (NaN for units not patched) with the screen in `result.screen`.
+
+    The false-negative diagnostic (Kramár et al. 2024): with `sample` > 0, that many of the
+    unverified units, drawn uniformly (`seed`), are patched exactly too, and
+    `settings["false_negatives"]` says how many of them move the metric by more than
+    `threshold` × |clean − corrupt| (`found`), the `confidence` upper bound on how many
+    unverified units do (`max_above`), and the chance that any one such unit escaped the
+    sample (`p_miss_one`; `mechinterp.analysis.false_negatives`)."""
+    from mechinterp.analysis.false_negatives import max_above
+
     if verify_top < 1:
         raise ValueError(f"verify_top must be >= 1, got {verify_top}")
     if sample < 0 or threshold < 0:
         raise ValueError(f"sample and threshold must be >= 0, got {sample} and {threshold}")
-    shape = HeadShape.of(model)
-    pool = shape.all_heads() if heads is None else list(parse_heads(heads, shape))
-    est = attribution_patch(model, clean, corrupt, metric, direction=direction,
-                            patch_from=patch_from, grad_drop=screen == "atp*")  # fmt: skip
-    ranked = est.ranking(pool)
+    node = screen.node
+    pool = None if units is None else check_units(model, node, units)
+    ranked = screen.ranking(pool)
     verified, rest = ranked[:verify_top], ranked[verify_top:]
     drawn = sorted(random.Random(seed).sample(rest, min(sample, len(rest))))
-    exact = patch_heads(model, clean, corrupt, metric, direction=direction,
-                        heads=verified + drawn, patch_from=patch_from, batch_size=batch_size,
-                        progress=progress, prepared=est.prepared)  # fmt: skip
-    settings = {**exact.settings, "screen": screen, "verify_top": len(verified),
-                "screen_seconds": est.settings["seconds"]}  # fmt: skip
+    todo = verified + drawn
+    direction, patch_from = screen.direction, screen.settings["patch_from"]
+    if node == "z":
+        exact = patch_heads(model, clean, corrupt, metric, direction=direction, heads=todo,
+                            patch_from=patch_from, batch_size=batch_size, progress=progress,
+                            prepared=screen.prepared)  # fmt: skip
+    else:
+        exact = patch_nodes(model, clean, corrupt, metric, node=node, units=todo,
+                            direction=direction, patch_from=patch_from, batch_size=batch_size,
+                            progress=progress)  # fmt: skip
+    settings = {**exact.settings, "node": node, "screen": screen.settings["method"],
+                "verify_top": len(verified),
+                "screen_seconds": screen.settings["seconds"]}  # fmt: skip
     if sample:
         base = exact.corrupt if direction == "denoise" else exact.clean
         cut = threshold * abs(exact.clean - exact.corrupt)
@@ -348,7 +386,7 @@ def screen_heads(
             "p_miss_one": 1.0 - len(drawn) / len(rest) if rest else 0.0, "seed": seed,
         }  # fmt: skip
     return PatchResult(exact.values, exact.clean, exact.corrupt, direction, False, settings,
-                       exact.sets, screen=est)  # fmt: skip
+                       exact.sets, screen=screen)  # fmt: skip
 
 
 def patch_sets(
