@@ -225,13 +225,15 @@ def test_qk_fix_equals_the_exact_softmax_change_of_each_query_and_key(family, fu
         record(name, primitive, None, None)
         return
     for m in _paths(model, fused):
+        largest = 0.0  # (Mistral's windows keep every patched query from the metric: 0 there)
         for node in ("q", "k"):
             ref = hand_qk_fix(m, CLEAN, CORRUPT, metric, node, PATCH_FROM)
             star = attribution_patch(m, CLEAN, CORRUPT, metric, node=node, qk_fix=True,
                                      grad_drop=True, patch_from=PATCH_FROM)  # fmt: skip
-            assert ref.abs().max() > 1e-7
+            largest = max(largest, float(ref.abs().max()))
             _close(name, primitive, star.effect, ref, atol=2e-5, scale=float(ref.abs().max()))
             assert torch.isfinite(star.score).all()
+        assert largest > 1e-6
 
 
 def test_path_patching_equals_a_hand_written_two_pass_reference(family, fused):
