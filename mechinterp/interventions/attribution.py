@@ -291,23 +291,10 @@ def attribution_patch(
     position alone with `per_position`). denoise: source = clean, target = corrupt; noise: the
     reverse. `result.prepared` (node z) holds the pair's runs for `patch_heads`; `patch_nodes`
     computes the exact values these estimate. See the module docstring."""
-    check_pair(model, clean, corrupt, direction, 1)
-    check_node(model, node)
-    if qk_fix and node not in ("q", "k"):
-        raise ValueError(
-            f"qk_fix applies to query and key nodes (node='q' or 'k'), not node={node!r}: a "
-            "value or output reaches its head's output through no softmax of its own (AtP* of "
-            "a value or output node is AtP with grad_drop)"
-        )
+    pos_list = _check(model, clean, corrupt, node=node, direction=direction, positions=positions,
+                      patch_from=patch_from, qk_fix=qk_fix, grad_drop=grad_drop)  # fmt: skip
     shape = HeadShape.of(model)
-    if grad_drop and shape.n_layers < 2:
-        raise ValueError("grad_drop drops one layer at a time among at least 2 layers")
     n_pos = len(clean)
-    if not 0 <= patch_from < n_pos:
-        raise ValueError(f"patch_from must lie in [0, {n_pos}), got {patch_from}")
-    pos_list = list(range(n_pos)) if positions is None else list(positions)
-    if any(not 0 <= p < n_pos for p in pos_list):
-        raise ValueError(f"positions must lie in [0, {n_pos}), got {sorted(pos_list)[:3]}…")
     t0 = time.perf_counter()
     start = shared_start(clean, corrupt, patch_from)
     device = model.cfg.device
@@ -343,22 +330,12 @@ def attribution_patch(
         settings["seconds_atp"] = round(time.perf_counter() - t0, 3)
         return result(zeros, zeros, zeros, float(metric(logits[:, -1])[0]))
     g = _target_graph(model, target, start, prefix, metric, node, qk=qk_fix, drops=grad_drop)
-    layers = list(range(shape.n_layers))
     offset = start - keep  # the source was kept from `keep`; the graph starts at `start`
-    delta = {la: src[la][offset:] - g.acts[la].detach()[0].view(src[la][offset:].shape)
-             for la in layers}  # fmt: skip
-    plain_est = _Estimator(delta, None, node, per_position)
-    xs = [g.acts[la] for la in layers] + ([g.patterns[la] for la in layers] if qk_fix else [])
-    grads = _grads(g.metric, xs, retain_graph=grad_drop)
-    atp = {la: plain_est(la, grads[la], None) for la in layers}
-    settings["seconds_atp"] = round(time.perf_counter() - t0, 3)
-    est = plain_est
-    if qk_fix:
-        est = _Estimator(delta, _qk_layers(model, g, node), node, per_position)
-    fixed = {la: est(la, grads[la], grads[len(layers) + la] if qk_fix else None)
-             for la in layers}  # fmt: skip
-    effect = torch.stack([fixed[la] for la in layers])
-    score = _grad_drop(g, est, fixed, qk_fix) if grad_drop else effect.abs()
+    delta = {la: acts[offset:] - g.acts[la].detach()[0].view(acts[offset:].shape)
+             for la, acts in src.items()}  # fmt: skip
+    atp, effect, score, t_atp = _estimates(model, g, delta, node, per_position=per_position,
+                                           qk_fix=qk_fix, grad_drop=grad_drop)  # fmt: skip
+    settings["seconds_atp"] = round(t_atp - t0, 3)
     m_target = float(g.metric.detach())
     prepared = None
     if node == "z":
@@ -366,7 +343,47 @@ def attribution_patch(
             (m_source, m_target) if direction == "denoise" else (m_target, m_source)
         )
         prepared = Prepared(start, clean_m, corrupt_m, g.resid, src, prefix)
-    return result(effect, torch.stack([atp[la] for la in layers]), score, m_target, prepared)
+    return result(effect, atp, score, m_target, prepared)
+
+
+def _check(model, clean, corrupt, *, node: str, direction: str, positions, patch_from: int,
+           qk_fix: bool, grad_drop: bool) -> list[int]:  # fmt: skip
+    """Refuse options `attribution_patch` cannot honour, naming the fix; the positions asked."""
+    check_pair(model, clean, corrupt, direction, 1)
+    check_node(model, node)
+    if qk_fix and node not in ("q", "k"):
+        raise ValueError(
+            f"qk_fix applies to query and key nodes (node='q' or 'k'), not node={node!r}: a "
+            "value or output reaches its head's output through no softmax of its own (AtP* of "
+            "a value or output node is AtP with grad_drop)"
+        )
+    if grad_drop and HeadShape.of(model).n_layers < 2:
+        raise ValueError("grad_drop drops one layer at a time among at least 2 layers")
+    n_pos = len(clean)
+    if not 0 <= patch_from < n_pos:
+        raise ValueError(f"patch_from must lie in [0, {n_pos}), got {patch_from}")
+    pos_list = list(range(n_pos)) if positions is None else list(positions)
+    if any(not 0 <= p < n_pos for p in pos_list):
+        raise ValueError(f"positions must lie in [0, {n_pos}), got {sorted(pos_list)[:3]}…")
+    return pos_list
+
+
+def _estimates(model, g: _Graph, delta: dict[int, Tensor], node: Node, *, per_position: bool,
+               qk_fix: bool, grad_drop: bool) -> tuple[Tensor, Tensor, Tensor, float]:  # fmt: skip
+    """(AtP, AtP* (QK-fixed with `qk_fix`), the ranking score, when AtP was done) per unit
+    [layer, unit] (or [layer, unit, pos from start]) from the target's graph and the deltas."""
+    layers = sorted(delta)
+    plain = _Estimator(delta, None, node, per_position)
+    xs = [g.acts[la] for la in layers] + ([g.patterns[la] for la in layers] if qk_fix else [])
+    grads = _grads(g.metric, xs, retain_graph=grad_drop)
+    atp = torch.stack([plain(la, grads[la], None) for la in layers])
+    t_atp = time.perf_counter()
+    est = _Estimator(delta, _qk_layers(model, g, node), node, per_position) if qk_fix else plain
+    fixed = {la: est(la, grads[la], grads[len(layers) + la] if qk_fix else None)
+             for la in layers}  # fmt: skip
+    effect = torch.stack([fixed[la] for la in layers])
+    score = _grad_drop(g, est, fixed, qk_fix) if grad_drop else effect.abs()
+    return atp, effect, score, t_atp
 
 
 def _per_position(t: Tensor, start: int, pos_list: list[int], fill: float) -> Tensor:

@@ -47,7 +47,7 @@ def test_atp_ranks_the_heads_as_exact_patching_does(smollm, pair):
     assert exact.clean > 0 > exact.corrupt  # the corruption flips the answer
     effect = exact.values - exact.corrupt
     top10 = set(effect.abs().flatten().argsort(descending=True)[:10].tolist())
-    for opts in ({}, {"qk_fix": True, "grad_drop": True}):
+    for opts in ({}, {"grad_drop": True}):
         est = attribution_patch(smollm, clean, corrupt, metric, patch_from=start, **opts)
         assert spearman(est.effect, effect) >= 0.9, opts
         top30 = set(est.score.flatten().argsort(descending=True)[:30].tolist())
