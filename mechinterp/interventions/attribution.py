@@ -51,8 +51,9 @@ from mechinterp.interventions.resume import (
 from mechinterp.models.kv_cache import cache_kwargs
 
 #: Largest |difference| allowed between a layer's own scores and pattern and those rebuilt from
-#: its hooked queries and keys before the QK fix trusts them (float32 rounding is far below).
-QK_TOLERANCE = 1e-3
+#: its hooked queries and keys before the QK fix trusts them, in float32 and in half precision
+#: (rounding is far below either; a missing scale, cap or sink is far above).
+QK_TOLERANCE = {"float": 1e-3, "half": 3e-2}
 
 
 @dataclass(frozen=True)
@@ -193,7 +194,8 @@ def _qk_layers(model, g: _Graph, node: Node) -> dict[int, QKLayer]:
             sink=None if sink is None else sink.detach(),
         )  # fmt: skip
         off = layer.mismatch(g.patterns[la].detach()[0])
-        if not off <= QK_TOLERANCE:
+        half = g.scores[la].dtype in (torch.float16, torch.bfloat16)
+        if not off <= QK_TOLERANCE["half" if half else "float"]:
             raise NotImplementedError(
                 f"{family_name(model)}: layer {la}'s attention logits are not scale · q · k "
                 f"(soft-capped, masked) of its hooked queries and keys (largest difference "
