@@ -6,7 +6,8 @@ patching pairs, and exact path patching against the naive loop, in one run.
 `--run` is a finished `mechinterp study` run (its config, held-out baseline and retrieval heads):
 the pairs are exactly the ones its patch stage patched (`stages.patch_shards`, `patch_pair`),
 denoising from the knockout scope's first position on. Per pair:
-- exact all-heads `patch_heads`, AtP, AtP* (QK fix + GradDrop) and screen + verify of the top 30
+- exact all-heads `patch_heads`, AtP, AtP* (of a head's output: GradDrop; the QK fix is for
+  queries and keys, see `bench_atp_star.py`) and screen + verify of the top 30
   (`patch_heads(..., screen="atp*", verify_top=30)`), each timed, and one plain forward of the
   clean prompt (median of 3) as the unit. Goals: AtP ≤ 4 forwards, AtP* ≤ 10; screen + verify ÷
   exact ≤ 0.3 with the same exact top-10.
@@ -127,12 +128,7 @@ def bench_pair(model, p) -> dict:
     }
     e_exact = exact.values - exact.corrupt
     exact_top10 = top(e_exact.abs(), 10)
-    for name, opts in {
-        "atp": {},
-        "atp*": {"qk_fix": True, "grad_drop": True},
-        "atp+qk": {"qk_fix": True},
-        "atp+gd": {"grad_drop": True},
-    }.items():
+    for name, opts in {"atp": {}, "atp*": {"grad_drop": True}}.items():
         est, t = timed(
             lambda opts=opts: attribution_patch(
                 model, p.clean, p.corrupt, p.metric, patch_from=p.start, **opts
@@ -181,7 +177,7 @@ def full_length(model, n_tokens: int) -> dict:
     exact_top10 = top(e_exact.abs(), 10)
     row = {"n_tokens": len(clean), "forward_s": fwd, "exact_s": t_exact,
            "exact_forwards": t_exact / fwd}  # fmt: skip
-    for name, opts in {"atp": {}, "atp*": {"qk_fix": True, "grad_drop": True}}.items():
+    for name, opts in {"atp": {}, "atp*": {"grad_drop": True}}.items():
         est, t = timed(lambda opts=opts: attribution_patch(model, clean, corrupt, metric, **opts))
         row[f"{name}_forwards"] = t / fwd
         row[f"{name}_spearman_signed"] = spearman(est.effect, e_exact)
@@ -301,7 +297,9 @@ def markdown(result: dict) -> str:
         "outside top-30 (total) |",
         "| --- | --- | --- | --- | --- |",
     ]
-    for m in ("atp", "atp*", "atp+qk", "atp+gd"):
+    for m in ("atp", "atp*", "atp+qk", "atp+gd"):  # (the last two: results of earlier versions)
+        if f"{m}_forwards" not in df:
+            continue
         lines.append(
             f"| {m} | {df[f'{m}_forwards'].median():.2f} | "
             f"{df[f'{m}_spearman_signed'].median():.3f} | "

@@ -134,3 +134,43 @@ def hand_path_patch(model, source, target, sender, receivers, receiver_input, me
 
     logits = run_all(model, target, [(p, partial(write, la=la)) for la, p in points.items()])
     return float(metric(logits)[0])
+
+
+def hand_qk_fix(model, source, target, metric, node: str, start: int = 0) -> torch.Tensor:
+    """AtP*'s QK fix by brute force, [layer, unit]: Σ ∂M/∂A · (A' − A) over the node's own
+    layer, ∂M/∂A by autograd on one full forward of the target (`hook_pattern`), A' that
+    layer's pattern in a full forward of the target with the unit's query or key (`node`, at
+    positions ≥ start) taken from the source."""
+    from mechinterp.interventions.nodes import n_units, node_point
+
+    n_layers, units = model.cfg.n_layers, n_units(model, node)
+    points = [node_point(model, la, node) for la in range(n_layers)]
+    patterns = [f"blocks.{la}.attn.hook_pattern" for la in range(n_layers)]
+    src = grab(model, source, points)
+    kept = {}
+
+    def keep(x, hook, *, name):
+        kept[name] = x
+        return x
+
+    hooks = [("blocks.0.hook_resid_pre", lambda x, hook: x.detach().requires_grad_(True))]
+    hooks += [(n, partial(keep, name=n)) for n in patterns]
+    with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
+        m = metric(model(torch.tensor([target]))[:, -1])[0]
+        grads = torch.autograd.grad(m, [kept[n] for n in patterns])
+    out = torch.zeros(n_layers, units)
+    for la in range(n_layers):
+        a = kept[patterns[la]].detach()
+
+        def write(x, hook, *, u, la=la):
+            x = x.clone()
+            x.view(*x.shape[:2], units, -1)[:, start:, u] = src[points[la]].view(
+                *x.shape[:2], units, -1)[:, start:, u]  # fmt: skip
+            return x
+
+        for u in range(units):
+            run_all(model, target, [(points[la], partial(write, u=u)),
+                                    (patterns[la], partial(keep, name="patched"))])  # fmt: skip
+            got = kept["patched"].detach()
+            out[la, u] = float((grads[la] * (got - a)).sum())
+    return out

@@ -207,21 +207,29 @@ def test_atp_screens_every_head_and_verifies_the_top_exactly(tiny_dir, tmp_path,
     from mechinterp.experiments.patch import PATCH
 
     args = ["atp", "--model", tiny_dir, "--lengths", "400", "--depths", "0.5", "--needles", "2",
-            "--verify-top", "3", "--root", str(tmp_path / "atp")]  # fmt: skip
+            "--verify-top", "3", "--fn-sample", "2", "--root", str(tmp_path / "atp")]  # fmt: skip
     assert main(args) == 0
     (run,) = (tmp_path / "atp").iterdir()
     df = pd.read_parquet(run / "atp.parquet")
-    assert len(df) == 2 * 8 and df.groupby("example_id")["exact"].count().eq(3).all()
+    assert len(df) == 2 * 8 and df.groupby("example_id")["exact"].count().eq(3 + 2).all()
     verified = df.dropna(subset=["exact"])
-    assert (verified["atp_star_rank"] < 3).all()
+    top, drawn = verified[~verified["sampled"]], verified[verified["sampled"]]
+    assert (top["atp_star_rank"] < 3).all() and (drawn["atp_star_rank"] >= 3).all()
     # the verified values are exact per-head patching's, from `mechinterp patch` on the same pairs
     config = PatchConfig(model=ModelSpec(name=tiny_dir),
                          task=TaskSpec(lengths=(400,), depths=(0.5,), needles=2))  # fmt: skip
     patch = pd.read_parquet(run_command(PATCH, config, tmp_path / "patch", png=False)
                             / "patch.parquet")  # fmt: skip
     both = verified.merge(patch, on=["example_id", "head_name"])
-    assert len(both) == 6
+    assert len(both) == 10
     assert both["exact"].to_numpy() == pytest.approx(both["value"].to_numpy(), abs=1e-5)
+    # the diagnostic: sampled heads above 5 % of the gap, and the bound on the 5 unverified
+    pairs = pd.read_parquet(run / "pairs.parquet").set_index("example_id")
+    for ex, g in both[both["sampled"]].groupby("example_id"):
+        gap = abs(g["clean_metric_x"].iloc[0] - g["corrupt_metric_x"].iloc[0])
+        found = int(((g["value"] - g["corrupt_metric_x"]).abs() > 0.05 * gap).sum())
+        assert pairs.loc[ex, "fn_found"] == found
+        assert found <= pairs.loc[ex, "fn_max_above"] <= found + 3
     assert "atp_star_recovery" in capsys.readouterr().out
 
 

@@ -1,5 +1,6 @@
 """`mechinterp atp` and `mechinterp path-patch`: the single commands of attribution patching
-(every head screened by AtP / AtP*, the top verified exactly) and of exact path patching (every
+(every head's output, query, key or value screened by AtP / AtP*, the top verified exactly, a
+random sample of the rest for the false-negative diagnostic) and of exact path patching (every
 upstream head into chosen receivers' queries, keys, values or residual stream), on the same
 clean / corrupt NIAH pairs as `mechinterp patch`. Shards: one instance pair each."""
 
@@ -41,21 +42,29 @@ def _flipped(df: pd.DataFrame) -> pd.DataFrame:
 
 @dataclass(frozen=True)
 class AtpConfig:
-    """Attribution patching of every head between each instance and its corruption (the
+    """Attribution patching of every head's `node` between each instance and its corruption (the
     needle's first answer token replaced), metric logit(clean token) − logit(corrupt token) at
-    the last prompt position: AtP, and AtP* with `qk_fix` / `grad_drop`; the `verify_top` heads
-    AtP* ranks highest are then patched exactly (0: none). `select` marks a head set."""
+    the last prompt position: AtP, and AtP* with `qk_fix` / `grad_drop`; the `verify_top` units
+    AtP* ranks highest are then patched exactly (0: none), and `fn_sample` more drawn from the
+    rest for the false-negative diagnostic. `select` marks a head set."""
 
     model: ModelSpec = field(default_factory=ModelSpec)
     task: TaskSpec = field(default_factory=lambda: PATCH_TASK)
+    node: Literal["z", "q", "k", "v"] = "z"
+    """z: each head's output (as `patch`); q, k: its query, key as they enter the logits; v: its
+    value (k and v: one per KV head)"""
     direction: Literal["denoise", "noise"] = "denoise"
     """denoise: clean activations into the corrupted run; noise: the reverse"""
     qk_fix: bool = True
-    """AtP*: later heads' softmax recomputed exactly for each head's write into their q and k"""
+    """AtP*, for q and k nodes: the head's own softmax recomputed exactly (v and z have none)"""
     grad_drop: bool = True
     """AtP*: rank by the mean |estimate| over per-layer gradient drops"""
     verify_top: int = 30
     """patch the AtP* top N exactly (0: estimate only)"""
+    fn_sample: int = 20
+    """false-negative diagnostic: patch N of the unverified units, drawn at random, exactly too"""
+    fn_threshold: float = 0.05
+    """false-negative diagnostic: a unit counts as missed above this share of |clean − corrupt|"""
     select: HeadSelection = field(default_factory=HeadSelection)
     batch_size: int = 32
     """patched runs per forward when verifying"""
@@ -63,62 +72,82 @@ class AtpConfig:
     """prompt template (none: chat when the tokenizer has one)"""
 
     def __post_init__(self) -> None:
-        if self.verify_top < 0 or self.batch_size < 1:
-            raise ValueError("verify_top must be >= 0 and batch_size >= 1")
+        if self.verify_top < 0 or self.batch_size < 1 or self.fn_sample < 0:
+            raise ValueError("verify_top and fn_sample must be >= 0 and batch_size >= 1")
+        if self.fn_threshold < 0:
+            raise ValueError(f"fn_threshold must be >= 0, got {self.fn_threshold}")
 
     @property
     def slug(self) -> str:
-        return f"atp-{self.direction}-{Path(self.model.name).name}-{self.task.slug}"
+        node = "" if self.node == "z" else f"-{self.node}"
+        return f"atp{node}-{self.direction}-{Path(self.model.name).name}-{self.task.slug}"
 
 
-def atp_shard(model, *, example: dict, chosen: list[str], direction: str, qk_fix: bool,
-              grad_drop: bool, verify_top: int, batch_size: int, template,
+def atp_shard(model, *, example: dict, chosen: list[str], node: str, direction: str,
+              qk_fix: bool, grad_drop: bool, verify_top: int, fn_sample: int,
+              fn_threshold: float, batch_size: int, template,
               seed: int) -> pd.DataFrame:  # fmt: skip
-    """One row per head: AtP and AtP* estimates, AtP*'s score and rank, and the exact value
-    where the head is among the verified top."""
-    from mechinterp.heads import HeadShape
+    """One row per unit of `node`: AtP and AtP* estimates, AtP*'s score and rank, and the exact
+    value where the unit is among the verified top or the diagnostic's sample."""
+    from mechinterp.heads import Head, HeadShape
     from mechinterp.interventions.attribution import attribution_patch
-    from mechinterp.interventions.patching import patch_heads
+    from mechinterp.interventions.nodes import all_units
+    from mechinterp.interventions.patching import verify_screen
 
     prompt, c, metric = _pair(model, example, template, seed)
-    star = attribution_patch(model, c.clean, c.corrupt, metric, direction=direction,
-                             qk_fix=qk_fix, grad_drop=grad_drop)  # fmt: skip
-    ranking = star.ranking()
-    rank = {h: i for i, h in enumerate(ranking)}
-    exact = None
+    star = attribution_patch(model, c.clean, c.corrupt, metric, node=node, direction=direction,
+                             qk_fix=qk_fix and node in ("q", "k"),
+                             grad_drop=grad_drop)  # fmt: skip
+    rank = {h: i for i, h in enumerate(star.ranking())}
+    exact, fn = None, {}
     if verify_top:
-        exact = patch_heads(model, c.clean, c.corrupt, metric, direction=direction,
-                            heads=ranking[:verify_top], batch_size=batch_size,
-                            prepared=star.prepared)  # fmt: skip
+        exact = verify_screen(model, c.clean, c.corrupt, metric, star, verify_top=verify_top,
+                              sample=fn_sample, threshold=fn_threshold, seed=seed,
+                              batch_size=batch_size)  # fmt: skip
+        fn = exact.settings.get("false_negatives", {})
     gap = star.clean - star.corrupt
+    shape = HeadShape.of(model)
+    picked = {Head.parse(h) for h in chosen}
+    sampled = set(fn.get("sampled", []))
 
     def recovery(v: float) -> float:
         return (v - star.corrupt) / gap if gap else float("nan")
 
     rows = []
-    for h in HeadShape.of(model).all_heads():
+    for h in all_units(model, node):
+        in_set = (
+            h in picked
+            if node in ("q", "z")
+            else any(p.layer == h.layer and shape.kv_head(p) == h.head for p in picked)
+        )
         value = float(exact.values[h]) if exact is not None else float("nan")
-        rows.append({"example_id": prompt.example_id, "layer": h.layer, "head": h.head,
-                     "head_name": str(h), "in_set": str(h) in chosen,
+        rows.append({"example_id": prompt.example_id, "node": node, "layer": h.layer,
+                     "head": h.head, "head_name": str(h), "in_set": in_set,
                      "atp": float(star.atp[h]), "atp_star": float(star.values[h]),
                      "atp_star_score": float(star.score[h]), "atp_star_rank": rank[h],
-                     "exact": value, "atp_recovery": recovery(float(star.atp[h])),
+                     "exact": value, "sampled": str(h) in sampled,
+                     "atp_recovery": recovery(float(star.atp[h])),
                      "atp_star_recovery": recovery(float(star.values[h])),
                      "exact_recovery": recovery(value), "clean_metric": star.clean,
-                     "corrupt_metric": star.corrupt,
+                     "corrupt_metric": star.corrupt, "fn_found": len(fn.get("found", [])),
+                     "fn_max_above": fn.get("max_above", -1),
                      "corrupted_position": c.position})  # fmt: skip
     return pd.DataFrame(rows)
 
 
 def atp_plan(config: AtpConfig, model) -> Plan:
     from mechinterp.heads import HeadShape
+    from mechinterp.interventions.nodes import check_node
 
+    check_node(model, config.node)
     chosen = [str(h) for h in config.select.chosen(HeadShape.of(model))]
     examples = build_examples(config.task, model.tokenizer)
     shards = [Shard(f"atp/{i:04d}", atp_shard, {
-        "example": ex.to_dict(), "chosen": chosen, "direction": config.direction,
-        "qk_fix": config.qk_fix, "grad_drop": config.grad_drop, "verify_top": config.verify_top,
-        "batch_size": config.batch_size, "template": config.template, "seed": config.task.seed})
+        "example": ex.to_dict(), "chosen": chosen, "node": config.node,
+        "direction": config.direction, "qk_fix": config.qk_fix, "grad_drop": config.grad_drop,
+        "verify_top": config.verify_top, "fn_sample": config.fn_sample,
+        "fn_threshold": config.fn_threshold, "batch_size": config.batch_size,
+        "template": config.template, "seed": config.task.seed})
         for i, ex in enumerate(examples)]  # fmt: skip
     return Plan(shards, examples, facts={"selected_heads": chosen})
 
@@ -128,7 +157,7 @@ def atp_finish(config: AtpConfig, df: pd.DataFrame, plan: Plan, card) -> dict:
                    config_hash=store.config_hash(config))  # fmt: skip
     valid = _flipped(df)
     heads = (
-        valid.groupby(["layer", "head", "head_name", "in_set"])
+        valid.groupby(["node", "layer", "head", "head_name", "in_set"])
         .agg(atp_recovery=("atp_recovery", "mean"), atp_star_recovery=("atp_star_recovery", "mean"),
              atp_star_score=("atp_star_score", "mean"), mean_rank=("atp_star_rank", "mean"),
              exact_recovery=("exact_recovery", "mean"), n_verified=("exact", "count"))
@@ -137,9 +166,12 @@ def atp_finish(config: AtpConfig, df: pd.DataFrame, plan: Plan, card) -> dict:
     pairs = []
     for ex, g in df.groupby("example_id", sort=False):
         seen = g.dropna(subset=["exact"])
+        seen = seen[~seen["sampled"]]  # the verified top (the diagnostic's sample apart)
         pairs.append({"example_id": ex, "n_verified": len(seen),
                       "spearman_verified": seen["atp_star"].corr(seen["exact"], method="spearman")
-                      if len(seen) > 2 else float("nan")})  # fmt: skip
+                      if len(seen) > 2 else float("nan"),
+                      "fn_sampled": int(g["sampled"].sum()), "fn_found": int(g["fn_found"].iloc[0]),
+                      "fn_max_above": int(g["fn_max_above"].iloc[0])})  # fmt: skip
     return {"atp": df, "heads": heads, "pairs": pd.DataFrame(pairs)}
 
 
@@ -147,19 +179,26 @@ def atp_draw(out: Path, config: AtpConfig) -> dict:
     from mechinterp.plots import head_heatmap
 
     heads = pd.read_parquet(out / "heads.parquet")
-    title = (f"{heads['model'].iloc[0]} · AtP* estimated recovery per head "
+    node = {"z": "head output", "q": "query", "k": "key", "v": "value"}[config.node]
+    title = (f"{heads['model'].iloc[0]} · AtP* estimated recovery per {node} "
              f"(n={heads['n_examples'].iloc[0]})")  # fmt: skip
     return {"atp_star": head_heatmap(heads, value="atp_star_recovery", title=title)}
 
 
 def atp_summary(out: Path, top: int) -> str:
     heads = pd.read_parquet(out / "heads.parquet").nsmallest(top, "mean_rank")
-    return table_text(heads[["head_name", "in_set", "mean_rank", "atp_star_recovery",
-                             "exact_recovery"]])  # fmt: skip
+    pairs = pd.read_parquet(out / "pairs.parquet")
+    return table_text(heads[["node", "head_name", "in_set", "mean_rank", "atp_star_recovery",
+                             "exact_recovery"]]) + "\n" + table_text(
+        pairs[["example_id", "n_verified", "fn_sampled", "fn_found", "fn_max_above"]])  # fmt: skip
 
 
-ATP_HELP = ("attribution patching (AtP, AtP*) of every head between each task instance and its "
-            "corruption, the top verified exactly; tidy tables and a layer x head heatmap")
+ATP_HELP = (
+    "attribution patching (AtP, AtP*) of every head's output, query, key or value between "
+    "each task instance and its corruption, the top verified exactly and a random sample "
+    "of the rest for the false-negative diagnostic; tidy tables and a layer x head "
+    "heatmap"
+)
 ATP = Command("atp", AtpConfig, ATP_HELP, atp_plan, atp_finish, atp_draw, atp_summary)
 
 
@@ -328,7 +367,9 @@ def path_summary(out: Path, top: int) -> str:
     return "\n".join(parts) + "\n" + table_text(pd.read_csv(out / "sets.csv"))
 
 
-PATH_HELP = ("exact path patching of every upstream head into chosen receiver heads' queries, "
-             "keys or values; tidy tables and sender heatmaps per receiver input")
+PATH_HELP = (
+    "exact path patching of every upstream head into chosen receiver heads' queries, "
+    "keys or values; tidy tables and sender heatmaps per receiver input"
+)
 PATH_PATCH = Command("path-patch", PathPatchConfig, PATH_HELP, path_plan, path_finish,
                      path_draw, path_summary)  # fmt: skip

@@ -252,18 +252,15 @@ def study_plan(config, shape: Shape) -> list[StagePlan]:
                           knob=knob))  # fmt: skip
     stages = [detect, baseline, knockout, robust, patch]
     senders = shape.n_layers * shape.n_heads
-    if config.attribution.enabled:  # AtP, then AtP* with the QK fix and GradDrop
+    if config.attribution.enabled:  # AtP and AtP* (GradDrop) of every head's output
         atp = StagePlan("attribution")
         knob = "knockout.niah.lengths"
         for n in pairs:
             atp.add(Forward(rows=2, new=n, knob=knob),
-                    Forward(rows=1, new=n, count=4, knob=knob),  # sources and prefixes, twice
-                    # the graphs, one backward each and one per GradDrop layer (≈ 2 forwards)
-                    Forward(rows=1, new=RESPONSE_TOKENS, cached=n, count=2 * shape.n_layers + 4,
-                            knob=knob),
-                    # the QK fix: one layer per receiver layer, every sender below it as a row
-                    Forward(rows=max(1, senders // 2), new=RESPONSE_TOKENS, cached=n,
-                            shared=True, knob=knob))  # fmt: skip
+                    Forward(rows=1, new=n, count=2, knob=knob),  # the source, the target prefix
+                    # the graph: one forward, one backward and one per GradDrop layer (≈ 2 each)
+                    Forward(rows=1, new=RESPONSE_TOKENS, cached=n, count=2 * shape.n_layers + 1,
+                            knob=knob))  # fmt: skip
         stages.append(atp)
     if config.paths.inputs:  # two passes per batch of senders, per receiver input
         paths = StagePlan("paths")

@@ -2,8 +2,11 @@
 
 - `knockout` / `KnockoutSpec`: zero, mean, resample, uniform_attention, edge_knockout.
 - `patch_heads`: per-head activation patching (denoising / noising), batched across layers;
-  `screen="atp*"` ranks the heads by attribution patching first and verifies the top exactly.
-- `attribution_patch`: AtP / AtP* (QK fix, GradDrop) estimates for every head.
+  `screen="atp*"` ranks the heads by attribution patching first, verifies the top exactly and
+  samples the rest for the false-negative diagnostic. `patch_nodes`: the same for each head's
+  query, key or value.
+- `attribution_patch`: AtP / AtP* (QK fix on queries and keys, GradDrop) estimates for every
+  head's output, query, key or value.
 - `path_patch`: exact two-pass path patching of sender heads into receivers' q / k / v / resid
   (`path_patch_inputs`: several of q / k / v from one first pass).
 - `cross_patch`: cross-model patching (donor head outputs into a recipient, same input), with
@@ -35,6 +38,7 @@ from mechinterp.interventions.patching import (
     logprob_metric,
     normalised_recovery,
     patch_heads,
+    patch_nodes,
     patch_sets,
     run_from_layer,
 )
@@ -61,6 +65,7 @@ __all__ = [
     "normalised_recovery",
     "patch_head_sets",
     "patch_heads",
+    "patch_nodes",
     "patch_sets",
     "path_patch",
     "path_patch_inputs",

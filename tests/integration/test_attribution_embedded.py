@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from mechinterp.interventions.attribution import attribution_patch
-from mechinterp.interventions.patching import logit_diff_metric, patch_heads
+from mechinterp.interventions.patching import logit_diff_metric, patch_heads, patch_nodes
 from mechinterp.tasks.haystack import essay_corpus
 
 pytestmark = pytest.mark.integration
@@ -47,7 +47,7 @@ def test_atp_ranks_the_heads_as_exact_patching_does(smollm, pair):
     assert exact.clean > 0 > exact.corrupt  # the corruption flips the answer
     effect = exact.values - exact.corrupt
     top10 = set(effect.abs().flatten().argsort(descending=True)[:10].tolist())
-    for opts in ({}, {"qk_fix": True, "grad_drop": True}):
+    for opts in ({}, {"grad_drop": True}):
         est = attribution_patch(smollm, clean, corrupt, metric, patch_from=start, **opts)
         assert spearman(est.effect, effect) >= 0.9, opts
         top30 = set(est.score.flatten().argsort(descending=True)[:30].tolist())
@@ -56,3 +56,17 @@ def test_atp_ranks_the_heads_as_exact_patching_does(smollm, pair):
                            verify_top=30)  # fmt: skip
     got = (screened.values - screened.corrupt).abs().nan_to_num(-1.0)
     assert set(got.flatten().argsort(descending=True)[:10].tolist()) == top10
+
+
+@pytest.mark.parametrize("node", ["q", "k"])
+def test_the_qk_fix_ranks_queries_and_keys_at_least_as_exact_patching_does(smollm, pair, node):
+    clean, corrupt, metric, start = pair
+    exact = patch_nodes(smollm, clean, corrupt, metric, node=node, patch_from=start)
+    effect = exact.values - exact.corrupt
+    plain = attribution_patch(smollm, clean, corrupt, metric, node=node, patch_from=start)
+    fixed = attribution_patch(smollm, clean, corrupt, metric, node=node, patch_from=start,
+                              qk_fix=True)  # fmt: skip
+    assert spearman(fixed.effect, effect) >= 0.95
+    assert spearman(fixed.effect, effect) >= spearman(plain.effect, effect) - 0.005
+    top10 = set(effect.abs().flatten().argsort(descending=True)[:10].tolist())
+    assert top10 <= set(fixed.score.flatten().argsort(descending=True)[:30].tolist())

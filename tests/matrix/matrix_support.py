@@ -22,6 +22,7 @@ PRIMITIVES = (
     "patch_from",
     "joint sets",
     "attribution_patch",
+    "AtP* queries and keys",
     "path_patch",
     "path_patch receivers only",
     "knockout zero",
@@ -44,6 +45,9 @@ HALF_PRECISION = tuple(f"{what} {dtype}" for what in ("patch_heads", "uniform_at
 EXPECTED: dict[str, dict[str, str]] = {name: {} for name in FAMILIES}
 EXPECTED["gpt-oss"]["knockout uniform_attention"] = "learned attention sinks"
 EXPECTED["gpt-oss"]["per-row conditions"] = "learned attention sinks"  # its uniform rows
+_UNHOOKED_ROTARY = "rotary embeddings inside a computation it does not hook"
+for _name in ("phi3", "gpt-neox"):  # their bridge rotates q and k without a hook point
+    EXPECTED[_name]["AtP* queries and keys"] = _UNHOOKED_ROTARY
 
 RESULTS: dict[str, dict[str, dict]] = {}
 
@@ -63,8 +67,9 @@ def record(family: str, primitive: str, diff: float | None, scale: float | None)
 COLUMNS = {
     "patching (per head, per position, `patch_from`, joint sets)": (
         "run_from_layer", "patch_heads", "patch_heads per position", "patch_from", "joint sets"),
-    "AtP / AtP\\*, path patching (q, k)": (
+    "AtP / AtP\\* of head outputs, path patching (q, k)": (
         "attribution_patch", "path_patch", "path_patch receivers only"),
+    "AtP\\* of queries and keys (QK fix)": ("AtP* queries and keys",),
     "knockout `zero` / `mean` / `resample`": (
         "knockout zero", "knockout mean", "knockout resample"),
     "knockout `uniform_attention`": ("knockout uniform_attention",),

@@ -22,7 +22,15 @@ from functools import partial
 
 import pytest
 import torch
-from hand_references import consumed_point, grab, hand_atp, hand_path_patch, pass_one_hooks, run_all
+from hand_references import (
+    consumed_point,
+    grab,
+    hand_atp,
+    hand_path_patch,
+    hand_qk_fix,
+    pass_one_hooks,
+    run_all,
+)
 from matrix_support import EXPECTED, record
 from transformer_lens import patching as tl_patching
 
@@ -203,15 +211,40 @@ def test_attribution_patching_equals_a_hand_written_gradient(family, fused):
         assert ref.abs().max() > 1e-4
         _close(name, "attribution_patch", ours.effect, ref, atol=1e-4,
                scale=float(ref.abs().max()))  # fmt: skip
-        star = attribution_patch(m, CLEAN, CORRUPT, metric, patch_from=PATCH_FROM, qk_fix=True,
-                                 grad_drop=True)  # fmt: skip
-        last = HeadShape.of(m).n_layers - 1  # no later head: the QK fix adds nothing there
-        torch.testing.assert_close(star.effect[last], ours.effect[last])
-        assert torch.isfinite(star.effect).all() and torch.isfinite(star.score).all()
+        star = attribution_patch(m, CLEAN, CORRUPT, metric, patch_from=PATCH_FROM, grad_drop=True)
+        last = HeadShape.of(m).n_layers - 1  # GradDrop: the last layer's score is |AtP|
+        torch.testing.assert_close(star.score[last], ours.effect[last].abs())
+        assert torch.isfinite(star.score).all()
         stars.append(star)
-    if len(stars) == 2:  # the QK fix reads its rows on either path: the same estimate
-        torch.testing.assert_close(stars[1].effect, stars[0].effect, atol=1e-4, rtol=1e-3)
+    if len(stars) == 2:
         torch.testing.assert_close(stars[1].score, stars[0].score, atol=1e-4, rtol=1e-3)
+
+
+def test_qk_fix_equals_the_exact_softmax_change_of_each_query_and_key(family, fused):
+    """AtP*'s QK fix for query and key nodes against `hand_qk_fix`: each node's own layer's
+    pattern read from a forward with that node patched (soft-capping, sinks, sliding windows
+    and q/k norms all in the model's own computation)."""
+    from mechinterp.interventions.attribution import attribution_patch
+
+    name, model = family
+    good, bad, _ = _metric(model)
+    metric = logit_diff_metric(good, bad)
+    primitive = "AtP* queries and keys"
+    if not _supported(name, primitive):
+        with pytest.raises(NotImplementedError, match=EXPECTED[name][primitive]):
+            attribution_patch(model, CLEAN, CORRUPT, metric, node="q", qk_fix=True)
+        record(name, primitive, None, None)
+        return
+    for m in _paths(model, fused):
+        largest = 0.0  # (Mistral's windows keep every patched query from the metric: 0 there)
+        for node in ("q", "k"):
+            ref = hand_qk_fix(m, CLEAN, CORRUPT, metric, node, PATCH_FROM)
+            star = attribution_patch(m, CLEAN, CORRUPT, metric, node=node, qk_fix=True,
+                                     grad_drop=True, patch_from=PATCH_FROM)  # fmt: skip
+            largest = max(largest, float(ref.abs().max()))
+            _close(name, primitive, star.effect, ref, atol=2e-5, scale=float(ref.abs().max()))
+            assert torch.isfinite(star.score).all()
+        assert largest > 1e-6
 
 
 def test_path_patching_equals_a_hand_written_two_pass_reference(family, fused):

@@ -181,8 +181,9 @@ class PatchStage:
 
 @dataclass(frozen=True)
 class AttributionStage:
-    """Step 3b: AtP and AtP* (QK fix + GradDrop) of every head on the patch stage's pairs, set
-    beside that stage's exact per-head values (how well the cheap screen ranks the heads)."""
+    """Step 3b: AtP and AtP* (GradDrop: a head's output has no QK fix) of every head's output on
+    the patch stage's pairs, set beside that stage's exact per-head values (how well the cheap
+    screen ranks the heads)."""
 
     enabled: bool = True
 

@@ -191,9 +191,10 @@ def _path_patching(tables, config, model: str):
 
 
 def screen_quality(attribution: pd.DataFrame, patch: pd.DataFrame) -> pd.DataFrame:
-    """Per pair: Spearman of AtP and AtP* against the exact per-head patching of the same pair
-    (signed estimate vs exact; AtP*'s ranking score vs |exact effect|), and how many of the
-    exact top-10 heads (by |effect|) fall outside AtP*'s top-30."""
+    """Per pair: Spearman against the exact per-head patching of the same pair of AtP's signed
+    estimate (vs the exact metric), of its magnitude and of AtP*'s ranking score (GradDrop) (vs
+    |exact effect|), and how many of the exact top-10 heads (by |effect|) fall outside AtP*'s
+    top-30."""
     exact = patch[patch["kind"] == "head"][["example_id", "name", "value"]]
     both = attribution.merge(exact, on=["example_id", "name"])
     rows = []
@@ -201,11 +202,12 @@ def screen_quality(attribution: pd.DataFrame, patch: pd.DataFrame) -> pd.DataFra
         eff = g["value"] - g["corrupt_metric"]
         top10 = set(g.loc[eff.abs().nlargest(10).index, "name"])
         top30 = set(g.nsmallest(30, "atp_star_rank")["name"])
+        atp_size = (g["atp"] - g["corrupt_metric"]).abs()
         rows.append({
             "example_id": ex, "length": g["length"].iloc[0] if "length" in g else None,
             "flipped": bool(g["flipped"].iloc[0]),
             "spearman_atp": g["atp"].corr(g["value"], method="spearman"),
-            "spearman_atp_star": g["atp_star"].corr(g["value"], method="spearman"),
+            "spearman_atp_magnitude": atp_size.corr(eff.abs(), method="spearman"),
             "spearman_atp_star_score": g["atp_star_score"].corr(eff.abs(), method="spearman"),
             "exact_top10_outside_top30": len(top10 - top30),
         })  # fmt: skip
@@ -465,16 +467,16 @@ def _screen_text(tables) -> list[str]:
     q = screen_quality(tables["attribution"], tables["patch"])
     lines = ["", "## Screening every head with AtP\\*", "",
              "Attribution patching estimates every head's patching effect from two forwards and "
-             "one backward (AtP); AtP\\* adds the QK fix (later heads' softmax recomputed exactly "
-             "for the head's write into their queries and keys) and GradDrop (ranking by the mean "
-             "|estimate| with each layer's gradient dropped). On the patch stage's pairs, against "
-             "its exact per-head values:", "",
-             "| pair | flipped | Spearman AtP | Spearman AtP\\* | Spearman AtP\\* score vs "
-             "\\|exact\\| | exact top-10 outside AtP\\* top-30 |",
+             "one backward (AtP). AtP\\* (Kramár et al. 2024) adds GradDrop, ranking by the mean "
+             "|estimate| over the backward passes with one layer's gradient dropped; its QK fix "
+             "is for a head's queries and keys, not its output, so the signed estimate is "
+             "AtP's. On the patch stage's pairs, against its exact per-head values:", "",
+             "| pair | flipped | Spearman AtP | Spearman \\|AtP\\| vs \\|exact\\| | Spearman "
+             "AtP\\* score vs \\|exact\\| | exact top-10 outside AtP\\* top-30 |",
              "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for r in q.itertuples():
         lines.append(f"| {r.example_id} | {'yes' if r.flipped else 'no'} | {r.spearman_atp:.3f} "
-                     f"| {r.spearman_atp_star:.3f} | {r.spearman_atp_star_score:.3f} | "
+                     f"| {r.spearman_atp_magnitude:.3f} | {r.spearman_atp_star_score:.3f} | "
                      f"{r.exact_top10_outside_top30} |")  # fmt: skip
     return lines
 

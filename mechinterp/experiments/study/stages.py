@@ -559,17 +559,19 @@ def patch_shards(
 def attribution_shard(model, *, example: dict, response: dict, retrieval: list[str],
                       seed: int, max_tries: int, scope: str,
                       template: str | None) -> pd.DataFrame:  # fmt: skip
-    """AtP and AtP* (QK fix + GradDrop) of every head on one sufficiency pair (the patch stage's
-    own pair, `patch_pair`): per head the estimated metric after patching it alone, its
-    estimated recovery and AtP*'s ranking score. The exact values are the patch stage's rows
-    for the same pair; the report sets the two side by side."""
+    """AtP and AtP* of every head's output on one sufficiency pair (the patch stage's own pair,
+    `patch_pair`): per head the estimated metric after patching it alone, its estimated
+    recovery and AtP*'s ranking score. A head's output is neither a query nor a key, so AtP*
+    here is GradDrop (its estimate is AtP's; its score ranks by the mean magnitude over the
+    layer drops). The exact values are the patch stage's rows for the same pair; the report
+    sets the two side by side."""
     from mechinterp.heads import HeadShape, parse_heads
     from mechinterp.interventions.attribution import attribution_patch
 
     pair = patch_pair(model, example, response, seed=seed, max_tries=max_tries, scope=scope,
                       template=template)  # fmt: skip
     star = attribution_patch(model, pair.clean, pair.corrupt, pair.metric, patch_from=pair.start,
-                             qk_fix=True, grad_drop=True)  # fmt: skip
+                             grad_drop=True)  # fmt: skip
     shape = HeadShape.of(model)
     chosen = set(parse_heads(retrieval, shape))
     rank = {h: i for i, h in enumerate(star.ranking())}
