@@ -156,10 +156,12 @@ exact = pd.Series(res.recovery.flatten().tolist())
 print("AtP vs exact recovery, Spearman over all heads:",
       round(pd.Series(est.recovery.flatten().tolist()).corr(exact, method="spearman"), 3))
 fn = screened.settings["false_negatives"]
-print("verified exactly:", screened.settings["verify_top"], "heads; of", fn["n_sampled"],
-      "unverified heads drawn at random,", len(fn["found"]), "move the metric by more than 5 %",
-      f"of the gap; at most {fn['max_above']} of the {fn['n_unverified']} unverified do",
-      f"({fn['confidence']:.0%} confidence)")
+print(
+    f"verified exactly: {screened.settings['verify_top']} heads; of {fn['n_sampled']} "
+    f"unverified heads drawn at random, {len(fn['found'])} move the metric by more than 5 % of "
+    f"the gap; at most {fn['max_above']} of the {fn['n_unverified']} unverified do "
+    f"({fn['confidence']:.0%} confidence)"
+)
 
 # %%
 receivers = list(scores["head_name"].head(3))

@@ -44,6 +44,7 @@ from mechinterp.interventions.resume import (
     PatchResult,
     Prepared,
     check_pair,
+    check_positions,
     filled_cache,
     prefix_cache,
     shared_start,
@@ -361,13 +362,7 @@ def _check(model, clean, corrupt, *, node: str, direction: str, positions, patch
         )
     if grad_drop and HeadShape.of(model).n_layers < 2:
         raise ValueError("grad_drop drops one layer at a time among at least 2 layers")
-    n_pos = len(clean)
-    if not 0 <= patch_from < n_pos:
-        raise ValueError(f"patch_from must lie in [0, {n_pos}), got {patch_from}")
-    pos_list = list(range(n_pos)) if positions is None else list(positions)
-    if any(not 0 <= p < n_pos for p in pos_list):
-        raise ValueError(f"positions must lie in [0, {n_pos}), got {sorted(pos_list)[:3]}…")
-    return pos_list
+    return check_positions(len(clean), positions, patch_from)
 
 
 def _estimates(model, g: _Graph, delta: dict[int, Tensor], node: Node, *, per_position: bool,

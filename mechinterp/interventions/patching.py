@@ -46,6 +46,7 @@ from mechinterp.interventions.resume import (  # noqa: F401  (re-exported: the p
     Prepared,
     _cache,
     check_pair,
+    check_positions,
     check_resumable,
     filled_cache,
     layer_batches,
@@ -173,11 +174,7 @@ def patch_heads(
     if not heads and not sets:
         raise ValueError("no heads to patch")
     n_pos = len(clean)
-    pos_list = list(range(n_pos)) if positions is None else list(positions)
-    if any(not 0 <= p < n_pos for p in pos_list):
-        raise ValueError(f"positions must lie in [0, {n_pos}), got {sorted(pos_list)[:3]}…")
-    if not 0 <= patch_from < n_pos:
-        raise ValueError(f"patch_from must lie in [0, {n_pos}), got {patch_from}")
+    pos_list = check_positions(n_pos, positions, patch_from)
     t0 = time.perf_counter()
     # Before the first corrupted token both runs are identical (causal attention): patching there
     # changes nothing, and every variant shares the target's KV cache for that prefix.
@@ -250,11 +247,7 @@ def patch_nodes(
     shape = HeadShape.of(model)
     n_pos = len(clean)
     chosen = check_units(model, node, units) if units is not None else None
-    pos_list = list(range(n_pos)) if positions is None else list(positions)
-    if any(not 0 <= p < n_pos for p in pos_list):
-        raise ValueError(f"positions must lie in [0, {n_pos}), got {sorted(pos_list)[:3]}…")
-    if not 0 <= patch_from < n_pos:
-        raise ValueError(f"patch_from must lie in [0, {n_pos}), got {patch_from}")
+    pos_list = check_positions(n_pos, positions, patch_from)
     t0 = time.perf_counter()
     device = model.cfg.device
     start = shared_start(clean, corrupt, patch_from)

@@ -290,6 +290,16 @@ def check_pair(model, clean: Sequence[int], corrupt: Sequence[int], direction: s
     check_token_ids(model, corrupt, "corrupt")
 
 
+def check_positions(n_pos: int, positions: Sequence[int] | None, patch_from: int) -> list[int]:
+    """The positions asked for (all by default), each and `patch_from` inside the pair's
+    `n_pos` tokens, or a clear error."""
+    pos_list = list(range(n_pos)) if positions is None else list(positions)
+    if any(not 0 <= p < n_pos for p in pos_list):
+        raise ValueError(f"positions must lie in [0, {n_pos}), got {sorted(pos_list)[:3]}…")
+    if not 0 <= patch_from < n_pos:
+        raise ValueError(f"patch_from must lie in [0, {n_pos}), got {patch_from}")
+    return pos_list
+
 def shared_start(clean: Sequence[int], corrupt: Sequence[int], patch_from: int) -> int:
     """The first position patching can change: before the first differing token both runs are
     identical (causal attention), and nothing before `patch_from` is patched. len(clean) when

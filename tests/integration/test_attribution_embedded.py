@@ -4,11 +4,13 @@ word is", the corrupt prompt saying "lemon"; metric logit(apple) − logit(lemon
 corrupt −7.49), heads patched over the last 8 positions.
 
 Measured (2026-11-30): against exact per-head patching of all 270 heads (largest effect 4.0), AtP
-has Spearman 0.980 and AtP* 0.980, and the exact top-10 heads all rank within the top 11 of both
-(with the planted sentence a quarter in: 0.9997, 0.9998, top 10). On the study's 9 NIAH pairs
+has Spearman 0.980, and the exact top-10 heads all rank within its top 11 (with the planted
+sentence a quarter in: 0.9997, top 10). On the study's 9 NIAH pairs
 (`benchmarks/bench_attribution.py`) AtP's Spearman is 0.975–1.0. The tolerances (Spearman ≥ 0.9,
 exact top-10 inside the top-30, the screened top-10 the exact top-10) fail for a screen that
-ranks at random or misses a top head.
+ranks at random or misses a top head. Queries and keys: the QK-fixed estimate against exact
+`patch_nodes` must reach Spearman ≥ 0.95 and not fall below AtP's (on 3 study pairs,
+`benchmarks/bench_atp_star.py`, AtP's median is 0.92 for both and the QK fix's 1.00).
 """
 
 import pytest
