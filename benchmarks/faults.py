@@ -38,6 +38,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pandas as pd  # noqa: E402
+import torch  # noqa: E402
 
 from mechinterp.tasks.niah import NEEDLES  # noqa: E402
 
@@ -239,11 +240,11 @@ def _cli_cases() -> list[Case]:
         ("knockout-k-exceeds", m("knockout", "--heads", "L0H0", "--ks", "3"),
          "k=3 exceeds the 1 ranked heads"),
         ("knockout-seeds-empty", m("knockout", "--heads", "L0H0", "--seeds", ","),
-         "at least one seed"),
+         "has an empty item between commas"),
         ("knockout-mode", m("knockout", "--heads", "L0H0", "--modes", "mean"),
          "one of 'zero', 'uniform_attention'"),
         ("knockout-mode-repeat", m("knockout", "--heads", "L0H0", "--modes", "zero,zero"),
-         "modes must be distinct"),
+         "modes repeats zero"),
         ("knockout-scores-missing", m("knockout", "--scores", "/nonexistent.parquet"),
          "does not exist"),
         ("knockout-scores-columns", lambda c: ["knockout", "--model", c.model, "--scores",
@@ -323,7 +324,7 @@ def _cli_cases() -> list[Case]:
          ":1: invalid JSON"),
         ("data-directory", lambda c: c.eval_args("--data", str(c.root)), "is not a file"),
         ("extension-no-variants", lambda c: ["study", "extension", "--set", "variants=[]"],
-         "at least one synthetic variant"),
+         "variants is empty, so it selects nothing"),
         ("extension-reference-repeat", lambda c: ["study", "extension", "--set",
                                                   "variants=[realistic-high]"],
          "repeat the reference variant"),
@@ -334,17 +335,88 @@ def _cli_cases() -> list[Case]:
          "tasks repeat a task"),
         ("extension-task-name", lambda c: ["study", "extension", "--task", "niah"],
          "task: expected one of 'mdqa', 'multihop', 'citation'"),
+        # one rule for selections: a repeat is refused, an empty list selects nothing
+        ("eval-lengths-repeat", e("--task", "niah", "--lengths", "128,128", "--depths", "0.5",
+                                  "--needles", "1"), "task.lengths repeats 128"),
+        ("eval-depths-empty-item", e("--depths", "0.5,,1.0"), "has an empty item between commas"),
+        ("knockout-ks-repeat", m("knockout", "--heads", "L0H0,L0H1", "--ks", "1,1"),
+         "ks repeats 1"),
+        ("knockout-ks-empty", m("knockout", "--heads", "L0H0", "--set", "ks=[]"),
+         "ks is empty, so it selects nothing"),
+        ("knockout-head-case-repeat", m("knockout", "--heads", "L0H1 l0h1"), "repeats L0H1"),
+        ("study-seeds-repeat", lambda c: ["study", "--config", str(c.study_yaml), "--set",
+                                          "knockout.seeds=[0,0]"], "knockout.seeds repeats 0"),
+        ("study-scopes-repeat", lambda c: ["study", "--config", str(c.study_yaml), "--set",
+                                           "robustness.scopes=[all,all]"], "repeats all"),
+        # score tables and data files that would otherwise rank or score silently wrong
+        ("knockout-scores-nan", lambda c: ["knockout", "--model", c.model, "--scores",
+                                           str(_table(c, "0,0,0.5\n0,1,nan\n"))],
+         "score is missing, NaN or not a finite number at line 3"),
+        ("knockout-scores-text", lambda c: ["knockout", "--model", c.model, "--scores",
+                                            str(_table(c, "0,0,high\n"))], "at line 2"),
+        ("knockout-scores-repeat", lambda c: ["knockout", "--model", c.model, "--scores",
+                                              str(_table(c, "0,0,0.5\n0,0,0.1\n"))],
+         "heads listed twice: L0H0"),
+        ("knockout-scores-layer", lambda c: ["knockout", "--model", c.model, "--scores",
+                                             str(_table(c, "0.5,0,0.5\n"))],
+         "layer is not a non-negative integer at line 2"),
+        ("data-duplicate-id", lambda c: _data(c, "mdqa", _mdqa_lines(("a", "q1"), ("a", "q2"))),
+         ":2: id 'a' was already used on line 1"),
+        ("data-duplicate-record", lambda c: _data(c, "mdqa", _mdqa_lines((None, "q"),
+                                                                         (None, "q"))),
+         ":2: repeats the record on line 1 exactly"),
+        ("data-empty-question", lambda c: _data(c, "mdqa", _mdqa_lines(("a", " "))),
+         ":1: question is empty"),
+        ("data-not-utf8", lambda c: _data(c, "mdqa", _mdqa_lines(("a", "caf\u00e9")),
+                                          encoding="latin-1"), ":1: not UTF-8 (byte 0xe9"),
+        ("data-before-model", lambda c: ["eval", "--model", "/nonexistent-model", "--task",
+                                         "mdqa", "--data", _data(c, "mdqa", "")[-3]],
+         "no records"),
+        ("plan-budget-negative", lambda c: ["plan", "--budget-gib", "-1"],
+         "positive number of GiB"),
+        ("plan-budget-nan", lambda c: ["plan", "--budget-gib", "nan"], "positive number of GiB"),
     ]
-    return [Case(f"cli/{name}", name, refuses(argv, phrase)) for name, argv, phrase in rows]
+    cases = [Case(f"cli/{name}", name, refuses(argv, phrase, root=not name.startswith("plan")))
+             for name, argv, phrase in rows]  # fmt: skip
+    cases.append(Case("cli/knockout-heads-spaces", "--heads separated by spaces", _heads_spaces))
+    return cases
+
+
+def _heads_spaces(ctx: Ctx) -> tuple[str, str]:
+    """`--heads "L1H3 L0H2"` (as the docs and `parse_heads` write lists) is two heads, in order."""
+    from mechinterp.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(["knockout", "--heads", "L1H3 L0H2", "--print-config"])
+    heads = [line for line in out.getvalue().splitlines() if line.startswith("heads:")]
+    ok = code == 0 and heads == ["heads: [L1H3, L0H2]"]
+    return ("recovered" if ok else "silent"), f"exit {code}, {heads}"
+
+
+def _table(ctx: Ctx, rows: str) -> Path:
+    path = ctx.tmp() / "scores.csv"
+    path.write_text("layer,head,score\n" + rows)
+    return path
+
+
+def _mdqa_lines(*records: tuple[str | None, str]) -> str:
+    """JSONL of MDQA records, each (id or None, question)."""
+    out = []
+    for rid, question in records:
+        rec = {"question": question, "answers": ["x"],
+               "ctxs": [{"title": "t", "text": "x is here.", "isgold": True}]}  # fmt: skip
+        out.append(json.dumps({"id": rid, **rec} if rid else rec, ensure_ascii=False))
+    return "\n".join(out) + "\n"
 
 
 def _fixture(name: str) -> str:
     return (Path(__file__).parent.parent / "tests" / "fixtures" / name).read_text()
 
 
-def _data(ctx: Ctx, task: str, text: str) -> list[str]:
+def _data(ctx: Ctx, task: str, text: str, encoding: str = "utf-8") -> list[str]:
     path = ctx.tmp() / "data.jsonl"
-    path.write_text(text)
+    path.write_text(text, encoding=encoding)
     return ["eval", "--model", ctx.model, "--task", task, "--data", str(path),
             "--max-new-tokens", "1"]  # fmt: skip
 
@@ -419,8 +491,86 @@ def _api_cases() -> list[Case]:
         ("run-options-engine", lambda c: __import__(
             "mechinterp.experiments.rundir", fromlist=["x"]).RunOptions(engine="spark"),
          "engine must be 'local' or 'ray'"),
+        ("patch-positions-empty", patch([1, 2, 3], [1, 2, 4], positions=[]),
+         "positions=[] selects no position"),
+        ("patch-positions-repeat", patch([1, 2, 3], [1, 2, 4], positions=[2, 2]),
+         "positions repeat [2]"),
+        ("patch-ragged-batch", patch([[1, 2, 3], [4]], [[1, 2, 4], [5]]), "(a batch?)"),
+        ("patch-2d-tensor", patch(torch.tensor([[1, 2, 3]]), torch.tensor([[1, 2, 4]])),
+         "a 1-D tensor; got shape (1, 3)"),
+        ("patch-not-loaded", with_model(lambda m, c: __import__(
+            "mechinterp.interventions", fromlist=["x"]).patch_heads(
+            _Bare(m), [1, 2, 3], [1, 2, 4], lambda logits: logits[:, 0])),
+         "not loaded by mechinterp.load_model"),
+        ("knockout-not-loaded", with_model(lambda m, c: _knock_bare(m)),
+         "not loaded by mechinterp.load_model"),
+        ("sweep-ks-repeat", with_model(lambda m, c: __import__(
+            "mechinterp.interventions.sweep", fromlist=["x"]).knockout_sweep(
+            m, [], ["L0H0", "L0H1"], ks=[1, 1])), "ks repeats 1"),
+        ("sweep-no-examples", with_model(lambda m, c: __import__(
+            "mechinterp.interventions.sweep", fromlist=["x"]).knockout_sweep(
+            m, [], ["L0H0"], ks=[1])), "examples is empty"),
+        ("niah-lengths-repeat", with_model(lambda m, c: __import__(
+            "mechinterp.tasks.niah", fromlist=["x"]).niah_grid(
+            m.tokenizer, lengths=[256, 256], depths=[0.5], needles=1)), "lengths repeats 256"),
+        ("stats-level", lambda c: __import__("mechinterp.analysis.stats", fromlist=["x"])
+         .correlate([1, 2, 3, 4], [2, 1, 4, 3], level=95), "level must lie in (0, 1)"),
+        ("plan-budget", lambda c: __import__("mechinterp.experiments.plan", fromlist=["x"]).plan(
+            __import__("mechinterp.experiments.study", fromlist=["x"]).StudyConfig(),
+            budget_gib=-1.0), "positive number of GiB"),
     ]
-    return [Case(f"api/{name}", name, raises(fn, phrase)) for name, fn, phrase in rows]
+    cases = [Case(f"api/{name}", name, raises(fn, phrase)) for name, fn, phrase in rows]
+    cases += [
+        Case("api/knockout-entered-twice", "one knockout(...) object entered twice",
+             raises(with_model(lambda m, c: _knock_twice(m)), "was already entered once",
+                    RuntimeError)),
+        Case("api/full-disk", "a table written to a full disk",
+             raises(_full_disk, "No space left on device while writing", OSError)),
+    ]
+    return cases
+
+
+class _Bare:
+    """A bridge's config without the model card `load_model` attaches."""
+
+    def __init__(self, model) -> None:
+        self.cfg = model.cfg
+
+
+def _knock_bare(model) -> None:
+    from mechinterp.heads import Head
+    from mechinterp.interventions.knockout import KnockoutSpec, knockout
+
+    with knockout(_Bare(model), KnockoutSpec(heads=(Head(0, 0),), scope="all")):
+        pass
+
+
+def _knock_twice(model) -> None:
+    from mechinterp.heads import Head
+    from mechinterp.interventions.knockout import KnockoutSpec, knockout
+
+    block = knockout(model, KnockoutSpec(heads=(Head(0, 0),), scope="all"))
+    with block:
+        model(torch.tensor([[1, 2, 3]]))
+    with block:
+        model(torch.tensor([[1, 2, 3]]))
+
+
+def _full_disk(ctx: Ctx) -> None:
+    """ENOSPC from the final rename of an atomic write; the message must name the file."""
+    import errno
+
+    from mechinterp import store
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    real = store.os.replace
+    store.os.replace = full
+    try:
+        store.write_table(pd.DataFrame({"a": [1]}), ctx.tmp() / "t.csv")
+    finally:
+        store.os.replace = real
 
 
 # ---- run directories: refusals of damaged runs, and faults that must be survived
@@ -471,7 +621,7 @@ def _rundir_cases() -> list[Case]:
          "knockout.parquet is missing"),
         ("report-study-no-patch", "study", rm("patch.parquet"), "patch.parquet is missing"),
         ("report-study-altered", "study", alter("patch.parquet"), "patch.parquet was altered"),
-        ("report-study-no-provenance", "study", rm("provenance.json"), "holds no finished study"),
+        ("report-study-no-provenance", "study", rm("provenance.json"), "has no provenance.json"),
         ("report-study-bad-config-json", "study",
          lambda out, ctx: (out / "config.json").write_text("{not json"), "not valid JSON"),
         ("report-study-no-config", "study", rm("config.json"), "no config.json"),
@@ -481,6 +631,10 @@ def _rundir_cases() -> list[Case]:
          "figures"),
         ("figures-eval-altered", "eval", alter("results.parquet"), "was altered", "figures"),
         ("report-on-eval", "eval", lambda out, ctx: None, "has tables and figures, no claims"),
+        ("figures-eval-no-provenance", "eval", rm("provenance.json"), "has no provenance.json",
+         "figures"),
+        ("figures-study-no-provenance", "study", rm("provenance.json"), "has no provenance.json",
+         "figures"),
     ]
     cases = [Case(f"rundir/{r[0]}", r[0], report(r[1], r[2], r[3], *r[4:])) for r in rows]
     cases += [

@@ -80,7 +80,6 @@ def _print_headline(out) -> None:
 
 def _kind(run: Path) -> str:
     """What wrote a run directory: a single command's name, study, extension or tasks."""
-    import json
 
     from mechinterp.experiments.extension.report import is_extension_run
     from mechinterp.experiments.extension.tasks import is_tasks_run
@@ -92,8 +91,11 @@ def _kind(run: Path) -> str:
     if is_extension_run(run):
         return "extension"
     prov = run / "provenance.json"
-    command = json.loads(prov.read_text()).get("command") if prov.is_file() else None
-    return command or "study"
+    if not prov.is_file():  # written last: a study and a single command differ only there
+        raise ValueError(f"{run} has no provenance.json, so it is not a finished run (or the file "
+                         "was removed): rerun the command that wrote it; finished shards are "
+                         "reused")  # fmt: skip
+    return read_json(prov, what="run provenance").get("command") or "study"
 
 
 def cmd_figures(args) -> int:

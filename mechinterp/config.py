@@ -15,6 +15,10 @@
   (any case) are bools, so `flag=true` gives a bool while `yes`, `no`, `on` and `off` stay
   strings. `1e-3` is a float (PyYAML's YAML 1.1 reads it as a string). An empty value
   (`data=`) is null.
+- Lists follow one rule: a repeated value is refused, naming it (`lengths=128,128` would run
+  and count one instance twice), and so is an empty item between commas; an empty list is
+  refused where the field's default is not empty (it would select nothing), and means "none"
+  where the default is empty. `check_lists` applies the rule to a config built in Python.
 - A ValueError from a dataclass's `__post_init__` comes back as a ConfigError prefixed with
   where it happened (`task: depths must lie in [0, 1], got (2.0,)`).
 """
@@ -30,6 +34,8 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
+
+from mechinterp.selection import check_selection
 
 T = TypeVar("T")
 _NONE = type(None)
@@ -179,12 +185,61 @@ def _build(cls: type[T], data: Any, where: str, base: Any) -> T:
             kwargs[name] = getattr(base, name)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{where or cls.__name__}: missing required key {name!r}")
+    for name in data:
+        at = f"{where}.{name}" if where else name
+        _check_list(hints[name], kwargs[name], fields[name], at)
     try:
         return cls(**kwargs)
     except ConfigError:
         raise
     except ValueError as e:
         raise ConfigError(f"{where or cls.__name__}: {e}") from e
+
+
+def check_lists(config: Any, where: str = "") -> None:
+    """Apply the list rule (`_check_list`) to every list field of a dataclass config and of the
+    configs nested in it: what `from_dict` checks as it reads, for a config built in Python."""
+    if not dataclasses.is_dataclass(config) or isinstance(config, type):
+        raise TypeError(f"check_lists needs a dataclass instance, got {config!r}")
+    hints = get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        if not f.init:
+            continue
+        at = f"{where}.{f.name}" if where else f.name
+        value = getattr(config, f.name)
+        _check_list(hints[f.name], value, f, at)
+        items = value if isinstance(value, tuple) else (value,)
+        for item in items:
+            if dataclasses.is_dataclass(item) and not isinstance(item, type):
+                check_lists(item, at)
+
+
+#: `field(default=..., metadata=EMPTY_SKIPS)`: an empty list skips what the field configures
+#: (a stage), although its default is not empty.
+EMPTY_SKIPS = {"empty": "skips"}
+
+
+def _check_list(tp: Any, value: Any, f: dataclasses.Field, at: str) -> None:
+    """The selection rule (`mechinterp.selection`) for a list field: a repeated value is
+    refused; an empty list too where the field's default is not empty (it would select
+    nothing), unless the field is marked `EMPTY_SKIPS`; where the default is empty, empty
+    means none."""
+    if not (isinstance(value, tuple) and _is_list_type(tp)):
+        return
+    default = _default(f)
+    if any(dataclasses.is_dataclass(v) for v in value):  # their own check names what repeats
+        value = tuple(range(len(value)))
+    try:
+        check_selection(at, value, empty=not default or f.metadata.get("empty") == "skips")
+    except ValueError as e:
+        shown = f" (default: {','.join(map(str, _plain(default)))})" if not value else ""
+        raise ConfigError(f"{e}{shown}") from None
+
+
+def _is_list_type(tp: Any) -> bool:
+    """`tuple[X, ...]`, or an optional one."""
+    arms = get_args(tp) if get_origin(tp) in (Union, types.UnionType) else (tp,)
+    return any(get_origin(a) is tuple and get_args(a)[1:] == (...,) for a in arms)
 
 
 def _convert(tp: Any, value: Any, where: str, default: Any = None, *, text: bool = False) -> Any:
@@ -230,7 +285,10 @@ def _convert(tp: Any, value: Any, where: str, default: Any = None, *, text: bool
 
 def _tuple(args: tuple, value: Any, where: str) -> tuple:
     if isinstance(value, str):
-        items, text = [s.strip() for s in value.split(",") if s.strip()], True
+        items, text = [s.strip() for s in value.split(",")], True
+        if len(items) > 1 and not all(items):
+            raise ConfigError(f"{where}: {value!r} has an empty item between commas")
+        items = [s for s in items if s]
     elif isinstance(value, list | tuple):
         items, text = list(value), False
     elif isinstance(value, int | float):  # a single value: `ks=5`

@@ -9,14 +9,19 @@ import/export boundary.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from numbers import Integral
 from typing import NamedTuple
 
 _HEAD_PATTERNS = (
     re.compile(r"^\s*L(\d+)\s*H(\d+)\s*$", re.IGNORECASE),
     re.compile(r"^\s*(\d+)\s*[-.:/]\s*(\d+)\s*$"),
 )
+
+
+def _is_index(value) -> bool:
+    return isinstance(value, Integral) and not isinstance(value, bool) and value >= 0
 
 
 class Head(NamedTuple):
@@ -43,6 +48,22 @@ class Head(NamedTuple):
         raise ValueError(f"cannot parse head {text!r}; write it as L18H6 or 18-6")
 
 
+NOT_LOADED = (
+    "this model was not loaded by mechinterp.load_model, so it has no model card "
+    "(.mechinterp_card) to read its heads from: load it with mechinterp.load_model(name or "
+    "path), or wrap an in-memory Hugging Face model with "
+    "mechinterp.models.load.boot_bridge(hf_model, tokenizer, directory, model_id=..., "
+    "dtype=..., device=...)"
+)
+
+
+def check_loaded(model) -> None:
+    """Refuse a model that `load_model` did not build (no `.mechinterp_card`)."""
+    if getattr(model, "mechinterp_card", None) is None:
+        raise ValueError(NOT_LOADED)
+
+
+
 @dataclass(frozen=True)
 class HeadShape:
     """The head geometry of a model: enough to validate heads and map query → KV heads."""
@@ -63,6 +84,8 @@ class HeadShape:
     def of(cls, model) -> HeadShape:
         """From a loaded model (its model card) or anything with n_layers/n_heads/n_kv_heads."""
         card = getattr(model, "mechinterp_card", model)
+        if not all(hasattr(card, n) for n in ("n_layers", "n_heads", "n_kv_heads")):
+            check_loaded(model)  # a bridge (or anything else) without a card
         return cls(int(card.n_layers), int(card.n_heads), int(card.n_kv_heads))
 
     @property
@@ -125,18 +148,21 @@ def parse_heads(
         raise TypeError(
             f"parse_heads needs heads like 'L18H6,L3H1' or [(18, 6), (3, 1)], got {spec!r}"
         )
-    items = re.split(r"[,\s;]+", spec.strip()) if isinstance(spec, str) else list(spec)
     heads = []
-    for item in items:
-        if isinstance(item, str):
-            if not item:
-                continue
-            head = Head.parse(item)
-        else:
+    for item in [spec] if isinstance(spec, str) else list(spec):
+        if isinstance(item, str):  # one string may hold several heads: "L18H6 L3H1"
+            heads += [Head.parse(s) for s in re.split(r"[,\s;]+", item.strip()) if s]
+            continue
+        if isinstance(item, Head):
+            head = item
+        elif isinstance(item, Sequence) and len(item) == 2 and all(map(_is_index, item)):
             head = Head(int(item[0]), int(item[1]))
-        if shape is not None:
-            shape.validate(head)
+        else:
+            raise ValueError(f"{item!r} is not a head; write 'L18H6' or the pair (18, 6)")
         heads.append(head)
+    if shape is not None:
+        for head in heads:
+            shape.validate(head)
     dupes = sorted({str(h) for h in heads if heads.count(h) > 1})
     if dupes:
         raise ValueError(f"head list repeats {', '.join(dupes)}")

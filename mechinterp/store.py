@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -23,23 +24,37 @@ import pandas as pd
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temp path beside `path`; on success rename it over `path`, else delete it."""
+    """Yield a temp path beside `path`; on success rename it over `path`, else delete it. A
+    full disk (or quota) is reported with the path that could not be written."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    with _naming_full_disk(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
-        if tmp_path.is_file():
-            os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; honour the umask
-        os.replace(tmp_path, path)
+        with _naming_full_disk(path):
+            yield tmp_path
+            if tmp_path.is_file():
+                os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; honour the umask
+            os.replace(tmp_path, path)
     except BaseException:
         if tmp_path.is_dir():
             shutil.rmtree(tmp_path, ignore_errors=True)
         else:
             tmp_path.unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def _naming_full_disk(path: Path) -> Iterator[None]:
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT) or str(path) in str(e):
+            raise
+        raise OSError(e.errno, f"{os.strerror(e.errno)} while writing {path}: free space "
+                      "there, or write the run elsewhere (--root)") from e  # fmt: skip
 
 
 def _umask() -> int:

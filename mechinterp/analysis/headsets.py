@@ -17,6 +17,7 @@ from scipy import stats
 from torch import Tensor
 
 from mechinterp.heads import Head, HeadSet, HeadShape
+from mechinterp.selection import check_selection
 
 HeadScores = Float[Tensor, "layer head"]
 #: The second operand of a comparison: its shape is checked by `_same_shape` with a clear error,
@@ -216,6 +217,7 @@ def random_complements(
     match_layers: Sequence[Head] | None = None,
 ) -> dict[int, HeadSet]:
     """`random_complement` once per seed: the baseline sets of a knockout sweep."""
+    seeds = check_selection("seeds", seeds)
     ranked = tuple(ranked)
     return {
         s: random_complement(ranked, k, shape, seed=s, match_layers=match_layers) for s in seeds

@@ -94,6 +94,7 @@ def correlate(
 
     Resamples whose x or y is constant (correlation undefined) are dropped and counted.
     """
+    _check_level(level)
     xa, ya = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     if xa.shape != ya.shape or xa.ndim != 1:
         raise ValueError(f"x and y must be 1-D of equal length, got {xa.shape} and {ya.shape}")
@@ -175,6 +176,7 @@ def stratified_correlation(
     - `p_value`: the t approximation with n − 1 − n_strata degrees of freedom (NaN below 1).
     - CI: percentile bootstrap resampling items within each stratum (a description, as in
       `correlate`)."""
+    _check_level(level)
     xa, ya = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     labels = np.asarray(strata, dtype=object).astype(str)
     if not xa.shape == ya.shape == labels.shape or xa.ndim != 1:

@@ -25,6 +25,7 @@ import pandas as pd
 
 from mechinterp import store
 from mechinterp.experiments import rundir
+from mechinterp.experiments.specs import check_inputs
 from mechinterp.runner import Shard, ShardStats, run_shards
 
 
@@ -85,6 +86,7 @@ def run_command(
     from mechinterp.tasks.example import write_jsonl
 
     opts = rundir.RunOptions(**options)
+    check_inputs(config)
     out = opts.directory(root, config)
     rundir.check_writable(out)
     t0 = time.perf_counter()

@@ -57,7 +57,8 @@ class KnockoutConfig:
             raise ValueError("give exactly one of --heads (a ranked list) or --scores (a table)")
         if self.scores is not None and not Path(self.scores).exists():
             raise ValueError(f"scores {self.scores} does not exist")
-        parse_heads(self.heads)  # syntax and repeats now; against the model's shape later
+        # syntax and repeats now (one head per item: "L1H2 L3H4" is two); the shape later
+        object.__setattr__(self, "heads", tuple(map(str, parse_heads(self.heads))))
         if not self.modes or len(set(self.modes)) < len(self.modes):
             raise ValueError(f"modes must be distinct, and at least one, got {list(self.modes)}")
         if not self.ks or min(self.ks) < 1 or not self.seeds:

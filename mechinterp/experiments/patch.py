@@ -50,7 +50,8 @@ class HeadSelection:
             raise ValueError("--threshold and --top-k select from a score table: give --scores")
         if self.scores is not None and not Path(self.scores).exists():
             raise ValueError(f"scores {self.scores} does not exist")
-        parse_heads(self.heads)  # syntax and repeats now; against the model's shape later
+        # syntax and repeats now (one head per item: "L1H2 L3H4" is two); the shape later
+        object.__setattr__(self, "heads", tuple(map(str, parse_heads(self.heads))))
 
     def __bool__(self) -> bool:
         return bool(self.heads or self.scores)

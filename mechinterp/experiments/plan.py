@@ -341,6 +341,8 @@ def plan(config, *, budget_gib: float | None = None) -> tuple[list[PlanRow], Sha
     shape, and what the budget is (a stage fits when `SAFETY` × its peak is within it)."""
     from mechinterp.experiments.detect import DetectConfig
 
+    if budget_gib is not None and not (math.isfinite(budget_gib) and budget_gib > 0):
+        raise ValueError(f"the memory budget must be a positive number of GiB, got {budget_gib}")
     shape = model_shape(config.model)
     if budget_gib is None:
         budget, where = budget_bytes(config.model.device)

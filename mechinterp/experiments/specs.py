@@ -3,6 +3,7 @@ the provenance facts every run records, and reading a head-score table."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,6 +112,39 @@ class TaskSpec:
         return f"niah-{self.haystack}" if self.task == "niah" else f"{self.task}-{self.variant}"
 
 
+def check_inputs(config) -> None:
+    """What a run can check before its model loads (about 40 s for the embedded model): the
+    config's lists (`mechinterp.config.check_lists`), every data file it names, read through
+    its task's loader, and every head-score table it names."""
+    from mechinterp.config import check_lists
+
+    check_lists(config)
+    for value in _nested(config):
+        if isinstance(value, TaskSpec) and value.data is not None:
+            qa_examples(value.task, data=value.data, n=value.n, variant=value.variant,
+                        n_docs=value.n_docs, seed=value.seed)  # fmt: skip
+    for name, value in _named_fields(config):
+        if name.endswith("scores") and isinstance(value, str):
+            read_head_scores(value)
+
+
+def _nested(config):
+    """`config` and every dataclass config inside it."""
+    yield config
+    for _, value in _named_fields(config):
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            yield from _nested(value)
+
+
+def _named_fields(config):
+    """(name, value) of each field of `config` and of the configs nested in it."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        yield f.name, value
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            yield from _named_fields(value)
+
+
 def _load(config, model):
     """(model, start time, load seconds): the config's model unless one is passed in."""
     t0 = time.perf_counter()
@@ -199,7 +233,44 @@ def read_head_scores(path: str | Path) -> pd.DataFrame:
     missing = {"layer", "head", "score"} - set(table.columns)
     if missing:
         raise ValueError(f"{path} is not a head-score table (missing {sorted(missing)})")
+    table = _check_score_rows(path, table)
     return table.sort_values(["score", "layer", "head"], ascending=[False, True, True])
+
+
+def _check_score_rows(path: Path, table: pd.DataFrame) -> pd.DataFrame:
+    """`table` with integer layers and heads and float scores, or an error for a table that
+    would rank silently wrong: a score that is missing, NaN or not a finite number (its head
+    would drop out of the ranking and could be drawn as a random head), a layer or head that is
+    not a non-negative integer, or a head listed twice. Rows are named as the file counts them
+    (CSV: the line number, after the header)."""
+
+    def where(bad) -> str:
+        name = (lambda i: f"line {i + 2}") if path.suffix != ".parquet" else (lambda i: f"row {i}")
+        shown = [name(i) for i, b in enumerate(bad) if b]
+        return ", ".join(shown[:5]) + (" …" if len(shown) > 5 else "")
+
+    score = pd.to_numeric(table["score"], errors="coerce").astype(float)
+    bad = ~(score.abs() < float("inf"))
+    if bad.any():
+        raise ValueError(f"{path}: score is missing, NaN or not a finite number at "
+                         f"{where(bad)}; every head needs a score (drop the row to leave a head "
+                         "out)")  # fmt: skip
+    index = {}
+    for col in ("layer", "head"):
+        num = pd.to_numeric(table[col], errors="coerce").astype(float)
+        bad = ~((num >= 0) & (num == num.round()) & (num < 2**31))
+        if bad.any():
+            raise ValueError(f"{path}: {col} is not a non-negative integer at {where(bad)}")
+        index[col] = num.astype(int)
+    clean = table.assign(layer=index["layer"], head=index["head"], score=score)
+    repeated = clean.duplicated(["layer", "head"], keep=False)
+    if repeated.any():
+        firsts = clean[repeated].drop_duplicates(["layer", "head"])
+        heads = ", ".join(f"L{la}H{h}" for la, h in zip(firsts["layer"], firsts["head"],
+                                                          strict=True))  # fmt: skip
+        raise ValueError(f"{path}: heads listed twice: {heads} (at {where(repeated)}); give "
+                         "each head one row")  # fmt: skip
+    return clean
 
 
 def heads_from_scores(

@@ -16,7 +16,6 @@ Modes: `zero` and `uniform_attention` (the sweep modes; both need no per-example
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 
@@ -25,6 +24,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mechinterp.heads import HeadShape
+from mechinterp.interventions.context import single_use
 from mechinterp.interventions.knockout import (
     KnockoutSpec,
     check_pre_softmax,
@@ -62,7 +62,7 @@ def _row_masks(specs: Sequence[KnockoutSpec], shape: HeadShape) -> dict[str, Ten
     return masks
 
 
-@contextmanager
+@single_use
 def knockout_rows(model, specs: Sequence[KnockoutSpec]) -> Iterator[dict]:
     """Row i of every forward inside the block is knocked out by `specs[i]` (empty spec: none).
 

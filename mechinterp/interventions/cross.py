@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from functools import partial
 from typing import Literal
 
@@ -34,9 +33,11 @@ from tqdm.auto import tqdm
 
 from mechinterp.analysis.headsets import Draw
 from mechinterp.heads import Head, HeadShape, parse_heads
+from mechinterp.interventions.context import single_use
 from mechinterp.interventions.knockout import _by_layer
 from mechinterp.models.attention import output_projection as _o_proj
 from mechinterp.models.kv_cache import NEW_NAME, OLD_NAME, cache_kwargs, new_cache, passed_cache
+from mechinterp.selection import check_selection
 from mechinterp.tasks.example import Example
 
 
@@ -99,7 +100,7 @@ def _mixed_output(recipient, donor, layer: int, z_rec: Tensor, z_don: Tensor, he
     return mixed.to(dtype)
 
 
-@contextmanager
+@single_use
 def cross_patch(
     recipient, donor, heads: Sequence[Head] | str, *, patched: Patched = "output"
 ) -> Iterator[dict]:
@@ -218,6 +219,7 @@ def patch_head_sets(
     (`"uniform"`). Empty sets are left out (there is nothing to patch)."""
     from mechinterp.analysis.headsets import draw_baseline
 
+    check_selection("seeds", seeds)
     donor_heads = parse_heads(donor_heads, shape)
     recipient_heads = parse_heads(recipient_heads, shape)
     if not donor_heads:

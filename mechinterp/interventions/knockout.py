@@ -29,7 +29,6 @@ intact.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Literal
@@ -39,6 +38,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mechinterp.heads import Head, HeadShape, parse_heads
+from mechinterp.interventions.context import single_use
 from mechinterp.models.attention import ScoreEditor
 from mechinterp.models.attention import edit_scores as fused_edit_scores
 
@@ -283,7 +283,7 @@ def _query_mask(spec: KnockoutSpec, geo: _Geometry, starts: Tensor, device) -> T
     return inside & torch.isin(q_abs, wanted)
 
 
-@contextmanager
+@single_use
 def knockout(
     model,
     spec: KnockoutSpec,

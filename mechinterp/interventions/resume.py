@@ -8,10 +8,12 @@ metrics and the result type (`PatchResult`). `patching` (per-head patching), `at
 from __future__ import annotations
 
 import copy
+from collections import Counter
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
+from numbers import Integral
 from typing import Literal
 
 import torch
@@ -275,6 +277,10 @@ def layer_batches(variants: list[tuple], batch_size: int, n_layers: int) -> list
 def check_pair(model, clean: Sequence[int], corrupt: Sequence[int], direction: str,
                batch_size: int) -> None:  # fmt: skip
     """Refuse a clean / corrupt pair (or options) that patching cannot use, naming the fix."""
+    from mechinterp.models.tokens import check_token_ids
+
+    check_token_ids(model, clean, "clean")
+    check_token_ids(model, corrupt, "corrupt")
     if len(clean) != len(corrupt):
         raise ValueError(
             f"clean ({len(clean)} tokens) and corrupt ({len(corrupt)}) must have the same length: "
@@ -284,16 +290,20 @@ def check_pair(model, clean: Sequence[int], corrupt: Sequence[int], direction: s
         raise ValueError(f"direction must be 'denoise' or 'noise', got {direction!r}")
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
-    from mechinterp.models.tokens import check_token_ids
-
-    check_token_ids(model, clean, "clean")
-    check_token_ids(model, corrupt, "corrupt")
 
 
 def check_positions(n_pos: int, positions: Sequence[int] | None, patch_from: int) -> list[int]:
     """The positions asked for (all by default), each and `patch_from` inside the pair's
     `n_pos` tokens, or a clear error."""
     pos_list = list(range(n_pos)) if positions is None else list(positions)
+    if positions is not None and not pos_list:
+        raise ValueError("positions=[] selects no position, so nothing would be patched: "
+                         "pass positions=None for all, or list the ones to patch")  # fmt: skip
+    if any(not isinstance(p, Integral) or isinstance(p, bool) for p in pos_list):
+        raise ValueError(f"positions must be token indices (ints), got {pos_list[:3]}")
+    repeated = sorted(p for p, n in Counter(pos_list).items() if n > 1)
+    if repeated:
+        raise ValueError(f"positions repeat {repeated}; give each position once")
     if any(not 0 <= p < n_pos for p in pos_list):
         raise ValueError(f"positions must lie in [0, {n_pos}), got {sorted(pos_list)[:3]}…")
     if not 0 <= patch_from < n_pos:

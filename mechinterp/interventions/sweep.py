@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from mechinterp.analysis.headsets import random_complement
 from mechinterp.heads import Head, HeadShape, parse_heads
 from mechinterp.interventions.knockout import KnockoutSpec, knockout
+from mechinterp.selection import check_selection
 from mechinterp.tasks.example import Example
 
 #: Modes a sweep can run without per-example inputs (mean/resample need a reference set;
@@ -48,16 +49,17 @@ def knockout_sweep(
 
     shape = HeadShape.of(model)
     ranked = parse_heads(ranked, shape)
-    ks = sorted({int(k) for k in ks})
-    if not ks or ks[0] < 1:
+    ks = sorted(int(k) for k in check_selection("ks", ks))
+    check_selection("seeds", seeds)
+    check_selection("modes", modes)
+    if ks[0] < 1:
         raise ValueError("ks must be positive head counts")
     if ks[-1] > len(ranked):
         raise ValueError(f"k={ks[-1]} exceeds the {len(ranked)} ranked heads given")
     bad = [m for m in modes if m not in SWEEP_MODES]
     if bad:
         raise ValueError(f"sweep modes must be among {SWEEP_MODES}, got {bad}")
-    if not seeds:
-        raise ValueError("at least one seed is needed for the random baseline")
+    check_selection("examples", [ex.id for ex in examples])
     pool = ranked[: ranked_pool or ks[-1]]
     runs: list[tuple[str, int, str, int | None, tuple[Head, ...]]] = [("none", 0, "none", None, ())]
     for mode in modes:

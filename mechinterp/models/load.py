@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from transformer_lens.model_bridge import TransformerBridge
 
+from mechinterp.heads import check_loaded
 from mechinterp.models.embedded import (
     EMBEDDED,
     converted_dir,
@@ -101,10 +102,8 @@ def tune_allocator() -> bool:
 
 
 def model_card(model: TransformerBridge) -> ModelCard:
-    card = getattr(model, "mechinterp_card", None)
-    if card is None:
-        raise ValueError("this model was not loaded by mechinterp.load_model: it has no model card")
-    return card
+    check_loaded(model)
+    return model.mechinterp_card
 
 
 def load_model(

@@ -38,6 +38,7 @@ from mechinterp.tasks.mdqa import (
     HaystackDiversity,
     build_documents,
     check_synthetic_args,
+    decode_utf8,
     synthetic_example,
 )
 from mechinterp.tasks.needles import NeedleRealism, make_facts
@@ -239,7 +240,7 @@ def load_summhay(path: str | Path, *, limit: int | None = None) -> list[Example]
     """One example per subtopic of a SummHay haystack JSON file (all its documents, in order)."""
     path = Path(path)
     try:
-        topic = json.loads(path.read_text(encoding="utf-8"))
+        topic = json.loads(decode_utf8(path.read_bytes(), str(path)))
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: not a readable SummHay haystack JSON file ({e})") from e
     try:

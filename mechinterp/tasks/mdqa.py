@@ -49,8 +49,9 @@ def read_records(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """
     path = Path(path)
     seen = False
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            line = decode_utf8(raw, f"{path}:{lineno}")
             if not line.strip():
                 continue
             try:
@@ -58,11 +59,22 @@ def read_records(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from e
             if not isinstance(record, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(record)}")
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, got "
+                                 f"{type(record).__name__}")  # fmt: skip
             seen = True
             yield lineno, record
     if not seen:
         raise ValueError(f"{path}: no records (the file is empty)")
+
+
+def decode_utf8(raw: bytes, where: str) -> str:
+    """`raw` decoded as UTF-8 (a leading byte-order mark dropped), or an error naming `where`
+    and the byte that is not UTF-8."""
+    try:
+        return raw.decode("utf-8-sig" if raw.startswith(b"\xef\xbb\xbf") else "utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{where}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1});"
+                         " save the file as UTF-8") from None  # fmt: skip
 
 
 def check_limit(limit: int | None) -> None:
@@ -71,17 +83,26 @@ def check_limit(limit: int | None) -> None:
         raise ValueError(f"limit must be >= 0 or None, got {limit}")
 
 
-def as_str(value: Any, what: str) -> str:
-    """`value` if it is a string, else a ValueError naming the field `what`."""
+def as_str(value: Any, what: str, *, empty: bool = False) -> str:
+    """`value` if it is a string (and, unless `empty`, not blank), else a ValueError naming the
+    field `what`."""
     if not isinstance(value, str):
         raise ValueError(f"{what} must be a string, got {value!r}")
+    if not empty and not value.strip():
+        raise ValueError(f"{what} is empty")
     return value
 
 
-def as_str_list(value: Any, what: str) -> tuple[str, ...]:
-    """`value` as a tuple if it is a list of strings, else a ValueError naming the field."""
+def as_str_list(value: Any, what: str, *, empty: bool = False) -> tuple[str, ...]:
+    """`value` as a tuple if it is a list of non-blank strings (an empty list only if `empty`),
+    else a ValueError naming the field."""
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise ValueError(f"{what} must be a list of strings, got {value!r}")
+    if not value and not empty:
+        raise ValueError(f"{what} is an empty list")
+    blank = [i for i, v in enumerate(value) if not v.strip()]
+    if blank:
+        raise ValueError(f"{what}[{blank[0]}] is empty")
     return tuple(value)
 
 
@@ -96,8 +117,8 @@ def _mdqa_example(record: Mapping[str, Any], *, source: str, line: int, variant:
     gold_key = "isgold" if any("isgold" in c for c in ctxs) else "hasanswer"
     documents = tuple(
         Document(
-            text=as_str(c["text"], f"ctxs[{i}].text"),
-            title=as_str(c.get("title") or "", f"ctxs[{i}].title"),
+            text=as_str(c["text"], f"ctxs[{i}].text", empty=True),
+            title=as_str(c.get("title") or "", f"ctxs[{i}].title", empty=True),
             gold=bool(c.get(gold_key, False)),
         )
         for i, c in enumerate(ctxs)
@@ -142,15 +163,27 @@ def read_examples(path: str | Path, limit: int | None, make) -> list[Example]:
     out: list[Example] = []
     if limit == 0:
         return out
+    first: dict[str, int] = {}  # id → the line that first used it
+    records: dict[str, int] = {}  # the record's JSON → the line that first held it
     for lineno, record in read_records(path):
+        same = records.setdefault(json.dumps(record, sort_keys=True), lineno)
+        if same != lineno:
+            raise ValueError(f"{path}:{lineno}: repeats the record on line {same} exactly; "
+                             "give each record once (it would be scored twice)")  # fmt: skip
         try:
             example = make(record, path.name, lineno)
         except KeyError as e:
             raise ValueError(f"{path}:{lineno}: missing key {e}") from e
         except (ValueError, TypeError) as e:
             raise ValueError(f"{path}:{lineno}: {e}") from e
-        if example is not None:
-            out.append(example)
+        if example is None:
+            continue
+        if example.id in first:
+            raise ValueError(f"{path}:{lineno}: id {example.id!r} was already used on line "
+                             f"{first[example.id]}; give each record its own id (a repeated "
+                             "record would be scored twice)")  # fmt: skip
+        first[example.id] = lineno
+        out.append(example)
         if limit is not None and len(out) >= limit:
             break
     return out

@@ -32,7 +32,8 @@ from mechinterp.tasks.needles import NeedleRealism, make_two_hop
 
 def _musique_example(record: Mapping[str, Any], *, source: str, line: int, variant: str) -> Example:
     question = as_str(record["question"], "question")
-    aliases = as_str_list(record.get("answer_aliases", []), "answer_aliases")
+    answerable = bool(record.get("answerable", True))
+    aliases = as_str_list(record.get("answer_aliases", []), "answer_aliases", empty=True)
     answers = (as_str(record["answer"], "answer"), *aliases)
     paragraphs = record["paragraphs"]
     if not isinstance(paragraphs, list) or not paragraphs:
@@ -41,14 +42,13 @@ def _musique_example(record: Mapping[str, Any], *, source: str, line: int, varia
         raise ValueError("every paragraph must be a JSON object")
     documents = tuple(
         Document(
-            text=as_str(p["paragraph_text"], f"paragraphs[{i}].paragraph_text"),
-            title=as_str(p.get("title") or "", f"paragraphs[{i}].title"),
+            text=as_str(p["paragraph_text"], f"paragraphs[{i}].paragraph_text", empty=True),
+            title=as_str(p.get("title") or "", f"paragraphs[{i}].title", empty=True),
             gold=bool(p.get("is_supporting", False)),
         )
         for i, p in enumerate(paragraphs)
     )
     gold = [i for i, d in enumerate(documents) if d.gold]
-    answerable = bool(record.get("answerable", True))
     if answerable and not gold:
         raise ValueError("no supporting paragraph (no paragraph has is_supporting=true)")
     return file_example(record, "multihop", documents, question, dict.fromkeys(answers),

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from mechinterp.selection import check_selection
 from mechinterp.tasks import haystack as hs
 from mechinterp.tasks.example import Document, Example
 from mechinterp.tasks.prompt import Template, render
@@ -132,22 +133,18 @@ def niah_grid(
     distinguishable). For each (needle, length) the haystack starts at a seeded essay, so depths
     of one cell share their haystack exactly.
     """
+    lengths = check_selection("lengths", lengths)
+    depths = check_selection("depths", depths)
     if isinstance(needles, int):
         if not 1 <= needles <= len(NEEDLES):
             raise ValueError(f"needles must be 1..{len(NEEDLES)}, got {needles}")
         needles = NEEDLES[:needles]
-    indexed = list(enumerate(needles))
+    indexed = list(enumerate(check_selection("needles", needles)))
     if needles and all(isinstance(n, int) for n in needles):
         bad = [i for i in needles if not 0 <= i < len(NEEDLES)]
-        if bad or len(set(needles)) != len(needles):
-            raise ValueError(
-                f"needle indices must be distinct and in 0..{len(NEEDLES) - 1}, got {list(needles)}"
-            )
+        if bad:
+            raise ValueError(f"needle indices must lie in 0..{len(NEEDLES) - 1}, got {bad}")
         indexed = [(i, NEEDLES[i]) for i in needles]
-    if not indexed:
-        raise ValueError("niah_grid needs at least one needle")
-    if not lengths or not depths:
-        raise ValueError("niah_grid needs at least one length and one depth")
     rng = random.Random(seed)
     corpus_starts = _essay_starts() if haystack == "essays" else None
     out = []

@@ -45,6 +45,7 @@ from mechinterp.experiments.extension.stages import (
     lofit_sweep_shard,
 )
 from mechinterp.experiments.extension.tasks import analyse_tasks
+from mechinterp.experiments.specs import check_inputs
 from mechinterp.heads import HeadShape
 from mechinterp.interventions.cross import patch_head_sets
 from mechinterp.runner import Shard, ShardStats, run_shards
@@ -55,6 +56,7 @@ def run_extension(config: ExtensionConfig, root: str | Path = "runs", **options)
     `knockout`, `cross`), then the analysis from those tables alone (`extension_report.analyse`:
     head sets and recall, the correlation, claims, report.md and figures; `png=False`: HTML
     figures only, `png=None`: none). `options`: `rundir.RunOptions`."""
+    check_inputs(config)
     if config.tasks:
         return run_tasks(config, root, **options)
     opts = rundir.RunOptions(**options)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from mechinterp.config import EMPTY_SKIPS
 from mechinterp.experiments.specs import ModelSpec
 
 #: Bump when the study's tables change meaning; a run directory written by another version is
@@ -146,7 +147,8 @@ class RobustnessStage:
     normalised). The verdict stays on step 2's row. Empty `scopes` and `generate: false` skip it.
     Scope `all` shares no prefix: each condition costs a whole forward."""
 
-    scopes: tuple[KnockoutScope, ...] = ("response", "query", "all")
+    scopes: tuple[KnockoutScope, ...] = field(default=("response", "query", "all"),
+                                              metadata=EMPTY_SKIPS)  # fmt: skip
     generate: bool = True
     modes: tuple[Literal["zero", "uniform_attention"], ...] | None = None  # None: knockout's first
     seeds: tuple[int, ...] | None = None  # None: the first 3 of knockout.seeds
@@ -200,7 +202,7 @@ class PathsStage:
     `all` patches them from the first corrupted token on, where the receivers' keys at the
     needle are written). Empty `inputs` skips it."""
 
-    inputs: tuple[Literal["q", "k", "v"], ...] = ("q", "k")
+    inputs: tuple[Literal["q", "k", "v"], ...] = field(default=("q", "k"), metadata=EMPTY_SKIPS)
     receivers: int = 10
     via_mlps: bool = True
     scope: KnockoutScope | None = None  # where senders are patched (None: knockout.scope)

@@ -15,6 +15,7 @@ import pandas as pd
 from mechinterp import store
 from mechinterp.experiments import rundir
 from mechinterp.experiments.rundir import RunDirError  # noqa: F401  (re-exported)
+from mechinterp.experiments.specs import check_inputs
 from mechinterp.experiments.study.config import StudyConfig
 from mechinterp.runner import Shard, ShardStats, run_shards
 
@@ -31,6 +32,7 @@ def run_study(config: StudyConfig, root: str | Path = "runs", *, model=None, **o
     from mechinterp.heads import HeadShape
 
     opts = rundir.RunOptions(**options)
+    check_inputs(config)
     out = opts.directory(root, config)
     rundir.check_writable(out)
     t_start = time.perf_counter()
