@@ -53,7 +53,7 @@ def test_needle_indices_select_held_out_needles(tiny_gqa):
     grid = niah_grid(tiny_gqa.tokenizer, lengths=[600], depths=[0.5], needles=[5, 2])
     assert [e.meta["needle_index"] for e in grid] == [5, 2]
     assert grid[0].answers == (NEEDLES[5].answer,) and grid[0].id.startswith("niah-n5-")
-    with pytest.raises(ValueError, match="distinct"):
+    with pytest.raises(ValueError, match="needles repeats 1"):
         niah_grid(tiny_gqa.tokenizer, lengths=[600], depths=[0.5], needles=[1, 1])
 
 
