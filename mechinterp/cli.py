@@ -1,20 +1,54 @@
 """The `mechinterp` command: a table of experiments. Each one's flags, `--config FILE.yaml`,
 `--set key=value` and `--print-config` are generated from its config dataclass
 (`mechinterp.config.add_config_flags`); every run goes through the shard runner, so each resumes
-after a kill and runs on Ray."""
+after a kill and runs on Ray.
+
+Exit status: 0 done; 2 an error the suite raises on purpose (bad input, an unsupported model or
+setting, a missing package: one line naming the problem and the fix; `--debug` or
+`MECHINTERP_DEBUG=1` adds the traceback); 1 a crash (anything else: a bug in the suite or a failure
+of the machine, shown with its traceback); 130 interrupted (finished shards are kept)."""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
+from mechinterp.errors import InputError, MechinterpError
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-#: What a user can get wrong; reported as one line, exit status 2 (never a traceback).
-USER_ERRORS = (ValueError, FileNotFoundError, RuntimeError, OSError, KeyError, TypeError)
+#: An operating-system refusal of a named file is the user's to fix, like a `MechinterpError`.
+FILE_ERRNOS = frozenset({errno.ENOENT, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR,
+                         errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EEXIST})  # fmt: skip
+VERSIONED = ("torch", "transformers", "transformer-lens")
+
+
+def on_purpose(e: BaseException) -> bool:
+    """Whether `e` is an error to print as one line: one the suite raises on purpose, or the
+    operating system refusing a file it names."""
+    if isinstance(e, MechinterpError):
+        return True
+    return isinstance(e, OSError) and e.filename is not None and e.errno in FILE_ERRNOS
+
+
+def _version() -> str:
+    import platform
+    from importlib import metadata
+
+    from mechinterp import __version__
+
+    others = []
+    for name in VERSIONED:
+        try:
+            others.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            others.append(f"{name} missing")
+    return f"mechinterp {__version__} ({', '.join(others)}, Python {platform.python_version()})"
 
 
 def _run_options(p, *, single: bool) -> None:
@@ -48,7 +82,7 @@ def _run_experiment(args) -> int:
     from mechinterp.config import config_from_flags, dump_yaml
 
     if args.single and args.top < 1:
-        raise ValueError(f"--top must be >= 1, got {args.top}")
+        raise InputError(f"--top must be >= 1, got {args.top}")
     config = config_from_flags(args.config_cls, args.config, args.overrides, vars(args))
     if args.print_config:
         print(dump_yaml(config), end="")
@@ -78,24 +112,17 @@ def _print_headline(out) -> None:
         print(f"{r.verdict:>14}  {r.statement}")
 
 
-def _kind(run: Path) -> str:
-    """What wrote a run directory: a single command's name, study, extension or tasks."""
+def _finished_kind(run: Path) -> str:
+    """What wrote a finished run directory (`listing.run_kind`); refuses one that did not finish
+    (a study's or a single command's provenance.json is written last)."""
+    from mechinterp.experiments.listing import run_kind
 
-    from mechinterp.experiments.extension.report import is_extension_run
-    from mechinterp.experiments.extension.tasks import is_tasks_run
-    from mechinterp.experiments.rundir import read_json
-
-    read_json(run / "config.json", what="run directory")  # there, and valid JSON
-    if is_tasks_run(run):
-        return "tasks"
-    if is_extension_run(run):
-        return "extension"
-    prov = run / "provenance.json"
-    if not prov.is_file():  # written last: a study and a single command differ only there
-        raise ValueError(f"{run} has no provenance.json, so it is not a finished run (or the file "
+    kind = run_kind(run)
+    if not kind.startswith("study extension") and not (run / "provenance.json").is_file():
+        raise InputError(f"{run} has no provenance.json, so it is not a finished run (or the file "
                          "was removed): rerun the command that wrote it; finished shards are "
                          "reused")  # fmt: skip
-    return read_json(prov, what="run provenance").get("command") or "study"
+    return kind
 
 
 def cmd_figures(args) -> int:
@@ -104,9 +131,9 @@ def cmd_figures(args) -> int:
     from mechinterp.experiments.study import draw_figures
 
     run, png = Path(args.run), not args.no_png
-    draw = {"tasks": tasks.draw_figures, "extension": report.draw_figures,
-            "study": draw_figures}  # fmt: skip
-    kind = _kind(run)
+    draw = {"study extension (tasks)": tasks.draw_figures,
+            "study extension": report.draw_figures, "study": draw_figures}  # fmt: skip
+    kind = _finished_kind(run)
     with rundir.RunLock(run, wait=args.wait):
         if kind in COMMANDS:
             written = command.draw(COMMANDS[kind], run, png=png)
@@ -123,20 +150,43 @@ def cmd_report(args) -> int:
     from mechinterp.experiments.study import write_report
 
     run = Path(args.run)
-    kind = _kind(run)
-    if kind not in ("tasks", "extension", "study"):
-        raise ValueError(f"{run} is a {kind} run: it has tables and figures, no claims report "
+    kind = _finished_kind(run)
+    if not kind.startswith("study"):
+        raise InputError(f"{run} is a {kind} run: it has tables and figures, no claims report "
                          "(`mechinterp figures` redraws its figures)")  # fmt: skip
     with rundir.RunLock(run, wait=args.wait):
-        if kind == "tasks":
+        if kind == "study extension (tasks)":
             path = tasks.analyse_tasks(run, png=None)  # every task's report, then the pooled one
-        elif kind == "extension":
+        elif kind == "study extension":
             path = report.analyse(run, png=None)  # claims and report; `figures` redraws figures
         else:
             path = write_report(run)
     _print_headline(run)
     print(f"wrote {path}")
     return 0
+
+
+def cmd_runs(args) -> int:
+    from mechinterp.experiments.listing import list_runs
+
+    frame = list_runs(args.root)
+    if frame.empty:
+        print(f"no run directories under {args.root}")
+        return 0
+    shown = frame.assign(wall=[_duration(s) for s in frame["wall_s"]])
+    shown = shown[["run", "command", "model", "status", "wall", "created", "verdicts"]]
+    cells = [[str(v) for v in row] for row in shown.fillna("").itertuples(index=False)]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(shown.columns)]
+    for row in [list(shown.columns), *cells]:  # left-aligned, so a run's name starts its line
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+def _duration(seconds) -> str:
+    if seconds is None or seconds != seconds:
+        return ""
+    m, s = divmod(round(float(seconds)), 60)
+    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s"
 
 
 def cmd_plan(args) -> int:
@@ -150,8 +200,11 @@ def _parser() -> argparse.ArgumentParser:
     from mechinterp.experiments.extension import ExtensionConfig, run_extension
     from mechinterp.experiments.study import StudyConfig, run_study
 
-    parser = argparse.ArgumentParser(prog="mechinterp", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="mechinterp", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=_version())
+    parser.add_argument("--debug", action="store_true", default=False, help=DEBUG_HELP)
+    sub = _Subparsers(parser.add_subparsers(dest="command", required=True))
     for name, command in COMMANDS.items():
         run = lambda config, root, _c=command, **kw: run_command(_c, config, root, **kw)  # noqa: E731
         _experiment(sub, name, command.config, command.help, run, single=True)
@@ -159,7 +212,7 @@ def _parser() -> argparse.ArgumentParser:
                         "them out vs random heads, patch them, and write a claims report with "
                         "figures (`study extension`: the extension pipeline)", run_study,
                         single=False)  # fmt: skip
-    kinds = study.add_subparsers(dest="kind", required=False, metavar="{extension}")
+    kinds = _Subparsers(study.add_subparsers(dest="kind", required=False, metavar="{extension}"))
     _experiment(kinds, "extension", ExtensionConfig, "fine-tune on task variants and compare "
                 "their heads (experiments/extension-mini.yaml)", run_extension,
                 single=False)  # fmt: skip
@@ -181,16 +234,56 @@ def _parser() -> argparse.ArgumentParser:
         if name == "figures":
             p.add_argument("--no-png", action="store_true")
         p.set_defaults(handler=fn)
+    p = sub.add_parser("runs", help="list the run directories under a root: the command that "
+                       "wrote each, its model, status (finished, partial, running), wall time and "
+                       "headline verdicts")  # fmt: skip
+    p.add_argument("root", nargs="?", default="runs", help="the root (default: runs)")
+    p.set_defaults(handler=cmd_runs)
     return parser
+
+
+DEBUG_HELP = "show the traceback of every error, not only of crashes (or MECHINTERP_DEBUG=1)"
+
+
+class _Subparsers:
+    """`add_parser` that gives every command `--debug` too (`mechinterp knockout --debug ...`)."""
+
+    def __init__(self, action) -> None:
+        self.action = action
+
+    def add_parser(self, name: str, **kw):
+        p = self.action.add_parser(name, **kw)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
+        return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    debug = args.debug or os.environ.get("MECHINTERP_DEBUG", "").strip() not in ("", "0")
+    where = f"mechinterp {args.command}"
     try:
         return args.handler(args)
-    except USER_ERRORS as e:
-        print(f"mechinterp {args.command}: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"{where}: interrupted.", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if not on_purpose(e):
+            traceback.print_exc()
+            print(f"{where}: crashed with {type(e).__name__}. This is not an input error: a bug in "
+                  "the suite or a failure of the machine (the traceback above says where)."
+                  f"{_hint(e)}", file=sys.stderr)  # fmt: skip
+            return 1
+        if debug:
+            traceback.print_exc()
+        print(f"{where}: error: {e}", file=sys.stderr)
         return 2
+
+
+def _hint(e: BaseException) -> str:
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
+        return (" Out of memory: `mechinterp plan --config ...` predicts each stage's peak; lower "
+                "the batch size or the lengths, or run on a larger machine.")  # fmt: skip
+    return ""
 
 
 if __name__ == "__main__":

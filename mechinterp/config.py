@@ -35,13 +35,14 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 
 import yaml
 
+from mechinterp.errors import InputError
 from mechinterp.selection import check_selection
 
 T = TypeVar("T")
 _NONE = type(None)
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A config that does not fit its dataclass; the message says where and why."""
 
 

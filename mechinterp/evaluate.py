@@ -20,6 +20,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mechinterp.errors import InputError
 from mechinterp.metrics import (  # noqa: F401  (re-exported: part of this module's API)
     em,
     normalize_answer,
@@ -77,7 +78,7 @@ def generate(
 ) -> list[Generation]:
     """Greedy decoding of every prompt (token ids), batched by similar length."""
     if max_new_tokens < 1:
-        raise ValueError("max_new_tokens must be >= 1")
+        raise InputError("max_new_tokens must be >= 1")
     stop_ids = stop_token_ids(model) if stop_ids is None else stop_ids
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[Generation | None] = [None] * len(prompts)
@@ -108,7 +109,7 @@ def left_pad(
     """Token ids and attention mask of `prompts`, left-padded to the longest, on the model's
     device. Row r's prompt starts at position `width - len(prompts[r])`."""
     if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("cannot run an empty prompt (or an empty batch)")
+        raise InputError("cannot run an empty prompt (or an empty batch)")
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id(model), dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -136,7 +137,7 @@ def generate_batch(
     ids, mask = left_pad(model, prompts)
     if cache is not None:
         if len({len(p) for p in prompts}) > 1:
-            raise ValueError("after a shared cached prefix the rows must have equal lengths")
+            raise InputError("after a shared cached prefix the rows must have equal lengths")
         prefix = cache.get_seq_length()
         mask = torch.cat([torch.ones_like(mask[:, :1]).expand(-1, prefix), mask], dim=1)
     cached = cache_kwargs(model, cache if cache is not None else new_cache(model))
@@ -212,7 +213,7 @@ def answer_logprobs(
 ) -> Float[Tensor, "pos"]:  # noqa: F821
     """Log-probability of each answer token given the prompt and the answer tokens before it."""
     if not answer_ids:
-        raise ValueError("answer_ids is empty")
+        raise InputError("answer_ids is empty")
     ids = torch.tensor([list(prompt_ids) + list(answer_ids)], device=model.cfg.device)
     logits = model(ids)[0, len(prompt_ids) - 1 : -1].float()
     logp = logits.log_softmax(-1)
@@ -223,7 +224,7 @@ def answer_ids(model, answer: str) -> list[int]:
     """The answer's tokens as the model would write them at the start of its reply."""
     ids = model.tokenizer.encode(answer.strip(), add_special_tokens=False)
     if not ids:
-        raise ValueError(f"answer {answer!r} has no tokens")
+        raise InputError(f"answer {answer!r} has no tokens")
     return ids
 
 

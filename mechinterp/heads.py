@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from numbers import Integral
 from typing import NamedTuple
 
+from mechinterp.errors import InputError
+
 _HEAD_PATTERNS = (
     re.compile(r"^\s*L(\d+)\s*H(\d+)\s*$", re.IGNORECASE),
     re.compile(r"^\s*(\d+)\s*[-.:/]\s*(\d+)\s*$"),
@@ -45,7 +47,7 @@ class Head(NamedTuple):
             m = pattern.match(text)
             if m:
                 return cls(int(m.group(1)), int(m.group(2)))
-        raise ValueError(f"cannot parse head {text!r}; write it as L18H6 or 18-6")
+        raise InputError(f"cannot parse head {text!r}; write it as L18H6 or 18-6")
 
 
 NOT_LOADED = (
@@ -60,7 +62,7 @@ NOT_LOADED = (
 def check_loaded(model) -> None:
     """Refuse a model that `load_model` did not build (no `.mechinterp_card`)."""
     if getattr(model, "mechinterp_card", None) is None:
-        raise ValueError(NOT_LOADED)
+        raise InputError(NOT_LOADED)
 
 
 
@@ -74,9 +76,9 @@ class HeadShape:
 
     def __post_init__(self) -> None:
         if min(self.n_layers, self.n_heads, self.n_kv_heads) < 1:
-            raise ValueError(f"head shape must be positive, got {self}")
+            raise InputError(f"head shape must be positive, got {self}")
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(
+            raise InputError(
                 f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}"
             )
 
@@ -100,7 +102,7 @@ class HeadShape:
 
     def validate(self, head: Head) -> Head:
         if not (0 <= head.layer < self.n_layers and 0 <= head.head < self.n_heads):
-            raise ValueError(
+            raise InputError(
                 f"head {head} is outside the model: it has layers 0..{self.n_layers - 1} and "
                 f"query heads 0..{self.n_heads - 1} per layer"
             )
@@ -151,19 +153,22 @@ def parse_heads(
     heads = []
     for item in [spec] if isinstance(spec, str) else list(spec):
         if isinstance(item, str):  # one string may hold several heads: "L18H6 L3H1"
-            heads += [Head.parse(s) for s in re.split(r"[,\s;]+", item.strip()) if s]
+            parts = [s for s in re.split(r"[,\s;]+", item.strip()) if s]
+            if not parts and item.strip():
+                raise InputError(f"{item!r} names no head; write heads like 'L18H6,L3H1'")
+            heads += map(Head.parse, parts)
             continue
         if isinstance(item, Head):
             head = item
         elif isinstance(item, Sequence) and len(item) == 2 and all(map(_is_index, item)):
             head = Head(int(item[0]), int(item[1]))
         else:
-            raise ValueError(f"{item!r} is not a head; write 'L18H6' or the pair (18, 6)")
+            raise InputError(f"{item!r} is not a head; write 'L18H6' or the pair (18, 6)")
         heads.append(head)
     if shape is not None:
         for head in heads:
             shape.validate(head)
     dupes = sorted({str(h) for h in heads if heads.count(h) > 1})
     if dupes:
-        raise ValueError(f"head list repeats {', '.join(dupes)}")
+        raise InputError(f"head list repeats {', '.join(dupes)}")
     return tuple(heads)

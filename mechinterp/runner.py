@@ -39,6 +39,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from mechinterp import store
+from mechinterp.errors import InputError, SetupError
 
 Engine = Literal["local", "ray"]
 ENGINES: tuple[Engine, ...] = ("local", "ray")
@@ -55,7 +56,7 @@ class Shard:
     def __post_init__(self) -> None:
         parts = self.name.split("/")
         if not self.name or any(not p or p in (".", "..") or p.startswith(".") for p in parts):
-            raise ValueError(f"bad shard name {self.name!r}: use 'stage/slice' path parts")
+            raise InputError(f"bad shard name {self.name!r}: use 'stage/slice' path parts")
 
     @property
     def args_hash(self) -> str:
@@ -169,11 +170,11 @@ def run_shards(
     such as the model's weights, so a changed input recomputes the shards.
     """
     if engine not in ENGINES:
-        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+        raise InputError(f"engine must be one of {ENGINES}, got {engine!r}")
     names = [s.name for s in shards]
     if len(set(names)) != len(names):
         dup = sorted({n for n in names if names.count(n) > 1})
-        raise ValueError(f"duplicate shard names {dup[:3]}")
+        raise InputError(f"duplicate shard names {dup[:3]}")
     directory = Path(directory)
     _clear_stale_temps(directory)
     stats = ShardStats() if stats is None else stats
@@ -194,7 +195,7 @@ def run_shards(
             _run_local(todo, directory, model, model_spec, desc, progress, stats, key)
         else:
             if model_spec is None:
-                raise ValueError("the ray engine needs model_spec= (workers load their own model)")
+                raise InputError("the ray engine needs model_spec= (workers load their own model)")
             _run_ray(
                 todo, directory, model_spec, ray_address, cpus_per_shard, gpus_per_shard, desc,
                 progress, stats, key,
@@ -262,7 +263,7 @@ class _NoModel:
 def _run_local(todo, directory, model, model_spec, desc, progress, stats, key) -> None:
     if model is None:
         if model_spec is None:
-            raise ValueError("give model= or model_spec= to compute shards")
+            raise InputError("give model= or model_spec= to compute shards")
         model = model_spec.load()
     bar = tqdm(todo, desc=desc, disable=not progress)
     for shard in bar:
@@ -307,7 +308,7 @@ def ray_init(address: str | None = None, *, num_cpus: int | None = None) -> None
     try:
         import ray
     except ImportError as e:
-        raise RuntimeError(
+        raise SetupError(
             "the ray engine needs Ray: pip install 'mechinterp[ray]' (or use --engine local)"
         ) from e
     if ray.is_initialized():

@@ -14,15 +14,17 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from mechinterp.errors import InputError
+
 
 def check_selection(name: str, values: Iterable, *, empty: bool = False) -> list:
     """`values` as a list, or a ValueError naming `name`: when it is empty (unless `empty`
     allows it) or repeats a value."""
     if isinstance(values, str | bytes):
-        raise ValueError(f"{name} must be a list of values, got the string {values!r}")
+        raise InputError(f"{name} must be a list of values, got the string {values!r}")
     items = list(values)
     if not items and not empty:
-        raise ValueError(f"{name} is empty, so it selects nothing; give at least one value")
+        raise InputError(f"{name} is empty, so it selects nothing; give at least one value")
     seen: set = set()
     repeated: list = []
     for item in items:
@@ -31,7 +33,7 @@ def check_selection(name: str, values: Iterable, *, empty: bool = False) -> list
             repeated.append(item)
         seen.add(key)
     if repeated:
-        raise ValueError(f"{name} repeats {', '.join(map(str, repeated))}; give each value once "
+        raise InputError(f"{name} repeats {', '.join(map(str, repeated))}; give each value once "
                          "(a repeated value would be run, and counted, twice)")  # fmt: skip
     return items
 

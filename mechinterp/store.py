@@ -21,6 +21,8 @@ from typing import Any
 
 import pandas as pd
 
+from mechinterp.errors import DiskFullError, InputError, SetupError
+
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
@@ -53,7 +55,7 @@ def _naming_full_disk(path: Path) -> Iterator[None]:
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT) or str(path) in str(e):
             raise
-        raise OSError(e.errno, f"{os.strerror(e.errno)} while writing {path}: free space "
+        raise DiskFullError(e.errno, f"{os.strerror(e.errno)} while writing {path}: free space "
                       "there, or write the run elsewhere (--root)") from e  # fmt: skip
 
 
@@ -82,7 +84,7 @@ def write_table(df: pd.DataFrame, path: str | Path) -> Path:
         elif path.suffix == ".parquet":
             df.to_parquet(tmp, index=False)
         else:
-            raise ValueError(f"table path must end in .parquet or .csv, got {path.name!r}")
+            raise InputError(f"table path must end in .parquet or .csv, got {path.name!r}")
     return path
 
 
@@ -173,7 +175,7 @@ def write_figure(
                     fig.write_image(tmp, format=fmt)
                 except Exception as e:  # kaleido raises several types for a missing browser
                     if "chrom" in str(e).lower() or "browser" in str(e).lower():
-                        raise RuntimeError(
+                        raise SetupError(
                             f"static export needs Chromium: apt-get install -y chromium ({e})"
                         ) from e
                     raise

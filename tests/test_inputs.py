@@ -281,12 +281,17 @@ def test_plan_refuses_a_budget_that_is_not_a_positive_size(budget):
 
 def test_figures_on_a_run_without_provenance_says_so(tmp_path, capsys):
     from mechinterp.cli import main
+    from mechinterp.config import to_dict
+    from mechinterp.experiments import KnockoutConfig
 
     run = tmp_path / "run"
     run.mkdir()
-    (run / "config.json").write_text("{}")
+    (run / "config.json").write_text(json.dumps(to_dict(KnockoutConfig(heads=("L0H1",)))))
     assert main(["figures", str(run)]) == 2
     assert "has no provenance.json, so it is not a finished run" in capsys.readouterr().err
+    (run / "config.json").write_text("{}")  # not any command's config
+    assert main(["figures", str(run)]) == 2
+    assert "is not the config of any mechinterp command" in capsys.readouterr().err
 
 
 def test_a_full_disk_names_the_path(tmp_path, monkeypatch):
@@ -303,3 +308,12 @@ def test_a_full_disk_names_the_path(tmp_path, monkeypatch):
     with pytest.raises(OSError, match=f"No space left on device while writing {target}"):
         store.write_table(pd.DataFrame({"a": [1]}), target)
     assert list(tmp_path.iterdir()) == []  # the temp file is gone too
+
+
+@pytest.mark.parametrize("written", [";", " , ", ",;\t"])
+def test_a_head_list_of_separators_only_names_no_head(written):
+    with pytest.raises(ValueError, match="names no head"):
+        parse_heads(written)
+    with pytest.raises(ValueError, match="names no head"):
+        KnockoutConfig(heads=(written,))
+    assert parse_heads("") == ()  # nothing written: nothing selected

@@ -18,10 +18,12 @@ from __future__ import annotations
 from fractions import Fraction
 from math import comb
 
+from mechinterp.errors import InputError
+
 
 def _check(n_unverified: int, n_sampled: int, found: int) -> None:
     if not 0 <= found <= n_sampled <= n_unverified:
-        raise ValueError(
+        raise InputError(
             "need 0 <= found <= n_sampled <= n_unverified, got found="
             f"{found}, n_sampled={n_sampled}, n_unverified={n_unverified}"
         )
@@ -51,7 +53,7 @@ def max_above(n_unverified: int, n_sampled: int, found: int, *, confidence: floa
     `found` itself."""
     _check(n_unverified, n_sampled, found)
     if not 0 < confidence < 1:
-        raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
+        raise InputError(f"confidence must lie in (0, 1), got {confidence}")
     alpha = 1 - Fraction(str(confidence))  # 0.9 as 9/10: the comparison below is exact
     k = found
     while k < found + (n_unverified - n_sampled) and (

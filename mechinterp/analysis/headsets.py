@@ -16,6 +16,7 @@ from jaxtyping import Float
 from scipy import stats
 from torch import Tensor
 
+from mechinterp.errors import InputError
 from mechinterp.heads import Head, HeadSet, HeadShape
 from mechinterp.selection import check_selection
 
@@ -27,7 +28,7 @@ OtherHeadScores = Float[Tensor, "_layer _head"]
 
 def _shape_of(scores: HeadScores) -> HeadShape:
     if scores.ndim != 2:
-        raise ValueError(
+        raise InputError(
             f"head scores must be a layer × head matrix, got shape {tuple(scores.shape)}"
         )
     return HeadShape(scores.shape[0], scores.shape[1], 1)
@@ -43,7 +44,7 @@ def rank_order(scores, *, seed: int = TIE_SEED) -> list[int]:
     score 0 would rank layer 0 first, and a large top-k would knock out the first layers."""
     values = [float(v) for v in scores]
     if any(math.isnan(v) for v in values):
-        raise ValueError("head scores contain NaN")
+        raise InputError("head scores contain NaN")
     key = random.Random(seed).sample(range(len(values)), len(values))
     return sorted(range(len(values)), key=lambda i: (-values[i], key[i]))
 
@@ -66,7 +67,7 @@ def select_heads(
     (a fraction of all heads, rounded to the nearest count). Returned in rank order."""
     rules = [r for r in (threshold, top_k, share) if r is not None]
     if len(rules) != 1:
-        raise ValueError("select_heads takes exactly one of threshold=, top_k=, share=")
+        raise InputError("select_heads takes exactly one of threshold=, top_k=, share=")
     ranked = rank_heads(scores)
     if threshold is not None:
         chosen = (h for h in ranked if float(scores[h.layer, h.head]) > threshold)
@@ -74,10 +75,10 @@ def select_heads(
     n = len(ranked)
     if top_k is not None:
         if not 0 <= top_k <= n:
-            raise ValueError(f"top_k must be in [0, {n}], got {top_k}")
+            raise InputError(f"top_k must be in [0, {n}], got {top_k}")
         return HeadSet(ranked[:top_k], grid=ranked.grid)
     if not 0.0 <= share <= 1.0:
-        raise ValueError(f"share must be in [0, 1], got {share}")
+        raise InputError(f"share must be in [0, 1], got {share}")
     return HeadSet(ranked[: round(share * n)], grid=ranked.grid)
 
 
@@ -87,7 +88,7 @@ def select_heads(
 def _same_grid(a: Collection[Head], b: Collection[Head]) -> None:
     ga, gb = getattr(a, "grid", None), getattr(b, "grid", None)
     if ga is not None and gb is not None and ga != gb:
-        raise ValueError(
+        raise InputError(
             f"head sets come from models of different shapes ({ga[0]}×{ga[1]} vs {gb[0]}×{gb[1]} "
             "layers × heads); compare heads of one architecture"
         )
@@ -98,7 +99,7 @@ def recall(found: Collection[Head], reference: Collection[Head]) -> float:
     _same_grid(found, reference)
     reference = set(reference)
     if not reference:
-        raise ValueError("recall needs a non-empty reference set")
+        raise InputError("recall needs a non-empty reference set")
     return len(set(found) & reference) / len(reference)
 
 
@@ -107,7 +108,7 @@ def precision(found: Collection[Head], reference: Collection[Head]) -> float:
     _same_grid(found, reference)
     found = set(found)
     if not found:
-        raise ValueError("precision needs a non-empty found set")
+        raise InputError("precision needs a non-empty found set")
     return len(found & set(reference)) / len(found)
 
 
@@ -115,7 +116,7 @@ def jaccard(a: Collection[Head], b: Collection[Head]) -> float:
     _same_grid(a, b)
     a, b = set(a), set(b)
     if not a and not b:
-        raise ValueError("jaccard of two empty sets is undefined")
+        raise InputError("jaccard of two empty sets is undefined")
     return len(a & b) / len(a | b)
 
 
@@ -123,7 +124,7 @@ def top_k_overlap(a: HeadScores, b: OtherHeadScores, k: int) -> float:
     """Share of the top-k heads of `a` that are also in the top-k of `b`."""
     _same_shape(a, b)
     if k < 1:
-        raise ValueError("k must be >= 1")
+        raise InputError("k must be >= 1")
     return len(set(rank_heads(a)[:k]) & set(rank_heads(b)[:k])) / k
 
 
@@ -142,7 +143,7 @@ def score_correlations(a: HeadScores, b: OtherHeadScores) -> dict[str, float]:
 def _same_shape(a: HeadScores, b: OtherHeadScores) -> None:
     _shape_of(a), _shape_of(b)
     if a.shape != b.shape:
-        raise ValueError(
+        raise InputError(
             f"head scores come from models of different shapes ({tuple(a.shape)} vs "
             f"{tuple(b.shape)} layers × heads); compare heads of one architecture"
         )
@@ -174,12 +175,12 @@ def random_complement(
     pool = [h for h in shape.all_heads() if h not in excluded]
     if match_layers is None:
         if not 0 <= k <= len(pool):
-            raise ValueError(f"cannot draw {k} heads from a complement of {len(pool)} heads")
+            raise InputError(f"cannot draw {k} heads from a complement of {len(pool)} heads")
         return HeadSet(sorted(rng.sample(pool, k)), grid=(shape.n_layers, shape.n_heads))
     if len(match_layers) != k:
-        raise ValueError(f"match_layers has {len(match_layers)} heads but k is {k}")
+        raise InputError(f"match_layers has {len(match_layers)} heads but k is {k}")
     if k > len(pool):
-        raise ValueError(f"cannot draw {k} heads from a complement of {len(pool)} heads")
+        raise InputError(f"cannot draw {k} heads from a complement of {len(pool)} heads")
     left = {layer: [h for h in pool if h.layer == layer] for layer in range(shape.n_layers)}
     for heads in left.values():
         rng.shuffle(heads)
@@ -203,7 +204,7 @@ def draw_baseline(
 ) -> HeadSet:
     """|like| heads outside `ranked`, layer-matched to `like` or uniform over layers."""
     if draw not in DRAWS:
-        raise ValueError(f"draw must be one of {DRAWS}, got {draw!r}")
+        raise InputError(f"draw must be one of {DRAWS}, got {draw!r}")
     match = tuple(like) if draw == "layer_matched" else None
     return random_complement(ranked, len(like), shape, seed=seed, match_layers=match)
 

@@ -15,6 +15,8 @@ from typing import Literal
 import numpy as np
 from scipy import stats
 
+from mechinterp.errors import InputError
+
 Method = Literal["spearman", "pearson"]
 
 
@@ -97,11 +99,11 @@ def correlate(
     _check_level(level)
     xa, ya = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     if xa.shape != ya.shape or xa.ndim != 1:
-        raise ValueError(f"x and y must be 1-D of equal length, got {xa.shape} and {ya.shape}")
+        raise InputError(f"x and y must be 1-D of equal length, got {xa.shape} and {ya.shape}")
     if len(xa) < 3:
-        raise ValueError(f"a correlation needs at least 3 pairs, got {len(xa)}")
+        raise InputError(f"a correlation needs at least 3 pairs, got {len(xa)}")
     if np.ptp(xa) == 0 or np.ptp(ya) == 0:
-        raise ValueError("x or y is constant: the correlation is undefined")
+        raise InputError("x or y is constant: the correlation is undefined")
     fn = {"spearman": stats.spearmanr, "pearson": stats.pearsonr}[method]
     res = fn(xa, ya)
     rng = np.random.default_rng(seed)
@@ -112,7 +114,7 @@ def correlate(
         if np.ptp(bx) > 0 and np.ptp(by) > 0:
             boots.append(fn(bx, by).statistic)
     if not boots:
-        raise ValueError("no bootstrap resample had variation in both x and y")
+        raise InputError("no bootstrap resample had variation in both x and y")
     low, high = _percentiles(np.asarray(boots), level)
     p_perm, n_perm, exact = permutation_test(xa, ya, method=method, seed=seed)
     return Correlation(
@@ -180,18 +182,18 @@ def stratified_correlation(
     xa, ya = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     labels = np.asarray(strata, dtype=object).astype(str)
     if not xa.shape == ya.shape == labels.shape or xa.ndim != 1:
-        raise ValueError(f"x, y and strata must be 1-D of equal length, got {xa.shape}, "
+        raise InputError(f"x, y and strata must be 1-D of equal length, got {xa.shape}, "
                          f"{ya.shape} and {labels.shape}")  # fmt: skip
     keep = np.isin(labels, [s for s in np.unique(labels) if (labels == s).sum() > 1])
     xa, ya, labels = xa[keep], ya[keep], labels[keep]
     groups = [np.flatnonzero(labels == s) for s in np.unique(labels)]
     if len(xa) < 3:
-        raise ValueError(f"a stratified correlation needs at least 3 pairs in strata of 2 or "
+        raise InputError(f"a stratified correlation needs at least 3 pairs in strata of 2 or "
                          f"more, got {len(xa)}")  # fmt: skip
     rank = method == "spearman"
     xw, yw = _within(xa, groups, rank), _within(ya, groups, rank)
     if not np.any(xw) or not np.any(yw):
-        raise ValueError("x or y is constant within every stratum: the correlation is undefined")
+        raise InputError("x or y is constant within every stratum: the correlation is undefined")
     observed = float(_pooled_r(xw, yw[None, :])[0])
     n, k = len(xa), len(groups)
     df = n - 1 - k
@@ -232,7 +234,7 @@ def stratified_correlation(
         if np.any(bx) and np.any(by):
             boots.append(float(_pooled_r(bx, by[None, :])[0]))
     if not boots:
-        raise ValueError("no bootstrap resample had variation in both x and y")
+        raise InputError("no bootstrap resample had variation in both x and y")
     low, high = _percentiles(np.asarray(boots), level)
     return Correlation(method, observed, low, high, p_value, n, n_boot, len(boots), level,
                        p_perm, n_perm, exact)  # fmt: skip
@@ -280,7 +282,7 @@ def _cluster_index(clusters: Sequence | None, n: int) -> np.ndarray:
         return np.arange(n)
     labels = np.asarray(clusters, dtype=object).astype(str)
     if labels.shape != (n,):
-        raise ValueError(f"{len(labels)} cluster labels for {n} items")
+        raise InputError(f"{len(labels)} cluster labels for {n} items")
     return np.unique(labels, return_inverse=True)[1].ravel()
 
 
@@ -289,9 +291,9 @@ def _as_items(values, name: str) -> np.ndarray:
     x = np.asarray(values, dtype=float)
     x = x[:, None] if x.ndim == 1 else x
     if x.ndim != 2 or x.shape[0] < 1 or x.shape[1] < 1:
-        raise ValueError(f"{name} must be [item] or [item, draw] with items, got {x.shape}")
+        raise InputError(f"{name} must be [item] or [item, draw] with items, got {x.shape}")
     if not np.isfinite(x).all():
-        raise ValueError(f"{name} contain NaN or inf: drop those items first")
+        raise InputError(f"{name} contain NaN or inf: drop those items first")
     return x
 
 
@@ -361,7 +363,7 @@ def _t_interval(estimate: float, z: np.ndarray, which: np.ndarray, level: float,
 
 def _check_level(level: float) -> None:
     if not 0 < level < 1:
-        raise ValueError(f"level must lie in (0, 1), got {level}")
+        raise InputError(f"level must lie in (0, 1), got {level}")
 
 
 def cluster_mean(
@@ -405,9 +407,9 @@ def cluster_ratio(
     y = _as_items(numerator, "numerator")
     x = _as_items(denominator, "denominator")
     if x.shape != (len(y), 1):
-        raise ValueError(f"denominator must be [item] with {len(y)} items, got {x.shape}")
+        raise InputError(f"denominator must be [item] with {len(y)} items, got {x.shape}")
     if x.sum() == 0:
-        raise ValueError("the denominator sums to 0: the ratio is undefined")
+        raise InputError("the denominator sums to 0: the ratio is undefined")
     ratio = float(y.mean() / x.mean())
     which = _cluster_index(clusters, len(y))
     return _t_interval(ratio, (y - ratio * x) / x.mean(), which, level, n_items=len(y))
@@ -429,7 +431,7 @@ def cluster_jackknife(
     _check_level(level)
     which = _cluster_index(clusters, len(clusters))
     if not len(which):
-        raise ValueError("the jackknife needs at least one item")
+        raise InputError("the jackknife needs at least one item")
     g = int(which.max()) + 1
     est = float(stat(np.ones(len(which))))
     if g < 2:  # one cluster says nothing about the spread between clusters
@@ -437,7 +439,7 @@ def cluster_jackknife(
         return Interval(est, nan, nan, len(which), g, 1, method="cluster jackknife t")
     leave = np.array([stat((which != c).astype(float)) for c in range(g)], dtype=float)
     if not np.isfinite(leave).all():
-        raise ValueError("the statistic is undefined with a cluster left out")
+        raise InputError("the statistic is undefined with a cluster left out")
     v = (g - 1) / g * float(((leave - leave.mean()) ** 2).sum())
     half = float(stats.t.ppf(0.5 + level / 2, g - 1)) * math.sqrt(v)
     return Interval(est, est - half, est + half, len(which), g, 1, g - 1, "cluster jackknife t")

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from mechinterp.analysis.headsets import HeadScores
+from mechinterp.errors import InputError
 from mechinterp.heads import Head, HeadShape
 from mechinterp.store import write_text
 
@@ -28,25 +29,25 @@ def read_wu_scores(
     path = Path(path)
     text = path.read_text(encoding="utf-8")
     if not text.strip():
-        raise ValueError(f"{path} is empty; expected a Wu head-score JSON object")
+        raise InputError(f"{path} is empty; expected a Wu head-score JSON object")
     try:
         raw = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from e
+        raise InputError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from e
     if not isinstance(raw, dict) or not raw:
-        raise ValueError(f'{path} must be a non-empty JSON object {{"layer-head": [scores]}}')
+        raise InputError(f'{path} must be a non-empty JSON object {{"layer-head": [scores]}}')
     per_head: dict[Head, list[float]] = {}
     for key, values in raw.items():
         try:
             head = Head.parse(key)
         except ValueError:
-            raise ValueError(f"{path}: key {key!r} is not 'layer-head'") from None
+            raise InputError(f"{path}: key {key!r} is not 'layer-head'") from None
         if (
             not isinstance(values, list)
             or not values
             or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
         ):
-            raise ValueError(f"{path}: head {key!r} needs a non-empty list of numbers")
+            raise InputError(f"{path}: head {key!r} needs a non-empty list of numbers")
         per_head[head] = [float(v) for v in values]
     if shape is None:
         shape = HeadShape(max(h.layer for h in per_head) + 1, max(h.head for h in per_head) + 1, 1)
@@ -61,7 +62,7 @@ def wu_scores(per_instance: Mapping[Head, Sequence[float]]) -> dict[str, list[fl
     """Per-instance scores in Wu's format (`{"layer-head": [...]}`), heads in (layer, head)
     order."""
     if not per_instance:
-        raise ValueError("no head scores to write")
+        raise InputError("no head scores to write")
     return {h.wu_key: [float(v) for v in per_instance[h]] for h in sorted(per_instance)}
 
 

@@ -17,6 +17,7 @@ from mechinterp.detect.patterns import PATTERN_KINDS, pattern_scores
 from mechinterp.detect.qr import qr_scores
 from mechinterp.detect.result import Detection
 from mechinterp.detect.retrieval import NoInstancePassedError, copy_score, retrieval_scores
+from mechinterp.errors import InputError
 from mechinterp.tasks.example import Example
 
 __all__ = [
@@ -40,7 +41,7 @@ NEEDS_EXAMPLES: set[str] = set()
 
 def register_detector(name: str, fn: DetectorFn, *, needs_examples: bool) -> None:
     if name in DETECTORS:
-        raise ValueError(f"detector {name!r} is already registered")
+        raise InputError(f"detector {name!r} is already registered")
     DETECTORS[name] = fn
     if needs_examples:
         NEEDS_EXAMPLES.add(name)
@@ -83,7 +84,7 @@ for _kind in PATTERN_KINDS:
 def detect(model, examples: Sequence[Example] | None, name: str, **settings: Any) -> Detection:
     """Run detector `name` (a key of `DETECTORS`) with its keyword settings."""
     if name not in DETECTORS:
-        raise ValueError(f"unknown detector {name!r}; expected one of {sorted(DETECTORS)}")
+        raise InputError(f"unknown detector {name!r}; expected one of {sorted(DETECTORS)}")
     if name in NEEDS_EXAMPLES and not examples:
-        raise ValueError(f"detector {name!r} needs task examples")
+        raise InputError(f"detector {name!r} needs task examples")
     return DETECTORS[name](model, examples, **settings)

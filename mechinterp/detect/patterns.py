@@ -20,6 +20,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechinterp.detect.result import Detection
+from mechinterp.errors import InputError
 from mechinterp.heads import HeadShape
 
 PatternKind = Literal["previous_token", "duplicate_token", "induction"]
@@ -39,7 +40,7 @@ def detection_pattern(tokens: Int[Tensor, "pos"], kind: PatternKind) -> Float[Te
         shifted = torch.zeros(n, n)
         shifted[:, 1:] = duplicate[:, :-1]
         return shifted.tril()
-    raise ValueError(f"unknown pattern kind {kind!r}; expected one of {PATTERN_KINDS}")
+    raise InputError(f"unknown pattern kind {kind!r}; expected one of {PATTERN_KINDS}")
 
 
 def repeated_random_tokens(
@@ -47,7 +48,7 @@ def repeated_random_tokens(
 ) -> list[list[int]]:
     """`n_sequences` of [BOS] + r + r with r `seq_len` random non-special tokens (seeded)."""
     if seq_len < 2 or n_sequences < 1:
-        raise ValueError("seq_len must be >= 2 and n_sequences >= 1")
+        raise InputError("seq_len must be >= 2 and n_sequences >= 1")
     special = set(tokenizer.all_special_ids)
     allowed = torch.tensor([i for i in range(len(tokenizer)) if i not in special])
     gen = torch.Generator().manual_seed(seed)
@@ -89,13 +90,13 @@ def pattern_scores(
 ) -> Detection:
     """Score every query head for `kind` on `sequences` (default: repeated random tokens)."""
     if kind not in PATTERN_KINDS:
-        raise ValueError(f"unknown pattern kind {kind!r}; expected one of {PATTERN_KINDS}")
+        raise InputError(f"unknown pattern kind {kind!r}; expected one of {PATTERN_KINDS}")
     if sequences is None:
         sequences = repeated_random_tokens(
             model.tokenizer, seq_len=seq_len, n_sequences=n_sequences, seed=seed
         )
     if not sequences or any(len(s) < 2 for s in sequences):
-        raise ValueError("pattern scores need sequences of at least 2 tokens")
+        raise InputError("pattern scores need sequences of at least 2 tokens")
     shape = HeadShape.of(model)
     exclude = {"exclude_bos": exclude_bos, "exclude_current_token": exclude_current_token}
     t0 = time.perf_counter()

@@ -24,6 +24,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mechinterp.detect.result import Detection
+from mechinterp.errors import InputError
 from mechinterp.evaluate import left_pad
 from mechinterp.heads import HeadShape
 from mechinterp.models.attention import RowReader, read_rows
@@ -40,10 +41,10 @@ def target_span(prompt: Prompt, target: str) -> str:
 def _positions(prompt: Prompt, span: str) -> list[tuple[int, int]]:
     ranges = list(prompt.spans.get(span, ()))
     if not ranges:
-        raise ValueError(f"prompt {prompt.example_id!r} has no {span!r} span")
+        raise InputError(f"prompt {prompt.example_id!r} has no {span!r} span")
     for start, end in ranges:
         if not 0 <= start < end <= prompt.n_tokens:
-            raise ValueError(
+            raise InputError(
                 f"prompt {prompt.example_id!r}: {span} span [{start}, {end}) lies outside its "
                 f"{prompt.n_tokens} tokens"
             )
@@ -76,7 +77,7 @@ def attention_mass(
 ) -> Float[Tensor, "instance layer head"]:
     """Mean over question tokens of the attention mass on the target span, per query head."""
     if batch_size < 1:
-        raise ValueError("batch_size must be >= 1")
+        raise InputError("batch_size must be >= 1")
     shape = HeadShape.of(model)
     spans = []
     for p in prompts:
@@ -124,9 +125,9 @@ def qr_scores(
 ) -> Detection:
     """QRHead scores of every query head over `prompts` (optionally null-question calibrated)."""
     if not prompts:
-        raise ValueError("no detection instances")
+        raise InputError("no detection instances")
     if null_prompts is not None and len(null_prompts) != len(prompts):
-        raise ValueError(f"{len(prompts)} prompts but {len(null_prompts)} null-question prompts")
+        raise InputError(f"{len(prompts)} prompts but {len(null_prompts)} null-question prompts")
     t0 = time.perf_counter()
     mass = attention_mass(model, prompts, target=target, batch_size=batch_size, progress=progress)
     values = mass

@@ -16,6 +16,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from mechinterp.analysis.headsets import HeadScores
+from mechinterp.errors import InputError
 from mechinterp.heads import Head
 
 
@@ -42,9 +43,9 @@ class Detection:
     def __post_init__(self) -> None:
         n = self.per_instance.shape[0]
         if self.counted.shape != (n,) or len(self.instances) != n:
-            raise ValueError("per_instance, counted and instances must have one entry per instance")
+            raise InputError("per_instance, counted and instances must have one entry per instance")
         if not bool(self.counted.any()):
-            raise ValueError(f"{self.detector}: no instance counted; nothing to average")
+            raise InputError(f"{self.detector}: no instance counted; nothing to average")
 
     @property
     def n_counted(self) -> int:
@@ -65,7 +66,7 @@ class Detection:
         ids = list(self.instances["instance_id"])
         missing = sorted(set(instance_ids) - set(ids))
         if missing:
-            raise ValueError(f"unknown instance ids {missing[:5]}")
+            raise InputError(f"unknown instance ids {missing[:5]}")
         rows = torch.tensor([ids.index(i) for i in instance_ids], dtype=torch.long)
         return Detection(
             self.detector,

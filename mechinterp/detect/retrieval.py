@@ -33,6 +33,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mechinterp.detect.result import Detection
+from mechinterp.errors import InputError
 from mechinterp.evaluate import generate_batch, rouge1_recall, stop_token_ids
 from mechinterp.heads import HeadShape
 from mechinterp.models.attention import RowReader, read_rows
@@ -44,7 +45,7 @@ CONVENTIONS: tuple[Convention, ...] = ("set", "per_step")
 KEY_RANGES: tuple[KeyRange, ...] = ("prompt", "context")
 
 
-class NoInstancePassedError(ValueError):
+class NoInstancePassedError(InputError):
     """No detection instance passed the success gate: there is nothing to average."""
 
 
@@ -78,13 +79,13 @@ def copy_score(
     step s; `needle` marks the needle's prompt positions.
     """
     if convention not in CONVENTIONS:
-        raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
+        raise InputError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
     n_pos = prompt_ids.shape[0]
     size = int(needle.sum())
     if size == 0:
-        raise ValueError("the needle span is empty")
+        raise InputError("the needle span is empty")
     if argmax.shape[0] != generated.shape[0]:
-        raise ValueError(f"{argmax.shape[0]} argmax steps but {generated.shape[0]} tokens")
+        raise InputError(f"{argmax.shape[0]} argmax steps but {generated.shape[0]} tokens")
     inside = (argmax >= 0) & (argmax < n_pos)
     j = argmax.clamp(0, n_pos - 1)
     copies = inside & needle[j] & (prompt_ids[j] == generated[:, None, None])
@@ -101,7 +102,7 @@ def needle_mask(prompt: Prompt, span: str = "needle") -> Bool[Tensor, "pos"]:  #
     """The positions of every `span` range of `prompt`, checked to lie inside it."""
     ranges = prompt.spans.get(span, ())
     if not ranges:
-        raise ValueError(
+        raise InputError(
             f"prompt {prompt.example_id!r} has no {span!r} span; the retrieval score needs the "
             "needle's token positions (NIAH and synthetic needle tasks have them; otherwise use "
             "the qr detector)"
@@ -109,7 +110,7 @@ def needle_mask(prompt: Prompt, span: str = "needle") -> Bool[Tensor, "pos"]:  #
     mask = torch.zeros(prompt.n_tokens, dtype=torch.bool)
     for start, end in ranges:
         if not 0 <= start < end <= prompt.n_tokens:
-            raise ValueError(
+            raise InputError(
                 f"prompt {prompt.example_id!r}: {span} span [{start}, {end}) lies outside its "
                 f"{prompt.n_tokens} tokens (was the prompt truncated after rendering?)"
             )
@@ -162,15 +163,15 @@ def retrieval_scores(
     `NoInstancePassedError` when none does, reporting the model's accuracy.
     """
     if convention not in CONVENTIONS:
-        raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
+        raise InputError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
     if keys not in KEY_RANGES:
-        raise ValueError(f"keys must be one of {KEY_RANGES}, got {keys!r}")
+        raise InputError(f"keys must be one of {KEY_RANGES}, got {keys!r}")
     if len(prompts) != len(answers):
-        raise ValueError(f"{len(prompts)} prompts but {len(answers)} answer lists")
+        raise InputError(f"{len(prompts)} prompts but {len(answers)} answer lists")
     if not prompts:
-        raise ValueError("no detection instances")
+        raise InputError("no detection instances")
     if batch_size < 1 or max_new_tokens < 1:
-        raise ValueError("batch_size and max_new_tokens must be >= 1")
+        raise InputError("batch_size and max_new_tokens must be >= 1")
     masks = [needle_mask(p, span) for p in prompts]  # validates spans before any compute
     shape = HeadShape.of(model)
     stop_ids = stop_token_ids(model) if stop_ids is None else stop_ids

@@ -13,6 +13,7 @@ from typing import Literal
 import pandas as pd
 
 from mechinterp import store
+from mechinterp.errors import InputError
 from mechinterp.experiments.command import Command, Plan, table_text
 from mechinterp.experiments.patch import PATCH_TASK, HeadSelection
 from mechinterp.experiments.specs import ModelSpec, TaskSpec, build_examples
@@ -73,9 +74,9 @@ class AtpConfig:
 
     def __post_init__(self) -> None:
         if self.verify_top < 0 or self.batch_size < 1 or self.fn_sample < 0:
-            raise ValueError("verify_top and fn_sample must be >= 0 and batch_size >= 1")
+            raise InputError("verify_top and fn_sample must be >= 0 and batch_size >= 1")
         if self.fn_threshold < 0:
-            raise ValueError(f"fn_threshold must be >= 0, got {self.fn_threshold}")
+            raise InputError(f"fn_threshold must be >= 0, got {self.fn_threshold}")
 
     @property
     def slug(self) -> str:
@@ -228,9 +229,9 @@ class PathPatchConfig:
 
     def __post_init__(self) -> None:
         if not self.inputs or len(set(self.inputs)) != len(self.inputs):
-            raise ValueError(f"inputs must name q, k and/or v once each, got {self.inputs}")
+            raise InputError(f"inputs must name q, k and/or v once each, got {self.inputs}")
         if self.batch_size < 1:
-            raise ValueError("batch_size must be >= 1")
+            raise InputError("batch_size must be >= 1")
 
     @property
     def slug(self) -> str:
@@ -322,9 +323,9 @@ def path_plan(config: PathPatchConfig, model) -> Plan:
         sel = HeadSelection(scores=sel.scores, top_k=10)
     heads = sel.chosen(shape)
     if not heads:
-        raise ValueError("name the receiver heads: --heads L18H6,... or --scores RUN [--top-k N]")
+        raise InputError("name the receiver heads: --heads L18H6,... or --scores RUN [--top-k N]")
     if max(h.layer for h in heads) == 0:
-        raise ValueError("every receiver is in layer 0: no head sits below them to send")
+        raise InputError("every receiver is in layer 0: no head sits below them to send")
     receivers = [str(h) for h in heads]
     examples = build_examples(config.task, model.tokenizer)
     shards = [Shard(f"path-patch/{i:04d}", path_patch_shard, {

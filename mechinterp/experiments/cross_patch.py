@@ -13,6 +13,7 @@ import pandas as pd
 
 from mechinterp import store
 from mechinterp.config import from_dict, to_dict
+from mechinterp.errors import InputError
 from mechinterp.experiments.command import Command, Plan, chunks, summary_table
 from mechinterp.experiments.patch import PATCH_TASK, HeadSelection
 from mechinterp.experiments.specs import ModelSpec, TaskSpec, build_examples
@@ -46,19 +47,19 @@ class CrossPatchConfig:
 
     def __post_init__(self) -> None:
         if not self.select:
-            raise ValueError(
+            raise InputError(
                 "cross-model patching needs heads: a list (--heads) or the donor's and the "
                 "recipient's score tables (--scores and --recipient-scores)"
             )
         if self.select.scores and not self.recipient_scores:
-            raise ValueError("Inter / Compl / Rand need the recipient's scores too "
+            raise InputError("Inter / Compl / Rand need the recipient's scores too "
                              "(--recipient-scores)")  # fmt: skip
         if self.recipient_scores and not self.select.scores:
-            raise ValueError("--recipient-scores goes with --scores (the donor's table)")
+            raise InputError("--recipient-scores goes with --scores (the donor's table)")
         if self.recipient_scores and not Path(self.recipient_scores).exists():
-            raise ValueError(f"recipient scores {self.recipient_scores} do not exist")
+            raise InputError(f"recipient scores {self.recipient_scores} do not exist")
         if min(self.max_new_tokens, self.batch_size, self.examples_per_shard) < 1:
-            raise ValueError("max_new_tokens, batch_size and examples_per_shard must be >= 1")
+            raise InputError("max_new_tokens, batch_size and examples_per_shard must be >= 1")
 
     @property
     def slug(self) -> str:

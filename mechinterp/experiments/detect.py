@@ -14,6 +14,7 @@ import pandas as pd
 import torch
 
 from mechinterp import store
+from mechinterp.errors import InputError
 from mechinterp.experiments.command import Command, Plan, chunks, table_text
 from mechinterp.experiments.specs import ModelSpec, TaskSpec, build_examples
 from mechinterp.runner import Shard
@@ -58,11 +59,11 @@ class DetectConfig:
 
     def __post_init__(self) -> None:
         if self.gate is not None and not 0.0 <= self.gate < 1.0:
-            raise ValueError(f"gate must lie in [0, 1) (or be none), got {self.gate}")
+            raise InputError(f"gate must lie in [0, 1) (or be none), got {self.gate}")
         sizes = (self.max_new_tokens, self.batch_size, self.seq_len, self.n_sequences,
                  self.examples_per_shard)  # fmt: skip
         if min(sizes) < 1:
-            raise ValueError("max_new_tokens, batch_size, seq_len, n_sequences and "
+            raise InputError("max_new_tokens, batch_size, seq_len, n_sequences and "
                              "examples_per_shard must be >= 1")  # fmt: skip
 
     @property

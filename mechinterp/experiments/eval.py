@@ -10,6 +10,7 @@ from typing import Literal
 import pandas as pd
 
 from mechinterp import store
+from mechinterp.errors import InputError
 from mechinterp.experiments.command import Command, Plan, chunks, table_text
 from mechinterp.experiments.specs import ModelSpec, TaskSpec, build_examples
 from mechinterp.runner import Shard
@@ -31,7 +32,7 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         if min(self.max_new_tokens, self.batch_size, self.examples_per_shard) < 1:
-            raise ValueError("max_new_tokens, batch_size and examples_per_shard must be >= 1")
+            raise InputError("max_new_tokens, batch_size and examples_per_shard must be >= 1")
 
     @property
     def slug(self) -> str:

@@ -11,6 +11,7 @@ from typing import Literal
 import pandas as pd
 
 from mechinterp import store
+from mechinterp.errors import InputError
 from mechinterp.experiments.command import Command, Plan, chunks, summary_table
 from mechinterp.experiments.specs import ModelSpec, TaskSpec, build_examples, heads_from_scores
 from mechinterp.heads import parse_heads
@@ -54,17 +55,20 @@ class KnockoutConfig:
 
     def __post_init__(self) -> None:
         if bool(self.heads) == bool(self.scores):
-            raise ValueError("give exactly one of --heads (a ranked list) or --scores (a table)")
+            raise InputError("give exactly one of --heads (a ranked list) or --scores (a table)")
         if self.scores is not None and not Path(self.scores).exists():
-            raise ValueError(f"scores {self.scores} does not exist")
+            raise InputError(f"scores {self.scores} does not exist")
         # syntax and repeats now (one head per item: "L1H2 L3H4" is two); the shape later
-        object.__setattr__(self, "heads", tuple(map(str, parse_heads(self.heads))))
+        heads = tuple(map(str, parse_heads(self.heads)))
+        if self.heads and not heads:
+            raise InputError(f"heads {list(self.heads)} name no head: write heads like L18H6,L3H1")
+        object.__setattr__(self, "heads", heads)
         if not self.modes or len(set(self.modes)) < len(self.modes):
-            raise ValueError(f"modes must be distinct, and at least one, got {list(self.modes)}")
+            raise InputError(f"modes must be distinct, and at least one, got {list(self.modes)}")
         if not self.ks or min(self.ks) < 1 or not self.seeds:
-            raise ValueError("ks must be positive and at least one seed is needed")
+            raise InputError("ks must be positive and at least one seed is needed")
         if min(self.max_new_tokens, self.batch_size, self.examples_per_shard) < 1:
-            raise ValueError("max_new_tokens, batch_size and examples_per_shard must be >= 1")
+            raise InputError("max_new_tokens, batch_size and examples_per_shard must be >= 1")
 
     @property
     def slug(self) -> str:
@@ -92,7 +96,7 @@ def plan(config: KnockoutConfig, model) -> Plan:
 
     ranked = config.ranking(HeadShape.of(model))
     if max(config.ks) > len(ranked):
-        raise ValueError(f"k={max(config.ks)} exceeds the {len(ranked)} ranked heads given")
+        raise InputError(f"k={max(config.ks)} exceeds the {len(ranked)} ranked heads given")
     examples = build_examples(config.task, model.tokenizer)
     sweep = {"ks": list(config.ks), "seeds": list(config.seeds), "modes": list(config.modes),
              "match_layers": config.match_layers, "max_new_tokens": config.max_new_tokens,

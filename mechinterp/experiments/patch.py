@@ -11,6 +11,7 @@ from typing import Literal
 import pandas as pd
 
 from mechinterp import store
+from mechinterp.errors import InputError
 from mechinterp.experiments.command import Command, Plan, table_text
 from mechinterp.experiments.specs import ModelSpec, TaskSpec, build_examples, heads_from_scores
 from mechinterp.heads import parse_heads
@@ -41,17 +42,20 @@ class HeadSelection:
 
     def __post_init__(self) -> None:
         if self.heads and self.scores:
-            raise ValueError("give a head list (--heads) or a score table (--scores), not both")
+            raise InputError("give a head list (--heads) or a score table (--scores), not both")
         if self.threshold is not None and self.top_k is not None:
-            raise ValueError("select by --threshold or by --top-k, not both")
+            raise InputError("select by --threshold or by --top-k, not both")
         if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+            raise InputError(f"top_k must be >= 1, got {self.top_k}")
         if (self.threshold is not None or self.top_k is not None) and not self.scores:
-            raise ValueError("--threshold and --top-k select from a score table: give --scores")
+            raise InputError("--threshold and --top-k select from a score table: give --scores")
         if self.scores is not None and not Path(self.scores).exists():
-            raise ValueError(f"scores {self.scores} does not exist")
+            raise InputError(f"scores {self.scores} does not exist")
         # syntax and repeats now (one head per item: "L1H2 L3H4" is two); the shape later
-        object.__setattr__(self, "heads", tuple(map(str, parse_heads(self.heads))))
+        heads = tuple(map(str, parse_heads(self.heads)))
+        if self.heads and not heads:
+            raise InputError(f"heads {list(self.heads)} name no head: write heads like L18H6,L3H1")
+        object.__setattr__(self, "heads", heads)
 
     def __bool__(self) -> bool:
         return bool(self.heads or self.scores)
@@ -72,7 +76,7 @@ class HeadSelection:
         """`resolve`, refusing a selection that picks nothing."""
         heads = self.resolve(shape)
         if self and not heads:
-            raise ValueError(
+            raise InputError(
                 f"the head selection {self} picks no heads; lower the threshold or use top_k"
             )
         return heads
@@ -98,7 +102,7 @@ class PatchConfig:
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
-            raise ValueError("batch_size must be >= 1")
+            raise InputError("batch_size must be >= 1")
 
     @property
     def slug(self) -> str:

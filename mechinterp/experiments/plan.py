@@ -23,6 +23,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mechinterp.errors import InputError
+
 #: Fitted constants (see the module docstring): `benchmarks/plan_check.py --fit` on the 2-core
 #: CPU machine; BASE_MIB is the loaded embedded model's resident memory minus its weights.
 CALIBRATION = {
@@ -342,7 +344,7 @@ def plan(config, *, budget_gib: float | None = None) -> tuple[list[PlanRow], Sha
     from mechinterp.experiments.detect import DetectConfig
 
     if budget_gib is not None and not (math.isfinite(budget_gib) and budget_gib > 0):
-        raise ValueError(f"the memory budget must be a positive number of GiB, got {budget_gib}")
+        raise InputError(f"the memory budget must be a positive number of GiB, got {budget_gib}")
     shape = model_shape(config.model)
     if budget_gib is None:
         budget, where = budget_bytes(config.model.device)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mechinterp import store
+from mechinterp.errors import InputError, MechinterpError
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ class RunOptions:
 
     def __post_init__(self) -> None:
         if self.engine not in ("local", "ray"):
-            raise ValueError(f"engine must be 'local' or 'ray', got {self.engine!r}")
+            raise InputError(f"engine must be 'local' or 'ray', got {self.engine!r}")
 
     def directory(self, root: str | Path, config: Any) -> Path:
         return Path(self.out) if self.out is not None else store.run_dir(root, config.slug, config)
@@ -65,11 +66,11 @@ def open_run(out: Path, config: Any, options: RunOptions, *, what: str,
         yield out
 
 
-class RunDirError(ValueError):
+class RunDirError(InputError):
     """The run directory holds another config's results, or is not a finished run."""
 
 
-class RunLockedError(RuntimeError):
+class RunLockedError(MechinterpError, RuntimeError):
     """Another live process is writing the run directory."""
 
 
@@ -126,6 +127,11 @@ class RunLock:
                 json.dump(me, f)
             self.held = True
             return self
+
+    def live_holder(self) -> dict | None:
+        """The live process holding the directory (`pid`, `host`, `argv`, `since`), or None."""
+        holder = self._holder()
+        return None if holder is None or self._stale(holder) else holder
 
     def _holder(self) -> dict | None:
         try:

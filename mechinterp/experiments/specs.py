@@ -11,6 +11,7 @@ from typing import Literal
 
 import pandas as pd
 
+from mechinterp.errors import InputError
 from mechinterp.tasks.example import TASK_NAMES, Example, TaskName
 
 Haystack = Literal["essays", "filler"]
@@ -37,13 +38,13 @@ class ModelSpec:
 
     def __post_init__(self) -> None:
         if self.device is not None and self.device_map is not None:
-            raise ValueError("give device or device_map, not both")
+            raise InputError("give device or device_map, not both")
         if self.device is not None:
             from mechinterp.models.load import check_device
 
             check_device(self.device, available=False)  # this machine's devices: at load time
         if self.rope_theta is not None and not self.rope_theta > 0:
-            raise ValueError(f"rope_theta must be > 0, got {self.rope_theta}")
+            raise InputError(f"rope_theta must be > 0, got {self.rope_theta}")
 
     def load(self):
         from mechinterp.models import load_model
@@ -82,26 +83,26 @@ class TaskSpec:
 
     def __post_init__(self) -> None:
         if self.task not in TASK_NAMES:
-            raise ValueError(f"unknown task {self.task!r}; expected one of {TASK_NAMES}")
+            raise InputError(f"unknown task {self.task!r}; expected one of {TASK_NAMES}")
         if any(not 16 <= n <= 1_000_000 for n in self.lengths):
-            raise ValueError(f"lengths must be token counts >= 16, got {self.lengths}")
+            raise InputError(f"lengths must be token counts >= 16, got {self.lengths}")
         if any(not 0.0 <= d <= 1.0 for d in self.depths):
-            raise ValueError(f"depths must lie in [0, 1], got {self.depths}")
+            raise InputError(f"depths must lie in [0, 1], got {self.depths}")
         if self.haystack not in ("essays", "filler"):
-            raise ValueError(f"haystack must be 'essays' or 'filler', got {self.haystack!r}")
+            raise InputError(f"haystack must be 'essays' or 'filler', got {self.haystack!r}")
         if self.data is not None and self.task == "niah":
-            raise ValueError("--data applies to mdqa and multihop; NIAH builds its own grid")
+            raise InputError("--data applies to mdqa and multihop; NIAH builds its own grid")
         if self.data is not None and not Path(self.data).is_file():
             what = "is not a file" if Path(self.data).exists() else "does not exist"
-            raise ValueError(f"data file {self.data} {what}")
+            raise InputError(f"data file {self.data} {what}")
         from mechinterp.tasks.niah import NEEDLES
 
         if not 1 <= self.needles <= len(NEEDLES):
-            raise ValueError(f"needles must lie in [1, {len(NEEDLES)}], got {self.needles}")
+            raise InputError(f"needles must lie in [1, {len(NEEDLES)}], got {self.needles}")
         if not self.lengths or not self.depths:
-            raise ValueError("lengths and depths need at least one value each")
+            raise InputError("lengths and depths need at least one value each")
         if self.n < 1 or self.n_docs < 1:
-            raise ValueError(f"n and n_docs must be >= 1, got n={self.n}, n_docs={self.n_docs}")
+            raise InputError(f"n and n_docs must be >= 1, got n={self.n}, n_docs={self.n_docs}")
         parse_variant(self.variant)
 
     @property
@@ -170,7 +171,7 @@ def parse_variant(variant: str) -> tuple[str, str]:
     realism, _, diversity = variant.partition("-")
     diversity = diversity or "high"
     if realism not in NEEDLE_REALISMS or diversity not in ("high", "low"):
-        raise ValueError(
+        raise InputError(
             f"unknown variant {variant!r}; expected realistic-high, realistic-low, "
             "templated-high, templated-low or symbolic"
         )
@@ -209,7 +210,7 @@ def qa_examples(
     makers = {"mdqa": synthetic_mdqa, "multihop": synthetic_multihop,
               "citation": synthetic_citation}  # fmt: skip
     if task not in loaders:
-        raise ValueError(f"{task!r} is not a QA task; expected one of {sorted(loaders)}")
+        raise InputError(f"{task!r} is not a QA task; expected one of {sorted(loaders)}")
     if data:
         return loaders[task](data, limit=skip + n)[skip:]
     realism, diversity = parse_variant(variant)
@@ -224,15 +225,15 @@ def read_head_scores(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     path = path / "scores.parquet" if path.is_dir() else path
     if not path.is_file():
-        raise ValueError(f"head-score table {path} does not exist")
+        raise InputError(f"head-score table {path} does not exist")
     try:
         table = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
     except (ValueError, OSError, pd.errors.ParserError) as e:
-        raise ValueError(f"{path} is not a head-score table: it does not read as "
+        raise InputError(f"{path} is not a head-score table: it does not read as "
                          f"{'parquet' if path.suffix == '.parquet' else 'CSV'} ({e})") from None
     missing = {"layer", "head", "score"} - set(table.columns)
     if missing:
-        raise ValueError(f"{path} is not a head-score table (missing {sorted(missing)})")
+        raise InputError(f"{path} is not a head-score table (missing {sorted(missing)})")
     table = _check_score_rows(path, table)
     return table.sort_values(["score", "layer", "head"], ascending=[False, True, True])
 
@@ -252,7 +253,7 @@ def _check_score_rows(path: Path, table: pd.DataFrame) -> pd.DataFrame:
     score = pd.to_numeric(table["score"], errors="coerce").astype(float)
     bad = ~(score.abs() < float("inf"))
     if bad.any():
-        raise ValueError(f"{path}: score is missing, NaN or not a finite number at "
+        raise InputError(f"{path}: score is missing, NaN or not a finite number at "
                          f"{where(bad)}; every head needs a score (drop the row to leave a head "
                          "out)")  # fmt: skip
     index = {}
@@ -260,7 +261,7 @@ def _check_score_rows(path: Path, table: pd.DataFrame) -> pd.DataFrame:
         num = pd.to_numeric(table[col], errors="coerce").astype(float)
         bad = ~((num >= 0) & (num == num.round()) & (num < 2**31))
         if bad.any():
-            raise ValueError(f"{path}: {col} is not a non-negative integer at {where(bad)}")
+            raise InputError(f"{path}: {col} is not a non-negative integer at {where(bad)}")
         index[col] = num.astype(int)
     clean = table.assign(layer=index["layer"], head=index["head"], score=score)
     repeated = clean.duplicated(["layer", "head"], keep=False)
@@ -268,7 +269,7 @@ def _check_score_rows(path: Path, table: pd.DataFrame) -> pd.DataFrame:
         firsts = clean[repeated].drop_duplicates(["layer", "head"])
         heads = ", ".join(f"L{la}H{h}" for la, h in zip(firsts["layer"], firsts["head"],
                                                           strict=True))  # fmt: skip
-        raise ValueError(f"{path}: heads listed twice: {heads} (at {where(repeated)}); give "
+        raise InputError(f"{path}: heads listed twice: {heads} (at {where(repeated)}); give "
                          "each head one row")  # fmt: skip
     return clean
 
@@ -281,7 +282,7 @@ def heads_from_scores(
     from mechinterp.heads import Head, parse_heads
 
     if (threshold is None) == (top_k is None):
-        raise ValueError("select heads by exactly one of threshold= or top_k=")
+        raise InputError("select heads by exactly one of threshold= or top_k=")
     table = read_head_scores(path)
     if threshold is not None:
         table = table[table["score"] > threshold]

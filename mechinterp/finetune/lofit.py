@@ -32,6 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mechinterp import store
+from mechinterp.errors import InputError, UnsupportedError
 from mechinterp.heads import Head, parse_heads
 from mechinterp.tasks.example import Example
 
@@ -49,7 +50,7 @@ class LofitSpec:
 
     def __post_init__(self) -> None:
         if not self.lr > 0 or self.l1 < 0 or self.steps < 1 or self.batch_size < 1:
-            raise ValueError("lr must be > 0, l1 >= 0, steps and batch_size >= 1")
+            raise InputError("lr must be > 0, l1 >= 0, steps and batch_size >= 1")
 
 
 @dataclass
@@ -102,7 +103,7 @@ class LofitVectors:
         directory = Path(directory)
         record = directory / f"lofit_{kind}.json"
         if not record.is_file():
-            raise ValueError(f"{directory} holds no LoFiT {kind} vectors (no {record.name})")
+            raise InputError(f"{directory} holds no LoFiT {kind} vectors (no {record.name})")
         meta = json.loads(record.read_text())
         vectors = load_file(str(directory / f"lofit_{kind}.safetensors"))["vectors"]
         return cls(kind, vectors, tuple(parse_heads(meta["heads"])), LofitSpec(**meta["spec"]),
@@ -113,7 +114,7 @@ def _o_proj_hooks(hf_model, vectors: torch.Tensor, kind: Kind) -> list:
     """Forward pre-hooks on each layer's o_proj: scale ((1 + A) ⊙ z) or shift (z + v) per head."""
     layers = getattr(getattr(hf_model, "model", None), "layers", None)
     if layers is None or not all(hasattr(getattr(b, "self_attn", None), "o_proj") for b in layers):
-        raise NotImplementedError(
+        raise UnsupportedError(
             f"{hf_model.config.model_type}: LoFiT hooks each layer's `model.layers[i].self_attn."
             "o_proj` (Llama-style decoders); this model has no such modules"
         )
@@ -198,7 +199,7 @@ def train_lofit_biases(
 ) -> LofitVectors:
     """Step 2: a bias vector per chosen head (the top-k of step 1), everything else frozen."""
     if not parse_heads(heads):
-        raise ValueError("step 2 needs the heads to tune (e.g. the top-k of step 1's ranking)")
+        raise InputError("step 2 needs the heads to tune (e.g. the top-k of step 1's ranking)")
     return _train(base, examples, spec, "bias", heads, progress, device)
 
 
@@ -207,7 +208,7 @@ def apply_lofit(model, vectors: LofitVectors) -> Iterator[None]:
     """Apply LoFiT vectors to a TransformerBridge (on `hook_z`) inside the block."""
     n_layers, n_heads, _ = vectors.vectors.shape
     if (n_layers, n_heads) != (model.cfg.n_layers, model.cfg.n_heads):
-        raise ValueError(
+        raise InputError(
             f"LoFiT vectors are for {n_layers} layers × {n_heads} heads, the model has "
             f"{model.cfg.n_layers} × {model.cfg.n_heads}: trained on another base model?"
         )

@@ -26,12 +26,13 @@ import torch
 from tqdm.auto import tqdm
 
 from mechinterp import store
+from mechinterp.errors import InputError, MechinterpError
 from mechinterp.tasks.example import Example
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
-class DivergedError(RuntimeError):
+class DivergedError(MechinterpError, RuntimeError):
     """Training produced a non-finite loss; the last good checkpoint was kept."""
 
 
@@ -52,11 +53,11 @@ class LoraSpec:
 
     def __post_init__(self) -> None:
         if self.r < 1 or self.steps < 1 or self.batch_size < 1 or self.save_every < 1:
-            raise ValueError("r, steps, batch_size and save_every must be >= 1")
+            raise InputError("r, steps, batch_size and save_every must be >= 1")
         if not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
+            raise InputError(f"lr must be positive, got {self.lr}")
         if not self.targets:
-            raise ValueError("targets names the modules LoRA adapts (e.g. q_proj, v_proj)")
+            raise InputError("targets names the modules LoRA adapts (e.g. q_proj, v_proj)")
 
 
 @dataclass
@@ -74,7 +75,7 @@ def training_pairs(
     from mechinterp.tasks.prompt import render
 
     if not examples:
-        raise ValueError("no training examples: the variant produced none")
+        raise InputError("no training examples: the variant produced none")
     eot = tokenizer.convert_tokens_to_ids("<|im_end|>")
     end = eot if isinstance(eot, int) and eot != tokenizer.unk_token_id else tokenizer.eos_token_id
     pairs = []
@@ -82,7 +83,7 @@ def training_pairs(
         prompt = render(ex, tokenizer, template=template)
         answer = tokenizer.encode(ex.answers[0].strip(), add_special_tokens=False) + [end]
         if prompt.n_tokens + len(answer) > max_tokens:
-            raise ValueError(
+            raise InputError(
                 f"example {ex.id} has {prompt.n_tokens + len(answer)} tokens, over max_tokens="
                 f"{max_tokens}: use shorter examples or raise max_tokens"
             )

@@ -34,6 +34,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
+from mechinterp.errors import InputError, UnsupportedError
 from mechinterp.heads import Head, HeadShape
 from mechinterp.interventions.knockout import family_name
 from mechinterp.interventions.nodes import Node, capture, check_node, n_units, node_point
@@ -197,7 +198,7 @@ def _qk_layers(model, g: _Graph, node: Node) -> dict[int, QKLayer]:
         off = layer.mismatch(g.patterns[la].detach()[0])
         half = g.scores[la].dtype in (torch.float16, torch.bfloat16)
         if not off <= QK_TOLERANCE["half" if half else "float"]:
-            raise NotImplementedError(
+            raise UnsupportedError(
                 f"{family_name(model)}: layer {la}'s attention logits are not scale · q · k "
                 f"(soft-capped, masked) of its hooked queries and keys (largest difference "
                 f"{off:.2g}), so the QK fix cannot recompute its softmax; use qk_fix=False"
@@ -355,13 +356,13 @@ def _check(model, clean, corrupt, *, node: str, direction: str, positions, patch
     check_pair(model, clean, corrupt, direction, 1)
     check_node(model, node)
     if qk_fix and node not in ("q", "k"):
-        raise ValueError(
+        raise InputError(
             f"qk_fix applies to query and key nodes (node='q' or 'k'), not node={node!r}: a "
             "value or output reaches its head's output through no softmax of its own (AtP* of "
             "a value or output node is AtP with grad_drop)"
         )
     if grad_drop and HeadShape.of(model).n_layers < 2:
-        raise ValueError("grad_drop drops one layer at a time among at least 2 layers")
+        raise InputError("grad_drop drops one layer at a time among at least 2 layers")
     return check_positions(len(clean), positions, patch_from)
 
 

@@ -23,6 +23,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from mechinterp.errors import InputError
 from mechinterp.heads import HeadShape
 from mechinterp.interventions.context import single_use
 from mechinterp.interventions.knockout import (
@@ -49,9 +50,9 @@ def _row_masks(specs: Sequence[KnockoutSpec], shape: HeadShape) -> dict[str, Ten
         if not spec.heads:
             continue
         if spec.mode not in ROW_MODES:
-            raise ValueError(f"knockout_rows supports modes {ROW_MODES}, not {spec.mode!r}")
+            raise InputError(f"knockout_rows supports modes {ROW_MODES}, not {spec.mode!r}")
         if spec.scope != "all" or spec.query_positions is not None:
-            raise ValueError(
+            raise InputError(
                 "knockout_rows applies each row's spec to every position it runs; leave scope "
                 "and query_positions at their defaults (a shared prefix of "
                 "scope_start(prompt, scope) positions sets the scope)"
@@ -68,7 +69,7 @@ def knockout_rows(model, specs: Sequence[KnockoutSpec]) -> Iterator[dict]:
 
     Every forward must have `len(specs)` rows. Yields counters (`forwards`, `edited`)."""
     if not specs:
-        raise ValueError("knockout_rows needs at least one spec (one per batch row)")
+        raise InputError("knockout_rows needs at least one spec (one per batch row)")
     shape = HeadShape.of(model)
     masks = _row_masks(specs, shape)
     uniform_layers = masks["uniform_attention"].flatten(1).any(-1).nonzero()[:, 0]
@@ -78,7 +79,7 @@ def knockout_rows(model, specs: Sequence[KnockoutSpec]) -> Iterator[dict]:
 
     def rows_of(x: Tensor) -> None:
         if x.shape[0] != len(specs):
-            raise ValueError(f"the batch has {x.shape[0]} rows but {len(specs)} specs were given")
+            raise InputError(f"the batch has {x.shape[0]} rows but {len(specs)} specs were given")
 
     def check(scores: Tensor) -> None:
         rows_of(scores)
@@ -88,7 +89,7 @@ def knockout_rows(model, specs: Sequence[KnockoutSpec]) -> Iterator[dict]:
 
     def every_row(b: int, q: int, k: int) -> Tensor:
         if b != len(specs):
-            raise ValueError(f"the batch has {b} rows but {len(specs)} specs were given")
+            raise InputError(f"the batch has {b} rows but {len(specs)} specs were given")
         stats["edited"] += 1
         return torch.arange(q)
 
@@ -161,11 +162,11 @@ def score_conditions(
     a0, a1 = answer
     n = len(ids)
     if not 0 < a0 < a1 <= n:
-        raise ValueError(f"answer span {answer} must lie inside the {n} tokens, after position 0")
+        raise InputError(f"answer span {answer} must lie inside the {n} tokens, after position 0")
     if not 0 <= shared_prefix < a0:
-        raise ValueError(f"shared_prefix {shared_prefix} must lie before the answer (at {a0})")
+        raise InputError(f"shared_prefix {shared_prefix} must lie before the answer (at {a0})")
     if max_rows < 1:
-        raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+        raise InputError(f"max_rows must be >= 1, got {max_rows}")
     device = model.cfg.device
     ids = list(ids[:a1])
     prefix = prefix_cache(model, ids[:shared_prefix]) if shared_prefix else None
@@ -202,7 +203,7 @@ def generate_conditions(
     from mechinterp.interventions.patching import filled_cache, prefix_cache
 
     if not 0 <= shared_prefix < len(ids):
-        raise ValueError(f"shared_prefix {shared_prefix} must lie inside the {len(ids)} tokens")
+        raise InputError(f"shared_prefix {shared_prefix} must lie inside the {len(ids)} tokens")
     rows = len(specs)
     cache = None
     if shared_prefix:

@@ -32,6 +32,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mechinterp.analysis.headsets import Draw
+from mechinterp.errors import InputError
 from mechinterp.heads import Head, HeadShape, parse_heads
 from mechinterp.interventions.context import single_use
 from mechinterp.interventions.knockout import _by_layer
@@ -50,7 +51,7 @@ def check_same_shape(donor, recipient) -> None:
         or donor.cfg.d_head != recipient.cfg.d_head
         or donor.cfg.d_model != recipient.cfg.d_model
     ):
-        raise ValueError(
+        raise InputError(
             f"donor and recipient differ in shape ({a}, d_head {donor.cfg.d_head} vs {b}, "
             f"d_head {recipient.cfg.d_head}); cross-model patching needs one architecture"
         )
@@ -58,13 +59,13 @@ def check_same_shape(donor, recipient) -> None:
     if ca is not None and cb is not None and (ca.lora or cb.lora):
         sa, sb = ca.source_sha256, cb.source_sha256  # a LoRA model's card holds its base's hash
         if sa and sb and sa != sb:
-            raise ValueError(
+            raise InputError(
                 f"donor ({ca.id}) and recipient ({cb.id}) come from different base models "
                 f"(weights sha256 {sa[:12]} vs {sb[:12]}); cross-model patching compares "
                 "fine-tunes of one base"
             )
     if donor.tokenizer.get_vocab() != recipient.tokenizer.get_vocab():
-        raise ValueError(
+        raise InputError(
             "donor and recipient tokenizers differ; patch between models that "
             "share a tokenizer (e.g. fine-tunes of one base)"
         )
@@ -118,12 +119,12 @@ def cross_patch(
     `run_from_layer`), or when the recipient continues a KV cache this block did not start.
     """
     if patched not in PATCHED:
-        raise ValueError(f"patched must be one of {PATCHED}, got {patched!r}")
+        raise InputError(f"patched must be one of {PATCHED}, got {patched!r}")
     check_same_shape(donor, recipient)
     shape = HeadShape.of(recipient)
     heads = parse_heads(heads, shape)
     if not heads:
-        raise ValueError("cross-model patching needs a non-empty head set")
+        raise InputError("cross-model patching needs a non-empty head set")
     by_layer = _by_layer(heads)
     state: dict = {"cache": None, "z": {}, "z_rec": {}}
     stats = {"forwards": 0, "patched": 0}
@@ -223,7 +224,7 @@ def patch_head_sets(
     donor_heads = parse_heads(donor_heads, shape)
     recipient_heads = parse_heads(recipient_heads, shape)
     if not donor_heads:
-        raise ValueError("the donor's head set is empty: select its retrieval heads first")
+        raise InputError("the donor's head set is empty: select its retrieval heads first")
     theirs = set(recipient_heads)
     inter = tuple(h for h in donor_heads if h in theirs)
     sets = {"inter": inter, "compl": tuple(h for h in donor_heads if h not in theirs)}
@@ -262,15 +263,15 @@ def cross_model_patching(
     shape = HeadShape.of(recipient)
     empty = [name for name, hs in head_sets.items() if not hs]
     if empty or not head_sets:
-        raise ValueError(f"head sets {empty or '(none)'} are empty: nothing to patch")
+        raise InputError(f"head sets {empty or '(none)'} are empty: nothing to patch")
     if patched not in PATCHED:
-        raise ValueError(f"patched must be one of {PATCHED}, got {patched!r}")
+        raise InputError(f"patched must be one of {PATCHED}, got {patched!r}")
     if max_rows < 1:
-        raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+        raise InputError(f"max_rows must be >= 1, got {max_rows}")
     parsed = {name: parse_heads(hs, shape) for name, hs in head_sets.items()}
     reserved = {"recipient", "donor"} & set(parsed)
     if reserved:
-        raise ValueError(f"head-set names {sorted(reserved)} are reserved for the baselines")
+        raise InputError(f"head-set names {sorted(reserved)} are reserved for the baselines")
     conditions = {"recipient": (), **parsed}  # the recipient's rows; "donor" comes with them
     names = list(conditions)
     prompts = render_all(recipient, examples, template=template)
@@ -435,7 +436,7 @@ def _answer_logprobs(answers, first, mask, both, per_recipient_row, n_sets, cach
     device = first.device
     longest = max(len(a) for a in answers)
     if min(len(a) for a in answers) < 1:
-        raise ValueError("an answer has no tokens")
+        raise InputError("an answer has no tokens")
     padded = torch.zeros(n_ex, longest, dtype=torch.long, device=device)
     for e, a in enumerate(answers):
         padded[e, : len(a)] = torch.tensor(list(a), device=device)

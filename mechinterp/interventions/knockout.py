@@ -37,6 +37,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from mechinterp.errors import InputError, UnsupportedError
 from mechinterp.heads import Head, HeadShape, parse_heads
 from mechinterp.interventions.context import single_use
 from mechinterp.models.attention import ScoreEditor
@@ -78,24 +79,24 @@ class KnockoutSpec:
     def __post_init__(self) -> None:
         object.__setattr__(self, "heads", tuple(parse_heads(self.heads)))
         if self.mode not in MODES:
-            raise ValueError(f"unknown knockout mode {self.mode!r}; expected one of {MODES}")
+            raise InputError(f"unknown knockout mode {self.mode!r}; expected one of {MODES}")
         if self.scope not in SCOPES:
             hint = (f" (scopes are sets of positions now: {self.scope!r} is "
                     f"{_RENAMED[self.scope]!r})" if self.scope in _RENAMED else "")  # fmt: skip
-            raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}{hint}")
+            raise InputError(f"scope must be one of {SCOPES}, got {self.scope!r}{hint}")
         if self.mean_over not in ("pooled", "position"):
-            raise ValueError(f"mean_over must be 'pooled' or 'position', got {self.mean_over!r}")
+            raise InputError(f"mean_over must be 'pooled' or 'position', got {self.mean_over!r}")
         for name in ("query_positions", "key_positions"):
             pos = getattr(self, name)
             if pos is not None:
                 pos = tuple(int(p) for p in pos)
                 if not pos or min(pos) < 0:
-                    raise ValueError(f"{name} must be non-empty and >= 0 (or None for all)")
+                    raise InputError(f"{name} must be non-empty and >= 0 (or None for all)")
                 object.__setattr__(self, name, pos)
         if self.mode == "edge_knockout" and self.key_positions is None:
-            raise ValueError("edge_knockout needs key_positions (the keys to cut, e.g. the needle)")
+            raise InputError("edge_knockout needs key_positions (the keys to cut, e.g. the needle)")
         if self.mode != "edge_knockout" and self.key_positions is not None:
-            raise ValueError(f"key_positions applies to edge_knockout only, not {self.mode!r}")
+            raise InputError(f"key_positions applies to edge_knockout only, not {self.mode!r}")
 
     def to_dict(self) -> dict:
         return {
@@ -156,7 +157,7 @@ def mean_reference(
     position (up to the shortest sequence's length)."""
     heads = tuple(parse_heads(heads, HeadShape.of(model)))
     if not sequences:
-        raise ValueError("mean_reference needs at least one reference sequence")
+        raise InputError("mean_reference needs at least one reference sequence")
     zs = [
         head_outputs(model, torch.tensor([s], device=model.cfg.device), heads)[0] for s in sequences
     ]
@@ -189,7 +190,7 @@ def check_pre_softmax(scores: Tensor, family: str = "this model") -> None:
     if bool((rows >= 0).all()) and torch.allclose(
         rows.float().sum(-1), torch.ones(1, device=rows.device), atol=1e-3
     ):
-        raise RuntimeError(
+        raise UnsupportedError(
             f"{family}: hook_attn_scores is post-softmax on this model (a native-attention "
             "bridge): knockout edits there would be dropped. Load it with load_model / "
             "boot_transformers."
@@ -210,7 +211,7 @@ def check_uniform_attention(model, layers) -> None:
         attn = model.blocks[layer].attn
         hf_attn = getattr(attn, "original_component", attn)
         if getattr(hf_attn, "sinks", None) is not None:
-            raise NotImplementedError(
+            raise UnsupportedError(
                 f"{family_name(model)}: uniform_attention is refused on layer {layer}: its heads "
                 "have learned attention sinks, which enter the softmax outside hook_attn_scores, "
                 "so the head could not be made to attend uniformly; use zero, mean or resample "
@@ -269,7 +270,7 @@ def scope_start(prompt, scope: Scope) -> int:
         return context_end(prompt)
     if scope == "all":
         return 0
-    raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+    raise InputError(f"scope must be one of {SCOPES}, got {scope!r}")
 
 
 def _query_mask(spec: KnockoutSpec, geo: _Geometry, starts: Tensor, device) -> Tensor:
@@ -308,7 +309,7 @@ def knockout(
     are dropped).
     """
     if spec.scope == "query" and starts is None:
-        raise ValueError(
+        raise InputError(
             "scope 'query' needs starts= (per row: scope_start(prompt, 'query'), the end of the "
             "context)"
         )
@@ -317,14 +318,14 @@ def knockout(
         shape.validate(h)
     if spec.mode in ("mean", "resample"):
         if reference is None:
-            raise ValueError(
+            raise InputError(
                 f"{spec.mode} knockout needs reference= (mean_reference or resample_reference)"
             )
         missing = [str(h) for h in spec.heads if h not in reference.heads]
         if missing:
-            raise ValueError(f"the reference has no z for heads {missing}")
+            raise InputError(f"the reference has no z for heads {missing}")
         if spec.mode == "mean" and reference.pooled != (spec.mean_over == "pooled"):
-            raise ValueError(
+            raise InputError(
                 f"spec.mean_over={spec.mean_over!r} but the reference is "
                 f"{'pooled' if reference.pooled else 'per position'}"
             )
@@ -341,7 +342,7 @@ def knockout(
     if starts is not None and spec.scope != "all":
         given = [starts] if isinstance(starts, int) else list(starts)
         if not given or min(given) < 0:
-            raise ValueError(f"starts must be non-negative positions, got {starts!r}")
+            raise InputError(f"starts must be non-negative positions, got {starts!r}")
         row_starts["given"] = torch.tensor(given, dtype=torch.long)
 
     def read_inputs(module, args, kwargs) -> None:
@@ -349,13 +350,13 @@ def knockout(
 
         mask = kwargs.get("attention_mask")
         if mask is not None and mask.ndim != 2:
-            raise ValueError("knockout reads left padding from a 2-D attention mask")
+            raise InputError("knockout reads left padding from a 2-D attention mask")
         geo.ran, geo.mask, geo.starts = True, mask, None
         cache = passed_cache(kwargs)
         geo.cached = cache is not None
         geo.past = 0 if cache is None else int(cache.get_seq_length())
         if spec.scope == "response" and row_starts["given"] is None and not geo.cached:
-            raise ValueError(
+            raise InputError(
                 "scope 'response' without starts= applies to cached generation only (its prompt "
                 "forward marks where the response starts); a forward without a KV cache may hold "
                 "the response itself: pass starts=scope_start(prompt, 'response')"
@@ -369,7 +370,7 @@ def knockout(
         given = row_starts["given"]
         if given is not None:
             if len(given) not in (1, b):
-                raise ValueError(f"starts has {len(given)} entries but the batch has {b} rows")
+                raise InputError(f"starts has {len(given)} entries but the batch has {b} rows")
             return given.expand(b) if len(given) == 1 else given
         if geo.q_start == 0:  # a generation's prompt: its last real position starts the response
             row_starts["inferred"] = (geo.q_len - geo.offsets.cpu() - 1).clamp(min=0)
@@ -453,7 +454,7 @@ def knockout(
                 )
                 need = int(q_abs[qmask].max()) + 1 if bool(qmask.any()) else 0
                 if need > ref.shape[0]:
-                    raise ValueError(
+                    raise InputError(
                         f"the {spec.mode} reference covers {ref.shape[0]} positions but position "
                         f"{need - 1} is being knocked out; use a longer reference or pooled means"
                     )
@@ -491,7 +492,7 @@ def knockout(
         where = "hook_z" if spec.mode in Z_MODES else "the attention scores"
         raise RuntimeError(f"{where} never fired: the knockout was a silent no-op")
     if stats["forwards"] and stats["in_scope"] == 0:
-        raise ValueError(
+        raise InputError(
             f"scope {spec.scope!r} covered no position of any forward in the block: the "
             "knockout touched nothing"
         )
@@ -500,7 +501,7 @@ def knockout(
         wanted = getattr(spec, name)
         outside = sorted(p for p in wanted or () if p >= stats["positions"])
         if stats["forwards"] and outside:
-            raise ValueError(
+            raise InputError(
                 f"{name} {outside[:5]} lie outside every sequence the block ran (the longest has "
                 f"{stats['positions']} positions): that part of the knockout never applied"
             )

@@ -23,6 +23,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from mechinterp.errors import InputError, UnsupportedError
 from mechinterp.heads import Head, HeadShape
 from mechinterp.interventions.knockout import family_name
 
@@ -34,7 +35,7 @@ def check_node(model, node: str) -> None:
     """Raise for an unknown node, or for `q` / `k` on a model whose bridge does not hook the
     query and key as they enter the attention logits, naming the fix."""
     if node not in NODES:
-        raise ValueError(f"node must be one of {NODES}, got {node!r}")
+        raise InputError(f"node must be one of {NODES}, got {node!r}")
     if node in ("q", "k"):
         _qk_point(model, 0, node)
 
@@ -60,7 +61,7 @@ def check_units(model, node: Node, units) -> list[Head]:
     n = n_units(model, node)
     bad = [str(h) for h in out if h.head >= n]
     if bad:
-        raise ValueError(f"node {node!r} has {n} units per layer (KV heads for k and v): "
+        raise InputError(f"node {node!r} has {n} units per layer (KV heads for k and v): "
                          f"{bad[:3]} do not exist")  # fmt: skip
     return out
 
@@ -77,7 +78,7 @@ def _qk_point(model, layer: int, node: str) -> str:
     normed = any(n in getattr(attn, "submodules", {}) for n in ("q_norm", "k_norm"))
     if not rotary and not normed:
         return f"blocks.{layer}.attn.hook_{node}"
-    raise NotImplementedError(
+    raise UnsupportedError(
         f"{family_name(model)}: its attention bridge ({type(attn).__name__}) applies "
         f"{'rotary embeddings' if rotary else 'q/k norms'} inside a computation it does not "
         f"hook, so the {'query' if node == 'q' else 'key'} as it enters the attention logits "
@@ -93,7 +94,7 @@ def node_point(model, layer: int, node: Node) -> str:
         return f"blocks.{layer}.attn.hook_v"
     if node in ("q", "k"):
         return _qk_point(model, layer, node)
-    raise ValueError(f"node must be one of {NODES}, got {node!r}")
+    raise InputError(f"node must be one of {NODES}, got {node!r}")
 
 
 def shaped(x: Tensor, units: int) -> Tensor:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mechinterp.errors import InputError
 from mechinterp.interventions.knockout import Scope, scope_start
 from mechinterp.interventions.resume import Metric, logit_diff_metric
 from mechinterp.tasks.corrupt import Corruption, corrupt_answer
@@ -55,7 +56,7 @@ def _response_answer(model, prompt: Prompt, max_new_tokens: int) -> tuple[list[i
     for a0 in range(len(resp) - len(answer) + 1):
         if resp[a0 : a0 + len(answer)] == answer:
             return resp, a0, a0 + len(answer)
-    raise ValueError(
+    raise InputError(
         f"the model's greedy response to {prompt.example_id!r} ({gen.text!r}) does not write the "
         "needle's answer tokens: pick an example it answers, or pass `response=`"
     )

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mechinterp.errors import InputError
 from mechinterp.heads import Head, HeadShape, parse_heads
 from mechinterp.interventions.knockout import _by_layer
 from mechinterp.interventions.nodes import (
@@ -163,7 +164,7 @@ def patch_heads(
     """
     if screen is not None:
         if per_position or sets or positions is not None:
-            raise ValueError("screen= ranks whole heads: drop per_position, positions and sets")
+            raise InputError("screen= ranks whole heads: drop per_position, positions and sets")
         return screen_heads(model, clean, corrupt, metric, screen=screen, verify_top=verify_top,
                             sample=sample, heads=heads, direction=direction,
                             patch_from=patch_from, batch_size=batch_size,
@@ -172,7 +173,7 @@ def patch_heads(
     shape = HeadShape.of(model)
     heads = shape.all_heads() if heads is None else list(parse_heads(heads, shape))
     if not heads and not sets:
-        raise ValueError("no heads to patch")
+        raise InputError("no heads to patch")
     n_pos = len(clean)
     pos_list = check_positions(n_pos, positions, patch_from)
     t0 = time.perf_counter()
@@ -302,7 +303,7 @@ def screen_heads(
     from mechinterp.interventions.attribution import attribution_patch
 
     if screen not in ("atp", "atp*"):
-        raise ValueError(f"screen must be 'atp' or 'atp*', got {screen!r}")
+        raise InputError(f"screen must be 'atp' or 'atp*', got {screen!r}")
     star = screen == "atp*"
     est = attribution_patch(model, clean, corrupt, metric, node=node, direction=direction,
                             patch_from=patch_from, qk_fix=star and node in ("q", "k"),
@@ -343,9 +344,9 @@ def verify_screen(
     from mechinterp.analysis.false_negatives import max_above
 
     if verify_top < 1:
-        raise ValueError(f"verify_top must be >= 1, got {verify_top}")
+        raise InputError(f"verify_top must be >= 1, got {verify_top}")
     if sample < 0 or threshold < 0:
-        raise ValueError(f"sample and threshold must be >= 0, got {sample} and {threshold}")
+        raise InputError(f"sample and threshold must be >= 0, got {sample} and {threshold}")
     node = screen.node
     pool = None if units is None else check_units(model, node, units)
     ranked = screen.ranking(pool)

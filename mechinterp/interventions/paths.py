@@ -48,6 +48,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mechinterp.errors import InputError
 from mechinterp.heads import Head, HeadShape, parse_heads
 from mechinterp.interventions.resume import (
     Direction,
@@ -73,18 +74,18 @@ def _receiver_units(receivers, receiver_input: str, shape: HeadShape) -> dict[in
     if receiver_input == "resid":
         layers = [receivers] if isinstance(receivers, int) else list(receivers)
         if len(layers) != 1 or not all(isinstance(r, int) for r in layers):
-            raise ValueError(
+            raise InputError(
                 "receiver_input='resid' takes one layer index as receivers "
                 f"(1..{shape.n_layers}; {shape.n_layers} = the unembedding's input)"
             )
         (r,) = layers
         if not 0 < r <= shape.n_layers:
-            raise ValueError(f"a resid receiver is a layer in 1..{shape.n_layers} "
+            raise InputError(f"a resid receiver is a layer in 1..{shape.n_layers} "
                              f"({shape.n_layers}: the unembedding's input), got {r}")  # fmt: skip
         return {r: []}
     heads = list(parse_heads(receivers, shape))
     if not heads:
-        raise ValueError("no receivers: name the receiver heads (e.g. 'L18H6,L20H1')")
+        raise InputError("no receivers: name the receiver heads (e.g. 'L18H6,L20H1')")
     units: dict[int, set[int]] = {}
     for h in heads:
         unit = h.head if receiver_input == "q" else shape.kv_head(h)
@@ -114,7 +115,7 @@ def _norm_spans_heads(model, layer: int, receiver_input: str) -> str | None:
             return None
         if weight.ndim == 1 and weight.numel() == units * d_head:
             return found[0]
-    raise ValueError(
+    raise InputError(
         f"path patching into {receiver_input!r} on {type(hf).__name__}: cannot tell whether "
         f"layer {layer}'s {found[0]} normalises each head alone or all heads together (weight "
         f"{None if weight is None else tuple(weight.shape)}, d_head {d_head}); patch "
@@ -135,7 +136,7 @@ def _point(model, receiver_input: str, layer: int) -> str:
         return f"blocks.{layer}.attn.hook_{receiver_input}"
     point = f"blocks.{layer}.attn.{receiver_input}_norm.hook_out"
     if point not in model.hook_dict:
-        raise ValueError(
+        raise InputError(
             f"path patching into {receiver_input!r}: layer {layer}'s {norm} normalises all "
             "heads together and the bridge has no hook after it, so a write there would move "
             "every head of the layer; patch receiver_input='v' or 'resid' instead"
@@ -205,9 +206,9 @@ def path_patch_inputs(
     inputs = list(dict.fromkeys(receiver_inputs))
     bad = [i for i in inputs if i not in RECEIVER_INPUTS]
     if bad or not inputs:
-        raise ValueError(f"receiver_input must be one of {RECEIVER_INPUTS}, got {bad or inputs}")
+        raise InputError(f"receiver_input must be one of {RECEIVER_INPUTS}, got {bad or inputs}")
     if "resid" in inputs and len(inputs) > 1:
-        raise ValueError("receiver_input='resid' is patched alone: call path_patch once for it")
+        raise InputError("receiver_input='resid' is patched alone: call path_patch once for it")
     shape = HeadShape.of(model)
     n_layers, n_pos = shape.n_layers, len(clean)
     units = {inp: _receiver_units(receivers, inp, shape) for inp in inputs}
@@ -218,16 +219,16 @@ def path_patch_inputs(
     senders = list(parse_heads(senders, shape)) if senders else []
     late = [str(h) for h in senders if h.layer >= last]
     if late:
-        raise ValueError(f"senders {late[:3]} are not below any receiver (last receiver layer "
+        raise InputError(f"senders {late[:3]} are not below any receiver (last receiver layer "
                          f"{last}): no path leads from them into the receivers")  # fmt: skip
     if not senders and not sets:
-        raise ValueError("no senders: every sender must sit below the last receiver layer")
+        raise InputError("no senders: every sender must sit below the last receiver layer")
     if not 0 <= patch_from < n_pos:
-        raise ValueError(f"patch_from must lie in [0, {n_pos}), got {patch_from}")
+        raise InputError(f"patch_from must lie in [0, {n_pos}), got {patch_from}")
     t0 = time.perf_counter()
     prep = prepared or Prepared.of(model, clean, corrupt, metric, direction, patch_from)
     if prep.target_z is None:
-        raise ValueError(
+        raise InputError(
             "prepared= lacks the target's z (it came from attribution patching): "
             "pass Prepared.of(model, clean, corrupt, metric, direction, patch_from)"
         )

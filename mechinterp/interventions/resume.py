@@ -20,6 +20,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from mechinterp.errors import InputError, UnsupportedError
 from mechinterp.heads import HeadShape
 from mechinterp.interventions.knockout import family_name
 from mechinterp.models.kv_cache import cache_kwargs, new_cache
@@ -42,7 +43,7 @@ def logprob_metric(token: int) -> Metric:
 def normalised_recovery(patched: Tensor, clean: float, corrupt: float) -> Tensor:
     """(M_patched − M_corrupt) / (M_clean − M_corrupt); 1 = clean behaviour restored."""
     if clean == corrupt:
-        raise ValueError("clean and corrupt metrics are equal: recovery is undefined")
+        raise InputError("clean and corrupt metrics are equal: recovery is undefined")
     return (patched - corrupt) / (clean - corrupt)
 
 
@@ -57,7 +58,7 @@ def _resumed_at(model, layer: int, resid: Tensor):
     """
     blocks = list(model.blocks)
     if not 0 <= layer < len(blocks):
-        raise ValueError(f"layer {layer} is outside the model's {len(blocks)} layers")
+        raise InputError(f"layer {layer} is outside the model's {len(blocks)} layers")
 
     def skip(hidden_states, *args, **kwargs):
         return hidden_states
@@ -117,7 +118,7 @@ def check_resumable(model) -> None:
     """Raise for a model `run_from_layer` would run wrongly (see `resumable`)."""
     if not resumable(model):
         why = getattr(model, "mechinterp_resume_error", None)
-        raise NotImplementedError(
+        raise UnsupportedError(
             f"{family_name(model)}: resuming a forward at a layer (skipping the blocks below it) "
             "does not reproduce the model's own forward, so per-head patching from cached "
             "residuals is refused for it" + (f" (the resumed forward failed: {why})" if why else "")
@@ -143,7 +144,7 @@ def run_from_layer(
     """
     n_layers = model.cfg.n_layers
     if not 0 <= layer < n_layers:
-        raise ValueError(f"layer {layer} is outside the model's {n_layers} layers")
+        raise InputError(f"layer {layer} is outside the model's {n_layers} layers")
     check_resumable(model)
     cache = None if prefix_kv is None else shared_cache(model, prefix_kv, rows=resid.shape[0])
     with _resumed_at(model, layer, resid), model.hooks(fwd_hooks=list(hooks)):
@@ -282,14 +283,14 @@ def check_pair(model, clean: Sequence[int], corrupt: Sequence[int], direction: s
     check_token_ids(model, clean, "clean")
     check_token_ids(model, corrupt, "corrupt")
     if len(clean) != len(corrupt):
-        raise ValueError(
+        raise InputError(
             f"clean ({len(clean)} tokens) and corrupt ({len(corrupt)}) must have the same length: "
             "corrupt by symmetric token replacement"
         )
     if direction not in ("denoise", "noise"):
-        raise ValueError(f"direction must be 'denoise' or 'noise', got {direction!r}")
+        raise InputError(f"direction must be 'denoise' or 'noise', got {direction!r}")
     if batch_size < 1:
-        raise ValueError("batch_size must be >= 1")
+        raise InputError("batch_size must be >= 1")
 
 
 def check_positions(n_pos: int, positions: Sequence[int] | None, patch_from: int) -> list[int]:
@@ -297,17 +298,17 @@ def check_positions(n_pos: int, positions: Sequence[int] | None, patch_from: int
     `n_pos` tokens, or a clear error."""
     pos_list = list(range(n_pos)) if positions is None else list(positions)
     if positions is not None and not pos_list:
-        raise ValueError("positions=[] selects no position, so nothing would be patched: "
+        raise InputError("positions=[] selects no position, so nothing would be patched: "
                          "pass positions=None for all, or list the ones to patch")  # fmt: skip
     if any(not isinstance(p, Integral) or isinstance(p, bool) for p in pos_list):
-        raise ValueError(f"positions must be token indices (ints), got {pos_list[:3]}")
+        raise InputError(f"positions must be token indices (ints), got {pos_list[:3]}")
     repeated = sorted(p for p, n in Counter(pos_list).items() if n > 1)
     if repeated:
-        raise ValueError(f"positions repeat {repeated}; give each position once")
+        raise InputError(f"positions repeat {repeated}; give each position once")
     if any(not 0 <= p < n_pos for p in pos_list):
-        raise ValueError(f"positions must lie in [0, {n_pos}), got {sorted(pos_list)[:3]}…")
+        raise InputError(f"positions must lie in [0, {n_pos}), got {sorted(pos_list)[:3]}…")
     if not 0 <= patch_from < n_pos:
-        raise ValueError(f"patch_from must lie in [0, {n_pos}), got {patch_from}")
+        raise InputError(f"patch_from must lie in [0, {n_pos}), got {patch_from}")
     return pos_list
 
 def shared_start(clean: Sequence[int], corrupt: Sequence[int], patch_from: int) -> int:

@@ -14,6 +14,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from mechinterp.analysis.headsets import random_complement
+from mechinterp.errors import InputError
 from mechinterp.heads import Head, HeadShape, parse_heads
 from mechinterp.interventions.knockout import KnockoutSpec, knockout
 from mechinterp.selection import check_selection
@@ -53,12 +54,12 @@ def knockout_sweep(
     check_selection("seeds", seeds)
     check_selection("modes", modes)
     if ks[0] < 1:
-        raise ValueError("ks must be positive head counts")
+        raise InputError("ks must be positive head counts")
     if ks[-1] > len(ranked):
-        raise ValueError(f"k={ks[-1]} exceeds the {len(ranked)} ranked heads given")
+        raise InputError(f"k={ks[-1]} exceeds the {len(ranked)} ranked heads given")
     bad = [m for m in modes if m not in SWEEP_MODES]
     if bad:
-        raise ValueError(f"sweep modes must be among {SWEEP_MODES}, got {bad}")
+        raise InputError(f"sweep modes must be among {SWEEP_MODES}, got {bad}")
     check_selection("examples", [ex.id for ex in examples])
     pool = ranked[: ranked_pool or ks[-1]]
     runs: list[tuple[str, int, str, int | None, tuple[Head, ...]]] = [("none", 0, "none", None, ())]

@@ -36,6 +36,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from mechinterp.errors import UnsupportedError
+
 #: Hook points only the bridge's explicit attention computes.
 SCORE_HOOKS = ("hook_attn_scores", "hook_pattern", "hook_rot_q", "hook_rot_k", "hook_cos",
                "hook_sin")  # fmt: skip
@@ -232,7 +234,7 @@ def _run_fused(self, reader: RowReader | None, editor: ScoreEditor | None, args,
         config._attn_implementation = before
         del hf.__dict__["_mechinterp_fused"]
     if state["calls"] != 1:
-        raise RuntimeError(
+        raise UnsupportedError(
             f"{type(hf).__name__} did not run its attention through transformers' attention "
             "interface, so its pattern rows cannot be read or edited on the fused path; load "
             "the model with attention='eager'"
@@ -355,7 +357,7 @@ def output_projection(model, layer: int) -> tuple[Tensor, Tensor | None]:
         return proj.weight, proj.bias
     if isinstance(proj, Conv1D):
         return proj.weight.T, proj.bias
-    raise NotImplementedError(
+    raise UnsupportedError(
         f"{model.original_model.config.model_type}, layer {layer}: the attention output "
         f"projection is a {type(proj).__name__}, neither a Linear nor a Conv1D; use "
         "patched='z' instead"

@@ -17,6 +17,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from mechinterp.errors import InputError, MissingFileError
 from mechinterp.store import write_text
 
 
@@ -71,13 +72,13 @@ def gguf_path(spec: EmbeddedModel) -> Path:
     module = spec.package.replace("-", "_")
     found = importlib.util.find_spec(module)
     if found is None or not found.submodule_search_locations:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"embedded model {spec.name!r} needs the PyPI package {spec.package}; "
             f"install it with: {spec.install_hint}"
         )
     path = Path(next(iter(found.submodule_search_locations))) / spec.filename
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{path} is missing; reinstall with: {spec.install_hint} --force-reinstall"
         )
     return path
@@ -114,7 +115,7 @@ def converted_gguf(path: str | os.PathLike) -> tuple[Path, str]:
     embedded default."""
     src = Path(path).expanduser().resolve()
     if not src.is_file():
-        raise FileNotFoundError(f"{src} is not a file")
+        raise MissingFileError(f"{src} is not a file")
     key = "gguf-" + hashlib.sha256(str(src).encode()).hexdigest()[:12]
     return _converted(src, key, src.name, "is it a complete GGUF file of a causal LM?",
                       target_prefix="gguf")  # fmt: skip
@@ -135,7 +136,7 @@ def _converted(
             sha = None
     if sha is None:
         if src.stat().st_size < 1_000_000:
-            raise ValueError(
+            raise InputError(
                 f"{src} is only {src.stat().st_size} bytes: the file is corrupt or not a model; "
                 f"{hint}"
             )
@@ -175,7 +176,7 @@ def _convert(src: Path, model_id: str, hint: str, sha: str, target: Path) -> Non
             src.parent, gguf_file=src.name, dtype=torch.float32
         )
     except Exception as e:  # gguf parse errors come in many types
-        raise ValueError(f"could not read {src} ({type(e).__name__}: {e}); {hint}") from e
+        raise InputError(f"could not read {src} ({type(e).__name__}: {e}); {hint}") from e
     steps.update()
     # Rebuild as a plain (non-quantised) model so it can be saved as safetensors (which also
     # writes the `architectures` field the bridge reads).

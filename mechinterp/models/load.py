@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from transformer_lens.model_bridge import TransformerBridge
 
+from mechinterp.errors import InputError
 from mechinterp.heads import check_loaded
 from mechinterp.models.embedded import (
     EMBEDDED,
@@ -130,14 +131,14 @@ def load_model(
     takes. `attention="eager"` forces the explicit T × T computation everywhere.
     """
     if attention not in ("eager", "sdpa"):
-        raise ValueError(f"attention must be 'eager' or 'sdpa', got {attention!r}")
+        raise InputError(f"attention must be 'eager' or 'sdpa', got {attention!r}")
     torch_dtype = _dtype(dtype)
     tune_allocator()
     if device_map is not None or max_memory is not None:
         if device is not None:
-            raise ValueError("give device= or device_map= (and max_memory=), not both")
+            raise InputError("give device= or device_map= (and max_memory=), not both")
         if device_map is None:
-            raise ValueError("max_memory= needs device_map= (e.g. device_map='auto')")
+            raise InputError("max_memory= needs device_map= (e.g. device_map='auto')")
         for where in (device_map.values() if isinstance(device_map, dict) else ()):
             check_device(str(where) if not isinstance(where, int) else f"cuda:{where}")
         placement = {"device_map": device_map, "max_memory": max_memory}
@@ -161,7 +162,7 @@ def load_model(
                                       rope_theta=rope_theta, n_ctx=n_ctx, placement=placement),
                            device_map, attention)  # fmt: skip
         if not (directory / "config.json").is_file():
-            raise ValueError(
+            raise InputError(
                 f"{directory} is not an HF model directory (no config.json) nor a LoRA "
                 "checkpoint (no adapter_config.json)"
             )
@@ -196,19 +197,19 @@ def check_device(device: str, *, available: bool = True) -> None:
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise ValueError(
+        raise InputError(
             f"device {device!r} is not a torch device (cpu, cuda, cuda:1, mps)"
         ) from None
     if dev.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"device {device!r}: only cpu, cuda and mps are supported")
+        raise InputError(f"device {device!r}: only cpu, cuda and mps are supported")
     if not available:
         return
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r}: this machine has no CUDA GPU (use --device cpu)")
+        raise InputError(f"device {device!r}: this machine has no CUDA GPU (use --device cpu)")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} GPU(s)")
+        raise InputError(f"device {device!r}: this machine has {torch.cuda.device_count()} GPU(s)")
     if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device {device!r}: MPS is not available here (use --device cpu)")
+        raise InputError(f"device {device!r}: MPS is not available here (use --device cpu)")
 
 
 def boot_bridge(
@@ -246,7 +247,7 @@ def _boot(hf_model, tokenizer, directory: Path, *, model_id, source, sha, dtype,
     if not set(getattr(config, "architectures", None) or [type(hf_model).__name__]) & (
         _bridge_architectures()
     ):
-        raise ValueError(
+        raise InputError(
             f"{config.model_type} ({', '.join(config.architectures or [type(hf_model).__name__])})"
             " is not an architecture the TransformerLens bridge supports, so mechinterp cannot "
             "hook it; see docs/models.md for the families that are tested"
@@ -317,7 +318,7 @@ def _load_hf(directory: Path, dtype, rope_theta, n_ctx, **placement):
             **{k: v for k, v in placement.items() if v is not None},
         )
     except (OSError, ValueError, RuntimeError) as e:
-        raise ValueError(
+        raise InputError(
             f"could not load weights from {directory} ({type(e).__name__}: {e}); the files may "
             "be incomplete or corrupt: delete the directory and re-create it"
         ) from e
@@ -334,7 +335,7 @@ def _load_lora(
     adapter_cfg = json.loads((directory / "adapter_config.json").read_text())
     base = adapter_cfg.get("base_model_name_or_path")
     if not base:
-        raise ValueError(f"{directory}/adapter_config.json names no base_model_name_or_path")
+        raise InputError(f"{directory}/adapter_config.json names no base_model_name_or_path")
     base_dir, base_id, base_sha = _base_location(base, directory)
     record = directory / FINETUNE_RECORD
     if rope_theta is None and record.is_file():  # trained with a RoPE change: load it the same way
@@ -346,7 +347,7 @@ def _load_lora(
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         first = next((ln for ln in lines if "mismatch" in ln), lines[0] if lines else repr(e))
         more = f" (+{len(lines) - 2} more)" if len(lines) > 2 else ""
-        raise ValueError(
+        raise InputError(
             f"LoRA checkpoint {directory} does not fit its base {base}: {first}{more}. Was it "
             "trained on another base model?"
         ) from e
@@ -399,7 +400,7 @@ def model_config(name_or_path: str | os.PathLike = "smollm2-135m", *,
     else:
         directory, _, _ = _base_location(name, Path.cwd())
     if not (Path(directory) / "config.json").is_file():
-        raise ValueError(f"{directory} has no config.json: not an HF model directory")
+        raise InputError(f"{directory} has no config.json: not an HF model directory")
     config = AutoConfig.from_pretrained(directory, local_files_only=True)
     if rope_theta is not None:
         _set_rope_theta(config, rope_theta)
@@ -411,7 +412,7 @@ def _is_gguf(name: str) -> bool:
     if path.suffix.lower() != ".gguf":
         return False
     if not path.is_file():
-        raise ValueError(f"{path}: no such GGUF file")
+        raise InputError(f"{path}: no such GGUF file")
     return True
 
 
@@ -424,19 +425,19 @@ def causal_lm_class(config, directory: Path | str = "the model") -> str:
     fix = (f'add "architectures": ["<Class>ForCausalLM"] to {directory}/config.json, naming '
            "the class the weights were trained as")  # fmt: skip
     if not model_type:
-        raise ValueError(
+        raise InputError(
             f"{directory}: config.json has neither `architectures` nor `model_type`; {fix}"
         )
     found = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
     names = [found] if isinstance(found, str) else list(found or ())
     if len(names) != 1:
         what = f"several causal-LM classes ({', '.join(names)})" if names else "no causal-LM class"
-        raise ValueError(
+        raise InputError(
             f"{directory}: config.json has no `architectures`, and transformers registers {what} "
             f"for model_type {model_type!r}; {fix}"
         )
     if names[0] not in _bridge_architectures():
-        raise ValueError(
+        raise InputError(
             f"{directory}: config.json has no `architectures`; model_type {model_type!r} is "
             f"{names[0]}, which the TransformerLens bridge does not support"
         )
@@ -456,7 +457,7 @@ def _from_hf_cache(name: str) -> Path:
     try:
         return Path(snapshot_download(name, local_files_only=True))
     except (LocalEntryNotFoundError, ValueError, OSError) as e:
-        raise ValueError(
+        raise InputError(
             f"unknown model {name!r}: not an embedded model ({', '.join(sorted(EMBEDDED))}), not "
             "a local directory, and not in the local Hugging Face cache (models are never "
             "downloaded). Pass a directory holding config.json and weights, or pre-populate the "
@@ -476,7 +477,7 @@ def _dtype(dtype: str | torch.dtype) -> torch.dtype:
     try:
         return DTYPES[dtype]
     except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}") from None
+        raise InputError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}") from None
 
 
 def _rope_theta(config) -> float | None:
@@ -489,7 +490,7 @@ def _rope_theta(config) -> float | None:
 
 def _set_rope_theta(config, theta: float) -> None:
     if _rope_theta(config) is None:
-        raise ValueError(f"{config.model_type} has no RoPE theta to override")
+        raise InputError(f"{config.model_type} has no RoPE theta to override")
     params = getattr(config, "rope_parameters", None)
     if isinstance(params, dict):
         config.rope_parameters = {**params, "rope_theta": float(theta)}

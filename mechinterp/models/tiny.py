@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from transformer_lens.model_bridge import TransformerBridge
 
+from mechinterp.errors import InputError
 from mechinterp.models.load import boot_bridge
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
@@ -74,7 +75,7 @@ def tiny_model(
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if n_heads % n_kv_heads:
-        raise ValueError(f"n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv_heads})")
+        raise InputError(f"n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv_heads})")
     directory = Path(directory or tempfile.mkdtemp(prefix="mechinterp-tiny-"))
     tokenizer = char_tokenizer(directory)
     config = LlamaConfig(
@@ -215,7 +216,7 @@ def tiny_family(
     import transformers
 
     if name not in FAMILIES:
-        raise ValueError(f"unknown family {name!r}; expected one of {sorted(FAMILIES)}")
+        raise InputError(f"unknown family {name!r}; expected one of {sorted(FAMILIES)}")
     family = FAMILIES[name]
     directory = Path(directory or tempfile.mkdtemp(prefix=f"mechinterp-{name}-"))
     tokenizer = char_tokenizer(directory)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from numbers import Integral
 
+from mechinterp.errors import InputError
 from mechinterp.heads import check_loaded
 
 
@@ -14,23 +15,23 @@ def check_token_ids(model, ids, what: str = "token ids") -> None:
     GPU assert asynchronously)."""
     check_loaded(model)
     if isinstance(ids, str | bytes) or not hasattr(ids, "__len__"):
-        raise ValueError(f"{what} must be one prompt's token ids (a list of ints or a 1-D "
+        raise InputError(f"{what} must be one prompt's token ids (a list of ints or a 1-D "
                          f"tensor), got {type(ids).__name__}")  # fmt: skip
     if getattr(ids, "ndim", 1) != 1:
-        raise ValueError(f"{what} must be one prompt's token ids, a 1-D tensor; got shape "
+        raise InputError(f"{what} must be one prompt's token ids, a 1-D tensor; got shape "
                          f"{tuple(ids.shape)}: pass one prompt per call (e.g. ids[0])")  # fmt: skip
     nested = [i for i in ids if not _is_int(i)]
     if nested:
-        raise ValueError(f"{what} must be one prompt's token ids, a flat list of ints; got "
+        raise InputError(f"{what} must be one prompt's token ids, a flat list of ints; got "
                          f"{type(nested[0]).__name__} items (a batch?): pass one prompt per "
                          "call")  # fmt: skip
     if not len(ids):
-        raise ValueError(f"{what} is empty: give at least one token")
+        raise InputError(f"{what} is empty: give at least one token")
     vocab = int(model.cfg.d_vocab)
     flat = [int(i) for i in ids]
     bad = [i for i in flat if not 0 <= i < vocab]
     if bad:
-        raise ValueError(f"{what} hold ids outside the model's vocabulary [0, {vocab}): "
+        raise InputError(f"{what} hold ids outside the model's vocabulary [0, {vocab}): "
                          f"{bad[:5]}; tokenize with the model's own tokenizer")  # fmt: skip
 
 

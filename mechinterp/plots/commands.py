@@ -6,6 +6,8 @@ from __future__ import annotations
 import pandas as pd
 import plotly.graph_objects as go
 
+from mechinterp.errors import InputError
+
 
 def accuracy_heatmap(
     df: pd.DataFrame,
@@ -19,9 +21,9 @@ def accuracy_heatmap(
     """
     missing = {"length", "depth", value} - set(df.columns)
     if missing:
-        raise ValueError(f"accuracy_heatmap needs columns {sorted(missing)}")
+        raise InputError(f"accuracy_heatmap needs columns {sorted(missing)}")
     if df.empty:
-        raise ValueError("accuracy_heatmap got an empty table")
+        raise InputError("accuracy_heatmap got an empty table")
     grid = df.assign(_v=df[value].astype(float)).groupby(["length", "depth"])["_v"]
     mean = grid.mean().unstack("depth").sort_index()
     count = grid.size().unstack("depth").reindex_like(mean)
@@ -65,11 +67,11 @@ def head_heatmap(
     `top_k` heads labelled `L{layer}H{head}` and their score."""
     missing = {"layer", "head", value} - set(df.columns)
     if missing:
-        raise ValueError(f"head_heatmap needs columns {sorted(missing)}")
+        raise InputError(f"head_heatmap needs columns {sorted(missing)}")
     if df.empty:
-        raise ValueError("head_heatmap got an empty table")
+        raise InputError("head_heatmap got an empty table")
     if df.duplicated(["layer", "head"]).any():
-        raise ValueError("head_heatmap needs one row per (layer, head); aggregate first")
+        raise InputError("head_heatmap needs one row per (layer, head); aggregate first")
     grid = df.pivot(index="layer", columns="head", values=value).sort_index()
     top = df.sort_values([value, "layer", "head"], ascending=[False, True, True]).head(top_k)
     fig = go.Figure(
@@ -113,7 +115,7 @@ def knockout_curve(summary: pd.DataFrame, *, value: str = "correct", title: str 
     baseline as a dashed line. Takes `summarise_sweep`'s table."""
     missing = {"mode", "k", "condition", value} - set(summary.columns)
     if missing:
-        raise ValueError(f"knockout_curve needs columns {sorted(missing)}")
+        raise InputError(f"knockout_curve needs columns {sorted(missing)}")
     fig = go.Figure()
     base = summary[summary["condition"] == "none"]
     colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e"]
@@ -164,7 +166,7 @@ def cross_patch_bars(
     metric (metrics where donor and recipient tie are left out). Takes `summarise_cross`'s
     table."""
     if "condition" not in summary or not any(f"{m}_recovery" in summary for m in metrics):
-        raise ValueError("cross_patch_bars needs `condition` and <metric>_recovery columns")
+        raise InputError("cross_patch_bars needs `condition` and <metric>_recovery columns")
     # a metric on which donor and recipient tie has no recovery (NaN): leave it out
     metrics = tuple(
         m for m in metrics if f"{m}_recovery" in summary and summary[f"{m}_recovery"].notna().any()

@@ -10,12 +10,14 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from mechinterp.errors import InputError
+
 _CORRELATION_SYMBOL = {"spearman": "Spearman ρ", "pearson": "Pearson r", "kendall": "Kendall τ"}
 
 
 def _correlation_text(correlation: dict) -> str:
     if "estimate" not in correlation:
-        raise ValueError("recall_scatter: correlation needs an 'estimate'")
+        raise InputError("recall_scatter: correlation needs an 'estimate'")
     method = str(correlation.get("method") or "correlation")
     text = f"{_CORRELATION_SYMBOL.get(method.lower(), method)} = {correlation['estimate']:.2f}"
     low, high = correlation.get("low"), correlation.get("high")
@@ -47,14 +49,14 @@ def recall_scatter(
     """
     missing = {label, x, y} - set(df.columns)
     if missing:
-        raise ValueError(f"recall_scatter needs columns {sorted(missing)}")
+        raise InputError(f"recall_scatter needs columns {sorted(missing)}")
     if df.empty:
-        raise ValueError("recall_scatter got an empty table")
+        raise InputError("recall_scatter got an empty table")
     blank = df[df[[x, y]].isna().any(axis=1)]
     if not blank.empty:
-        raise ValueError(f"recall_scatter: missing {x}/{y} for {list(blank[label])}")
+        raise InputError(f"recall_scatter: missing {x}/{y} for {list(blank[label])}")
     if reference is not None and not (df[label] == reference).any():
-        raise ValueError(f"recall_scatter: reference {reference!r} is not a {label} in the table")
+        raise InputError(f"recall_scatter: reference {reference!r} is not a {label} in the table")
     is_ref = df[label] == reference
     rest = df[~is_ref]
     xs = df[x].astype(float)
@@ -170,10 +172,10 @@ def recall_by_task(
     carries its task's correlation (`correlations[task]`), the figure's the pooled one."""
     missing = {"task", "label", "recall", "performance", "metric", "synthetic"} - set(pooled)
     if missing:
-        raise ValueError(f"recall_by_task needs columns {sorted(missing)}")
+        raise InputError(f"recall_by_task needs columns {sorted(missing)}")
     df = pooled.dropna(subset=["recall", "performance"])
     if df.empty:
-        raise ValueError("recall_by_task: no model has both recall and performance")
+        raise InputError("recall_by_task: no model has both recall and performance")
     tasks = list(dict.fromkeys(df["task"]))
     subtitles = []
     for t in tasks:
@@ -227,9 +229,9 @@ def cross_patch_by_variant(
     `n_heads` go into the hover and the bar labels)."""
     missing = {"model_variant", "condition", metric} - set(summary.columns)
     if missing:
-        raise ValueError(f"cross_patch_by_variant needs columns {sorted(missing)}")
+        raise InputError(f"cross_patch_by_variant needs columns {sorted(missing)}")
     if summary.empty:
-        raise ValueError("cross_patch_by_variant got an empty table")
+        raise InputError("cross_patch_by_variant got an empty table")
     order = ["recipient", "inter", "compl", "rand", "donor"]
     colours = {"recipient": "#7f7f7f", "inter": "#2ca02c", "compl": "#ff7f0e",
                "rand": "#9467bd", "donor": "#d62728"}  # fmt: skip
@@ -276,7 +278,7 @@ def overlap_heatmap(sets: dict[str, list[str]], *, title: str | None = None) -> 
     from mechinterp.heads import parse_heads
 
     if not sets:
-        raise ValueError("overlap_heatmap got no head sets")
+        raise InputError("overlap_heatmap got no head sets")
     heads = {name: list(parse_heads(hs)) for name, hs in sets.items()}
     names = list(sets)
     z, text = [], []
@@ -320,9 +322,9 @@ def knockout_by_model(summary: pd.DataFrame, *, title: str | None = None) -> go.
     `hi` for error bars, `k`)."""
     missing = {"model_variant", "condition", "value"} - set(summary.columns)
     if missing:
-        raise ValueError(f"knockout_by_model needs columns {sorted(missing)}")
+        raise InputError(f"knockout_by_model needs columns {sorted(missing)}")
     if summary.empty:
-        raise ValueError("knockout_by_model got an empty table")
+        raise InputError("knockout_by_model got an empty table")
     fig = go.Figure()
     k = int(summary.loc[summary["condition"] == "top", "k"].max()) if "k" in summary else None
     names = {"none": "no knockout", "top": f"own top-{k}", "random": f"random-{k}, same layers"}

@@ -9,6 +9,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from mechinterp.errors import InputError
+
 
 def _tick(v) -> str:
     """A grid coordinate as an axis label: numbers compactly (`0.25`, `4000`), others as is."""
@@ -31,11 +33,11 @@ def accuracy_panels(
     """
     missing = {panel, "length", "depth", value} - set(df.columns)
     if missing:
-        raise ValueError(f"accuracy_panels needs columns {sorted(missing)}")
+        raise InputError(f"accuracy_panels needs columns {sorted(missing)}")
     if df.empty:
-        raise ValueError("accuracy_panels got an empty table")
+        raise InputError("accuracy_panels got an empty table")
     if df[panel].isna().any():
-        raise ValueError(f"accuracy_panels: column {panel!r} has missing values")
+        raise InputError(f"accuracy_panels: column {panel!r} has missing values")
     panels = list(pd.unique(df[panel]))
     lengths = sorted(pd.unique(df["length"]))
     depths = sorted(pd.unique(df["depth"]))
@@ -109,17 +111,17 @@ def knockout_ci_curves(
     """
     missing = {"task", "mode", "k", "condition", "value", "lo", "hi"} - set(summary.columns)
     if missing:
-        raise ValueError(f"knockout_ci_curves needs columns {sorted(missing)}")
+        raise InputError(f"knockout_ci_curves needs columns {sorted(missing)}")
     curves = summary[summary["condition"] != "none"]
     if curves.empty:
-        raise ValueError("knockout_ci_curves got no top/random rows")
+        raise InputError("knockout_ci_curves got no top/random rows")
     unknown = set(curves["condition"]) - set(_CONDITION_STYLE)
     if unknown:
-        raise ValueError(f"knockout_ci_curves: unknown conditions {sorted(map(str, unknown))}")
+        raise InputError(f"knockout_ci_curves: unknown conditions {sorted(map(str, unknown))}")
     if (curves["k"] < 1).any():
-        raise ValueError("knockout_ci_curves: top/random rows need k >= 1")
+        raise InputError("knockout_ci_curves: top/random rows need k >= 1")
     if curves.duplicated(["task", "mode", "k", "condition"]).any():
-        raise ValueError("knockout_ci_curves needs one row per (task, mode, k, condition)")
+        raise InputError("knockout_ci_curves needs one row per (task, mode, k, condition)")
     base = summary[summary["condition"] == "none"]
     tasks = list(pd.unique(curves["task"]))
     modes = list(pd.unique(curves["mode"]))
@@ -235,9 +237,9 @@ def sender_heatmaps(
     diverging colour scale centred at 0, each panel's `top_k` senders labelled."""
     missing = {"receiver_input", "layer", "head", value} - set(df.columns)
     if missing:
-        raise ValueError(f"sender_heatmaps needs columns {sorted(missing)}")
+        raise InputError(f"sender_heatmaps needs columns {sorted(missing)}")
     if df.empty:
-        raise ValueError("sender_heatmaps got an empty table")
+        raise InputError("sender_heatmaps got an empty table")
     inputs = list(dict.fromkeys(df["receiver_input"]))
     n_layers = int(df["layer"].max()) + 1
     n_heads = int(df["head"].max()) + 1

@@ -33,6 +33,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mechinterp.errors import InputError
 from mechinterp.tasks.example import Document, Example
 from mechinterp.tasks.mdqa import (
     HaystackDiversity,
@@ -156,7 +157,7 @@ def citation_scores(
     from mechinterp.metrics import rouge1_recall
 
     if not insights:
-        raise ValueError("citation_scores needs the example's insights (Example.meta['insights'])")
+        raise InputError("citation_scores needs the example's insights (Example.meta['insights'])")
     predicted: set[tuple[int, int]] = set()
     covered: set[int] = set()
     for text, cited in parse_bullets(prediction):
@@ -194,7 +195,7 @@ def citation_correct(
     up at least `min_precision` of that grid (`cite_all_baseline` measures it)."""
     for name, value in (("min_precision", min_precision), ("min_recall", min_recall)):
         if not 0 <= value <= 1:
-            raise ValueError(f"{name} must lie in [0, 1], got {value}")
+            raise InputError(f"{name} must lie in [0, 1], got {value}")
     return (
         scores["coverage"] == 1.0
         and scores["citation_precision"] >= min_precision
@@ -224,7 +225,7 @@ def cite_all_baseline(
     rows = []
     for ex in examples:
         if ex.task != "citation":
-            raise ValueError(f"example {ex.id!r} is a {ex.task} example; the cite-all baseline "
+            raise InputError(f"example {ex.id!r} is a {ex.task} example; the cite-all baseline "
                              "scores citation examples only, pass those")  # fmt: skip
         scores = citation_scores(cite_every_document(ex.meta["insights"], len(ex.documents)),
                                  ex.meta["insights"])  # fmt: skip
@@ -242,13 +243,13 @@ def load_summhay(path: str | Path, *, limit: int | None = None) -> list[Example]
     try:
         topic = json.loads(decode_utf8(path.read_bytes(), str(path)))
     except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not a readable SummHay haystack JSON file ({e})") from e
+        raise InputError(f"{path}: not a readable SummHay haystack JSON file ({e})") from e
     try:
         docs = topic["documents"]
         subtopics = topic["subtopics"]
         name = str(topic.get("topic", path.stem))
     except (KeyError, TypeError) as e:
-        raise ValueError(
+        raise InputError(
             f"{path}: a SummHay haystack needs 'documents' and 'subtopics' (missing {e})"
         ) from e
     out = []
@@ -260,7 +261,7 @@ def load_summhay(path: str | Path, *, limit: int | None = None) -> list[Example]
             texts = [str(d["document_text"]) for d in docs]
             subtopic = str(sub.get("subtopic") or sub.get("subtopic_name") or f"subtopic {s}")
         except (KeyError, TypeError) as e:
-            raise ValueError(f"{where}: malformed ({e!r})") from e
+            raise InputError(f"{where}: malformed ({e!r})") from e
         insights = [
             {"id": iid, "text": text,
              "docs": [j + 1 for j, inc in enumerate(contains) if iid in inc]}
@@ -279,7 +280,7 @@ def load_summhay(path: str | Path, *, limit: int | None = None) -> list[Example]
                   "insights": insights, "n_docs": len(texts)},
         ))  # fmt: skip
     if not out:
-        raise ValueError(f"{path}: no subtopic has an insight that a document contains")
+        raise InputError(f"{path}: no subtopic has an insight that a document contains")
     return out
 
 
@@ -304,9 +305,9 @@ def synthetic_citation(
     generators do. Symbolic insights are key-value lines in key-value documents."""
     check_synthetic_args(n, n_docs, doc_words)
     if n_insights < 1 or docs_per_insight < 1:
-        raise ValueError("n_insights and docs_per_insight must be >= 1")
+        raise InputError("n_insights and docs_per_insight must be >= 1")
     if n_insights * docs_per_insight > n_docs:
-        raise ValueError(
+        raise InputError(
             f"{n_insights} insights × {docs_per_insight} documents each need at least "
             f"{n_insights * docs_per_insight} documents, got n_docs={n_docs}"
         )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from mechinterp.errors import InputError
 from mechinterp.tasks.prompt import Prompt
 
 #: Replacement words (common nouns and names); those that are one token in context are used.
@@ -38,12 +39,12 @@ def corrupt_answer(prompt: Prompt, tokenizer, *, seed: int = 0, offset: int = 0)
     word's single token."""
     spans = prompt.spans.get("answer", ())
     if not spans:
-        raise ValueError(
+        raise InputError(
             f"prompt {prompt.example_id!r} has no answer span to corrupt (NIAH and the synthetic "
             "needle tasks have one)"
         )
     if not 0 <= offset < spans[0][1] - spans[0][0]:
-        raise ValueError(f"offset {offset} lies outside the answer span {spans[0]}")
+        raise InputError(f"offset {offset} lies outside the answer span {spans[0]}")
     pos = spans[0][0] + offset
     clean_tok = prompt.input_ids[pos]
     spaced = tokenizer.convert_ids_to_tokens(clean_tok)[:1] in ("Ġ", "▁", " ")
@@ -57,7 +58,7 @@ def corrupt_answer(prompt: Prompt, tokenizer, *, seed: int = 0, offset: int = 0)
         if candidates:
             break
     if not candidates:
-        raise ValueError("no single-token replacement word in this tokenizer")
+        raise InputError("no single-token replacement word in this tokenizer")
     bad = random.Random(f"{seed}-{prompt.example_id}").choice(sorted(set(candidates)))
     corrupt = list(prompt.input_ids)
     corrupt[pos] = bad

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from mechinterp.errors import InputError
 from mechinterp.store import atomic_path
 
 TaskName = Literal["niah", "mdqa", "multihop", "citation"]
@@ -48,15 +49,15 @@ class Example:
 
     def __post_init__(self) -> None:
         if self.task not in TASK_NAMES:
-            raise ValueError(f"unknown task {self.task!r}; expected one of {TASK_NAMES}")
+            raise InputError(f"unknown task {self.task!r}; expected one of {TASK_NAMES}")
         if not self.documents:
-            raise ValueError(f"example {self.id!r} has no documents")
+            raise InputError(f"example {self.id!r} has no documents")
         if not self.answers or not all(a.strip() for a in self.answers):
-            raise ValueError(f"example {self.id!r} needs at least one non-empty answer")
+            raise InputError(f"example {self.id!r} needs at least one non-empty answer")
         gold_text = [d.text for d in self.documents if d.gold]
         for needle in self.needles:
             if not any(needle in text for text in gold_text):
-                raise ValueError(
+                raise InputError(
                     f"example {self.id!r}: needle {needle[:60]!r} is not an exact substring of "
                     "any gold document; plant it verbatim or mark its document gold=True"
                 )
@@ -84,7 +85,7 @@ class Example:
                 meta=dict(d.get("meta", {})),
             )
         except (KeyError, TypeError) as e:
-            raise ValueError(f"malformed example record ({e!r}): {str(dict(d))[:200]}") from e
+            raise InputError(f"malformed example record ({e!r}): {str(dict(d))[:200]}") from e
 
 
 def write_jsonl(examples: Iterable[Example], path: str | Path) -> Path:
@@ -107,5 +108,5 @@ def read_jsonl(path: str | Path) -> list[Example]:
             try:
                 out.append(Example.from_dict(json.loads(line)))
             except (json.JSONDecodeError, ValueError) as e:
-                raise ValueError(f"{path}:{lineno}: {e}") from e
+                raise InputError(f"{path}:{lineno}: {e}") from e
     return out

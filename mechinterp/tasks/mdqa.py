@@ -28,6 +28,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any, Literal
 
+from mechinterp.errors import InputError
 from mechinterp.tasks import haystack
 from mechinterp.tasks.example import Document, Example
 from mechinterp.tasks.needles import NEEDLE_REALISMS, Fact, NeedleRealism, make_fact, make_facts
@@ -57,14 +58,14 @@ def read_records(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from e
+                raise InputError(f"{path}:{lineno}: invalid JSON ({e.msg})") from e
             if not isinstance(record, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got "
+                raise InputError(f"{path}:{lineno}: expected a JSON object, got "
                                  f"{type(record).__name__}")  # fmt: skip
             seen = True
             yield lineno, record
     if not seen:
-        raise ValueError(f"{path}: no records (the file is empty)")
+        raise InputError(f"{path}: no records (the file is empty)")
 
 
 def decode_utf8(raw: bytes, where: str) -> str:
@@ -73,23 +74,23 @@ def decode_utf8(raw: bytes, where: str) -> str:
     try:
         return raw.decode("utf-8-sig" if raw.startswith(b"\xef\xbb\xbf") else "utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{where}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1});"
+        raise InputError(f"{where}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1});"
                          " save the file as UTF-8") from None  # fmt: skip
 
 
 def check_limit(limit: int | None) -> None:
     """Reject a negative `limit` (None means no limit)."""
     if limit is not None and limit < 0:
-        raise ValueError(f"limit must be >= 0 or None, got {limit}")
+        raise InputError(f"limit must be >= 0 or None, got {limit}")
 
 
 def as_str(value: Any, what: str, *, empty: bool = False) -> str:
     """`value` if it is a string (and, unless `empty`, not blank), else a ValueError naming the
     field `what`."""
     if not isinstance(value, str):
-        raise ValueError(f"{what} must be a string, got {value!r}")
+        raise InputError(f"{what} must be a string, got {value!r}")
     if not empty and not value.strip():
-        raise ValueError(f"{what} is empty")
+        raise InputError(f"{what} is empty")
     return value
 
 
@@ -97,12 +98,12 @@ def as_str_list(value: Any, what: str, *, empty: bool = False) -> tuple[str, ...
     """`value` as a tuple if it is a list of non-blank strings (an empty list only if `empty`),
     else a ValueError naming the field."""
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ValueError(f"{what} must be a list of strings, got {value!r}")
+        raise InputError(f"{what} must be a list of strings, got {value!r}")
     if not value and not empty:
-        raise ValueError(f"{what} is an empty list")
+        raise InputError(f"{what} is an empty list")
     blank = [i for i, v in enumerate(value) if not v.strip()]
     if blank:
-        raise ValueError(f"{what}[{blank[0]}] is empty")
+        raise InputError(f"{what}[{blank[0]}] is empty")
     return tuple(value)
 
 
@@ -111,9 +112,9 @@ def _mdqa_example(record: Mapping[str, Any], *, source: str, line: int, variant:
     answers = as_str_list(record["answers"], "answers")
     ctxs = record["ctxs"]
     if not isinstance(ctxs, list) or not ctxs:
-        raise ValueError("ctxs must be a non-empty list of passages")
+        raise InputError("ctxs must be a non-empty list of passages")
     if not all(isinstance(c, dict) for c in ctxs):
-        raise ValueError("every ctx must be a JSON object")
+        raise InputError("every ctx must be a JSON object")
     gold_key = "isgold" if any("isgold" in c for c in ctxs) else "hasanswer"
     documents = tuple(
         Document(
@@ -125,7 +126,7 @@ def _mdqa_example(record: Mapping[str, Any], *, source: str, line: int, variant:
     )
     gold = [i for i, d in enumerate(documents) if d.gold]
     if not gold:
-        raise ValueError(f"no gold document (no ctx has {gold_key}=true)")
+        raise InputError(f"no gold document (no ctx has {gold_key}=true)")
     return file_example(record, "mdqa", documents, question, answers, source=source, line=line,
                         variant=variant, gold_index=gold[0])  # fmt: skip
 
@@ -168,18 +169,18 @@ def read_examples(path: str | Path, limit: int | None, make) -> list[Example]:
     for lineno, record in read_records(path):
         same = records.setdefault(json.dumps(record, sort_keys=True), lineno)
         if same != lineno:
-            raise ValueError(f"{path}:{lineno}: repeats the record on line {same} exactly; "
+            raise InputError(f"{path}:{lineno}: repeats the record on line {same} exactly; "
                              "give each record once (it would be scored twice)")  # fmt: skip
         try:
             example = make(record, path.name, lineno)
         except KeyError as e:
-            raise ValueError(f"{path}:{lineno}: missing key {e}") from e
+            raise InputError(f"{path}:{lineno}: missing key {e}") from e
         except (ValueError, TypeError) as e:
-            raise ValueError(f"{path}:{lineno}: {e}") from e
+            raise InputError(f"{path}:{lineno}: {e}") from e
         if example is None:
             continue
         if example.id in first:
-            raise ValueError(f"{path}:{lineno}: id {example.id!r} was already used on line "
+            raise InputError(f"{path}:{lineno}: id {example.id!r} was already used on line "
                              f"{first[example.id]}; give each record its own id (a repeated "
                              "record would be scored twice)")  # fmt: skip
         first[example.id] = lineno
@@ -195,9 +196,9 @@ def read_examples(path: str | Path, limit: int | None, make) -> list[Example]:
 def variant_name(realism: NeedleRealism, diversity: HaystackDiversity) -> str:
     """`"{realism}-{diversity}"`, or `"symbolic"` (key-value documents have no diversity axis)."""
     if realism not in NEEDLE_REALISMS:
-        raise ValueError(f"unknown needle realism {realism!r}; expected one of {NEEDLE_REALISMS}")
+        raise InputError(f"unknown needle realism {realism!r}; expected one of {NEEDLE_REALISMS}")
     if diversity not in HAYSTACK_DIVERSITIES:
-        raise ValueError(f"unknown diversity {diversity!r}; expected one of {HAYSTACK_DIVERSITIES}")
+        raise InputError(f"unknown diversity {diversity!r}; expected one of {HAYSTACK_DIVERSITIES}")
     return "symbolic" if realism == "symbolic" else f"{realism}-{diversity}"
 
 
@@ -253,7 +254,7 @@ def build_documents(
     lines use keys and values distinct from each other and from the planted facts.
     """
     if any(not 0 <= i < n_docs for i in planted):
-        raise ValueError(f"planted positions {sorted(planted)} must lie in [0, {n_docs})")
+        raise InputError(f"planted positions {sorted(planted)} must lie in [0, {n_docs})")
     if realism == "symbolic":
         per_doc = max(1, round(doc_words / _WORDS_PER_KV_LINE))
         avoid = {s for f in planted.values() for s in (f.subject, f.answer)}
@@ -288,11 +289,11 @@ def build_documents(
 def check_synthetic_args(n: int, n_docs: int, doc_words: int, *, min_docs: int = 1) -> None:
     """Shared argument validation of the synthetic generators."""
     if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
+        raise InputError(f"n must be >= 0, got {n}")
     if n_docs < min_docs:
-        raise ValueError(f"n_docs must be >= {min_docs}, got {n_docs}")
+        raise InputError(f"n_docs must be >= {min_docs}, got {n_docs}")
     if doc_words < 1:
-        raise ValueError(f"doc_words must be >= 1, got {doc_words}")
+        raise InputError(f"doc_words must be >= 1, got {doc_words}")
 
 
 def synthetic_mdqa(
@@ -316,7 +317,7 @@ def synthetic_mdqa(
     if gold_position != "random" and not (
         isinstance(gold_position, int) and 0 <= gold_position < n_docs
     ):
-        raise ValueError(f"gold_position must be 'random' or in [0, {n_docs}), got {gold_position}")
+        raise InputError(f"gold_position must be 'random' or in [0, {n_docs}), got {gold_position}")
     out = []
     for i in range(n):
         rng = random.Random(f"mdqa:{seed}:{i}")

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from mechinterp.errors import InputError
 from mechinterp.tasks.example import Document, Example
 from mechinterp.tasks.mdqa import (
     HaystackDiversity,
@@ -37,9 +38,9 @@ def _musique_example(record: Mapping[str, Any], *, source: str, line: int, varia
     answers = (as_str(record["answer"], "answer"), *aliases)
     paragraphs = record["paragraphs"]
     if not isinstance(paragraphs, list) or not paragraphs:
-        raise ValueError("paragraphs must be a non-empty list")
+        raise InputError("paragraphs must be a non-empty list")
     if not all(isinstance(p, dict) for p in paragraphs):
-        raise ValueError("every paragraph must be a JSON object")
+        raise InputError("every paragraph must be a JSON object")
     documents = tuple(
         Document(
             text=as_str(p["paragraph_text"], f"paragraphs[{i}].paragraph_text", empty=True),
@@ -50,7 +51,7 @@ def _musique_example(record: Mapping[str, Any], *, source: str, line: int, varia
     )
     gold = [i for i, d in enumerate(documents) if d.gold]
     if answerable and not gold:
-        raise ValueError("no supporting paragraph (no paragraph has is_supporting=true)")
+        raise InputError("no supporting paragraph (no paragraph has is_supporting=true)")
     return file_example(record, "multihop", documents, question, dict.fromkeys(answers),
                         source=source, line=line, variant=variant, gold_indices=gold,
                         answerable=answerable)  # fmt: skip

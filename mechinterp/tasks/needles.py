@@ -21,6 +21,8 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Literal
 
+from mechinterp.errors import InputError
+
 NeedleRealism = Literal["realistic", "templated", "symbolic"]
 NEEDLE_REALISMS: tuple[NeedleRealism, ...] = ("realistic", "templated", "symbolic")
 
@@ -81,9 +83,9 @@ class Fact:
 
     def __post_init__(self) -> None:
         if not self.answer.strip():
-            raise ValueError(f"fact {self.text!r} has an empty answer")
+            raise InputError(f"fact {self.text!r} has an empty answer")
         if self.answer not in self.text:
-            raise ValueError(f"answer {self.answer!r} is not in fact text {self.text!r}")
+            raise InputError(f"answer {self.answer!r} is not in fact text {self.text!r}")
 
 
 @dataclass(frozen=True)
@@ -97,9 +99,9 @@ class TwoHop:
     def __post_init__(self) -> None:
         first, second = self.facts
         if first.answer != second.subject or first.answer not in second.text:
-            raise ValueError(f"fact 2 {second.text!r} does not start from bridge {first.answer!r}")
+            raise InputError(f"fact 2 {second.text!r} does not start from bridge {first.answer!r}")
         if self.answer != second.answer:
-            raise ValueError(f"two-hop answer {self.answer!r} differs from fact 2's answer")
+            raise InputError(f"two-hop answer {self.answer!r} differs from fact 2's answer")
 
     @property
     def bridge(self) -> str:
@@ -175,7 +177,7 @@ _MAKERS: dict[NeedleRealism, Callable[[random.Random], Fact]] = {
 
 def _check_realism(realism: str) -> None:
     if realism not in NEEDLE_REALISMS:
-        raise ValueError(f"unknown needle realism {realism!r}; expected one of {NEEDLE_REALISMS}")
+        raise InputError(f"unknown needle realism {realism!r}; expected one of {NEEDLE_REALISMS}")
 
 
 def _clean(fact: Fact) -> bool:
@@ -197,7 +199,7 @@ def make_facts(
     """
     _check_realism(realism)
     if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
+        raise InputError(f"n must be >= 0, got {n}")
     make = _MAKERS[realism]
     used, out = set(avoid), []
     for _ in range(100 * n + 100):
@@ -211,7 +213,7 @@ def make_facts(
         used.update((fact.subject, fact.answer))
         out.append(fact)
     if len(out) < n:
-        raise ValueError(f"could not draw {n} distinct {realism} facts; the pools are too small")
+        raise InputError(f"could not draw {n} distinct {realism} facts; the pools are too small")
     return tuple(out)
 
 
@@ -303,4 +305,4 @@ def make_two_hop(
         if hop.bridge in hop.question or hop.answer in hop.question:
             continue
         return hop
-    raise ValueError(f"could not draw a clean {realism} two-hop fact")
+    raise InputError(f"could not draw a clean {realism} two-hop fact")

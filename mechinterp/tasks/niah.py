@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from mechinterp.errors import InputError
 from mechinterp.selection import check_selection
 from mechinterp.tasks import haystack as hs
 from mechinterp.tasks.example import Document, Example
@@ -28,7 +29,7 @@ class Needle:
 
     def __post_init__(self) -> None:
         if self.answer not in self.text:
-            raise ValueError(f"answer {self.answer!r} is not in needle {self.text!r}")
+            raise InputError(f"answer {self.answer!r} is not in needle {self.text!r}")
 
 
 NEEDLES: tuple[Needle, ...] = (
@@ -137,13 +138,13 @@ def niah_grid(
     depths = check_selection("depths", depths)
     if isinstance(needles, int):
         if not 1 <= needles <= len(NEEDLES):
-            raise ValueError(f"needles must be 1..{len(NEEDLES)}, got {needles}")
+            raise InputError(f"needles must be 1..{len(NEEDLES)}, got {needles}")
         needles = NEEDLES[:needles]
     indexed = list(enumerate(check_selection("needles", needles)))
     if needles and all(isinstance(n, int) for n in needles):
         bad = [i for i in needles if not 0 <= i < len(NEEDLES)]
         if bad:
-            raise ValueError(f"needle indices must lie in 0..{len(NEEDLES) - 1}, got {bad}")
+            raise InputError(f"needle indices must lie in 0..{len(NEEDLES) - 1}, got {bad}")
         indexed = [(i, NEEDLES[i]) for i in needles]
     rng = random.Random(seed)
     corpus_starts = _essay_starts() if haystack == "essays" else None
@@ -200,7 +201,7 @@ def _haystack(
     overhead = render(probe, tokenizer, template=template).n_tokens
     budget = length - overhead - 1
     if budget < 16:
-        raise ValueError(
+        raise InputError(
             f"length {length} is too short: the prompt without haystack already "
             f"takes {overhead} tokens"
         )
@@ -210,12 +211,12 @@ def _haystack(
     elif kind == "filler":
         source = hs.filler_text(budget, offset=start)
     else:
-        raise ValueError(f"unknown haystack {kind!r}; expected 'essays' or 'filler'")
+        raise InputError(f"unknown haystack {kind!r}; expected 'essays' or 'filler'")
     window = source[: budget * 8]
     enc = tokenizer(window, add_special_tokens=False, return_offsets_mapping=True)
     offsets = enc["offset_mapping"]
     if len(offsets) < budget:
-        raise ValueError(f"haystack source is too short for {length} tokens")
+        raise InputError(f"haystack source is too short for {length} tokens")
     cut = window[: offsets[budget - 1][1]]
     bounds = [b for b in hs.sentence_boundaries(cut) if b < len(cut)]
     last = max(bounds) if len(bounds) > 1 else len(cut)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from mechinterp.errors import InputError
 from mechinterp.tasks.example import Example
 
 Template = Literal["chat", "plain"]
@@ -44,7 +45,7 @@ class Prompt:
     def span(self, name: SpanName, index: int = 0) -> tuple[int, int]:
         spans = self.spans.get(name, ())
         if index >= len(spans):
-            raise ValueError(f"prompt {self.example_id!r} has no {name!r} span #{index}")
+            raise InputError(f"prompt {self.example_id!r} has no {name!r} span #{index}")
         return spans[index]
 
 
@@ -109,7 +110,7 @@ def _find_in_gold(example: Example, s: str, doc_starts: list[int]) -> tuple[int,
 def _locate_in_gold(example: Example, needle: str, doc_starts: list[int]) -> tuple[int, int]:
     found = _find_in_gold(example, needle, doc_starts)
     if found is None:
-        raise ValueError(f"needle {needle[:60]!r} of example {example.id!r} is not in the prompt")
+        raise InputError(f"needle {needle[:60]!r} of example {example.id!r} is not in the prompt")
     return found
 
 
@@ -131,24 +132,24 @@ def render(
     prefix = ANSWER_PREFIX[example.task]
     if template == "chat":
         if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("template='chat' but the tokenizer has no chat template; use 'plain'")
+            raise InputError("template='chat' but the tokenizer has no chat template; use 'plain'")
         head = tokenizer.apply_chat_template(
             [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
         )
         offset = head.find(content)
         if offset < 0:
-            raise ValueError("the chat template altered the user message; cannot place spans")
+            raise InputError("the chat template altered the user message; cannot place spans")
         text = head + prefix
     elif template == "plain":
         bos = tokenizer.bos_token or ""
         offset = len(bos)
         text = f"{bos}{content}\nAnswer:" + (f" {prefix}" if prefix else "")
     else:
-        raise ValueError(f"unknown template {template!r}; expected 'chat' or 'plain'")
+        raise InputError(f"unknown template {template!r}; expected 'chat' or 'plain'")
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     if max_tokens is not None and len(ids) > max_tokens:
-        raise ValueError(
+        raise InputError(
             f"prompt of example {example.id!r} has {len(ids)} tokens, longer than the model's "
             f"context window of {max_tokens}; use shorter lengths or fewer documents"
         )
@@ -162,7 +163,7 @@ def render(
 def _token_span(offsets, start: int, end: int, name: str) -> tuple[int, int]:
     hit = [i for i, (s, e) in enumerate(offsets) if e > s and s < end and e > start]
     if not hit:
-        raise ValueError(f"no token covers the {name} characters [{start}, {end})")
+        raise InputError(f"no token covers the {name} characters [{start}, {end})")
     return hit[0], hit[-1] + 1
 
 
@@ -171,5 +172,5 @@ def context_end(prompt: Prompt) -> int:
     template and the answer come after it."""
     docs = prompt.spans.get("document", ())
     if not docs:
-        raise ValueError(f"prompt {prompt.example_id!r} has no document span")
+        raise InputError(f"prompt {prompt.example_id!r} has no document span")
     return max(end for _, end in docs)

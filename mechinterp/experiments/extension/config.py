@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from mechinterp.errors import InputError
 from mechinterp.experiments.specs import ModelSpec
 from mechinterp.experiments.study.config import DetectStage, KnockoutScope
 from mechinterp.finetune.lofit import LofitSpec
@@ -42,7 +43,7 @@ class ModelKnockout:
 
     def __post_init__(self) -> None:
         if not self.ks or min(self.ks) < 1 or not self.seeds or not self.modes:
-            raise ValueError("knockout needs ks >= 1, at least one seed and one mode")
+            raise InputError("knockout needs ks >= 1, at least one seed and one mode")
 
 
 @dataclass(frozen=True)
@@ -64,9 +65,9 @@ class LofitStage:
 
     def __post_init__(self) -> None:
         if not 0 < self.top_share <= 1:
-            raise ValueError(f"top_share must lie in (0, 1], got {self.top_share}")
+            raise InputError(f"top_share must lie in (0, 1], got {self.top_share}")
         if any(not lam >= 0 for lam in self.l1_sweep):
-            raise ValueError(f"l1_sweep values must be >= 0, got {self.l1_sweep}")
+            raise InputError(f"l1_sweep values must be >= 0, got {self.l1_sweep}")
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,7 @@ class ExtensionClaims:
 
     def __post_init__(self) -> None:
         if not 0 < self.level < 1 or self.n_boot < 100:
-            raise ValueError("claims.level must lie in (0, 1) and claims.n_boot be >= 100")
+            raise InputError("claims.level must lie in (0, 1) and claims.n_boot be >= 100")
 
 
 @dataclass(frozen=True)
@@ -136,20 +137,20 @@ class ExtensionConfig:
 
         names = [t.task for t in self.tasks]
         if len(set(names)) < len(names):
-            raise ValueError(f"tasks repeat a task: {names}")
+            raise InputError(f"tasks repeat a task: {names}")
         if self.limited is not None and not 1 <= self.limited < self.n_train:
-            raise ValueError(
+            raise InputError(
                 f"limited must lie in [1, n_train) = [1, {self.n_train}), got {self.limited}"
             )
 
         for v in (self.reference, *self.variants):
             parse_variant(v)
         if self.reference in self.variants:
-            raise ValueError(f"variants repeat the reference variant {self.reference!r}")
+            raise InputError(f"variants repeat the reference variant {self.reference!r}")
         if not self.variants:
-            raise ValueError("at least one synthetic variant is needed")
+            raise InputError("at least one synthetic variant is needed")
         if self.n_train < 1 or self.n_eval < 1 or self.n_detect < 1:
-            raise ValueError("n_train, n_eval and n_detect must be >= 1")
+            raise InputError("n_train, n_eval and n_detect must be >= 1")
 
     @property
     def slug(self) -> str:

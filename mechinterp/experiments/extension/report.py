@@ -33,6 +33,7 @@ import pandas as pd
 
 from mechinterp import store
 from mechinterp.analysis.stats import cluster_mean
+from mechinterp.errors import InputError
 from mechinterp.experiments.extension.config import (
     LIMITED,
     REFERENCE_LABEL,
@@ -247,7 +248,7 @@ def citation_baseline(tables: dict[str, pd.DataFrame], config) -> pd.DataFrame:
     ev = tables["eval"]
     unknown = sorted(set(ev["example_id"]) - set(examples))
     if unknown:
-        raise ValueError(f"the eval table holds examples the config does not build "
+        raise InputError(f"the eval table holds examples the config does not build "
                          f"({unknown[:3]}); rerun the evaluation with this config")  # fmt: skip
     scored = []
     for r in ev.itertuples():

@@ -28,6 +28,7 @@ import pandas as pd
 
 from mechinterp import store
 from mechinterp.config import to_dict
+from mechinterp.errors import InputError
 from mechinterp.experiments import rundir
 from mechinterp.experiments.extension.config import ExtensionConfig
 from mechinterp.experiments.extension.heads import head_sets, model_scores
@@ -170,7 +171,7 @@ def run_tasks(config: ExtensionConfig, root: str | Path = "runs", **options) -> 
     """One extension run per task under `<out>/<task>/` (each resumes on its own), then the
     pooled analysis. `options`: `rundir.RunOptions`."""
     if not config.tasks:
-        raise ValueError("run_tasks needs config.tasks; run_extension runs a single task")
+        raise InputError("run_tasks needs config.tasks; run_extension runs a single task")
     opts = rundir.RunOptions(**options)
     out = opts.directory(root, config)
     rundir.check_writable(out)

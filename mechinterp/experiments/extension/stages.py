@@ -9,6 +9,7 @@ from typing import Literal
 
 import pandas as pd
 
+from mechinterp.errors import InputError
 from mechinterp.experiments.extension.config import (
     LIMITED,
     ExtensionConfig,
@@ -52,12 +53,12 @@ def build_data(*, task, variant, n, seed, n_docs, doc_words, data, skip=0) -> li
     exs = qa_examples(task, data=data, n=n, variant=variant, n_docs=n_docs, seed=seed,
                       doc_words=doc_words, skip=skip)  # fmt: skip
     if not exs and data:
-        raise ValueError(
+        raise InputError(
             f"{data} holds no {task} examples after the first {skip}: point reference_data "
             "at a file with more examples, or lower n_eval / n_detect"
         )
     if not exs:
-        raise ValueError(f"variant {variant!r} produced no {task} examples; raise n")
+        raise InputError(f"variant {variant!r} produced no {task} examples; raise n")
     return exs
 
 

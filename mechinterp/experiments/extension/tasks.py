@@ -22,6 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 from mechinterp import store
+from mechinterp.errors import InputError
 from mechinterp.experiments.extension.report import analyse, lofit_lines, metric_of, read_tables
 from mechinterp.experiments.extension.report import read_config as read
 from mechinterp.experiments.study.claims import _row, headline, table_lines
@@ -40,7 +41,7 @@ def is_tasks_run(run_dir: str | Path) -> bool:
 def read_config(run_dir: str | Path):
     config = read(run_dir)
     if not config.tasks:
-        raise ValueError(f"{run_dir} is a single-task extension run (its config has no tasks)")
+        raise InputError(f"{run_dir} is a single-task extension run (its config has no tasks)")
     return config
 
 
@@ -50,10 +51,10 @@ def task_dirs(run_dir: Path, config) -> dict[str, Path]:
     for run in config.tasks:
         sub = run_dir / run.task
         if not (sub / "heads.csv").is_file():
-            raise ValueError(f"{sub} has no heads.csv: task {run.task!r} has not finished; "
+            raise InputError(f"{sub} has no heads.csv: task {run.task!r} has not finished; "
                              "rerun the same command to resume it")  # fmt: skip
         if read(sub) != config.for_task(run):
-            raise ValueError(f"{sub}/config.json is not task {run.task!r} of {run_dir}'s config: "
+            raise InputError(f"{sub}/config.json is not task {run.task!r} of {run_dir}'s config: "
                              "the directory was moved or edited; rerun the command")  # fmt: skip
         out[run.task] = sub
     return out

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 from mechinterp.config import EMPTY_SKIPS
+from mechinterp.errors import InputError
 from mechinterp.experiments.specs import ModelSpec
 
 #: Bump when the study's tables change meaning; a run directory written by another version is
@@ -35,11 +36,11 @@ class NiahSpec:
         from mechinterp.tasks.niah import NEEDLES
 
         if not self.needles or any(not 0 <= i < len(NEEDLES) for i in self.needles):
-            raise ValueError(f"needles are indices in 0..{len(NEEDLES) - 1}, got {self.needles}")
+            raise InputError(f"needles are indices in 0..{len(NEEDLES) - 1}, got {self.needles}")
         if not self.lengths or any(n < 64 for n in self.lengths):
-            raise ValueError(f"lengths must be token counts >= 64, got {self.lengths}")
+            raise InputError(f"lengths must be token counts >= 64, got {self.lengths}")
         if not self.depths or any(not 0.0 <= d <= 1.0 for d in self.depths):
-            raise ValueError(f"depths must lie in [0, 1], got {self.depths}")
+            raise InputError(f"depths must lie in [0, 1], got {self.depths}")
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ class MdqaSpec:
         from mechinterp.experiments.specs import parse_variant
 
         if self.n < 0 or self.n_docs < 1:
-            raise ValueError("n must be >= 0 and n_docs >= 1")
+            raise InputError("n must be >= 0 and n_docs >= 1")
         parse_variant(self.variant)
 
 
@@ -74,14 +75,14 @@ class DetectStage:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.threshold < 1.0:
-            raise ValueError(f"threshold must lie in [0, 1) (a retrieval score), "
+            raise InputError(f"threshold must lie in [0, 1) (a retrieval score), "
                              f"got {self.threshold}")
         if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1 (or null), got {self.top_k}")
+            raise InputError(f"top_k must be >= 1 (or null), got {self.top_k}")
         if self.gate is not None and not 0.0 <= self.gate < 1.0:
-            raise ValueError(f"gate must lie in [0, 1) (or null), got {self.gate}")
+            raise InputError(f"gate must lie in [0, 1) (or null), got {self.gate}")
         if min(self.max_new_tokens, self.batch_size) < 1:
-            raise ValueError("max_new_tokens and batch_size must be >= 1")
+            raise InputError("max_new_tokens and batch_size must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -118,22 +119,22 @@ class KnockoutStage:
 
     def __post_init__(self) -> None:
         if not self.ks or min(self.ks) < 1:
-            raise ValueError(f"ks must be positive head counts, got {self.ks}")
+            raise InputError(f"ks must be positive head counts, got {self.ks}")
         if not self.seeds:
-            raise ValueError("at least one seed is needed for the random baseline")
+            raise InputError("at least one seed is needed for the random baseline")
         if not self.modes:
-            raise ValueError("at least one knockout mode is needed")
+            raise InputError("at least one knockout mode is needed")
         if (
             not self.draws
             or self.draws[0] != "layer_matched"
             or len(set(self.draws)) != len(self.draws)
         ):
-            raise ValueError(
+            raise InputError(
                 "draws must start with layer_matched (the verdict's baseline), optionally "
                 f"followed by uniform; got {self.draws}"
             )
         if self.examples_per_shard < 1:
-            raise ValueError("examples_per_shard must be >= 1")
+            raise InputError("examples_per_shard must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -156,10 +157,10 @@ class RobustnessStage:
 
     def __post_init__(self) -> None:
         if self.seeds == () or self.modes == ():
-            raise ValueError("robustness needs at least one seed and one mode (or skip it with "
+            raise InputError("robustness needs at least one seed and one mode (or skip it with "
                              "scopes: [] and generate: false)")  # fmt: skip
         if self.examples_per_shard < 1:
-            raise ValueError("examples_per_shard must be >= 1")
+            raise InputError("examples_per_shard must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -178,7 +179,7 @@ class PatchStage:
 
     def __post_init__(self) -> None:
         if self.n_pairs < 0:
-            raise ValueError("n_pairs must be >= 0")
+            raise InputError("n_pairs must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -209,9 +210,9 @@ class PathsStage:
 
     def __post_init__(self) -> None:
         if self.receivers < 1:
-            raise ValueError("paths.receivers must be >= 1")
+            raise InputError("paths.receivers must be >= 1")
         if len(set(self.inputs)) != len(self.inputs):
-            raise ValueError(f"paths.inputs repeats an input: {self.inputs}")
+            raise InputError(f"paths.inputs repeats an input: {self.inputs}")
 
 
 @dataclass(frozen=True)
@@ -231,13 +232,13 @@ class ClaimSettings:
 
     def __post_init__(self) -> None:
         if not 0 < self.level < 1:
-            raise ValueError(f"claims.level must lie in (0, 1), got {self.level}")
+            raise InputError(f"claims.level must lie in (0, 1), got {self.level}")
         if not 0 < self.max_share < 1:
-            raise ValueError(f"claims.max_share must lie in (0, 1), got {self.max_share}")
+            raise InputError(f"claims.max_share must lie in (0, 1), got {self.max_share}")
         if not 0 < self.min_drop <= 1:
-            raise ValueError(f"claims.min_drop must lie in (0, 1], got {self.min_drop}")
+            raise InputError(f"claims.min_drop must lie in (0, 1], got {self.min_drop}")
         if not self.min_recovery > 0:
-            raise ValueError(f"claims.min_recovery must be > 0, got {self.min_recovery}")
+            raise InputError(f"claims.min_recovery must be > 0, got {self.min_recovery}")
 
 
 @dataclass(frozen=True)
@@ -258,28 +259,28 @@ class StudyConfig:
 
     def __post_init__(self) -> None:
         if self.version != STUDY_VERSION:
-            raise ValueError(
+            raise InputError(
                 f"this config is for study version {self.version}; this mechinterp writes "
                 f"version {STUDY_VERSION}. Remove `version:` or update the config."
             )
         shared = set(self.detect.niah.needles) & set(self.knockout.niah.needles)
         if shared and self.detect.niah.seed == self.knockout.niah.seed:
-            raise ValueError(
+            raise InputError(
                 f"knockout.niah shares needles {sorted(shared)} and the seed with detect.niah: "
                 "the held-out set would repeat detection instances. Use other needles or seed."
             )
         if not set(self.robustness_modes) <= set(self.knockout.modes):
-            raise ValueError(
+            raise InputError(
                 f"robustness.modes {self.robustness.modes} must be among knockout.modes "
                 f"{self.knockout.modes}"
             )
         if not set(self.robustness_seeds) <= set(self.knockout.seeds):
-            raise ValueError(
+            raise InputError(
                 f"robustness.seeds {self.robustness.seeds} must be among knockout.seeds "
                 f"{self.knockout.seeds} (the same draws as the primary rows)"
             )
         if self.claims.k not in self.knockout.ks:
-            raise ValueError(
+            raise InputError(
                 f"claims.k={self.claims.k} must be one of knockout.ks {self.knockout.ks}"
             )
 

@@ -13,6 +13,7 @@ import pandas as pd
 
 from mechinterp import store
 from mechinterp.analysis.stats import cluster_mean
+from mechinterp.errors import InputError
 from mechinterp.experiments.study.claims import (
     cluster_labels,
     compute_claims,
@@ -50,7 +51,7 @@ def read_tables(
             out[name] = pd.read_parquet(path)
     for name in required:
         if name not in out:
-            raise ValueError(f"{run_dir} has no {name}.parquet: the {what} has not finished")
+            raise InputError(f"{run_dir} has no {name}.parquet: the {what} has not finished")
     return out
 
 
@@ -232,7 +233,7 @@ def draw_figures(
     rate vs k (top vs random, CI bands), per-head recovery heatmap."""
     unknown = sorted(set(only or ()) - set(FIGURES))
     if unknown:
-        raise ValueError(f"unknown figures {unknown}; the study draws {sorted(FIGURES)}")
+        raise InputError(f"unknown figures {unknown}; the study draws {sorted(FIGURES)}")
     run_dir = Path(run_dir)
     config, tables = read_config(run_dir), read_tables(run_dir)
     model = Path(config.model.name).name

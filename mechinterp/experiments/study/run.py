@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from mechinterp import store
+from mechinterp.errors import InputError
 from mechinterp.experiments import rundir
 from mechinterp.experiments.rundir import RunDirError  # noqa: F401  (re-exported)
 from mechinterp.experiments.specs import check_inputs
@@ -56,12 +57,12 @@ def check_against_model(config: StudyConfig, shape, n_ctx: int) -> None:
     """What the config asks of the model, checked before any stage runs."""
     n_heads = shape.n_layers * shape.n_heads
     if max(config.knockout.ks) > n_heads:
-        raise ValueError(f"knockout.ks goes up to {max(config.knockout.ks)} but the model has "
+        raise InputError(f"knockout.ks goes up to {max(config.knockout.ks)} but the model has "
                          f"{n_heads} heads")  # fmt: skip
     for where in ("detect", "knockout"):
         niah = getattr(config, where).niah
         if max(niah.lengths) > n_ctx:
-            raise ValueError(f"{where}.niah.lengths goes up to {max(niah.lengths)} tokens, "
+            raise InputError(f"{where}.niah.lengths goes up to {max(niah.lengths)} tokens, "
                              f"longer than the model's context window of {n_ctx}")  # fmt: skip
 
 

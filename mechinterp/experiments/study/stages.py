@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from mechinterp.errors import InputError
 from mechinterp.interventions.knockout import scope_start
 from mechinterp.runner import Shard
 from mechinterp.tasks.example import Example
@@ -113,7 +114,7 @@ def combine_detect(
     counted = per_instance[per_instance["counted"]]
     if counted.empty:
         acc = per_instance.drop_duplicates("instance_id")["counted"].mean()
-        raise ValueError(
+        raise InputError(
             f"no detection instance passed the gate (accuracy {acc:.0%}): use shorter contexts "
             "or easier needles in detect.niah"
         )

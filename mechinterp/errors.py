@@ -1,0 +1,36 @@
+"""What the suite raises on purpose.
+
+Each class is also the built-in exception it refines (an `InputError` is a `ValueError`, an
+`UnsupportedError` a `NotImplementedError`), so `except ValueError` keeps working. The command line
+prints a `MechinterpError` as one line naming the problem and the fix (exit status 2); anything else
+that escapes the suite is a crash and is shown with its traceback (exit status 1).
+"""
+
+from __future__ import annotations
+
+
+class MechinterpError(Exception):
+    """An error the suite raises on purpose; its message names the problem and the fix."""
+
+
+class InputError(MechinterpError, ValueError):
+    """An input the suite cannot use: a config, a selection, a data file, a prompt, a run
+    directory; the message names which one, where, and what it accepts."""
+
+
+class UnsupportedError(MechinterpError, NotImplementedError):
+    """Something the suite refuses because it cannot do it correctly on this model or with these
+    settings (named in the message, with what to use instead)."""
+
+
+class SetupError(MechinterpError, RuntimeError):
+    """Something the environment lacks (an optional package, Chromium, a data package); the
+    message says what to install."""
+
+
+class MissingFileError(MechinterpError, FileNotFoundError):
+    """A file the suite needs is not where it should be; the message says how to get it."""
+
+
+class DiskFullError(MechinterpError, OSError):
+    """The disk (or quota) filled while writing; the message names the path being written."""
