@@ -11,43 +11,25 @@ of the machine, shown with its traceback); 130 interrupted (finished shards are 
 from __future__ import annotations
 
 import argparse
-import errno
 import os
 import sys
 import traceback
 from collections.abc import Callable
-from pathlib import Path
 
-from mechinterp.errors import InputError, MechinterpError
+from mechinterp.errors import InputError, crash_hint, on_purpose
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-#: An operating-system refusal of a named file is the user's to fix, like a `MechinterpError`.
-FILE_ERRNOS = frozenset({errno.ENOENT, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR,
-                         errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EEXIST})  # fmt: skip
 VERSIONED = ("torch", "transformers", "transformer-lens")
-
-
-def on_purpose(e: BaseException) -> bool:
-    """Whether `e` is an error to print as one line: one the suite raises on purpose, or the
-    operating system refusing a file it names."""
-    if isinstance(e, MechinterpError):
-        return True
-    return isinstance(e, OSError) and e.filename is not None and e.errno in FILE_ERRNOS
 
 
 def _version() -> str:
     import platform
-    from importlib import metadata
 
     from mechinterp import __version__
+    from mechinterp.store import package_versions
 
-    others = []
-    for name in VERSIONED:
-        try:
-            others.append(f"{name} {metadata.version(name)}")
-        except metadata.PackageNotFoundError:
-            others.append(f"{name} missing")
+    others = [f"{n} {v or 'missing'}" for n, v in package_versions(VERSIONED).items()]
     return f"mechinterp {__version__} ({', '.join(others)}, Python {platform.python_version()})"
 
 
@@ -106,98 +88,33 @@ def _run_experiment(args) -> int:
 
 
 def _print_headline(out) -> None:
-    import pandas as pd
+    from mechinterp.experiments.from_tables import headline
 
-    for r in pd.read_csv(Path(out) / "claims_headline.csv").itertuples():
-        print(f"{r.verdict:>14}  {r.statement}")
-
-
-def _finished_kind(run: Path) -> str:
-    """What wrote a finished run directory (`listing.run_kind`); refuses one that did not finish
-    (a study's or a single command's provenance.json is written last)."""
-    from mechinterp.experiments.listing import run_kind
-
-    kind = run_kind(run)
-    if not kind.startswith("study extension") and not (run / "provenance.json").is_file():
-        raise InputError(f"{run} has no provenance.json, so it is not a finished run (or the file "
-                         "was removed): rerun the command that wrote it; finished shards are "
-                         "reused")  # fmt: skip
-    return kind
+    print(headline(out))
 
 
 def cmd_figures(args) -> int:
-    from mechinterp.experiments import COMMANDS, command, rundir
-    from mechinterp.experiments.extension import report, tasks
-    from mechinterp.experiments.study import draw_figures
+    from mechinterp.experiments.from_tables import redraw
 
-    run, png = Path(args.run), not args.no_png
-    draw = {"study extension (tasks)": tasks.draw_figures,
-            "study extension": report.draw_figures, "study": draw_figures}  # fmt: skip
-    kind = _finished_kind(run)
-    with rundir.RunLock(run, wait=args.wait):
-        if kind in COMMANDS:
-            written = command.draw(COMMANDS[kind], run, png=png)
-        else:
-            written = draw[kind](run, png=png)
-    for path in written:
+    for path in redraw(args.run, png=not args.no_png, wait=args.wait):
         print(f"wrote {path}")
     return 0
 
 
 def cmd_report(args) -> int:
-    from mechinterp.experiments import rundir
-    from mechinterp.experiments.extension import report, tasks
-    from mechinterp.experiments.study import write_report
+    from mechinterp.experiments.from_tables import rewrite_report
 
-    run = Path(args.run)
-    kind = _finished_kind(run)
-    if not kind.startswith("study"):
-        raise InputError(f"{run} is a {kind} run: it has tables and figures, no claims report "
-                         "(`mechinterp figures` redraws its figures)")  # fmt: skip
-    with rundir.RunLock(run, wait=args.wait):
-        if kind == "study extension (tasks)":
-            path = tasks.analyse_tasks(run, png=None)  # every task's report, then the pooled one
-        elif kind == "study extension":
-            path = report.analyse(run, png=None)  # claims and report; `figures` redraws figures
-        else:
-            path = write_report(run)
-    _print_headline(run)
+    path = rewrite_report(args.run, wait=args.wait)
+    _print_headline(args.run)
     print(f"wrote {path}")
     return 0
-
-
-def cmd_runs(args) -> int:
-    from mechinterp.experiments.listing import list_runs
-
-    frame = list_runs(args.root)
-    if frame.empty:
-        print(f"no run directories under {args.root}")
-        return 0
-    shown = frame.assign(wall=[_duration(s) for s in frame["wall_s"]])
-    shown = shown[["run", "command", "model", "status", "wall", "created", "verdicts"]]
-    cells = [[str(v) for v in row] for row in shown.fillna("").itertuples(index=False)]
-    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(shown.columns)]
-    for row in [list(shown.columns), *cells]:  # left-aligned, so a run's name starts its line
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
-    return 0
-
-
-def _duration(seconds) -> str:
-    if seconds is None or seconds != seconds:
-        return ""
-    m, s = divmod(round(float(seconds)), 60)
-    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s"
-
-
-def cmd_plan(args) -> int:
-    from mechinterp.experiments.plan import cli_plan
-
-    return cli_plan(args.config, args.model, args.overrides, args.kind, args.budget_gib)
 
 
 def _parser() -> argparse.ArgumentParser:
     from mechinterp.experiments import COMMANDS, run_command
     from mechinterp.experiments.extension import ExtensionConfig, run_extension
+    from mechinterp.experiments.listing import runs_text
+    from mechinterp.experiments.plan import plan_arguments
     from mechinterp.experiments.study import StudyConfig, run_study
 
     parser = argparse.ArgumentParser(prog="mechinterp", description=__doc__,
@@ -218,14 +135,7 @@ def _parser() -> argparse.ArgumentParser:
                 single=False)  # fmt: skip
     p = sub.add_parser("plan", help="predicted peak memory and time of each stage of a study (or "
                        "detect) config, before running it; exit 2 when a stage cannot fit")
-    p.add_argument("--config", default=None, help="the YAML config to plan (default: defaults)")
-    p.add_argument("--model", default=None, help="plan for this model instead of model.name")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--kind", choices=["study", "detect"], default="study",
-                   help="what the config configures")  # fmt: skip
-    p.add_argument("--budget-gib", type=float, default=None,
-                   help="memory to plan for (default: RAM available, or the GPU's)")  # fmt: skip
-    p.set_defaults(handler=cmd_plan)
+    plan_arguments(p)
     for name, fn, what in (("figures", cmd_figures, "redraw a run directory's figures"),
                            ("report", cmd_report, "recompute a study's claims and report.md")):
         p = sub.add_parser(name, help=f"{what} from its stored tables (no model)")
@@ -238,7 +148,7 @@ def _parser() -> argparse.ArgumentParser:
                        "wrote each, its model, status (finished, partial, running), wall time and "
                        "headline verdicts")  # fmt: skip
     p.add_argument("root", nargs="?", default="runs", help="the root (default: runs)")
-    p.set_defaults(handler=cmd_runs)
+    p.set_defaults(handler=lambda a: print(runs_text(a.root)) or 0)
     return parser
 
 
@@ -271,19 +181,12 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
             print(f"{where}: crashed with {type(e).__name__}. This is not an input error: a bug in "
                   "the suite or a failure of the machine (the traceback above says where)."
-                  f"{_hint(e)}", file=sys.stderr)  # fmt: skip
+                  f"{crash_hint(e)}", file=sys.stderr)  # fmt: skip
             return 1
         if debug:
             traceback.print_exc()
         print(f"{where}: error: {e}", file=sys.stderr)
         return 2
-
-
-def _hint(e: BaseException) -> str:
-    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
-        return (" Out of memory: `mechinterp plan --config ...` predicts each stage's peak; lower "
-                "the batch size or the lengths, or run on a larger machine.")  # fmt: skip
-    return ""
 
 
 if __name__ == "__main__":

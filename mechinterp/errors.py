@@ -8,6 +8,8 @@ that escapes the suite is a crash and is shown with its traceback (exit status 1
 
 from __future__ import annotations
 
+import errno
+
 
 class MechinterpError(Exception):
     """An error the suite raises on purpose; its message names the problem and the fix."""
@@ -34,3 +36,24 @@ class MissingFileError(MechinterpError, FileNotFoundError):
 
 class DiskFullError(MechinterpError, OSError):
     """The disk (or quota) filled while writing; the message names the path being written."""
+
+
+#: An operating-system refusal of a named file is the user's to fix, like a `MechinterpError`.
+FILE_ERRNOS = frozenset({errno.ENOENT, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR,
+                         errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EEXIST})  # fmt: skip
+
+
+def on_purpose(e: BaseException) -> bool:
+    """Whether `e` is an error to print as one line: one the suite raises on purpose, or the
+    operating system refusing a file it names."""
+    if isinstance(e, MechinterpError):
+        return True
+    return isinstance(e, OSError) and e.filename is not None and e.errno in FILE_ERRNOS
+
+
+def crash_hint(e: BaseException) -> str:
+    """What to try after a crash, where the kind of crash says (out of memory); else ""."""
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
+        return (" Out of memory: `mechinterp plan --config ...` predicts each stage's peak; lower "
+                "the batch size or the lengths, or run on a larger machine.")  # fmt: skip
+    return ""

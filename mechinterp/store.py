@@ -137,15 +137,21 @@ def git_commit() -> str | None:
 PROVENANCE_PACKAGES = ("mechinterp", "torch", "transformer-lens", "transformers", "numpy", "pandas")
 
 
-def provenance(**extra: Any) -> dict[str, Any]:
-    """Package versions, git commit, host facts and whatever the caller adds (model card, seeds,
-    timings)."""
+def package_versions(names: tuple[str, ...]) -> dict[str, str | None]:
+    """Each installed package's version; None for one not installed."""
     versions = {}
-    for name in PROVENANCE_PACKAGES:
+    for name in names:
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = None
+    return versions
+
+
+def provenance(**extra: Any) -> dict[str, Any]:
+    """Package versions, git commit, host facts and whatever the caller adds (model card, seeds,
+    timings)."""
+    versions = package_versions(PROVENANCE_PACKAGES)
     return {
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "git_commit": git_commit(),

@@ -7,10 +7,10 @@ import os
 import pandas as pd
 import pytest
 
-from mechinterp import cli, errors
+from mechinterp import errors
 from mechinterp.cli import main
 from mechinterp.config import to_dict
-from mechinterp.experiments import KnockoutConfig
+from mechinterp.experiments import KnockoutConfig, listing
 from mechinterp.experiments.listing import list_runs, run_kind, run_status
 from mechinterp.experiments.rundir import LOCK
 
@@ -39,7 +39,7 @@ def fake_runs(monkeypatch):
     """`mechinterp runs` whose handler raises what a test gives it."""
 
     def use(exc):
-        monkeypatch.setattr(cli, "cmd_runs", _raising(exc))
+        monkeypatch.setattr(listing, "runs_text", _raising(exc))
 
     return use
 

@@ -40,11 +40,13 @@ def _experiments() -> dict[frozenset[str], str]:
     return {v: k for k, v in keys.items()}
 
 
-def run_kind(run: str | Path) -> str:
+def run_kind(run: str | Path, config: dict | None = None) -> str:
     """The command that wrote a run directory (`knockout`, `study`, `study extension`, ...;
-    `study extension` with several tasks is `study extension (tasks)`)."""
+    `study extension` with several tasks is `study extension (tasks)`); `config` is its
+    config.json when the caller has read it already."""
     run = Path(run)
-    config = read_json(run / "config.json", what="run directory")
+    if config is None:
+        config = read_json(run / "config.json", what="run directory")
     name = _experiments().get(frozenset(config)) if isinstance(config, dict) else None
     if name is None:
         raise InputError(f"{run}/config.json is not the config of any mechinterp command (its "
@@ -73,15 +75,40 @@ def _verdicts(run: Path) -> str:
 
 
 def _row(run: Path) -> dict:
-    config = json.loads((run / "config.json").read_text())
+    config = read_json(run / "config.json", what="run directory")
     model = config.get("model", {})
     prov = json.loads(p.read_text()) if (p := run / "provenance.json").is_file() else {}
     timings = prov.get("timings", {})
     wall = timings.get("total_s", sum(v for k, v in timings.items() if k.endswith("_s")) or None)
-    return {"run": run.name, "command": run_kind(run),
+    return {"run": run.name, "command": run_kind(run, config),
             "model": model.get("name") if isinstance(model, dict) else model,
             "status": run_status(run), "wall_s": None if wall is None else round(float(wall), 1),
             "created": prov.get("created"), "verdicts": _verdicts(run)}  # fmt: skip
+
+
+def format_runs(frame: pd.DataFrame) -> str:
+    """`list_runs`'s table as `mechinterp runs` prints it: wall time as 1h02m or 3m05s, columns
+    left-aligned so each run's name starts its line."""
+    shown = frame.assign(wall=[_duration(s) for s in frame["wall_s"]])
+    shown = shown[["run", "command", "model", "status", "wall", "created", "verdicts"]]
+    cells = [[str(v) for v in row] for row in shown.fillna("").itertuples(index=False)]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(shown.columns)]
+    rows = [list(shown.columns), *cells]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip()
+                     for r in rows)  # fmt: skip
+
+
+def runs_text(root: str | Path = "runs") -> str:
+    """What `mechinterp runs` prints: `format_runs(list_runs(root))`, or that there are none."""
+    frame = list_runs(root)
+    return format_runs(frame) if not frame.empty else f"no run directories under {root}"
+
+
+def _duration(seconds) -> str:
+    if seconds is None or seconds != seconds:
+        return ""
+    m, s = divmod(round(float(seconds)), 60)
+    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s"
 
 
 def list_runs(root: str | Path = "runs") -> pd.DataFrame:

@@ -383,6 +383,19 @@ def plan_text(rows: list[PlanRow], shape: Shape, budget: str) -> str:
     return "\n".join(lines)
 
 
+def plan_arguments(p) -> None:
+    """The `mechinterp plan` command's arguments, on the argparse parser `p`."""
+    p.add_argument("--config", default=None, help="the YAML config to plan (default: defaults)")
+    p.add_argument("--model", default=None, help="plan for this model instead of model.name")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--kind", choices=["study", "detect"], default="study",
+                   help="what the config configures")  # fmt: skip
+    p.add_argument("--budget-gib", type=float, default=None,
+                   help="memory to plan for (default: RAM available, or the GPU's)")  # fmt: skip
+    p.set_defaults(handler=lambda a: cli_plan(a.config, a.model, a.overrides, a.kind,
+                                              a.budget_gib))  # fmt: skip
+
+
 def cli_plan(path, model, overrides, kind: str, budget_gib: float | None) -> int:
     """`mechinterp plan`: print the plan; exit 2, naming the knob, when a stage cannot fit."""
     import sys
