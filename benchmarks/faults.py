@@ -186,11 +186,12 @@ def _cli_cases() -> list[Case]:
         ("eval-depth-range", e("--depths", "1.5"), "depths must lie in [0, 1]"),
         ("eval-needles-0", e("--needles", "0"), f"needles must lie in [1, {len(NEEDLES)}]"),
         ("eval-needles-99", e("--needles", "99"), f"needles must lie in [1, {len(NEEDLES)}]"),
-        ("eval-haystack", e("--haystack", "web"), "haystack: expected one of 'essays', 'filler'"),
+        ("eval-haystack", e("--task.haystack", "web"),
+         "haystack: expected one of 'essays', 'filler'"),
         ("eval-task", e("--task", "summarise"), "task: expected one of"),
-        ("eval-variant", e("--variant", "fancy-high"), "unknown variant 'fancy-high'"),
-        ("eval-n-0", e("--n", "0"), "n and n_docs must be >= 1"),
-        ("eval-n-docs-0", e("--n-docs", "0"), "n and n_docs must be >= 1"),
+        ("eval-variant", e("--task.variant", "fancy-high"), "unknown variant 'fancy-high'"),
+        ("eval-n-0", e("--task.n", "0"), "n and n_docs must be >= 1"),
+        ("eval-n-docs-0", e("--task.n-docs", "0"), "n and n_docs must be >= 1"),
         ("eval-max-new-0", e("--max-new-tokens", "0"), "max_new_tokens"),
         ("eval-batch-neg", e("--batch-size", "-1"), "batch_size"),
         ("eval-shard-0", e("--examples-per-shard", "0"), "examples_per_shard"),
@@ -198,7 +199,7 @@ def _cli_cases() -> list[Case]:
         ("eval-dtype", e("--dtype", "int8"), "dtype: expected one of"),
         ("eval-device-name", e("--device", "gpu"), "not a torch device"),
         ("eval-device-tpu", e("--device", "xla"), "only cpu, cuda and mps"),
-        ("eval-rope-neg", e("--rope-theta", "-5"), "rope_theta must be > 0"),
+        ("eval-rope-neg", e("--model.rope-theta", "-5"), "rope_theta must be > 0"),
         ("eval-data-missing", e("--data", "/nonexistent.jsonl"), "does not exist"),
         ("eval-data-niah", lambda c: ["eval", "--model", c.model, "--data", str(c.scores)],
          "applies to mdqa and multihop"),
@@ -207,12 +208,12 @@ def _cli_cases() -> list[Case]:
         ("eval-set-nested-at-top", e("--set", "lengths=[256]"), "did you mean 'task.lengths'"),
         ("eval-set-no-equals", e("--set", "novalue"), "not of the form key=value"),
         ("eval-set-bad-yaml", e("--set", "task.lengths=[1,2"), "not valid YAML"),
-        ("eval-flag-and-set", e("--n", "3", "--set", "task.n=4"), "both set 'task.n'"),
-        ("eval-top-0", e("--top", "0"), "--top must be >= 1"),
-        ("eval-top-negative", e("--top", "-3"), "--top must be >= 1"),
+        ("eval-flag-and-set", e("--task.n", "3", "--set", "task.n=4"), "both set 'task.n'"),
+        ("eval-rows-0", e("--rows", "0"), "--rows must be >= 1"),
+        ("eval-rows-negative", e("--rows", "-3"), "--rows must be >= 1"),
         ("eval-device-missing-gpu", e("--device", "cuda:99"), "device 'cuda:99'"),
         ("eval-engine", e("--engine", "spark"), "invalid choice: 'spark'"),
-        ("eval-bogus-flag", e("--colour", "blue"), "unrecognized arguments: --colour"),
+        ("eval-bogus-flag", e("--colour", "blue"), "unrecognized flag --colour"),
         ("eval-model-unknown", lambda c: ["eval", "--model", "gpt-17"], "unknown model 'gpt-17'"),
         ("eval-model-empty-dir", lambda c: ["eval", "--model", str(c.root)],
          "is not an HF model directory"),
@@ -285,23 +286,24 @@ def _cli_cases() -> list[Case]:
         ("study-threshold-neg", lambda c: ["study", "--config", str(c.study_yaml), "--threshold",
                                            "-0.1"], "threshold must lie in [0, 1)"),
         ("study-lengths-short", lambda c: ["study", "--config", str(c.study_yaml),
-                                           "--detect-niah-lengths", "32"],
+                                           "--detect.niah.lengths", "32"],
          "lengths must be token counts >= 64"),
         ("study-lengths-window", lambda c: ["study", "--config", str(c.study_yaml),
-                                            "--detect-niah-lengths", "9000"],
+                                            "--detect.niah.lengths", "9000"],
          "longer than the model's context window"),
         ("study-needle-index", lambda c: ["study", "--config", str(c.study_yaml), "--set",
                                           "detect.niah.needles=[0,99]"], "needles are indices"),
         ("study-version", lambda c: ["study", "--set", "version=9"], "study version 9"),
         ("study-robustness-seed", lambda c: ["study", "--set", "robustness.seeds=[99]"],
          "must be among knockout.seeds"),
-        ("study-heldout-overlap", lambda c: ["study", "--knockout-niah-seed", "0",
-                                             "--knockout-niah-needles", "0,1"],
+        ("study-heldout-overlap", lambda c: ["study", "--knockout.niah.seed", "0",
+                                             "--knockout.niah.needles", "0,1"],
          "would repeat detection instances"),
-        ("study-level", lambda c: ["study", "--level", "1.5"], "level must lie in (0, 1)"),
+        ("study-level", lambda c: ["study", "--claims.level", "1.5"], "level must lie in (0, 1)"),
         ("study-max-share", lambda c: ["study", "--set", "claims.max_share=1.5"],
          "claims.max_share must lie in (0, 1)"),
-        ("study-draws", lambda c: ["study", "--draws", "uniform"], "draws must start with"),
+        ("study-draws", lambda c: ["study", "--knockout.draws", "uniform"],
+         "draws must start with"),
         ("study-config-missing", lambda c: ["study", "--config", "/nonexistent.yaml"],
          "does not exist"),
         ("study-config-list", lambda c: ["study", "--config", str(_write(c, "- a\n- b\n"))],
@@ -677,7 +679,7 @@ def _finished(run: Path) -> dict:
 def _other_out(ctx: Ctx) -> tuple[str, str]:
     run = ctx.run("eval")
     before = (run / "results.parquet").read_bytes()
-    code, err = cli_call(ctx.eval_args("--seed", "5", "--out", str(run)))
+    code, err = cli_call(ctx.eval_args("--task.seed", "5", "--out", str(run)))
     if (run / "results.parquet").read_bytes() != before:
         return "lost", "the other config's results were overwritten"
     if code == 0:
@@ -921,7 +923,8 @@ def _scores_edited(ctx: Ctx) -> tuple[str, str]:
     table = folder / "s.csv"
     shutil.copy(ctx.scores, table)
     argv = ["knockout", "--model", ctx.model, "--scores", str(table), "--ks", "1", "--seeds", "0",
-            "--task", "mdqa", "--n", "1", "--n-docs", "2", "--max-new-tokens", "1", "--no-png",
+            "--set", "task.task=mdqa", "--set", "task.n=1", "--set", "task.n_docs=2",
+            "--set", "max_new_tokens=1", "--set", "target=gold", "--no-png",
             "--root", str(folder / "runs")]  # fmt: skip
     cli_call(argv)
     df = pd.read_csv(table)
@@ -932,8 +935,8 @@ def _scores_edited(ctx: Ctx) -> tuple[str, str]:
         warnings.simplefilter("always")
         cli_call(argv)
     (run,) = (folder / "runs").iterdir()
-    sweep = pd.read_parquet(run / "sweep.parquet")
-    top = set(sweep.loc[sweep.condition == "top", "heads"])
+    rows = pd.read_parquet(run / "knockout.parquet")
+    top = set(rows.loc[rows.condition == "top", "heads"])
     return ("recovered" if top == {"L0H1"} else "silent"), f"top-1 after the edit: {top}"
 
 

@@ -20,19 +20,6 @@ from mechinterp.errors import InputError, crash_hint, on_purpose
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-VERSIONED = ("torch", "transformers", "transformer-lens")
-
-
-def _version() -> str:
-    import platform
-
-    from mechinterp import __version__
-    from mechinterp.store import package_versions
-
-    others = [f"{n} {v or 'missing'}" for n, v in package_versions(VERSIONED).items()]
-    return f"mechinterp {__version__} ({', '.join(others)}, Python {platform.python_version()})"
-
-
 def _run_options(p, *, single: bool) -> None:
     p.add_argument("--config", default=None, help="a YAML config (its keys: --print-config)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -47,7 +34,7 @@ def _run_options(p, *, single: bool) -> None:
                    help="if another process is writing the run directory, wait for it")  # fmt: skip
     p.add_argument("--force", action="store_true", help="recompute every shard")
     if single:
-        p.add_argument("--top", type=int, default=10, help="rows of the summary to print")
+        p.add_argument("--rows", type=int, default=10, help="rows of the summary to print")
 
 
 def _experiment(sub, name: str, cls: type, help: str, run: Callable, single: bool, **kw):
@@ -63,8 +50,8 @@ def _experiment(sub, name: str, cls: type, help: str, run: Callable, single: boo
 def _run_experiment(args) -> int:
     from mechinterp.config import config_from_flags, dump_yaml
 
-    if args.single and args.top < 1:
-        raise InputError(f"--top must be >= 1, got {args.top}")
+    if args.single and args.rows < 1:
+        raise InputError(f"--rows must be >= 1, got {args.rows}")
     config = config_from_flags(args.config_cls, args.config, args.overrides, vars(args))
     if args.print_config:
         print(dump_yaml(config), end="")
@@ -79,7 +66,7 @@ def _run_experiment(args) -> int:
     if args.single:
         from mechinterp.experiments import COMMANDS
 
-        print(COMMANDS[args.command].summary(out, args.top))
+        print(COMMANDS[args.command].summary(out, args.rows))
         print(f"wrote {out}")
     else:
         _print_headline(out)
@@ -116,10 +103,11 @@ def _parser() -> argparse.ArgumentParser:
     from mechinterp.experiments.listing import runs_text
     from mechinterp.experiments.plan import plan_arguments
     from mechinterp.experiments.study import StudyConfig, run_study
+    from mechinterp.store import version_line
 
-    parser = argparse.ArgumentParser(prog="mechinterp", description=__doc__,
+    parser = argparse.ArgumentParser(prog="mechinterp", description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--version", action="version", version=_version())
+    parser.add_argument("--version", action="version", version=version_line())
     parser.add_argument("--debug", action="store_true", default=False, help=DEBUG_HELP)
     sub = _Subparsers(parser.add_subparsers(dest="command", required=True))
     for name, command in COMMANDS.items():
@@ -162,13 +150,20 @@ class _Subparsers:
         self.action = action
 
     def add_parser(self, name: str, **kw):
-        p = self.action.add_parser(name, **kw)
+        p = self.action.add_parser(name, allow_abbrev=False, **kw)  # no prefix of a flag
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
         return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    from mechinterp.config import first_unknown_flag, unknown_flag
+
+    parser = _parser()
+    argv = sys.argv[1:] if argv is None else argv
+    if bad := first_unknown_flag(parser, argv):
+        print(f"mechinterp: error: {unknown_flag(*bad)}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     debug = args.debug or os.environ.get("MECHINTERP_DEBUG", "").strip() not in ("", "0")
     where = f"mechinterp {args.command}"
     try:

@@ -380,12 +380,14 @@ def _plain(obj: Any) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class Flag:
-    """One command-line flag: the config field it sets (a dotted path), its type and help."""
+    """One command-line flag: the config field it sets (a dotted path), its type, its help and
+    the short aliases its config class declares for it."""
 
     flag: str
     path: str
     type: Any
     help: str
+    aliases: tuple[str, ...] = ()
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -415,12 +417,16 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
+def flag_name(path: str) -> str:
+    """A field's flag: its dotted config path with `_` written `-` (`knockout.max_new_tokens` →
+    `--knockout.max-new-tokens`), so a flag never changes when another field is added."""
+    return "--" + path.replace("_", "-")
+
+
 def config_flags(cls: type) -> list[Flag]:
-    """A flag for every leaf field of `cls` (nested dataclasses flattened). A flag is the shortest
-    dotted-path suffix no other field shares, with `_` → `-` and a trailing `name` dropped
-    (`model.name` → `--model`, `task.lengths` → `--lengths`; `model.dtype` and `donor.dtype` →
-    `--model-dtype`, `--donor-dtype`)."""
-    leaves: list[tuple[list[str], Any, str]] = []
+    """A flag for every leaf field of `cls` (nested dataclasses flattened), named by `flag_name`,
+    with the short aliases `cls.FLAG_ALIASES` declares (`{"--lengths": "task.lengths"}`)."""
+    leaves: list[tuple[str, Any, str]] = []
 
     def walk(klass: type, prefix: list[str]) -> None:
         hints, docs = get_type_hints(klass), field_docs(klass)
@@ -431,23 +437,52 @@ def config_flags(cls: type) -> list[Flag]:
             if dataclasses.is_dataclass(tp):
                 walk(tp, [*prefix, f.name])
             else:
-                leaves.append(([*prefix, f.name], tp, docs.get(f.name, "")))
+                leaves.append((".".join([*prefix, f.name]), tp, docs.get(f.name, "")))
 
     walk(cls, [])
+    declared: Mapping[str, str] = getattr(cls, "FLAG_ALIASES", {})
+    paths = {path for path, _, _ in leaves}
+    names = {flag_name(path) for path in paths}
+    for alias, path in declared.items():  # a declaration error is a bug in the suite
+        assert path in paths, f"{cls.__name__}.FLAG_ALIASES: {alias} names no field {path!r}"
+        assert alias.startswith("--") and alias not in names, f"{cls.__name__}: alias {alias}"
+    return [Flag(flag_name(path), path, tp, doc,
+                 tuple(a for a, p in declared.items() if p == path))
+            for path, tp, doc in leaves]  # fmt: skip
 
-    def words(path: list[str]) -> list[str]:
-        return path[:-1] if path[-1] == "name" and len(path) > 1 else path
 
-    flags = []
-    for path, tp, doc in leaves:
-        w = words(path)
-        for n in range(1, len(w) + 1):
-            suffix = w[-n:]
-            if sum(words(p)[-n:] == suffix for p, _, _ in leaves) == 1:
-                break
-        flag = "--" + "-".join(suffix).replace("_", "-")
-        flags.append(Flag(flag, ".".join(path), tp, doc))
-    return flags
+def first_unknown_flag(parser, argv: Sequence[str]) -> tuple[str, list[Flag]] | None:
+    """The first `--flag` in `argv` that the (sub)command it reaches does not have, with that
+    command's config flags (for `unknown_flag`); checked before parsing, so an unknown flag's
+    value is never mistaken for a subcommand."""
+    import argparse
+
+    known, cls, p = set(parser._option_string_actions), None, parser
+    for word in (w for w in argv if not w.startswith("-")):  # descend through subcommands
+        subs = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs or word not in subs[0].choices:
+            break
+        p = subs[0].choices[word]
+        known |= set(p._option_string_actions)
+        cls = p._defaults.get("config_cls", cls)
+    for word in argv:
+        if word == "--":
+            break
+        if word.startswith("--") and word.split("=", 1)[0] not in known:
+            return word, config_flags(cls) if cls is not None else []
+    return None
+
+
+def unknown_flag(given: str, flags: Sequence[Flag]) -> str:
+    """The error for a flag no field has, with the flag it most likely meant: the one whose
+    path ends with what was typed (`--scope` → `--knockout.scope`), else the closest name."""
+    typed = given.split("=", 1)[0]
+    words = typed.lstrip("-").replace("_", "-").replace(".", "-")
+    names = [n for f in flags for n in (f.flag, *f.aliases)]
+    ends = [f.flag for f in flags if ("-" + f.flag[2:].replace(".", "-")).endswith("-" + words)]
+    near = ends or difflib.get_close_matches(typed, names, n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(near[:3])}?" if near else ""
+    return f"unrecognized flag {typed}{hint} (`--help` lists every flag)"
 
 
 def _is_optional(tp: Any) -> bool:
@@ -468,28 +503,38 @@ def _flag_value(tp: Any, raw: str) -> Any:
         return raw  # the type check names the field and what it expected
 
 
+def flag_defaults(cls: type) -> dict[str, str]:
+    """Each flag's default as a user would type it (`1,2,5`, `None`), by dotted path."""
+    defaults = _plain({f.name: _default(f) for f in dataclasses.fields(cls) if f.init})
+    shown = {}
+    for f in config_flags(cls):
+        value: Any = defaults
+        for key in f.path.split("."):
+            value = value.get(key) if isinstance(value, dict) else None
+        shown[f.path] = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+    return shown
+
+
 def add_config_flags(parser, cls: type) -> list[Flag]:
     """Add one argparse option per config field (help from the field's docstring, default from
     the config); only flags the user gives reach the config (see `config_from_flags`)."""
     import argparse
 
     flags = config_flags(cls)
-    defaults = _plain({f.name: _default(f) for f in dataclasses.fields(cls) if f.init})
+    defaults = flag_defaults(cls)
     for f in flags:
-        default: Any = defaults
-        for key in f.path.split("."):
-            default = default.get(key) if isinstance(default, dict) else None
-        shown = ",".join(map(str, default)) if isinstance(default, list) else default
         choices = get_args(f.type) if get_origin(f.type) is Literal else None
         extra = f"; one of {', '.join(map(str, choices))}" if choices else ""
+        shown = defaults[f.path]
         text = f"{f.help} (default: {shown}{extra})" if f.help else f"default: {shown}{extra}"
         if f.type is bool:
-            parser.add_argument(f.flag, dest=f"cfg:{f.path}", action=argparse.BooleanOptionalAction,
-                                default=argparse.SUPPRESS, help=text)  # fmt: skip
+            parser.add_argument(f.flag, *f.aliases, dest=f"cfg:{f.path}", help=text,
+                                action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS)  # fmt: skip
         else:
-            metavar = f.flag[2:].upper().replace("-", "_")
-            parser.add_argument(f.flag, dest=f"cfg:{f.path}", default=argparse.SUPPRESS,
-                                metavar=metavar, help=text)  # fmt: skip
+            metavar = f.path.rsplit(".", 1)[-1].upper()
+            parser.add_argument(f.flag, *f.aliases, dest=f"cfg:{f.path}", metavar=metavar,
+                                default=argparse.SUPPRESS, help=text)  # fmt: skip
     return flags
 
 

@@ -148,6 +148,17 @@ def package_versions(names: tuple[str, ...]) -> dict[str, str | None]:
     return versions
 
 
+def version_line() -> str:
+    """What `mechinterp --version` prints: the suite's version and those it runs on."""
+    from mechinterp import __version__
+
+    others = [f"{n} {v or 'missing'}" for n, v in package_versions(VERSIONED).items()]
+    return f"mechinterp {__version__} ({', '.join(others)}, Python {platform.python_version()})"
+
+
+VERSIONED = ("torch", "transformers", "transformer-lens")
+
+
 def provenance(**extra: Any) -> dict[str, Any]:
     """Package versions, git commit, host facts and whatever the caller adds (model card, seeds,
     timings)."""

@@ -26,24 +26,7 @@
 # %%
 import os
 
-import pandas as pd
-
-from mechinterp.detect import detect
-from mechinterp.evaluate import render_all
-from mechinterp.heads import HeadShape
-from mechinterp.interventions import (
-    attribution_patch,
-    knockout_sweep,
-    logit_diff_metric,
-    path_patch,
-    summarise_sweep,
-)
-from mechinterp.interventions.patching import patch_heads
-from mechinterp.models import load_model
-from mechinterp.plots import head_heatmap, knockout_curve, sender_heatmaps
-from mechinterp.tasks.corrupt import corrupt_answer
-from mechinterp.tasks.niah import niah_grid
-from mechinterp.tasks.prompt import context_end
+import mechinterp as mi
 
 SMALL = os.environ.get("MECHINTERP_NB_SMALL", "1") != "0"
 LENGTHS = [256] if SMALL else [256, 512, 1024]
@@ -61,7 +44,7 @@ print(f"lengths {LENGTHS}, depths {DEPTHS}, {NEEDLES} needles; knockout k {KS}, 
 # TransformerLens `TransformerBridge` with a model card.
 
 # %%
-model = load_model("smollm2-135m")
+model = mi.load_model("smollm2-135m")
 model.mechinterp_card.to_dict()
 
 # %% [markdown]
@@ -71,24 +54,25 @@ model.mechinterp_card.to_dict()
 # sentence boundary, and a question whose answer is in it.
 
 # %%
-examples = niah_grid(model.tokenizer, lengths=LENGTHS, depths=DEPTHS, needles=NEEDLES)
-pd.DataFrame([{"id": e.id, "question": e.question, "answer": e.answers[0]} for e in examples])
+examples = mi.niah_grid(model.tokenizer, lengths=LENGTHS, depths=DEPTHS, needles=NEEDLES)
+[(e.id, e.question, e.answers[0]) for e in examples]
 
 # %% [markdown]
 # ## 3. Detect retrieval heads
 #
 # Wu et al.'s retrieval score: while the model greedily writes its answer, a head scores when
 # its top attention lands on the needle token it is copying. Only instances answered correctly
-# (ROUGE-1 recall > 0.5) count. `scores` has one row per head; sorted by rank, its
-# `head_name` column is the ranking the next steps use.
+# (ROUGE-1 recall > 0.5) count. Every result has `.frame()`, a tidy table in the columns
+# `mechinterp detect` writes (here one row per head; sorted by rank, its `head_name` column is
+# the ranking the next steps use), and `.plot()`, the figure the command draws.
 
 # %%
-detection = detect(model, examples, "retrieval")
-scores = detection.scores_frame().sort_values("rank")
+detection = mi.detect(model, examples, "retrieval")
+scores = detection.frame().sort_values("rank")
 scores.head(10)
 
 # %%
-head_heatmap(scores)
+detection.plot()
 
 # %% [markdown]
 # ## 4. Knock them out
@@ -97,15 +81,14 @@ head_heatmap(scores)
 # random heads that are not among the top k.
 
 # %%
-sweep = knockout_sweep(
+sweep = mi.knockout_sweep(
     model, examples, list(scores["head_name"]), ks=KS, seeds=SEEDS, modes=["zero"],
     max_new_tokens=24, progress=False,
 )  # fmt: skip
-summary = summarise_sweep(sweep)
-summary.round(3)
+sweep.summary().round(3)
 
 # %%
-knockout_curve(summary)
+sweep.plot()
 
 # %% [markdown]
 # ## 5. Patch them
@@ -118,25 +101,20 @@ knockout_curve(summary)
 # version.
 
 # %%
-(prompt,) = render_all(model, examples[:1])
-c = corrupt_answer(prompt, model.tokenizer)
+(prompt,) = mi.render_all(model, examples[:1])
+c = mi.corrupt_answer(prompt, model.tokenizer)
 tok = model.tokenizer.convert_ids_to_tokens
 print(f"position {c.position}: {tok(c.clean_token)!r} -> {tok(c.corrupt_token)!r}")
 
 # %%
-res = patch_heads(
-    model, c.clean, c.corrupt, logit_diff_metric(c.clean_token, c.corrupt_token),
-    patch_from=context_end(prompt),
-)  # fmt: skip
+metric = mi.answer_logit_diff(c.clean_token, c.corrupt_token)
+res = mi.patch_heads(model, c.clean, c.corrupt, metric, patch_from=mi.context_end(prompt))
 print(f"clean metric {res.clean:.2f}, corrupt {res.corrupt:.2f}")
-recovery = pd.DataFrame(
-    [{"layer": h.layer, "head": h.head, "head_name": str(h), "recovery": float(res.recovery[h])}
-     for h in HeadShape.of(model).all_heads()]
-)  # fmt: skip
+recovery = res.frame()
 recovery.sort_values("recovery", ascending=False).head(10)
 
 # %%
-head_heatmap(recovery, value="recovery")
+res.plot()
 
 # %% [markdown]
 # ## 6. Screen every head cheaply, then trace what feeds the retrieval heads
@@ -148,31 +126,24 @@ head_heatmap(recovery, value="recovery")
 # heads' queries, carry the recovery.
 
 # %%
-metric = logit_diff_metric(c.clean_token, c.corrupt_token)
-est = attribution_patch(model, c.clean, c.corrupt, metric, patch_from=context_end(prompt))
-screened = patch_heads(model, c.clean, c.corrupt, metric, patch_from=context_end(prompt),
-                       screen="atp", verify_top=30, sample=20)  # fmt: skip
-exact = pd.Series(res.recovery.flatten().tolist())
+est = mi.attribution_patch(model, c.clean, c.corrupt, metric, patch_from=mi.context_end(prompt))
+screened = mi.patch_heads(model, c.clean, c.corrupt, metric, patch_from=mi.context_end(prompt),
+                          screen="atp", verify_top=30, sample=20)  # fmt: skip
+estimated = est.frame()["atp_star_recovery"]  # same head order as `recovery`
 print("AtP vs exact recovery, Spearman over all heads:",
-      round(pd.Series(est.recovery.flatten().tolist()).corr(exact, method="spearman"), 3))
-fn = screened.settings["false_negatives"]
+      round(estimated.corr(recovery["recovery"], method="spearman"), 3))
+fn = screened.false_negatives
 print(
-    f"verified exactly: {screened.settings['verify_top']} heads; of {fn['n_sampled']} "
-    f"unverified heads drawn at random, {len(fn['found'])} move the metric by more than 5 % of "
-    f"the gap; at most {fn['max_above']} of the {fn['n_unverified']} unverified do "
-    f"({fn['confidence']:.0%} confidence)"
+    f"verified exactly: {screened.verify_top} heads; of {fn.n_sampled} unverified heads drawn "
+    f"at random, {len(fn.found)} move the metric by more than 5 % of the gap; at most "
+    f"{fn.max_above} of the {fn.n_unverified} unverified do ({fn.confidence:.0%} confidence)"
 )
 
 # %%
 receivers = list(scores["head_name"].head(3))
-paths = path_patch(model, c.clean, c.corrupt, metric, receivers=receivers, receiver_input="q",
-                   patch_from=context_end(prompt))  # fmt: skip
-senders = pd.DataFrame(
-    [{"receiver_input": "q", "layer": h.layer, "head": h.head,
-      "recovery": float(paths.recovery[h])}
-     for h in HeadShape.of(model).all_heads() if not paths.values[h].isnan()]
-)  # fmt: skip
-sender_heatmaps(senders, title=f"senders into the queries of {', '.join(receivers)}")
+paths = mi.path_patch(model, c.clean, c.corrupt, metric, receivers=receivers,
+                      receiver_input="q", patch_from=mi.context_end(prompt))  # fmt: skip
+paths.plot(title=f"senders into the queries of {', '.join(receivers)}")
 
 # %% [markdown]
 # ## Next

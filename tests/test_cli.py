@@ -16,8 +16,8 @@ def tiny_dir(tiny_gqa):
 
 
 def test_eval_writes_a_complete_run_directory(tiny_dir, tmp_path, capsys):
-    args = ["eval", "--model", tiny_dir, "--task", "mdqa", "--variant", "templated-low",
-            "--n", "3", "--n-docs", "3", "--max-new-tokens", "3", "--root", str(tmp_path)]
+    args = ["eval", "--model", tiny_dir, "--task", "mdqa", "--task.variant", "templated-low",
+            "--task.n", "3", "--task.n-docs", "3", "--max-new-tokens", "3", "--root", str(tmp_path)]
     assert main(args) == 0
     (run,) = tmp_path.iterdir()
     df = pd.read_parquet(run / "results.parquet")
@@ -53,8 +53,8 @@ def test_eval_on_user_mdqa_file(tiny_dir, tmp_path):
 
 @pytest.mark.parametrize("data", [None, "tests/fixtures/summhay_sample.json"])
 def test_eval_on_the_citation_task_reports_citation_f1(tiny_dir, tmp_path, data):
-    source = ["--data", data] if data else ["--variant", "templated-low", "--n", "2"]
-    args = ["eval", "--model", tiny_dir, "--task", "citation", *source, "--n-docs", "4",
+    source = ["--data", data] if data else ["--task.variant", "templated-low", "--task.n", "2"]
+    args = ["eval", "--model", tiny_dir, "--task", "citation", *source, "--task.n-docs", "4",
             "--max-new-tokens", "3", "--no-png", "--root", str(tmp_path)]
     assert main(args) == 0
     (run,) = tmp_path.iterdir()
@@ -126,38 +126,49 @@ def test_detect_retrieval_refuses_when_no_instance_passes_the_gate(tiny_dir, tmp
 
 def test_detect_qr_with_calibration_on_documents(tiny_dir, tmp_path):
     args = ["detect", "--model", tiny_dir, "--detector", "qr", "--calibrate", "--task", "mdqa",
-            "--n", "2", "--n-docs", "2", "--no-png", "--root", str(tmp_path)]
+            "--task.n", "2", "--task.n-docs", "2", "--no-png", "--root", str(tmp_path)]
     assert main(args) == 0
     (run,) = tmp_path.iterdir()
     prov = json.loads((run / "provenance.json").read_text())
     assert prov["settings"]["calibrated"] is True and prov["n_counted"] == 2
 
 
-def test_knockout_sweep_writes_top_vs_random_rows(tiny_dir, tmp_path, capsys):
-    args = ["knockout", "--model", tiny_dir, "--heads", "L1H1,L0H2,L1H0", "--ks", "1,2",
-            "--seeds", "0,1", "--modes", "zero,uniform_attention", "--task", "mdqa", "--n", "2",
-            "--n-docs", "2", "--max-new-tokens", "2", "--score", "--root", str(tmp_path)]
+def _sets(**keys) -> list[str]:
+    """`--set key=value` for each config key (robust to how the flags are spelled)."""
+    return [a for k, v in keys.items() for a in ("--set", f"{k}={v}")]
+
+
+def test_knockout_writes_the_study_tables_top_vs_random_rows(tiny_dir, tmp_path, capsys):
+    # the study's defaults: both modes, layer-matched and uniform draws, teacher-forced scoring
+    # (a random model answers nothing, so the gold answer is teacher-forced)
+    args = ["knockout", "--model", tiny_dir, "--heads", "L1H1,L0H2,L1H0",
+            *_sets(ks="[1,2]", seeds="[0,1]", target="gold", max_new_tokens=2,
+                   **{"task.task": "mdqa", "task.n": 2, "task.n_docs": 2}),
+            "--root", str(tmp_path)]  # fmt: skip
     assert main(args) == 0
     (run,) = tmp_path.iterdir()
-    df = pd.read_parquet(run / "sweep.parquet")
+    df = pd.read_parquet(run / "knockout.parquet")
     assert (df["answer_logprob"] < 0).all()
-    # knocking heads out moves the teacher-forced score (generation on a random model may not)
+    # knocking heads out moves the teacher-forced score
     none = df[df.condition == "none"].set_index("example_id")["answer_logprob"]
     top = df[(df.condition == "top") & (df.k == 2)].groupby("example_id")["answer_logprob"].first()
     assert (top - none).abs().max() > 1e-3
-    # 1 baseline + 2 modes × 2 ks × (top + 2 random seeds) runs, 2 examples each
-    assert len(df) == (1 + 2 * 2 * 3) * 2
+    # 1 baseline + 2 modes × 2 ks × (top + 2 draws × 2 seeds) conditions, 2 examples each
+    assert len(df) == (1 + 2 * 2 * 5) * 2
     top = df[df.condition == "top"].drop_duplicates(["mode", "k"])
     assert sorted(top.heads.unique()) == ["L1H1", "L1H1 L0H2"]
-    rand = df[df.condition == "random"]
+    rand = df[df.condition.isin(["random", "random_uniform"])]
     assert not any(h in {"L1H1", "L0H2"} for hs in rand.heads for h in hs.split())
     assert (rand.heads.str.split().str.len() == rand.k).all()
+    # layer-matched draws (condition random) take the top-k's layers: L1 and L0 at k=2
+    matched = df[(df.condition == "random") & (df.k == 2)].heads.str.findall(r"L(\d+)H")
+    assert all(sorted(layers) == ["0", "1"] for layers in matched)
     summary = pd.read_csv(run / "summary.csv")
-    assert set(summary.condition) == {"none", "top", "random"}
-    assert summary[summary.condition == "random"].n_seeds.eq(2).all()
-    assert summary["answer_logprob"].notna().all()
+    assert set(summary.condition) == {"none", "top", "random", "random_uniform"}
+    assert {"task", "value", "lo", "hi"} <= set(summary.columns) and summary.n.eq(2).all()
+    assert len(pd.read_parquet(run / "baseline.parquet")) == 2
     if shutil.which("chromium") or shutil.which("chromium-browser"):
-        assert (run / "knockout.png").read_bytes()[:4] == b"\x89PNG"
+        assert (run / "knockout_vs_k.png").read_bytes()[:4] == b"\x89PNG"
     assert "condition" in capsys.readouterr().out
 
 
@@ -166,22 +177,24 @@ def test_knockout_takes_a_detection_table_and_refuses_bad_rankings(tiny_dir, tmp
            "--n-sequences", "2", "--no-png", "--root", str(tmp_path / "det")]
     assert main(det) == 0
     (det_run,) = (tmp_path / "det").iterdir()
-    ko = ["knockout", "--model", tiny_dir, "--scores", str(det_run), "--ks", "2", "--seeds", "3",
-          "--task", "mdqa", "--n", "1", "--n-docs", "2", "--max-new-tokens", "1", "--no-png",
-          "--root", str(tmp_path / "ko")]
+    ko = ["knockout", "--model", tiny_dir, "--scores", str(det_run),
+          *_sets(ks="[2]", seeds="[3]", target="gold", max_new_tokens=1,
+                 **{"task.task": "mdqa", "task.n": 1, "task.n_docs": 2}),
+          "--no-png", "--root", str(tmp_path / "ko")]  # fmt: skip
     assert main(ko) == 0
     (ko_run,) = (tmp_path / "ko").iterdir()
     scores = pd.read_parquet(det_run / "scores.parquet").sort_values("rank")
     top2 = " ".join(scores.head_name.head(2))
-    sweep = pd.read_parquet(ko_run / "sweep.parquet")
-    assert set(sweep.query("condition == 'top'").heads) == {top2}
+    table = pd.read_parquet(ko_run / "knockout.parquet")
+    assert set(table.query("condition == 'top'").heads) == {top2}
     capsys.readouterr()
     assert main(ko + ["--heads", "L0H0"]) == 2
     assert "exactly one of --heads" in capsys.readouterr().err
     assert main(ko[:3] + ["--heads", "L0H0"] + ko[5:]) == 2  # k=2 but one ranked head
     assert "k=2 exceeds the 1 ranked heads" in capsys.readouterr().err
-    bad = ["knockout", "--model", tiny_dir, "--heads", "L7H0", "--ks", "1", "--task", "mdqa",
-           "--n", "1", "--n-docs", "2", "--no-png", "--root", str(tmp_path / "bad")]
+    bad = ["knockout", "--model", tiny_dir, "--heads", "L7H0",
+           *_sets(ks="[1]", **{"task.task": "mdqa", "task.n": 1, "task.n_docs": 2}),
+           "--no-png", "--root", str(tmp_path / "bad")]  # fmt: skip
     assert main(bad) == 2
     assert "outside the model" in capsys.readouterr().err
 

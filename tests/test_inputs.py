@@ -43,7 +43,7 @@ def test_check_selection_refuses_empty_and_repeats_and_keeps_order():
     [
         ("task.lengths=128,128", "task.lengths repeats 128"),
         ("task.depths=[0.5, 0.5]", "task.depths repeats 0.5"),
-        ("ks=[]", r"ks is empty, so it selects nothing.*\(default: 1,2,5,10\)"),
+        ("ks=[]", r"ks is empty, so it selects nothing.*\(default: 1,2,5,10,20\)"),
         ("seeds=1,,2", "seeds: '1,,2' has an empty item between commas"),
         ("modes=zero,zero", "modes repeats zero"),
         ("heads=L1H2,L1H2", "heads repeats L1H2"),

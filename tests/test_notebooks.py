@@ -71,13 +71,29 @@ def test_results_explorer_shows_the_verdicts_and_redraws_every_figure(tiny_study
     assert figures(nb) == 4  # retrieval heatmap, knockout CI curves, NIAH panels, recovery
 
 
+def test_walkthrough_calls_only_the_top_level_api():
+    """The walkthrough reads as `import mechinterp as mi` and results' `.frame()` / `.plot()`:
+    no imports from the subpackages, no tables built by hand."""
+    import ast
+
+    source = (NOTEBOOKS / "walkthrough.py").read_text()
+    imported = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            imported |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            imported.add(node.module)
+    assert imported == {"os", "mechinterp"}
+    assert "pd.DataFrame(" not in source and ".frame()" in source and ".plot(" in source
+
+
 @pytest.mark.integration
 def test_walkthrough_finds_the_known_retrieval_heads_and_knocks_them_out(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("MECHINTERP_NB_SMALL", "1")
     nb = execute("walkthrough.py")
     text = output_text(nb)
-    top10 = output_text(nb, starts="detection = detect(")
+    top10 = output_text(nb, starts="detection = mi.detect(")
     assert "L17H3" in top10 and "L18H6" in top10  # the model's known top retrieval heads
     assert "recovery" in text and "clean metric" in text
     # the AtP screen ranks the heads as exact patching does (measured 0.98-1.0 on NIAH pairs)

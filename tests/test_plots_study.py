@@ -202,12 +202,14 @@ def test_recall_by_task_draws_one_panel_per_task_with_each_kind_of_model():
 
     corr = {"mdqa": {"method": "spearman", "estimate": 1.0, "low": 1.0, "high": 1.0, "n": 3,
                      "p_permutation": 0.333}}  # fmt: skip
-    pooled = {"estimate": 1.0, "low": 1.0, "high": 1.0, "n": 6, "p_permutation": 0.028}
+    pooled = {"method": "spearman", "estimate": 1.0, "low": 0.2, "high": 1.0, "n": 6,
+              "p_permutation": 0.028, "exact": True}  # fmt: skip
     fig = recall_by_task(_pooled(), correlations=corr, pooled_correlation=pooled, title="t")
     titles = [a.text for a in fig.layout.annotations]
-    assert titles[0] == "mdqa (F1)<br>Spearman ρ = 1.00 [1.00, 1.00], n = 3, p = 0.333"
+    assert titles[0] == "mdqa (F1)<br>Spearman ρ = 1.00 [1.00, 1.00], n = 3, permutation p = 0.333"
     assert titles[1] == "citation (citation F1)"  # no correlation given for it
-    assert "pooled within tasks: ρ = 1.00" in fig.layout.title.text
+    assert ("pooled within tasks: Spearman ρ = 1.00 [0.20, 1.00], n = 6, exact permutation "
+            "p = 0.028") in fig.layout.title.text
     by = {(t.name, t.xaxis): t for t in fig.data}
     assert len(by) == 6  # 3 kinds × 2 panels
     syn = by["synthetic variant", "x2"]

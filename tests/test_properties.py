@@ -156,8 +156,8 @@ def test_any_text_for_a_config_key_is_taken_or_a_config_error(text, key):
 
 # --- the command line -----------------------------------------------------------------------
 
-_FLAGS = ["--ks", "--seeds", "--lengths", "--depths", "--heads", "--needles", "--n",
-          "--modes", "--max-new-tokens", "--top"]  # fmt: skip
+_FLAGS = ["--ks", "--seeds", "--lengths", "--depths", "--heads", "--needles", "--task.n",
+          "--modes", "--max-new-tokens", "--rows"]  # fmt: skip
 
 
 @given(st.lists(st.tuples(st.sampled_from(_FLAGS), _TEXT), min_size=1, max_size=3,

@@ -33,13 +33,15 @@ sys.exit(main(sys.argv[1:]))
 
 #: command → (its arguments on the tiny model, in ≥ 2 shards; its main table)
 COMMANDS = {
-    "eval": (["--task", "mdqa", "--variant", "templated-low", "--n", "3", "--n-docs", "2",
+    "eval": (["--task", "mdqa", "--task.variant", "templated-low", "--task.n", "3",
+              "--task.n-docs", "2",
               "--max-new-tokens", "2", "--examples-per-shard", "1"], "results.parquet"),
     "detect": (["--lengths", "300", "--depths", "0.25,0.75", "--needles", "1", "--gate", "none",
                 "--max-new-tokens", "3", "--examples-per-shard", "1"], "per_instance.parquet"),
-    "knockout": (["--heads", "L1H1,L0H2", "--ks", "1,2", "--seeds", "0", "--task", "mdqa",
-                  "--n", "2", "--n-docs", "2", "--max-new-tokens", "1",
-                  "--examples-per-shard", "1"], "sweep.parquet"),
+    "knockout": (["--heads", "L1H1,L0H2", "--set", "ks=[1,2]", "--set", "seeds=[0]",
+                  "--set", "task.task=mdqa", "--set", "task.n=2", "--set", "task.n_docs=2",
+                  "--set", "max_new_tokens=1", "--set", "target=gold",
+                  "--set", "examples_per_shard=1"], "knockout.parquet"),
     "patch": (["--lengths", "400", "--depths", "0.25,0.75", "--needles", "1"], "patch.parquet"),
     "atp": (["--lengths", "400", "--depths", "0.25,0.75", "--needles", "1", "--verify-top", "2"],
             "atp.parquet"),
@@ -153,8 +155,9 @@ def test_retrained_model_weights_recompute_the_shards(tmp_path):
     from mechinterp.models.tiny import tiny_model
 
     model_dir = Path(tiny_model(n_kv_heads=2, directory=tmp_path / "m").mechinterp_card.source)
-    args = ["eval", "--model", str(model_dir), "--task", "mdqa", "--n", "2", "--n-docs", "2",
-            "--max-new-tokens", "2", "--no-png", "--root", str(tmp_path / "runs")]  # fmt: skip
+    args = ["eval", "--model", str(model_dir), "--task", "mdqa", "--task.n", "2",
+            "--task.n-docs", "2", "--max-new-tokens", "2", "--no-png",
+            "--root", str(tmp_path / "runs")]  # fmt: skip
     assert main(args) == 0
     run = _only_run(tmp_path / "runs")
     before = pd.read_parquet(run / "results.parquet")

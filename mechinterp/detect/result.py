@@ -101,6 +101,19 @@ class Detection:
         df["rank"] = df["rank"].astype(int)
         return df
 
+    def frame(self) -> pd.DataFrame:
+        """The per-head scores, as `mechinterp detect`'s scores table has them
+        (`scores_frame`)."""
+        return self.scores_frame()
+
+    def plot(self, top_k: int = 10, title: str | None = None):
+        """The layer × head heatmap of the scores `mechinterp detect` draws (`head_heatmap`,
+        the `top_k` heads labelled)."""
+        from mechinterp.plots import head_heatmap
+
+        title = title or f"{self.detector} score per head (n={self.n_counted} instances)"
+        return head_heatmap(self.frame(), top_k=top_k, title=title)
+
     def per_instance_frame(self) -> pd.DataFrame:
         """Tidy: one row per (instance, layer, head) — instance_id, counted, layer, head, value."""
         n, n_layers, n_heads = self.per_instance.shape

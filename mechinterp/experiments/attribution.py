@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import pandas as pd
 
@@ -16,7 +16,14 @@ from mechinterp import store
 from mechinterp.errors import InputError
 from mechinterp.experiments.command import Command, Plan, table_text
 from mechinterp.experiments.patch import PATCH_TASK, HeadSelection
-from mechinterp.experiments.specs import ModelSpec, TaskSpec, build_examples
+from mechinterp.experiments.specs import (
+    DEVICE_ALIASES,
+    TASK_ALIASES,
+    ModelSpec,
+    TaskSpec,
+    build_examples,
+    selection_aliases,
+)
 from mechinterp.runner import Shard
 from mechinterp.tasks.example import Example
 
@@ -48,6 +55,9 @@ class AtpConfig:
     the last prompt position: AtP, and AtP* with `qk_fix` / `grad_drop`; the `verify_top` units
     AtP* ranks highest are then patched exactly (0: none), and `fn_sample` more drawn from the
     rest for the false-negative diagnostic. `select` marks a head set."""
+
+    FLAG_ALIASES: ClassVar[dict[str, str]] = {**TASK_ALIASES, **DEVICE_ALIASES,
+                                              **selection_aliases("select")}
 
     model: ModelSpec = field(default_factory=ModelSpec)
     task: TaskSpec = field(default_factory=lambda: PATCH_TASK)
@@ -212,6 +222,9 @@ class PathPatchConfig:
     last receiver, alone and all together (`upstream`), into the receivers' `inputs` (q, k, v;
     under GQA a key or value input is the receiver's KV group's). Receivers: `receivers.heads`,
     or the `top_k` (default 10) best of a detection run's score table."""
+
+    FLAG_ALIASES: ClassVar[dict[str, str]] = {**TASK_ALIASES, **DEVICE_ALIASES,
+                                              **selection_aliases("receivers")}
 
     model: ModelSpec = field(default_factory=ModelSpec)
     task: TaskSpec = field(default_factory=lambda: PATCH_TASK)

@@ -5,8 +5,9 @@ provenance, in one run directory.
     out = run_command(EVAL, EvalConfig(task=TaskSpec(task="mdqa", n=8)), "runs")
 
 Each command is a `Command`: `plan(config, model)` checks the config against the model and cuts
-the work into shards (example chunks, or one instance pair each); `finish(config, table, plan,
-card, out)` turns the shards' rows into the command's tables and returns their file names;
+the work into shards (example chunks, or one instance pair each; `Plan.then` cuts a second
+stage from the first one's rows); `finish(config, table, plan, card, out)` turns the shards'
+rows into the command's tables and returns their file names;
 `draw(out, png)` draws its figures from those tables alone (`mechinterp figures` reruns it).
 As in the studies, a rerun reuses every finished shard whose inputs (the examples, the heads,
 the model's weights) are unchanged, after a kill too, in this process or on Ray.
@@ -18,6 +19,7 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,9 @@ class Plan:
     facts: dict[str, Any] = field(default_factory=dict)
     context: dict[str, Any] = field(default_factory=dict)
     key: dict[str, Any] = field(default_factory=dict)  # fingerprints of inputs besides the model
+    then: Callable[[pd.DataFrame], list[Shard]] | None = None
+    """a second stage cut from the first stage's rows (knockout: the clean answers, then the
+    conditions on the examples answered); the first stage's rows go to `context["first"]`"""
 
 
 @dataclass(frozen=True)
@@ -99,10 +104,15 @@ def run_command(
         with rundir.open_run(out, config, opts, what=f"{command.name} run"):
             stats = ShardStats()
             t_shards = time.perf_counter()
-            rows = run_shards(plan.shards, out / "shards", model=model, model_spec=config.model,
-                              engine=opts.engine, ray_address=opts.ray_address, stats=stats,
-                              desc=command.name, progress=opts.progress,
-                              key={"model": model_key(card), **plan.key})  # fmt: skip
+            run = partial(run_shards, directory=out / "shards", model=model,
+                          model_spec=config.model, engine=opts.engine,
+                          ray_address=opts.ray_address, stats=stats, desc=command.name,
+                          progress=opts.progress,
+                          key={"model": model_key(card), **plan.key})  # fmt: skip
+            rows = run(plan.shards)
+            if plan.then is not None:
+                plan.context["first"] = rows
+                rows = run(plan.then(rows))
             t_shards = time.perf_counter() - t_shards
             written = write_tables(out, command.finish(config, rows, plan, card))
             if plan.examples is not None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import pandas as pd
 
@@ -16,7 +16,13 @@ from mechinterp.config import from_dict, to_dict
 from mechinterp.errors import InputError
 from mechinterp.experiments.command import Command, Plan, chunks, summary_table
 from mechinterp.experiments.patch import PATCH_TASK, HeadSelection
-from mechinterp.experiments.specs import ModelSpec, TaskSpec, build_examples
+from mechinterp.experiments.specs import (
+    TASK_ALIASES,
+    ModelSpec,
+    TaskSpec,
+    build_examples,
+    selection_aliases,
+)
 from mechinterp.runner import Shard
 from mechinterp.tasks.example import Example
 
@@ -27,6 +33,9 @@ class CrossPatchConfig:
     set. The sets are one explicit list (`select.heads`), or the paper's Inter / Compl / Rand
     built from the donor's and the recipient's head-score tables (`select.scores` is the
     donor's, `recipient_scores` the recipient's; both selected by the same rule)."""
+
+    FLAG_ALIASES: ClassVar[dict[str, str]] = {**TASK_ALIASES, **selection_aliases("select"),
+                                              "--donor": "donor.name"}  # fmt: skip
 
     model: ModelSpec = field(default_factory=ModelSpec)
     donor: ModelSpec = field(default_factory=ModelSpec)

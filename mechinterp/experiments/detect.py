@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import pandas as pd
 import torch
@@ -16,7 +16,13 @@ import torch
 from mechinterp import store
 from mechinterp.errors import InputError
 from mechinterp.experiments.command import Command, Plan, chunks, table_text
-from mechinterp.experiments.specs import ModelSpec, TaskSpec, build_examples
+from mechinterp.experiments.specs import (
+    DEVICE_ALIASES,
+    TASK_ALIASES,
+    ModelSpec,
+    TaskSpec,
+    build_examples,
+)
 from mechinterp.runner import Shard
 from mechinterp.tasks.example import Example
 
@@ -28,6 +34,8 @@ DETECT_TASK = TaskSpec(lengths=(256, 512, 1024), depths=(0.0, 0.5, 1.0), needles
 class DetectConfig:
     """A detector on a model and task grid. Settings a detector does not use are ignored (and
     recorded as given). Pattern detectors use repeated random tokens, not the task."""
+
+    FLAG_ALIASES: ClassVar[dict[str, str]] = {**TASK_ALIASES, **DEVICE_ALIASES}
 
     model: ModelSpec = field(default_factory=ModelSpec)
     task: TaskSpec = field(default_factory=lambda: DETECT_TASK)

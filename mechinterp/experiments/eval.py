@@ -5,20 +5,30 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import pandas as pd
 
 from mechinterp import store
 from mechinterp.errors import InputError
 from mechinterp.experiments.command import Command, Plan, chunks, table_text
-from mechinterp.experiments.specs import ModelSpec, TaskSpec, build_examples
+from mechinterp.experiments.specs import (
+    DEVICE_ALIASES,
+    TASK_ALIASES,
+    ModelSpec,
+    TaskSpec,
+    build_examples,
+)
 from mechinterp.runner import Shard
 from mechinterp.tasks.example import Example
 
 
 @dataclass(frozen=True)
 class EvalConfig:
+    """A task's examples answered by the model (no intervention), scored per example."""
+
+    FLAG_ALIASES: ClassVar[dict[str, str]] = {**TASK_ALIASES, **DEVICE_ALIASES}
+
     model: ModelSpec = field(default_factory=ModelSpec)
     task: TaskSpec = field(default_factory=TaskSpec)
     max_new_tokens: int = 32

@@ -24,17 +24,22 @@ from mechinterp.experiments.rundir import RunLock, read_json
 COLUMNS = ["run", "command", "model", "status", "wall_s", "created", "verdicts"]
 
 
-@cache
-def _experiments() -> dict[frozenset[str], str]:
-    """Each experiment's config keys → its command name."""
+def experiment_configs() -> dict[str, type]:
+    """Every command that runs an experiment (`knockout`, ..., `study`, `study extension`) → its
+    config class."""
     from mechinterp.experiments import COMMANDS
     from mechinterp.experiments.extension import ExtensionConfig
     from mechinterp.experiments.study import StudyConfig
 
     classes = {name: c.config for name, c in COMMANDS.items()}
-    classes |= {"study": StudyConfig, "study extension": ExtensionConfig}
+    return classes | {"study": StudyConfig, "study extension": ExtensionConfig}
+
+
+@cache
+def _experiments() -> dict[frozenset[str], str]:
+    """Each experiment's config keys → its command name."""
     keys = {n: frozenset(f.name for f in dataclasses.fields(c) if f.init)
-            for n, c in classes.items()}  # fmt: skip
+            for n, c in experiment_configs().items()}  # fmt: skip
     clash = [k for k, n in Counter(keys.values()).items() if n > 1]
     assert not clash, f"two experiments share config keys {sorted(clash[0])}"
     return {v: k for k, v in keys.items()}

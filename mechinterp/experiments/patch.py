@@ -6,14 +6,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import pandas as pd
 
 from mechinterp import store
 from mechinterp.errors import InputError
 from mechinterp.experiments.command import Command, Plan, table_text
-from mechinterp.experiments.specs import ModelSpec, TaskSpec, build_examples, heads_from_scores
+from mechinterp.experiments.specs import (
+    DEVICE_ALIASES,
+    TASK_ALIASES,
+    ModelSpec,
+    TaskSpec,
+    build_examples,
+    heads_from_scores,
+    selection_aliases,
+)
 from mechinterp.heads import parse_heads
 from mechinterp.runner import Shard
 from mechinterp.tasks.example import Example
@@ -89,6 +97,9 @@ class PatchConfig:
     at the last prompt position. `select` names heads: a head list is the set to patch (the
     others are skipped); a score table marks its selected heads (`in_set`) while every head is
     patched, so the set's recovery can be compared with the rest."""
+
+    FLAG_ALIASES: ClassVar[dict[str, str]] = {**TASK_ALIASES, **DEVICE_ALIASES,
+                                              **selection_aliases("select")}
 
     model: ModelSpec = field(default_factory=ModelSpec)
     task: TaskSpec = field(default_factory=lambda: PATCH_TASK)

@@ -16,6 +16,20 @@ from mechinterp.tasks.example import TASK_NAMES, Example, TaskName
 
 Haystack = Literal["essays", "filler"]
 
+#: Short flags a command declares (`FLAG_ALIASES` on its config class) beside the dotted ones.
+MODEL_ALIASES = {"--model": "model.name"}
+DEVICE_ALIASES = {"--device": "model.device", "--dtype": "model.dtype",
+                  "--attention": "model.attention"}  # fmt: skip
+TASK_ALIASES = {**MODEL_ALIASES, "--task": "task.task", "--lengths": "task.lengths",
+                "--depths": "task.depths", "--needles": "task.needles",
+                "--data": "task.data"}  # fmt: skip
+
+
+def selection_aliases(section: str) -> dict[str, str]:
+    """`--heads`, `--scores`, `--top-k`, `--threshold` for a `HeadSelection` field `section`."""
+    return {f"--{k.replace('_', '-')}": f"{section}.{k}"
+            for k in ("heads", "scores", "top_k", "threshold")}  # fmt: skip
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -31,7 +45,7 @@ class ModelSpec:
     rope_theta: float | None = None
     """override the RoPE base frequency (context extension)"""
     device_map: Literal["auto", "balanced", "balanced_low_0", "sequential"] | None = None
-    """split the layers over the visible devices, as transformers does (instead of --device)"""
+    """split the layers over the visible devices, as transformers does (instead of a device)"""
     attention: Literal["sdpa", "eager"] = "sdpa"
     """sdpa: the fused kernel wherever no hook needs the full pattern (scores compute only the
     rows they read); eager: the explicit T × T attention in every layer"""

@@ -39,17 +39,30 @@ class DivergedError(MechinterpError, RuntimeError):
 @dataclass(frozen=True)
 class LoraSpec:
     r: int = 8
+    """LoRA rank"""
     alpha: int = 16
+    """LoRA scale numerator (the update is scaled by alpha / r)"""
     dropout: float = 0.0
+    """dropout on the LoRA path while training"""
     targets: tuple[str, ...] = ATTENTION
+    """modules LoRA adapts (the HF model's module names), comma-separated"""
     lr: float = 2e-4
+    """AdamW learning rate (no weight decay)"""
     steps: int = 200
+    """optimiser steps, one batch each (the examples are reshuffled every epoch)"""
     batch_size: int = 1
+    """examples per step"""
     max_tokens: int = 1024
+    """most tokens of a training example (prompt and answer); a longer one is an error"""
     grad_clip: float = 1.0
+    """largest gradient norm; gradients are clipped to it every step"""
     save_every: int = 50
+    """steps between checkpoints (and one at the last step); a diverged run keeps the last"""
     rope_theta: float | None = None
+    """override the RoPE base frequency while training and in the saved model (context
+    extension; none: the base's own)"""
     seed: int = 0
+    """seed of the adapter's initialisation and of the example order"""
 
     def __post_init__(self) -> None:
         if self.r < 1 or self.steps < 1 or self.batch_size < 1 or self.save_every < 1:

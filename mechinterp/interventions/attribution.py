@@ -31,6 +31,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 
+import pandas as pd
 import torch
 from torch import Tensor
 
@@ -88,6 +89,44 @@ class AttributionResult(PatchResult):
             else [Head(la, u) for la in range(n_layers) for u in range(n)]
         )
         return sorted(units, key=lambda h: (-float(s[h.layer, h.head]), h))
+
+    @property
+    def method(self) -> str:
+        """`atp`, or `atp*` with `qk_fix` or `grad_drop`."""
+        return self.settings["method"]
+
+    def frame(self) -> pd.DataFrame:
+        """One row per unit of `node` (and position, per position), in the columns of
+        `mechinterp atp`'s table: node, layer, head, head_name, atp (plain AtP's estimated
+        metric), atp_star (this result's estimate), atp_star_score, atp_star_rank (0 = ranked
+        first), atp_recovery, atp_star_recovery, clean_metric, corrupt_metric, direction."""
+        from mechinterp.results import head_rows
+
+        df = head_rows(self.atp, "atp")
+        df["atp_star"] = head_rows(self.values)["value"]
+        df["atp_star_score"] = head_rows(self.score)["value"]
+        rank = {str(h): i for i, h in enumerate(self.ranking())}
+        df["atp_star_rank"] = df["head_name"].map(rank)
+        df["atp_recovery"] = head_rows(self._recovery(self.atp))["value"]
+        df["atp_star_recovery"] = head_rows(self._recovery(self.values))["value"]
+        df.insert(0, "node", self.node)
+        return df.assign(clean_metric=self.clean, corrupt_metric=self.corrupt,
+                         direction=self.direction)  # fmt: skip
+
+    def plot(self, top_k: int | None = None, title: str | None = None):
+        """The layer × head heatmap of the estimated recovery that `mechinterp atp` draws
+        (`head_heatmap` of atp_star_recovery, `top_k` units labelled)."""
+        from mechinterp.plots import head_heatmap
+
+        if self.per_position:
+            raise InputError(
+                "a per-position result has one estimate per unit and position: plot frame() "
+                "grouped by position, or estimate without per_position"
+            )
+        df = self.frame()
+        value = "atp_star_recovery" if df["atp_star_recovery"].notna().any() else "atp_star"
+        title = title or f"{self.method.upper()} estimated {value} per {self.node} unit"
+        return head_heatmap(df, value=value, top_k=top_k or 10, title=title)
 
 
 def _frozen(t: Tensor) -> Tensor:

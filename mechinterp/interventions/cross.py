@@ -38,6 +38,7 @@ from mechinterp.interventions.context import single_use
 from mechinterp.interventions.knockout import _by_layer
 from mechinterp.models.attention import output_projection as _o_proj
 from mechinterp.models.kv_cache import NEW_NAME, OLD_NAME, cache_kwargs, new_cache, passed_cache
+from mechinterp.results import ResultFrame
 from mechinterp.selection import check_selection
 from mechinterp.tasks.example import Example
 
@@ -206,6 +207,23 @@ def cross_patch(
         state.clear()
 
 
+class CrossPatching(ResultFrame):
+    """`cross_model_patching`'s rows (a DataFrame: one row per condition and example, the
+    columns of `mechinterp cross-patch`'s table), with the command's summary and figure."""
+
+    def summary(self, metrics: Sequence[str] = ("f1", "answer_logprob")) -> pd.DataFrame:
+        """Mean of each metric per condition and its normalised recovery (`summarise_cross`:
+        the command's summary table)."""
+        return summarise_cross(self.frame(), metrics)
+
+    def plot(self, metrics: tuple[str, ...] = ("f1", "answer_logprob"), title: str | None = None):
+        """Normalised recovery per patched head set, one bar trace per metric where donor and
+        recipient differ (`cross_patch_bars`)."""
+        from mechinterp.plots import cross_patch_bars
+
+        return cross_patch_bars(self.summary(metrics), metrics=metrics, title=title)
+
+
 def patch_head_sets(
     donor_heads: Sequence[Head],
     recipient_heads: Sequence[Head],
@@ -309,7 +327,7 @@ def cross_model_patching(
                 patched=patched,
             )  # fmt: skip
         )
-    return pd.concat(frames, ignore_index=True)
+    return CrossPatching(pd.concat(frames, ignore_index=True))
 
 
 @torch.no_grad()

@@ -16,6 +16,7 @@ from functools import partial
 from numbers import Integral
 from typing import Literal
 
+import pandas as pd
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -171,6 +172,115 @@ class PatchResult:
     @property
     def recovery(self) -> Tensor:
         return normalised_recovery(self.values, self.clean, self.corrupt)
+
+    # Typed views of `settings` (which stays a dict: run tables write it as provenance).
+
+    @property
+    def patch_from(self) -> int:
+        """The first position patching was allowed to change."""
+        return int(self.settings.get("patch_from", 0))
+
+    @property
+    def seconds(self) -> float | None:
+        """Wall time of the patched runs."""
+        return self.settings.get("seconds")
+
+    @property
+    def verify_top(self) -> int | None:
+        """How many screened heads were patched exactly (None: not screened)."""
+        return self.settings.get("verify_top")
+
+    @property
+    def receiver_input(self) -> str | None:
+        """Path patching: the receivers' input the paths were patched into (None otherwise)."""
+        return self.settings.get("receiver_input")
+
+    @property
+    def false_negatives(self) -> FalseNegatives | None:
+        """A screen's false-negative diagnostic (None without a sample; `verify_screen`)."""
+        found = self.settings.get("false_negatives")
+        return None if found is None else FalseNegatives.of(found)
+
+    def _recovery(self, values: Tensor) -> Tensor:
+        """Normalised recovery of `values`, NaN where clean and corrupt tie."""
+        if self.clean == self.corrupt:
+            return torch.full_like(values, float("nan"))
+        return normalised_recovery(values, self.clean, self.corrupt)
+
+    def frame(self) -> pd.DataFrame:
+        """One row per patched unit (and position, per position), in the columns of
+        `mechinterp patch`'s table: layer, head, head_name, value (the metric after patching),
+        recovery, clean_metric, corrupt_metric, direction; units not patched are left out.
+        A screened result adds `sampled` (drawn for the false-negative diagnostic). A path
+        patching result has the columns of `mechinterp path-patch`'s table instead:
+        receiver_input, receiver_units, kind (`sender`, or `set` for a jointly patched sender
+        set, layer and head -1), and the same values."""
+        from mechinterp.results import head_rows
+
+        df = head_rows(self.values)
+        df["recovery"] = head_rows(self._recovery(self.values))["value"]
+        df = df[df["value"].notna()].reset_index(drop=True)
+        if self.receiver_input is not None:
+            df.insert(0, "kind", "sender")
+            sets = pd.DataFrame([{"kind": "set", "layer": -1, "head": -1, "head_name": name,
+                                  "value": v} for name, v in self.sets.items()])  # fmt: skip
+            if not sets.empty:
+                sets["recovery"] = self._recovery(torch.tensor(sets["value"].to_numpy())).numpy()
+                df = pd.concat([df, sets], ignore_index=True)
+            df.insert(0, "receiver_units", self.settings.get("receiver_units"))
+            df.insert(0, "receiver_input", self.receiver_input)
+        elif "node" in self.settings:
+            df.insert(0, "node", self.settings["node"])
+        if self.false_negatives is not None:
+            df["sampled"] = df["head_name"].isin(self.false_negatives.sampled)
+        return df.assign(clean_metric=self.clean, corrupt_metric=self.corrupt,
+                         direction=self.direction)  # fmt: skip
+
+    def plot(self, top_k: int | None = None, title: str | None = None):
+        """The figure the matching command draws: the layer × head recovery heatmap of
+        `mechinterp patch` (`head_heatmap`), or for path patching the sender heatmap of
+        `mechinterp path-patch` (`sender_heatmaps`); `top_k` heads labelled."""
+        from mechinterp.plots import head_heatmap, sender_heatmaps
+
+        if self.per_position:
+            raise InputError(
+                "a per-position result has one value per head and position: plot frame() "
+                "grouped by position, or patch without per_position"
+            )
+        df = self.frame()
+        value = "recovery" if df["recovery"].notna().any() else "value"
+        if self.receiver_input is not None:
+            title = title or f"path patching into the receivers' {self.receiver_input}"
+            return sender_heatmaps(df[df["kind"] == "sender"], value=value, top_k=top_k or 5,
+                                   title=title)  # fmt: skip
+        title = title or f"{value} per head ({self.direction})"
+        return head_heatmap(df, value=value, top_k=top_k or 10, title=title)
+
+
+@dataclass(frozen=True)
+class FalseNegatives:
+    """The false-negative diagnostic of an attribution screen (Kramár et al. 2024;
+    `verify_screen`): of `n_sampled` heads drawn from the `n_unverified` the screen did not
+    verify, `found` move the metric by more than `threshold_effect` (= `threshold` × |clean −
+    corrupt|); at `confidence`, at most `max_above` unverified heads do."""
+
+    threshold: float
+    threshold_effect: float
+    n_unverified: int
+    n_sampled: int
+    sampled: tuple[str, ...]
+    found: tuple[str, ...]
+    largest_sampled_effect: float
+    max_above: int
+    confidence: float
+    p_miss_one: float
+    seed: int
+
+    @classmethod
+    def of(cls, settings: dict) -> FalseNegatives:
+        """From `settings["false_negatives"]`."""
+        return cls(**{**settings, "sampled": tuple(settings["sampled"]),
+                      "found": tuple(settings["found"])})  # fmt: skip
 
 
 def _cache(

@@ -17,12 +17,31 @@ from mechinterp.analysis.headsets import random_complement
 from mechinterp.errors import InputError
 from mechinterp.heads import Head, HeadShape, parse_heads
 from mechinterp.interventions.knockout import KnockoutSpec, knockout
+from mechinterp.results import ResultFrame
 from mechinterp.selection import check_selection
 from mechinterp.tasks.example import Example
 
 #: Modes a sweep can run without per-example inputs (mean/resample need a reference set;
 #: edge_knockout needs per-example key positions): use `knockout` directly for those.
 SWEEP_MODES = ("zero", "uniform_attention")
+
+
+class KnockoutSweep(ResultFrame):
+    """`knockout_sweep`'s rows (a DataFrame: one row per mode, k, condition, seed and example,
+    with `evaluate`'s columns), with their summary (`summarise_sweep`) and figure
+    (`knockout_curve`)."""
+
+    def summary(self, value: str = "correct") -> pd.DataFrame:
+        """Mean `value` per (mode, k, condition), the spread across seeds (`summarise_sweep`:
+        the command's summary table)."""
+        return summarise_sweep(self.frame(), value)
+
+    def plot(self, value: str = "correct", title: str | None = None):
+        """`value` against k, top-k ranked vs random complement heads (`knockout_curve`: one
+        trace per mode and condition, the no-knockout baseline as a dashed line)."""
+        from mechinterp.plots import knockout_curve
+
+        return knockout_curve(self.summary(value), value=value, title=title)
 
 
 def knockout_sweep(
@@ -93,7 +112,7 @@ def knockout_sweep(
                 heads=" ".join(str(h) for h in heads),
             )
         )
-    return pd.concat(frames, ignore_index=True)
+    return KnockoutSweep(pd.concat(frames, ignore_index=True))
 
 
 def summarise_sweep(df: pd.DataFrame, value: str = "correct") -> pd.DataFrame:

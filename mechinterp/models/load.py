@@ -205,11 +205,11 @@ def check_device(device: str, *, available: bool = True) -> None:
     if not available:
         return
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"device {device!r}: this machine has no CUDA GPU (use --device cpu)")
+        raise InputError(f"device {device!r}: this machine has no CUDA GPU (use device cpu)")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise InputError(f"device {device!r}: this machine has {torch.cuda.device_count()} GPU(s)")
     if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise InputError(f"device {device!r}: MPS is not available here (use --device cpu)")
+        raise InputError(f"device {device!r}: MPS is not available here (use device cpu)")
 
 
 def boot_bridge(

@@ -1,7 +1,7 @@
 """The extension pipeline's analysis, claims report and figures, from its stored tables only.
 
 analyse(run_dir)    # detect_scores, heads.csv, recall.csv, correlation.json, cross_summary.csv,
-                    # knockout_summary.csv, claims.csv, report.md, figures/*
+                    # knockout_summary.csv, claims.csv, report.md, report.html, figures/*
 
 Claims (each row: an effect, a cluster-robust t interval (`analysis.stats`), a verdict as in
 `study.claims.verdict`):
@@ -41,6 +41,7 @@ from mechinterp.experiments.extension.config import (
     performance_metric,
 )
 from mechinterp.experiments.extension.heads import compare_heads, head_sets, model_scores
+from mechinterp.experiments.html_report import write_html
 from mechinterp.experiments.study.claims import (
     BASELINES,
     _row,
@@ -60,6 +61,9 @@ CLAIMS = {
     "heads",
     "necessary": "Each model's own top-k heads matter more than k random heads (knockout)",
 }
+#: report.html's lead paragraph (report.md has the full text).
+HTML_INTRO = ("Computed from the tables in this directory, as report.md (which has the full text "
+              "and the per-model table). Hover a figure for its values.")  # fmt: skip
 TABLES = ("losses", "eval", "detect_instances", "knockout", "cross", "lofit", "lofit_sweep",
           "lofit_localised")
 
@@ -426,12 +430,21 @@ def _inter_rows(cross: pd.DataFrame | None, c, boot, performance=("f1", "F1")) -
 def draw_figures(run_dir: str | Path, *, png: bool = True) -> list[Path]:
     """recall_vs_performance, cross_patching, head_overlap and knockout_by_model under
     `figures/`, from the tables and `heads.csv` / `correlation.json` / the summaries."""
+    run_dir = Path(run_dir)
+    formats = ("html", "png") if png else ("html",)
+    written = []
+    for name, fig in build_figures(run_dir).items():
+        written += store.write_figure(fig, run_dir / "figures" / name, formats=formats)
+    return written
+
+
+def build_figures(run_dir: str | Path) -> dict:
+    """The figures `draw_figures` writes, by name (plotly figures; nothing written)."""
     from mechinterp import plots
 
     run_dir = Path(run_dir)
     config = read_config(run_dir)
     model = Path(config.model.name).name
-    formats = ("html", "png") if png else ("html",)
     heads = pd.read_csv(run_dir / "heads.csv", keep_default_na=False, na_values=[""])
     corr = json.loads((run_dir / "correlation.json").read_text()) or None
     figs = {}
@@ -464,10 +477,7 @@ def draw_figures(run_dir: str | Path, *, png: bool = True) -> list[Path]:
             ko, title=f"{model} · {config.task}: knockout of each model's own heads "
             f"({ko['mode'].iloc[0]}, {int(config.claims.level * 100)}% CI)",
         )  # fmt: skip
-    written = []
-    for name, fig in figs.items():
-        written += store.write_figure(fig, run_dir / "figures" / name, formats=formats)
-    return written
+    return figs
 
 
 # ---------------------------------------------------------------- the whole analysis
@@ -610,4 +620,8 @@ def write_report(run_dir: Path, tables, heads, claims, config) -> Path:
               f"{1 - config.claims.level:.2f} and the estimate reaches the minimum. Its bootstrap "
               "CI (resampling variants) is shown, but it is not a verdict at this N and it "
               "collapses to a point at ρ = 1."]  # fmt: skip
-    return store.write_text(run_dir / "report.md", "\n".join(lines) + "\n")
+    path = store.write_text(run_dir / "report.md", "\n".join(lines) + "\n")
+    write_html(run_dir, title=lines[0].removeprefix("# "), headline=verdicts, claims=claims,
+               figures=build_figures(run_dir), fmt=_fmt, intro=HTML_INTRO,
+               extra_provenance={"config hash": store.config_hash(config)})  # fmt: skip
+    return path

@@ -3,7 +3,8 @@ over them (the paper studies MDQA, multi-hop QA and citation together).
 
     config.tasks = (TaskRun("mdqa", lofit=True), TaskRun("multihop", n_docs=4), ...)
     run_tasks(config)        # <run>/<task>/ is a whole extension run per task (its own report)
-    analyse_tasks(run_dir)   # pooled.csv, correlation.json, claims.csv, report.md, figures/*
+    analyse_tasks(run_dir)   # pooled.csv, correlation.json, claims.csv, report.md, report.html,
+                             # figures/*
 
 The pooled correlation is computed *within* tasks: recall and performance are ranked and centred
 per task, then correlated (`analysis.stats.stratified_correlation`), and its permutation test
@@ -23,8 +24,15 @@ import pandas as pd
 
 from mechinterp import store
 from mechinterp.errors import InputError
-from mechinterp.experiments.extension.report import analyse, lofit_lines, metric_of, read_tables
+from mechinterp.experiments.extension.report import (
+    HTML_INTRO,
+    analyse,
+    lofit_lines,
+    metric_of,
+    read_tables,
+)
 from mechinterp.experiments.extension.report import read_config as read
+from mechinterp.experiments.html_report import write_html
 from mechinterp.experiments.study.claims import _row, headline, table_lines
 
 CLAIMS = {
@@ -130,6 +138,13 @@ def compute_claims(corr: dict, config) -> pd.DataFrame:
 
 def draw_figures(run_dir: str | Path, *, png: bool = True) -> list[Path]:
     """`recall_by_task`: recall vs performance per task (one panel each), from `pooled.csv`."""
+    formats = ("html", "png") if png else ("html",)
+    (fig,) = build_figures(run_dir).values()
+    return store.write_figure(fig, Path(run_dir) / "figures" / "recall_by_task", formats=formats)
+
+
+def build_figures(run_dir: str | Path) -> dict:
+    """The figure `draw_figures` writes, by name (a plotly figure; nothing written)."""
     from mechinterp import plots
 
     run_dir = Path(run_dir)
@@ -140,8 +155,7 @@ def draw_figures(run_dir: str | Path, *, png: bool = True) -> list[Path]:
         pooled, correlations=corr["per_task"], pooled_correlation=corr["pooled_within_task"],
         title=f"{Path(config.model.name).name}: head recall vs performance per task",
     )  # fmt: skip
-    formats = ("html", "png") if png else ("html",)
-    return store.write_figure(fig, run_dir / "figures" / "recall_by_task", formats=formats)
+    return {"recall_by_task": fig}
 
 
 def analyse_tasks(
@@ -238,4 +252,10 @@ def write_report(run_dir: Path, pooled, corr, claims, config) -> Path:
               "inconclusive.",
               "- Per-task and naive pooled rows are secondary: at 4 variants a task alone cannot "
               "reach p ≤ 0.05 (its smallest exact p is 2/24 = 0.083)."]  # fmt: skip
-    return store.write_text(run_dir / "report.md", "\n".join(lines) + "\n")
+    path = store.write_text(run_dir / "report.md", "\n".join(lines) + "\n")
+    write_html(run_dir, title=lines[0].removeprefix("# "), headline=headline(claims, CLAIMS),
+               claims=claims, figures=build_figures(run_dir), fmt=_fmt, attention=False,
+               intro="Pooled over the tasks; each task's directory has its own report.html. "
+               + HTML_INTRO,
+               extra_provenance={"config hash": store.config_hash(config)})  # fmt: skip
+    return path

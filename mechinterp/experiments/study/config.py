@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from mechinterp.config import EMPTY_SKIPS
 from mechinterp.errors import InputError
-from mechinterp.experiments.specs import ModelSpec
+from mechinterp.experiments.specs import DEVICE_ALIASES, MODEL_ALIASES, ModelSpec
 
 #: Bump when the study's tables change meaning; a run directory written by another version is
 #: refused rather than mixed with new shards.
@@ -27,10 +27,16 @@ class NiahSpec:
     """A NIAH grid: needle indices (into `mechinterp.tasks.niah.NEEDLES`) × lengths × depths."""
 
     needles: tuple[int, ...] = (0, 1, 3, 11, 15)
+    """NIAH needles, indices into `mechinterp.tasks.niah.NEEDLES` (0-15), comma-separated; the
+    intervals resample needles (examples sharing one form a cluster)"""
     lengths: tuple[int, ...] = (256, 512, 1024)
+    """NIAH context lengths in tokens (>= 64, within the model's context window), comma-separated"""
     depths: tuple[float, ...] = (0.2, 0.8)
+    """NIAH needle depths in [0, 1] (0: the context's start, 1: its end), comma-separated"""
     haystack: Literal["essays", "filler"] = "essays"
+    """NIAH haystack: Paul Graham essays, or repetitive filler"""
     seed: int = 0
+    """seed of the haystacks (each (needle, length) starts at a seeded essay)"""
 
     def __post_init__(self) -> None:
         from mechinterp.tasks.niah import NEEDLES
@@ -48,9 +54,14 @@ class MdqaSpec:
     """Synthetic multi-document QA (one gold document among `n_docs`); `n = 0` leaves it out."""
 
     n: int = 12
+    """synthetic MDQA examples (0: NIAH only)"""
     n_docs: int = 3
+    """documents per MDQA example, one of them gold"""
     variant: str = "templated-high"
+    """synthetic MDQA variant (needle realism-haystack diversity): realistic-high|realistic-low|
+    templated-high|templated-low|symbolic"""
     seed: int = 1
+    """seed of the MDQA examples"""
 
     def __post_init__(self) -> None:
         from mechinterp.experiments.specs import parse_variant
@@ -67,11 +78,19 @@ class DetectStage:
 
     niah: NiahSpec = field(default_factory=NiahSpec)
     threshold: float = 0.1
+    """retrieval heads score above this, in [0, 1) (Wu's rule); the sparsity claim always uses
+    it, even when top_k picks the heads"""
     top_k: int | None = None
+    """take the k best-scoring heads as the retrieval heads instead (none: score > threshold)"""
     convention: Literal["set", "per_step"] = "set"
-    gate: float | None = 0.5  # ROUGE-1 recall an instance needs to count (None: every one)
+    """retrieval score: count each needle token once (set, the paper) or every copying step
+    (per_step, Wu's reference code)"""
+    gate: float | None = 0.5
+    """ROUGE-1 recall of the answer an instance needs (above this) to count (none: every one)"""
     max_new_tokens: int = 24
+    """tokens to generate greedily per detection instance"""
     batch_size: int = 4
+    """detection instances per forward"""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.threshold < 1.0:
@@ -106,16 +125,29 @@ class KnockoutStage:
     )
     mdqa: MdqaSpec = field(default_factory=MdqaSpec)
     ks: tuple[int, ...] = (1, 2, 5, 10, 20)
+    """numbers of heads to knock out (the top k, and k random heads outside the top max(ks)),
+    comma-separated"""
     seeds: tuple[int, ...] = tuple(range(10))
+    """seeds of the random baseline: one draw per seed, k and draw kind, comma-separated (the
+    intervals resample the draws)"""
     modes: tuple[Literal["zero", "uniform_attention"], ...] = ("zero", "uniform_attention")
-    # Random baselines: layer-matched (the top-k's per-layer counts; condition `random`, what the
-    # verdict rests on) and uniform over layers (`random_uniform`, reported beside it).
+    """how a head is knocked out, comma-separated: zero its output, or uniform_attention (it
+    attends uniformly to every key it sees)"""
     draws: tuple[Literal["layer_matched", "uniform"], ...] = ("layer_matched", "uniform")
+    """random baselines, comma-separated, layer_matched first: the top-k's per-layer counts
+    (condition `random`, what the verdict rests on), then uniform over layers (`random_uniform`)"""
     scope: KnockoutScope = "response"
+    """positions heads are knocked out and patched at: response (prompt's last position on),
+    query (also the question and template after the context), all (every one; slowest)"""
     target: Literal["response", "gold"] = "response"
+    """what is teacher-forced: the model's own clean response, or the gold answer right after
+    the prompt (for models that answer tersely or never answer)"""
     max_new_tokens: int = 32
+    """tokens of each greedy clean response (and of the robustness stage's free generation)"""
     batch_size: int = 4
+    """examples per forward while generating the clean responses"""
     examples_per_shard: int = 6
+    """examples per unit of work (finished shards are kept across kills and reruns)"""
 
     def __post_init__(self) -> None:
         if not self.ks or min(self.ks) < 1:
@@ -150,10 +182,17 @@ class RobustnessStage:
 
     scopes: tuple[KnockoutScope, ...] = field(default=("response", "query", "all"),
                                               metadata=EMPTY_SKIPS)  # fmt: skip
+    """knockout scopes to teacher-force the claim's conditions under, comma-separated
+    (knockout.scope's rows are step 2's own; empty: none)"""
     generate: bool = True
-    modes: tuple[Literal["zero", "uniform_attention"], ...] | None = None  # None: knockout's first
-    seeds: tuple[int, ...] | None = None  # None: the first 3 of knockout.seeds
+    """also judge by free greedy generation under knockout.scope (retrieved: the answer occurs
+    in the generated text)"""
+    modes: tuple[Literal["zero", "uniform_attention"], ...] | None = None
+    """knockout modes, comma-separated, among knockout.modes (none: the first of knockout.modes)"""
+    seeds: tuple[int, ...] | None = None
+    """random draws' seeds, comma-separated, among knockout.seeds (none: its first 3)"""
     examples_per_shard: int = 6
+    """examples per unit of work (finished shards are kept across kills and reruns)"""
 
     def __post_init__(self) -> None:
         if self.seeds == () or self.modes == ():
@@ -173,9 +212,16 @@ class PatchStage:
     of the same size are also patched jointly."""
 
     n_pairs: int = 12
+    """clean/corrupt pairs: held-out NIAH examples the model answered, spread over lengths ×
+    depths and needles (the attribution and path stages reuse them)"""
     seeds: tuple[int, ...] = tuple(range(10))
+    """seeds of the layer-matched random head sets (the retrieval set's size, one per seed,
+    patched jointly beside it), comma-separated"""
     max_tries: int = 4
+    """answer tokens of the needle tried in turn until replacing one flips the model's
+    preference"""
     batch_size: int = 32
+    """patched runs per forward (path patching's too)"""
 
     def __post_init__(self) -> None:
         if self.n_pairs < 0:
@@ -189,6 +235,7 @@ class AttributionStage:
     screen ranks the heads)."""
 
     enabled: bool = True
+    """run AtP and AtP* of every head's output on the patch stage's pairs"""
 
 
 @dataclass(frozen=True)
@@ -204,9 +251,15 @@ class PathsStage:
     needle are written). Empty `inputs` skips it."""
 
     inputs: tuple[Literal["q", "k", "v"], ...] = field(default=("q", "k"), metadata=EMPTY_SKIPS)
+    """receiver inputs the senders are patched into, comma-separated: q (queries), k (keys),
+    v (values); empty: skip the stage"""
     receivers: int = 10
+    """number of best-scoring retrieval heads that receive the paths"""
     via_mlps: bool = True
-    scope: KnockoutScope | None = None  # where senders are patched (None: knockout.scope)
+    """the MLPs in between recompute (the senders' effect through them counts)"""
+    scope: KnockoutScope | None = None
+    """positions the senders are patched at (none: knockout.scope; all: from the first corrupted
+    token on)"""
 
     def __post_init__(self) -> None:
         if self.receivers < 1:
@@ -224,11 +277,16 @@ class ClaimSettings:
     null); not supported: its upper end lies below the minimum effect; inconclusive: anything
     else, and always when the interval rests on fewer than 5 clusters."""
 
-    k: int = 10  # the knockout k the necessity claim judges
-    max_share: float = 0.10  # "sparse": the share of heads above the threshold stays below this
-    min_drop: float = 0.20  # "necessary": random-k minus top-k answers retrieved, at least
-    min_recovery: float = 0.50  # "sufficient": joint recovery, Σ recovered / Σ gap, at least
-    level: float = 0.95  # the intervals' coverage
+    k: int = 10
+    """the knockout k the necessity claim judges (one of knockout.ks)"""
+    max_share: float = 0.10
+    """sparse: the share of heads scoring above detect.threshold stays below this"""
+    min_drop: float = 0.20
+    """necessary: share of answers retrieved under random-k minus under top-k, at least this"""
+    min_recovery: float = 0.50
+    """sufficient: the retrieval heads' joint recovery, Σ recovered / Σ gap, at least this"""
+    level: float = 0.95
+    """confidence level of every interval in the claims (0.95: 95 % intervals)"""
 
     def __post_init__(self) -> None:
         if not 0 < self.level < 1:
@@ -246,6 +304,8 @@ class StudyConfig:
     """Detect → knock out (and check where it holds) → patch (screen with AtP*, trace the paths
     into the retrieval heads) → judge the claims."""
 
+    FLAG_ALIASES: ClassVar[dict[str, str]] = {**MODEL_ALIASES, **DEVICE_ALIASES}
+
     model: ModelSpec = field(default_factory=ModelSpec)
     detect: DetectStage = field(default_factory=DetectStage)
     knockout: KnockoutStage = field(default_factory=KnockoutStage)
@@ -255,7 +315,9 @@ class StudyConfig:
     paths: PathsStage = field(default_factory=PathsStage)
     claims: ClaimSettings = field(default_factory=ClaimSettings)
     template: Literal["chat", "plain"] | None = None
+    """prompt template (none: chat when the tokenizer has one)"""
     version: int = field(default=STUDY_VERSION, metadata={"flag": False})
+    """the study version this config is for (a config of another version is refused)"""
 
     def __post_init__(self) -> None:
         if self.version != STUDY_VERSION:

@@ -277,9 +277,12 @@ def _fmt(x: float, unit: str) -> str:
     )
 
 
-def write_report(run_dir: str | Path) -> Path:
-    """Compute the claims from the stored tables; write `claims.csv`, `claims_headline.csv` and
-    `report.md` (which embeds the figures under `figures/`)."""
+def write_report(run_dir: str | Path, *, model=None) -> Path:
+    """Compute the claims from the stored tables; write `claims.csv`, `claims_headline.csv`,
+    `report.md` (which embeds the figures under `figures/`) and `report.html` (one offline page:
+    verdicts, interactive figures, the attention example, provenance). With `model` (the
+    study's own, at its end) the attention example is computed first and stored as
+    `attention_example.csv`; without one the page draws the stored table, if any."""
     run_dir = Path(run_dir)
     config, tables = read_config(run_dir), read_tables(run_dir)
     claims = compute_claims(tables, config)
@@ -354,7 +357,28 @@ def write_report(run_dir: str | Path) -> Path:
               f"(0, {config.claims.max_share:.0%}).",
               "- A claim's verdict combines its primary rows: supported if all are, not "
               "supported if all are, else inconclusive."]  # fmt: skip
-    return store.write_text(run_dir / "report.md", "\n".join(lines) + "\n")
+    path = store.write_text(run_dir / "report.md", "\n".join(lines) + "\n")
+    _write_html(run_dir, config, tables, claims, heads, model)
+    return path
+
+
+def _write_html(run_dir: Path, config, tables, claims, heads, model) -> Path:
+    """report.html: the verdicts, the figures of `FIGURES` (drawn again from the tables), the
+    attention example (computed first when `model` is given) and the provenance."""
+    from mechinterp.experiments import html_report
+
+    if model is not None:
+        html_report.write_attention_example(run_dir, model, config, tables)
+    name = Path(config.model.name).name
+    figures = {key: draw(tables, config, name) for key, draw in FIGURES.items()}
+    return html_report.write_html(
+        run_dir, title=f"Retrieval heads in {name}: necessity and sufficiency", headline=heads,
+        claims=claims, figures=figures, fmt=_fmt,
+        intro="Computed from the tables in this directory, as report.md (which has the full "
+        f"text); intervals are {int(config.claims.level * 100)}% cluster-robust t intervals. "
+        "Hover a figure for its values.",
+        extra_provenance={"config hash": store.config_hash(config)},
+    )  # fmt: skip
 
 
 def _sparse_text(tables, config) -> list[str]:

@@ -49,7 +49,7 @@ def run_study(config: StudyConfig, root: str | Path = "runs", *, model=None, **o
         _run(config, out, model, shape, stats, timings, t_start, opts)
         if opts.png is not None:
             draw_figures(out, png=opts.png)
-        write_report(out)
+        write_report(out, model=model)
     return out
 
 

@@ -305,12 +305,12 @@ def knockout_shards(
     conds = knockout_conditions(
         ranked, shape, ks=stage.ks, seeds=stage.seeds, modes=stage.modes, draws=stage.draws
     )
-    return _answered_shards("knockout", knockout_shard, examples, base, stage.examples_per_shard,
-                            conditions=conds, scope=stage.scope, template=template)  # fmt: skip
+    return answered_shards("knockout", knockout_shard, examples, base, stage.examples_per_shard,
+                           conditions=conds, scope=stage.scope, template=template)  # fmt: skip
 
 
-def _answered_shards(stage: str, fn, examples: list[Example], base: pd.DataFrame, size: int,
-                     **args) -> list[Shard]:  # fmt: skip
+def answered_shards(stage: str, fn, examples: list[Example], base: pd.DataFrame, size: int,
+                    **args) -> list[Shard]:  # fmt: skip
     """One shard per (task, chunk) of the examples whose clean response holds the answer, with
     each example's clean response to teacher-force, and `args`."""
     out = []
@@ -396,7 +396,7 @@ def robustness_shards(
     scopes = [sc for sc in stage.scopes if sc != knockout.scope]
     if not scopes and not stage.generate:
         return []
-    return _answered_shards(
+    return answered_shards(
         "robustness", robustness_shard, examples, base, stage.examples_per_shard,
         conditions=conds, scopes=scopes, max_new_tokens=knockout.max_new_tokens,
         generate_scope=knockout.scope if stage.generate else None, template=config.template,
