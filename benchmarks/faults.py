@@ -93,7 +93,7 @@ class Ctx:
         return copy
 
     def eval_args(self, *extra: str) -> list[str]:
-        return ["eval", "--model", self.model, "--task", "mdqa", "--n", "2", "--n-docs", "2",
+        return ["eval", "--model", self.model, "--task", "mdqa", "--task.n", "2", "--task.n-docs", "2",
                 "--max-new-tokens", "2", *extra]  # fmt: skip
 
 
@@ -266,7 +266,7 @@ def _cli_cases() -> list[Case]:
         ("patch-direction", m("patch", "--direction", "sideways"), "direction: expected one of"),
         ("patch-batch-0", m("patch", "--batch-size", "0"), "batch_size must be >= 1"),
         ("patch-donor-flag", lambda c: ["patch", "--model", c.model, "--donor", c.donor],
-         "unrecognized arguments: --donor"),
+         "unrecognized flag --donor"),
         ("cross-no-heads", lambda c: ["cross-patch", "--model", c.model, "--donor", c.donor],
          "needs heads"),
         ("cross-donor-table-only", lambda c: ["cross-patch", "--model", c.model, "--donor",
@@ -279,11 +279,11 @@ def _cli_cases() -> list[Case]:
                                            "--heads", "L0H0"], "differ in shape"),
         ("cross-donor-unknown", lambda c: ["cross-patch", "--model", c.model, "--donor",
                                            "gpt-17", "--heads", "L0H0"], "unknown model"),
-        ("study-claims-k", lambda c: ["study", "--config", str(c.study_yaml), "--ks", "1,4"],
+        ("study-claims-k", lambda c: ["study", "--config", str(c.study_yaml), "--knockout.ks", "1,4"],
          "claims.k=2 must be one of knockout.ks"),
-        ("study-ks-exceed", lambda c: ["study", "--config", str(c.study_yaml), "--ks", "2,500"],
+        ("study-ks-exceed", lambda c: ["study", "--config", str(c.study_yaml), "--knockout.ks", "2,500"],
          "knockout.ks goes up to 500 but the model has 8 heads"),
-        ("study-threshold-neg", lambda c: ["study", "--config", str(c.study_yaml), "--threshold",
+        ("study-threshold-neg", lambda c: ["study", "--config", str(c.study_yaml), "--detect.threshold",
                                            "-0.1"], "threshold must lie in [0, 1)"),
         ("study-lengths-short", lambda c: ["study", "--config", str(c.study_yaml),
                                            "--detect.niah.lengths", "32"],
@@ -903,7 +903,7 @@ def _model_retrained(ctx: Ctx) -> tuple[str, str]:
     folder = ctx.tmp()
     model = folder / "m"
     tiny_model(n_kv_heads=2, directory=model)
-    argv = ["eval", "--model", str(model), "--task", "mdqa", "--n", "2", "--n-docs", "2",
+    argv = ["eval", "--model", str(model), "--task", "mdqa", "--task.n", "2", "--task.n-docs", "2",
             "--max-new-tokens", "3", "--no-png", "--root", str(folder / "runs")]  # fmt: skip
     cli_call(argv)
     shutil.rmtree(model)
