@@ -93,8 +93,8 @@ class Ctx:
         return copy
 
     def eval_args(self, *extra: str) -> list[str]:
-        return ["eval", "--model", self.model, "--task", "mdqa", "--task.n", "2", "--task.n-docs", "2",
-                "--max-new-tokens", "2", *extra]  # fmt: skip
+        return ["eval", "--model", self.model, "--task", "mdqa", "--task.n", "2",
+                "--task.n-docs", "2", "--max-new-tokens", "2", *extra]  # fmt: skip
 
 
 STUDY_YAML = """\
@@ -279,12 +279,15 @@ def _cli_cases() -> list[Case]:
                                            "--heads", "L0H0"], "differ in shape"),
         ("cross-donor-unknown", lambda c: ["cross-patch", "--model", c.model, "--donor",
                                            "gpt-17", "--heads", "L0H0"], "unknown model"),
-        ("study-claims-k", lambda c: ["study", "--config", str(c.study_yaml), "--knockout.ks", "1,4"],
+        ("study-claims-k", lambda c: ["study", "--config", str(c.study_yaml), "--knockout.ks",
+                                      "1,4"],
          "claims.k=2 must be one of knockout.ks"),
-        ("study-ks-exceed", lambda c: ["study", "--config", str(c.study_yaml), "--knockout.ks", "2,500"],
+        ("study-ks-exceed", lambda c: ["study", "--config", str(c.study_yaml), "--knockout.ks",
+                                       "2,500"],
          "knockout.ks goes up to 500 but the model has 8 heads"),
-        ("study-threshold-neg", lambda c: ["study", "--config", str(c.study_yaml), "--detect.threshold",
-                                           "-0.1"], "threshold must lie in [0, 1)"),
+        ("study-threshold-neg", lambda c: ["study", "--config", str(c.study_yaml),
+                                           "--detect.threshold", "-0.1"],
+         "threshold must lie in [0, 1)"),
         ("study-lengths-short", lambda c: ["study", "--config", str(c.study_yaml),
                                            "--detect.niah.lengths", "32"],
          "lengths must be token counts >= 64"),
@@ -374,9 +377,10 @@ def _cli_cases() -> list[Case]:
         ("data-before-model", lambda c: ["eval", "--model", "/nonexistent-model", "--task",
                                          "mdqa", "--data", _data(c, "mdqa", "")[-3]],
          "no records"),
-        ("plan-budget-negative", lambda c: ["plan", "--budget-gib", "-1"],
+        ("plan-budget-negative", lambda c: ["plan", "study", "--budget-gib", "-1"],
          "positive number of GiB"),
-        ("plan-budget-nan", lambda c: ["plan", "--budget-gib", "nan"], "positive number of GiB"),
+        ("plan-budget-nan", lambda c: ["plan", "study", "--budget-gib", "nan"],
+         "positive number of GiB"),
     ]
     cases = [Case(f"cli/{name}", name, refuses(argv, phrase, root=not name.startswith("plan")))
              for name, argv, phrase in rows]  # fmt: skip

@@ -24,26 +24,26 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 def check(run: Path) -> list[dict]:
     from mechinterp.config import from_dict
-    from mechinterp.experiments.detect import DetectConfig
-    from mechinterp.experiments.plan import plan
-    from mechinterp.experiments.study import StudyConfig
+    from mechinterp.experiments.plan import plan, planners
 
     config = json.loads((run / "config.json").read_text())
     prov_path = run / "provenance.json"
     prov = json.loads(prov_path.read_text()) if prov_path.is_file() else {}
-    is_detect = prov.get("command") == "detect"
-    cls = DetectConfig if is_detect else StudyConfig
+    kind = prov.get("command") or ("extension" if "variants" in config else "study")
+    cls = planners()[kind][0]
     cfg = from_dict(cls, {k: v for k, v in config.items() if k != "mechinterp"})
     rows, shape, _ = plan(cfg, budget_gib=1e6)
     records = [json.loads(p.read_text()) for p in sorted((run / "shards").rglob("*.json"))]
     out = []
     for r in rows:
-        mine = [x for x in records if x["name"].split("/")[0] == r.stage
-                or (is_detect and x["name"].split("/")[0] in ("retrieval", "qr", "detect"))]
+        # a stage's shards: named after it (lofit_sweep/... is the lofit stage's), or for
+        # detect, after the detector
+        mine = [x for x in records if x["name"].split("/")[0].split("_")[0] == r.stage
+                or (kind == "detect" and x["name"].split("/")[0] in ("retrieval", "qr"))]
         peaks = [x.get("peak_rss_mib") for x in mine if x.get("peak_rss_mib") is not None]
         out.append({
-            "run": run.name, "stage": r.stage, "largest_forward": r.largest,
-            "predicted_peak_gib": r.peak_gib,
+            "run": f"{run.parent.name}/{run.name}", "kind": kind, "stage": r.stage,
+            "largest_forward": r.largest, "predicted_peak_gib": r.peak_gib,
             "measured_peak_gib": round(max(peaks) / 1024, 2) if peaks else None,
             "peak_error": round(r.peak_gib / (max(peaks) / 1024) - 1, 3) if peaks else None,
             "predicted_minutes": r.minutes,

@@ -121,8 +121,9 @@ def _parser() -> argparse.ArgumentParser:
     _experiment(kinds, "extension", ExtensionConfig, "fine-tune on task variants and compare "
                 "their heads (experiments/extension-mini.yaml)", run_extension,
                 single=False)  # fmt: skip
-    p = sub.add_parser("plan", help="predicted peak memory and time of each stage of a study (or "
-                       "detect) config, before running it; exit 2 when a stage cannot fit")
+    p = sub.add_parser("plan", help="predicted peak memory and time of each stage of any "
+                       "command, the study or the extension, before running it (`plan study "
+                       "--config FILE`); exit 2 when a stage cannot fit")  # fmt: skip
     plan_arguments(p)
     for name, fn, what in (("figures", cmd_figures, "redraw a run directory's figures"),
                            ("report", cmd_report, "recompute a study's claims and report.md")):

@@ -54,6 +54,6 @@ def on_purpose(e: BaseException) -> bool:
 def crash_hint(e: BaseException) -> str:
     """What to try after a crash, where the kind of crash says (out of memory); else ""."""
     if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
-        return (" Out of memory: `mechinterp plan --config ...` predicts each stage's peak; lower "
-                "the batch size or the lengths, or run on a larger machine.")  # fmt: skip
+        return (" Out of memory: `mechinterp plan COMMAND ...` predicts each stage's peak; "
+                "lower the batch size or the lengths, or run on a larger machine.")  # fmt: skip
     return ""

@@ -198,8 +198,9 @@ def test_wrap_breaks_long_names_at_spaces():
     assert wrap("symbolic", 16) == "symbolic"
 
 
-def test_cross_intervals_script_adds_the_claims_kind_of_interval(tmp_path):
-    script = runpy.run_path(str(FIGURES / "cross_intervals.py"))
+def test_cross_summary_carries_the_claims_kind_of_interval():
+    from mechinterp.experiments.extension.report import cross_intervals, cross_summary
+
     rng = np.random.default_rng(0)
     rows = []
     for e in range(6):
@@ -209,16 +210,33 @@ def test_cross_intervals_script_adds_the_claims_kind_of_interval(tmp_path):
         for s in range(3):
             rows.append({"model_variant": "m", "condition": f"rand-s{s}", "example_id": f"e{e}",
                          "f1": 0.1 * s + 0.2 * rng.random()})
-    cross = pd.DataFrame(rows)
-    iv = script["intervals"](cross, "f1", 0.95).set_index("condition")
+    cross = pd.DataFrame(rows).assign(answer_logprob=-1.0, n_heads=4)
+    iv = cross_intervals(cross, "f1", 0.95).set_index("condition")
     means = cross.assign(c=cross["condition"].str.replace(r"-s\d", "", regex=True))
     for cond, g in means.groupby("c"):
         key = "rand-s0" if cond == "rand" else cond
         assert iv.loc[key, "f1_lo"] <= g["f1"].mean() <= iv.loc[key, "f1_hi"]
     assert iv.loc["rand-s0", "f1_lo"] == iv.loc["rand-s2", "f1_lo"]  # one Rand interval
     assert (iv[["f1_lo", "f1_hi"]] >= 0).all().all() and (iv["f1_hi"] <= 1).all()
-    # the script on a directory without the per-example table: exit 2, nothing written
-    assert script["main"]([str(tmp_path)]) == 2
+    summary = cross_summary(cross, "f1", 0.95).set_index("condition")
+    assert summary.loc["inter", "f1_lo"] == iv.loc["inter", "f1_lo"]
+    inter = summary.loc["inter"]
+    assert inter["f1_lo"] < inter["f1"] < inter["f1_hi"]
+
+
+def test_the_committed_cross_intervals_are_what_the_report_computes():
+    import json
+
+    from mechinterp.experiments.extension.config import performance_metric
+    from mechinterp.experiments.extension.report import cross_summary
+
+    for task in ("mdqa", "multihop", "citation"):
+        config = json.loads((EXT3 / task / "config.json").read_text())
+        metric = performance_metric(config["task"])
+        new = cross_summary(pd.read_parquet(EXT3 / task / "cross.parquet"), metric,
+                            config["claims"]["level"])  # fmt: skip
+        old = pd.read_csv(EXT3 / task / "cross_summary.csv")
+        pd.testing.assert_frame_equal(old, new[list(old.columns)], check_dtype=False, atol=1e-9)
 
 
 def test_extension_figures_script_draws_the_mini_run_from_its_summary_tables():
@@ -232,3 +250,32 @@ def test_extension_figures_script_draws_the_mini_run_from_its_summary_tables():
     assert figs["head_overlap"].layout.yaxis.title.text == "model A (row)"
     with pytest.raises(ValueError, match="not a model_variant"):
         script["figures"](MINI, model="m", task="mdqa", reference="nope", level=0.95)
+
+
+def test_recall_scatter_labels_keep_off_the_fit_line():
+    """The mini run's templated-high label sat on the least-squares line; no label may."""
+    script = runpy.run_path(str(FIGURES / "extension_figures.py"))
+    figs = script["figures"](MINI, model="smollm2-135m", task="mdqa",
+                             reference="realistic-high", level=0.95)  # fmt: skip
+    fig = figs["recall_vs_performance"]
+    line = next(t for t in fig.data if t.mode == "lines")
+    xr, yr = fig.layout.xaxis.range, fig.layout.yaxis.range
+    w, h = _plot_px(fig, "x"), _plot_px(fig, "y")
+
+    def px(x, y):
+        return (x - xr[0]) / (xr[1] - xr[0]) * w, (y - yr[0]) / (yr[1] - yr[0]) * h
+
+    samples = [px(line.x[0] + t * (line.x[1] - line.x[0]), line.y[0] + t * (line.y[1] - line.y[0]))
+               for t in np.linspace(0, 1, 200)]  # fmt: skip
+    labelled = 0
+    for t in fig.data:
+        if t.mode == "lines" or t.text is None:
+            continue
+        for x, y, text, pos in zip(t.x, t.y, t.text, t.textposition, strict=True):
+            cx, cy = px(x, y)
+            b = label_box(pos, text, 11, t.marker.size / 2 + 1)
+            box = (cx + b[0], cx + b[1], cy + b[2], cy + b[3])
+            labelled += 1
+            assert not any(box[0] < sx < box[1] and box[2] < sy < box[3] for sx, sy in samples), (
+                text, pos)
+    assert labelled == 5

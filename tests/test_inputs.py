@@ -317,3 +317,22 @@ def test_a_head_list_of_separators_only_names_no_head(written):
     with pytest.raises(ValueError, match="names no head"):
         KnockoutConfig(heads=(written,))
     assert parse_heads("") == ()  # nothing written: nothing selected
+
+
+def test_needle_ids_pick_the_studys_needles_by_index_and_refuse_bad_ones():
+    from mechinterp.errors import InputError
+    from mechinterp.experiments.specs import build_examples
+    from mechinterp.models.load import model_tokenizer
+    from mechinterp.tasks.niah import niah_grid
+
+    tok = model_tokenizer("smollm2-135m")
+    spec = TaskSpec(lengths=(300,), depths=(0.5,), needle_ids=(5, 2), seed=1)
+    mine = build_examples(spec, tok)
+    study = niah_grid(tok, lengths=[300], depths=[0.5], needles=[5, 2], seed=1)
+    assert [e.to_dict() for e in mine] == [e.to_dict() for e in study]
+    assert len(mine) == 2 and mine[0].to_dict() != build_examples(
+        TaskSpec(lengths=(300,), depths=(0.5,), needles=2, seed=1), tok)[0].to_dict()
+    with pytest.raises(InputError, match="indices into the 16 NIAH needles"):
+        TaskSpec(needle_ids=(16,))
+    with pytest.raises(InputError, match="repeat a needle"):
+        TaskSpec(needle_ids=(3, 3))

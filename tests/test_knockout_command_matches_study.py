@@ -23,7 +23,7 @@ from mechinterp.experiments.study.config import (
 )
 
 #: One study knockout row: k, mode and seed (both draws), on a NIAH grid and synthetic MDQA that a
-#: `TaskSpec` also describes (needles 0 and 1 are the first two; seed 1 differs from detection's).
+#: `TaskSpec` also describes (held-out needles 0 and 2 by index; seed 1 differs from detection's).
 ROW = {"ks": (2,), "seeds": (1,), "modes": ("uniform_attention",)}
 NIAH = {"lengths": (500,), "depths": (0.0, 1.0), "seed": 1}
 MDQA = {"n": 2, "n_docs": 2, "variant": "templated-high", "seed": 1}
@@ -37,7 +37,7 @@ def study(tiny_study_config, tmp_path_factory):
     from mechinterp.experiments.study import run_study
 
     base = tiny_study_config()
-    knockout = dataclasses.replace(base.knockout, niah=NiahSpec(needles=(0, 1), **NIAH),
+    knockout = dataclasses.replace(base.knockout, niah=NiahSpec(needles=(0, 2), **NIAH),
                                    mdqa=MdqaSpec(**MDQA), **ROW)  # fmt: skip
     config = tiny_study_config(
         knockout=knockout, claims=ClaimSettings(k=2),
@@ -67,7 +67,7 @@ def _rows(table: pd.DataFrame, task: str) -> pd.DataFrame:
     return part.sort_values(KEYS, na_position="first").reset_index(drop=True)
 
 
-TASKS = {"niah": TaskSpec(needles=2, **NIAH), "mdqa": TaskSpec(task="mdqa", **MDQA)}
+TASKS = {"niah": TaskSpec(needle_ids=(0, 2), **NIAH), "mdqa": TaskSpec(task="mdqa", **MDQA)}
 
 
 @pytest.mark.parametrize("task", list(TASKS))

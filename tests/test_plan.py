@@ -82,15 +82,16 @@ def test_the_cli_refuses_a_run_that_cannot_fit_and_names_the_knob(tiny_gqa, tmp_
     source = tiny_gqa.mechinterp_card.source
     config = tmp_path / "study.yaml"
     config.write_text(f"model:\n  name: {source}\npatch:\n  batch_size: 64\n")
-    assert main(["plan", "--config", str(config), "--budget-gib", "64"]) == 0
+    assert main(["plan", "study", "--config", str(config), "--budget-gib", "64"]) == 0
     out = capsys.readouterr().out
     assert "detect" in out and "patch" in out and "fits" in out
     rows, _, _ = plan(StudyConfig(model=ModelSpec(name=source)), budget_gib=64)
     smallest = min(r.peak_gib for r in rows)
-    assert main(["plan", "--config", str(config), "--budget-gib", str(smallest / 2)]) == 2
+    assert main(["plan", "study", "--config", str(config), "--budget-gib",
+                 str(smallest / 2)]) == 2  # fmt: skip
     err = capsys.readouterr().err
     assert "cannot fit" in err and "lower" in err
-    assert main(["plan", "--model", "/no/such/model"]) == 2
+    assert main(["plan", "study", "--model", "/no/such/model"]) == 2
     assert "error" in capsys.readouterr().err
 
 
@@ -102,8 +103,78 @@ def test_the_embedded_models_plan_for_the_long_study():
 
     config = config_from_flags(StudyConfig, "experiments/study-long.yaml", [], {})
     rows, shape, _ = plan(config, budget_gib=22)
+    assert shape.n_layers == 30
     assert shape.fused and all(r.fits for r in rows)
     eager = config_from_flags(StudyConfig, "experiments/study-long.yaml",
                               ["model.attention=eager"], {})  # fmt: skip
     assert not all(r.fits for r in plan(eager, budget_gib=22)[0])
     assert torch.tensor([r.peak_gib for r in rows]).max() < 10
+
+
+def test_every_command_the_study_and_the_extension_have_a_plan(tiny_gqa, capsys):
+    """`mechinterp plan KIND` takes the flags of the command it plans, for every command."""
+    from mechinterp.experiments import COMMANDS
+    from mechinterp.experiments.plan import planners
+
+    source = tiny_gqa.mechinterp_card.source
+    assert set(planners()) == {*COMMANDS, "study", "extension"}
+    needs = {"knockout": ["--heads", "L0H0,L0H1,L1H0,L1H1", "--ks", "1,2"],
+             "cross-patch": ["--heads", "L1H0", "--donor", source],
+             "path-patch": ["--heads", "L1H0"],
+             "extension": ["--n-train", "4", "--detect.niah.lengths", "512", "--n-docs", "2",
+                           "--doc-words", "20"],
+             "study": ["--detect.niah.lengths", "512", "--knockout.niah.lengths", "512"]}
+    mdqa = ["--task", "mdqa", "--task.n", "2", "--task.n-docs", "2"]
+    for kind in planners():
+        flags = needs.get(kind, []) + (mdqa if kind in COMMANDS else [])
+        argv = ["plan", kind, "--model", source, *flags, "--budget-gib", "64"]
+        assert main(argv) == 0, (kind, capsys.readouterr().err)
+        assert "fits" in capsys.readouterr().out
+    assert main(["plan", "study", "--scope", "all"]) == 2  # the study's flag is dotted
+    assert "did you mean --knockout.scope or --paths.scope?" in capsys.readouterr().err
+
+
+def test_a_command_is_planned_at_the_lengths_its_prompts_render_to(tiny_gqa):
+    """The planned lengths are the prompts the run builds with the bridge's own tokenizer
+    (the plan reads the tokenizer from disk, without the weights)."""
+    from mechinterp.evaluate import render_all
+    from mechinterp.experiments.plan_commands import prompt_lengths
+    from mechinterp.experiments.specs import TaskSpec, build_examples
+
+    spec = ModelSpec(name=tiny_gqa.mechinterp_card.source)
+    for task in (TaskSpec(task="niah", lengths=(320, 512), depths=(0.5,), needles=2),
+                 TaskSpec(task="mdqa", n=3, n_docs=2)):  # fmt: skip
+        prompts = render_all(tiny_gqa, build_examples(task, tiny_gqa.tokenizer))
+        assert prompt_lengths(task, spec, None, tiny_gqa.cfg.n_ctx) == [p.n_tokens for p in prompts]
+
+
+def test_the_knockout_command_plans_the_study_stage_it_runs(tiny_gqa):
+    """Same grid, same conditions: the command's knockout stage scores as many condition rows
+    per example as the study's."""
+    from mechinterp.experiments.knockout import KnockoutConfig
+    from mechinterp.experiments.plan_commands import knockout_plan
+    from mechinterp.experiments.specs import TaskSpec
+
+    spec = ModelSpec(name=tiny_gqa.mechinterp_card.source)
+    shape = model_shape(spec)
+    k = StudyConfig().knockout
+    task = TaskSpec(task="niah", lengths=(320,), depths=(0.5,), needles=2)
+    config = KnockoutConfig(model=spec, task=task, heads=("L0H0", "L1H0", "L1H1"), ks=(1, 2),
+                            seeds=(0, 1, 2), modes=k.modes, draws=k.draws)  # fmt: skip
+    stages = {s.name: s for s in knockout_plan(config, shape)}
+    rows = sum(f.rows for f in stages["knockout"].forwards if f.cached)
+    assert rows == 2 * (1 + 2 * len(k.modes) * (1 + 3 * len(k.draws)))
+    base = StudyConfig()
+    study = {s.name: s for s in study_plan(dataclasses.replace(
+        base, knockout=dataclasses.replace(k, ks=(1, 2), seeds=(0, 1, 2)),
+        claims=dataclasses.replace(base.claims, k=2)), shape)}  # fmt: skip
+    per_example = sum(f.rows for f in study["knockout"].forwards if f.cached) / sum(
+        1 for f in study["knockout"].forwards if not f.cached)  # fmt: skip
+    assert per_example == rows / 2
+
+
+def test_a_training_step_keeps_every_layer_and_costs_more_than_its_forward(tiny_gqa):
+    shape = model_shape(ModelSpec(name=tiny_gqa.mechinterp_card.source))
+    f, step = Forward(rows=1, new=512, kept=512), Forward(rows=1, new=512, kept=512, backward=True)
+    assert step.peak_bytes(shape) > f.peak_bytes(shape) + shape.n_layers * 512 * 4
+    assert step.seconds(shape) > 2 * f.seconds(shape)

@@ -80,7 +80,10 @@ class TaskSpec:
     depths: tuple[float, ...] = (0.0, 0.5, 1.0)
     """NIAH needle depths in [0, 1], comma-separated"""
     needles: int = 4
-    """number of NIAH needles (1-8)"""
+    """number of NIAH needles, the first ones of `mechinterp.tasks.niah.NEEDLES` (1-16)"""
+    needle_ids: tuple[int, ...] = ()
+    """NIAH needles by index into `mechinterp.tasks.niah.NEEDLES` (0-15), comma-separated, as
+    the study's `niah.needles` names them (e.g. its held-out set); given, it replaces `needles`"""
     haystack: Haystack = "essays"
     """NIAH haystack: Paul Graham essays, or repetitive filler"""
     data: str | None = None
@@ -113,6 +116,11 @@ class TaskSpec:
 
         if not 1 <= self.needles <= len(NEEDLES):
             raise InputError(f"needles must lie in [1, {len(NEEDLES)}], got {self.needles}")
+        if any(not 0 <= i < len(NEEDLES) for i in self.needle_ids):
+            raise InputError(f"needle_ids are indices into the {len(NEEDLES)} NIAH needles "
+                             f"(0-{len(NEEDLES) - 1}), got {list(self.needle_ids)}")  # fmt: skip
+        if len(set(self.needle_ids)) != len(self.needle_ids):
+            raise InputError(f"needle_ids repeat a needle: {list(self.needle_ids)}; give each once")
         if not self.lengths or not self.depths:
             raise InputError("lengths and depths need at least one value each")
         if self.n < 1 or self.n_docs < 1:
@@ -201,7 +209,7 @@ def build_examples(task: TaskSpec, tokenizer) -> list[Example]:
             tokenizer,
             lengths=task.lengths,
             depths=task.depths,
-            needles=task.needles,
+            needles=list(task.needle_ids) or task.needles,
             haystack=task.haystack,
             seed=task.seed,
         )

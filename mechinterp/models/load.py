@@ -391,6 +391,22 @@ def model_config(name_or_path: str | os.PathLike = "smollm2-135m", *,
     base's), without reading any weights: for planning a run."""
     from transformers import AutoConfig
 
+    config = AutoConfig.from_pretrained(_planned_directory(name_or_path), local_files_only=True)
+    if rope_theta is not None:
+        _set_rope_theta(config, rope_theta)
+    return config
+
+
+def model_tokenizer(name_or_path: str | os.PathLike = "smollm2-135m"):
+    """The tokenizer `load_model(name_or_path)` would give the bridge, without its weights (a
+    LoRA checkpoint: its base's): for planning a run from its prompts' real lengths."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(_planned_directory(name_or_path), local_files_only=True)
+
+
+def _planned_directory(name_or_path: str | os.PathLike) -> Path:
+    """The HF directory whose config and tokenizer `load_model(name_or_path)` reads."""
     name = str(name_or_path)
     path = Path(name).expanduser()
     if path.is_dir() and (path / "adapter_config.json").is_file():
@@ -401,10 +417,7 @@ def model_config(name_or_path: str | os.PathLike = "smollm2-135m", *,
         directory, _, _ = _base_location(name, Path.cwd())
     if not (Path(directory) / "config.json").is_file():
         raise InputError(f"{directory} has no config.json: not an HF model directory")
-    config = AutoConfig.from_pretrained(directory, local_files_only=True)
-    if rope_theta is not None:
-        _set_rope_theta(config, rope_theta)
-    return config
+    return Path(directory)
 
 
 def _is_gguf(name: str) -> bool:

@@ -113,6 +113,11 @@ def recall_scatter(
     if correlation is not None:  # the annotation in the top-left corner
         w = CHAR_WIDTH * 13 * len(_correlation_text(correlation)) + 8
         box = ((0.0, w + 0.01 * plot_w, plot_h - 26, plot_h),)
+    if fit is not None:  # the fit line, as a chain of small boxes a label should not cover
+        for t in np.linspace(0.0, 1.0, 40):
+            lx = rest[x].min() + t * (rest[x].max() - rest[x].min())
+            cx, cy = (lx - x_range[0]) * sx, (np.polyval(fit, lx) - y_range[0]) * sy
+            box = (*box, (cx - 3, cx + 3, cy - 3, cy + 3))
     where = place_labels(points, texts, 11, plot_w, plot_h, obstacles=box)
     start = 0
     for part, name, marker in styles:

@@ -105,10 +105,10 @@ def metric_of(config) -> tuple[str, str]:
     return metric, "citation F1" if metric == "citation_f1" else "F1"
 
 
-def cross_summary(cross: pd.DataFrame, metric: str = "f1") -> pd.DataFrame:
+def cross_summary(cross: pd.DataFrame, metric: str = "f1", level: float = 0.95) -> pd.DataFrame:
     """Per (recipient variant, condition): mean `metric` and answer log-prob, the normalised
     recovery of each ((M − M_recipient) / (M_donor − M_recipient); NaN where the two tie),
-    heads, n."""
+    heads, n, and the mean's interval `<metric>_lo` / `<metric>_hi` (`cross_intervals`)."""
     from mechinterp.interventions.cross import summarise_cross
 
     frames = []
@@ -116,7 +116,32 @@ def cross_summary(cross: pd.DataFrame, metric: str = "f1") -> pd.DataFrame:
         s = summarise_cross(g, (metric, "answer_logprob"))
         s = s.assign(model_variant=v, n=g["example_id"].nunique())
         frames.append(s)
-    return pd.concat(frames, ignore_index=True)
+    return pd.concat(frames, ignore_index=True).merge(
+        cross_intervals(cross, metric, level), on=["model_variant", "condition"], how="left",
+        validate="1:1")  # fmt: skip
+
+
+def cross_intervals(cross: pd.DataFrame, metric: str, level: float) -> pd.DataFrame:
+    """Each cross-patching bar's interval, as the Inter-beats-Rand claim computes its own
+    (`cluster_mean` at the claims' level): for the recipient, Inter, Compl and the donor, over
+    the evaluation examples; for Rand, over examples × random draws, the draws crossed with the
+    examples (every `rand-s<seed>` row gets this one Rand interval). F1 scores are bounded to
+    [0, 1]. One row per (model_variant, condition)."""
+    bounds = None if metric == "answer_logprob" else (0.0, 1.0)
+    rows = []
+    for v, g in cross.groupby("model_variant", sort=False):
+        rand = g[g["condition"].str.startswith("rand-")]
+        wide = rand.pivot_table(index="example_id", columns="condition", values=metric,
+                                aggfunc="mean").dropna()  # fmt: skip
+        rand_iv = cluster_mean(wide.to_numpy(dtype=float), level=level, bounds=bounds)
+        for cond, part in g.groupby("condition", sort=False):
+            if cond.startswith("rand-"):
+                iv = rand_iv
+            else:
+                iv = cluster_mean(part[metric].to_numpy(dtype=float), level=level, bounds=bounds)
+            rows.append({"model_variant": v, "condition": cond, f"{metric}_lo": iv.low,
+                         f"{metric}_hi": iv.high})  # fmt: skip
+    return pd.DataFrame(rows)
 
 
 def knockout_table(knockout: pd.DataFrame, settings) -> pd.DataFrame:
@@ -492,7 +517,7 @@ def analyse(run_dir: str | Path, *, png: bool | None = True) -> Path:
     c = config.claims
     if len(tables.get("cross", ())):
         metric = metric_of(config)[0]
-        cs = cross_summary(tables["cross"], metric)
+        cs = cross_summary(tables["cross"], metric, c.level)
         store.write_table(cs, run_dir / "cross_summary.csv")
         inter = cs[cs["condition"] == "inter"].set_index("model_variant")
         heads["inter_f1_recovery"] = heads["model_variant"].map(inter[f"{metric}_recovery"])
