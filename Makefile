@@ -99,8 +99,8 @@ canary:
 # Redraw every committed figure under figures/ from the tables committed beside it (no model;
 # PNG export drives Chromium). Needs an installed venv only, so no `setup` prerequisite. The
 # extension-mini directory keeps summary tables only (figures/extension_figures.py draws it);
-# the 3-task run keeps its sealed tables, so `mechinterp figures` redraws it. HTML copies (each
-# embeds plotly.js, ~5 MB) are not kept.
+# the 3-task run and the headline study (figures/study) keep their sealed tables, so
+# `mechinterp figures` redraws them. HTML copies (each embeds plotly.js, ~5 MB) are not kept.
 EXT3 := figures/extension-3task-mini
 figures: chromium
 	@test -x $(BIN)/mechinterp || { echo "no $(BIN)/mechinterp: run make setup first"; exit 1; }
@@ -108,7 +108,8 @@ figures: chromium
 	  --model smollm2-135m --task mdqa --reference realistic-high
 	for t in mdqa multihop citation; do $(BIN)/mechinterp figures $(EXT3)/$$t || exit 1; done
 	$(BIN)/mechinterp figures $(EXT3)
-	find $(EXT3) -path '*/figures/*.html' -delete
+	$(BIN)/mechinterp figures figures/study
+	find $(EXT3) figures/study -path '*/figures/*.html' -delete
 
 lint: setup
 	$(BIN)/ruff check mechinterp tests benchmarks figures
