@@ -4,6 +4,15 @@ answer's first token is predicted), to each of the prompt's needles. Under an ad
 
     table = needle_mass(model, prompts, heads)   # example_id, layer, head, needle, mass
 
+Patching can move that mass back. `mass_restored` patches each head's own query (or its KV
+group's keys) from the clean prompt into the corrupt one and reads where the head then looks;
+`MassMetric` makes the heads' mass on a span a patching metric, so that path patching
+(`interventions.paths`) measures which upstream heads steer where the heads look:
+
+    metric = MassMetric(heads, span=clean.spans["needle"][0], n_tokens=clean.n_tokens)
+    with metric.reading(model):
+        res = path_patch(model, clean.input_ids, corrupt.input_ids, metric, receivers=heads)
+
 Only the last query row of each head's layer is computed (`models.attention.read_rows`): no
 T × T pattern, on the fused path too.
 """
@@ -11,6 +20,8 @@ T × T pattern, on the fused path too.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import contextmanager
+from functools import partial
 
 import pandas as pd
 import torch
@@ -18,6 +29,19 @@ import torch
 from mechinterp.errors import InputError
 from mechinterp.heads import Head
 from mechinterp.tasks.prompt import Prompt
+
+
+def _last_row(n_queries: int, n_keys: int) -> torch.Tensor:
+    return torch.tensor([n_queries - 1])
+
+
+def _span_mass(row: torch.Tensor, span: tuple[int, int], n_tokens: int) -> torch.Tensor:
+    """Mass of `row` [..., keys] on positions [start, end) of a sequence `n_tokens` long. The
+    keys are the sequence's last `keys` positions (a sliding-window cache keeps only those):
+    a position outside them is hidden from the row and carries no mass."""
+    keys = row.shape[-1]
+    s, e = (max(0, keys - n_tokens + p) for p in span)
+    return row[..., s:e].sum(-1)
 
 
 @torch.no_grad()
@@ -63,3 +87,121 @@ def needle_mass(
                                  "mass": float(row[off + s : off + e].sum()),
                                  "n_tokens": e - s})  # fmt: skip
     return pd.DataFrame(rows)
+
+
+class MassMetric:
+    """A patching metric read from attention instead of logits: per batch row, the mean over
+    `heads` of the mass the last position pays to tokens `span` = [start, end) of a sequence
+    `n_tokens` long (the clean and corrupt prompts of an aligned pair share it).
+
+    The rows are read by the forward that produced the logits, so the metric is called inside
+    `reading(model)`, right after that forward: path patching (`path_patch`,
+    `path_patch_inputs`) and `Prepared.of` enter it themselves when given this metric. Only
+    exact patching reads it; attribution patching refuses it (no gradient flows from a read
+    row to the logits)."""
+
+    def __init__(self, heads: Sequence[Head], span: tuple[int, int], n_tokens: int) -> None:
+        if not heads:
+            raise InputError("no heads given: name the heads whose attention the metric reads")
+        start, end = (int(x) for x in span)
+        if not 0 <= start < end <= n_tokens:
+            raise InputError(f"span {span} must lie inside the {n_tokens} tokens, start < end")
+        self.heads = list(heads)
+        self.span = (start, end)
+        self.n_tokens = int(n_tokens)
+        self._rows: dict[int, torch.Tensor] = {}
+
+    def _keep(self, pattern: torch.Tensor, layer: int) -> None:  # [batch, head, 1, keys]
+        self._rows[layer] = pattern[:, :, 0].float()
+
+    @contextmanager
+    def reading(self, model):
+        from mechinterp.models.attention import RowReader, read_rows
+
+        layers = sorted({h.layer for h in self.heads})
+        readers = {la: RowReader(_last_row, partial(self._keep, layer=la)) for la in layers}
+        self._rows = {}
+        with read_rows(model, readers):
+            yield self
+        self._rows = {}
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        missing = {h.layer for h in self.heads} - set(self._rows)
+        if missing:
+            raise RuntimeError(f"MassMetric read no rows of layers {sorted(missing)}: call it "
+                               "inside `reading(model)`, after the forward")  # fmt: skip
+        masses = [_span_mass(self._rows[h.layer][:, h.head], self.span, self.n_tokens)
+                  for h in self.heads]  # fmt: skip
+        return torch.stack(masses).mean(0).to(logits.device)
+
+
+@torch.no_grad()
+def mass_restored(
+    model, clean: Prompt, corrupt: Prompt, heads: Sequence[Head], *, node: str = "q"
+) -> pd.DataFrame:
+    """Where each head looks when its own query (`node="q"`: at the last position) or keys
+    (`node="k"`: at every position; under GQA its KV group's, shared with the group) come from
+    the clean prompt while everything else runs on the corrupt one. One row per (head, needle):
+    `clean`, `corrupt` and `patched` mass from the last position on that needle's span, and
+    `restored` = (patched − corrupt) / (clean − corrupt) (NaN where clean = corrupt).
+
+    Each head is patched alone (one batch row per head), and only its own row is read, so the
+    value is the head's own: its query meets the corrupt keys (or its clean keys meet the
+    corrupt query)."""
+    from mechinterp.heads import HeadShape
+    from mechinterp.interventions.nodes import check_node, node_point
+    from mechinterp.models.attention import RowReader, read_rows
+
+    if node not in ("q", "k"):
+        raise InputError(f"node must be 'q' or 'k' (where a head's address is), got {node!r}")
+    if not heads:
+        raise InputError("no heads given: name the heads whose attention to restore")
+    check_node(model, node)
+    if clean.n_tokens != corrupt.n_tokens or not clean.spans.get("needle"):
+        raise InputError("clean and corrupt must be an aligned pair (same length) with needle "
+                         "spans: build them with `mechinterp.tasks.address`")  # fmt: skip
+    shape = HeadShape.of(model)
+    group = shape.n_heads // shape.n_kv_heads
+    unit = {h: h.head if node == "q" else h.head // group for h in heads}
+    layers = sorted({h.layer for h in heads})
+    points = {la: node_point(model, la, node) for la in layers}
+    device = model.cfg.device
+    saved: dict[int, torch.Tensor] = {}
+    rows: dict[int, torch.Tensor] = {}
+
+    def save(x, hook, *, la):
+        saved[la] = x.detach().clone()
+
+    def write(x, hook, *, la):
+        x = x.clone()
+        n_units = shape.n_heads if node == "q" else shape.n_kv_heads
+        view = x.view(*x.shape[:2], n_units, -1) if x.dim() == 3 else x
+        src = saved[la].view_as(view[:1])
+        for i, h in enumerate(heads, start=2):
+            if h.layer == la:
+                at = slice(-1, None) if node == "q" else slice(None)
+                view[i, at, unit[h]] = src[0, at, unit[h]]
+        return x
+
+    def keep(pattern, la):
+        rows[la] = pattern[:, :, 0].float().cpu()
+
+    readers = {la: RowReader(_last_row, partial(keep, la=la)) for la in layers}
+    with model.hooks(fwd_hooks=[(p, partial(save, la=la)) for la, p in points.items()]):
+        model(torch.tensor([list(clean.input_ids)], device=device), logits_to_keep=1)
+    # rows 0 and 1: clean and corrupt unpatched; row 2 + i: head i patched alone
+    ids = torch.tensor([list(clean.input_ids), *[list(corrupt.input_ids)] * (len(heads) + 1)],
+                       device=device)  # fmt: skip
+    with read_rows(model, readers), model.hooks(
+        fwd_hooks=[(p, partial(write, la=la)) for la, p in points.items()]
+    ):
+        model(ids, logits_to_keep=1)
+    out = []
+    for i, h in enumerate(heads, start=2):
+        for n, span in enumerate(clean.spans["needle"]):
+            c, x, p = (float(_span_mass(rows[h.layer][r, h.head], span, clean.n_tokens))
+                       for r in (0, 1, i))  # fmt: skip
+            out.append({"layer": h.layer, "head": h.head, "head_name": str(h), "node": node,
+                        "needle": n, "clean": c, "corrupt": x, "patched": p,
+                        "restored": (p - x) / (c - x) if c != x else float("nan")})  # fmt: skip
+    return pd.DataFrame(out)

@@ -334,6 +334,9 @@ def attribution_patch(
     position alone with `per_position`). denoise: source = clean, target = corrupt; noise: the
     reverse. `result.prepared` (node z) holds the pair's runs for `patch_heads`; `patch_nodes`
     computes the exact values these estimate. See the module docstring."""
+    if hasattr(metric, "reading"):
+        raise InputError("a metric read from attention rows (MassMetric) needs exact patching "
+                         "(patch_nodes, path_patch): no gradient flows from a read row")
     pos_list = _check(model, clean, corrupt, node=node, direction=direction, positions=positions,
                       patch_from=patch_from, qk_fix=qk_fix, grad_drop=grad_drop)  # fmt: skip
     shape = HeadShape.of(model)

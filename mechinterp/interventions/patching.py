@@ -55,6 +55,7 @@ from mechinterp.interventions.resume import (  # noqa: F401  (re-exported: the p
     logprob_metric,
     normalised_recovery,
     prefix_cache,
+    reading,
     resumable,
     run_from_layer,
     shared_cache,
@@ -108,6 +109,18 @@ def _patch_units(model, units: list[Head], point, source: dict[int, Tensor],
     total = sum(len(v) for v in by_layer.values())
     bar = tqdm(total=total, desc=desc, disable=not progress, leave=False)
     variants = [(layer, h, p) for layer, vs in sorted(by_layer.items()) for h, p in vs]
+    with reading(model, metric):
+        _patch_chunks(model, variants, point, source, target_resid, start, prefix, metric,
+                      values, per_position=per_position, batch_size=batch_size,
+                      bar=bar)  # fmt: skip
+    bar.close()
+    return values
+
+
+def _patch_chunks(model, variants, point, source, target_resid, start, prefix, metric, values,
+                  *, per_position: bool, batch_size: int, bar) -> None:  # fmt: skip
+    """`_patch_units`' patched forwards, a batch of (layer, unit, position) variants at a time,
+    each batch's metric written into `values`."""
     for chunk in layer_batches(variants, batch_size, model.cfg.n_layers):
         first = chunk[0][0]
         hooks = []
@@ -123,8 +136,26 @@ def _patch_units(model, units: list[Head], point, source: dict[int, Tensor],
         for (la, h, p), v in zip(chunk, vals, strict=True):
             values[(la, h) + ((p,) if per_position else ())] = v
         bar.update(len(chunk))
-    bar.close()
-    return values
+
+
+def _patch_set(model, members, shape, source_z, target_resid, start: int, prefix,
+               metric: Metric, m_target: float, n_pos: int) -> float:  # fmt: skip
+    """The metric with every head of `members` patched at once (the target's when none is, or
+    nothing differs from `start` on)."""
+    by_set = _by_layer(parse_heads(members, shape))
+    if not by_set or start == n_pos:
+        return m_target
+    hooks = [
+        (
+            f"blocks.{la}.attn.hook_z",
+            partial(_write_z, heads=[hs], positions=[None], source=source_z[la], start=start),
+        )
+        for la, hs in by_set.items()
+    ]
+    first = min(by_set)
+    resid = target_resid[first][None]
+    logits = run_from_layer(model, resid, first, hooks=hooks, prefix_kv=prefix)
+    return float(metric(logits)[0])
 
 
 @torch.no_grad()
@@ -189,22 +220,10 @@ def patch_heads(
                           n_pos=n_pos, per_position=per_position, batch_size=batch_size,
                           progress=progress, desc=f"patch ({direction})")  # fmt: skip
     joint = {}
-    for name, members in (sets or {}).items():
-        by_set = _by_layer(parse_heads(members, shape))
-        if not by_set or start == n_pos:
-            joint[name] = m_target
-            continue
-        hooks = [
-            (
-                f"blocks.{la}.attn.hook_z",
-                partial(_write_z, heads=[hs], positions=[None], source=source_z[la], start=start),
-            )
-            for la, hs in by_set.items()
-        ]
-        first = min(by_set)
-        resid = target_resid[first][None]
-        logits = run_from_layer(model, resid, first, hooks=hooks, prefix_kv=prefix)
-        joint[name] = float(metric(logits)[0])
+    with reading(model, metric):
+        for name, members in (sets or {}).items():
+            joint[name] = _patch_set(model, members, shape, source_z, target_resid, start,
+                                     prefix, metric, m_target, n_pos)  # fmt: skip
     settings = {
         "n_heads_patched": len(heads),
         "n_positions": n_pos,
@@ -253,14 +272,16 @@ def patch_nodes(
     device = model.cfg.device
     start = shared_start(clean, corrupt, patch_from)
     keep = min(start, n_pos - 1)
-    resid_c, acts_c, logits_c = capture(model, torch.tensor([list(clean)], device=device), node,
-                                        keep)  # fmt: skip
-    resid_x, acts_x, logits_x = capture(model, torch.tensor([list(corrupt)], device=device),
-                                        node, keep)  # fmt: skip
+    with reading(model, metric):  # each run's metric right after its forward
+        resid_c, acts_c, logits_c = capture(model, torch.tensor([list(clean)], device=device),
+                                            node, keep)  # fmt: skip
+        m_clean = float(metric(logits_c)[0])
+        resid_x, acts_x, logits_x = capture(model, torch.tensor([list(corrupt)], device=device),
+                                            node, keep)  # fmt: skip
+        m_corrupt = float(metric(logits_x)[0])
     target, target_resid, source = (
         (corrupt, resid_x, acts_c) if direction == "denoise" else (clean, resid_c, acts_x)
     )
-    m_clean, m_corrupt = float(metric(logits_c)[0]), float(metric(logits_x)[0])
     m_target = m_corrupt if direction == "denoise" else m_clean
     prefix = prefix_cache(model, target[:start]) if 0 < start < n_pos else None
     n = n_units(model, node)

@@ -57,6 +57,7 @@ from mechinterp.interventions.resume import (
     Prepared,
     check_pair,
     layer_batches,
+    reading,
     run_from_layer,
 )
 
@@ -268,17 +269,18 @@ def path_patch_inputs(
 
     bar = tqdm(total=len(senders), desc=f"path patch ({','.join(inputs)})",
                disable=not progress, leave=False)  # fmt: skip
-    for chunk in layer_batches(sorted(senders), batch_size, n_layers):
-        for inp, vals in both_passes([[h] for h in chunk]).items():
-            for h, v in zip(chunk, vals, strict=True):
-                values[inp][h] = v
-        bar.update(len(chunk))
-    bar.close()
-    for name, members in (sets or {}).items():
-        members = [h for h in parse_heads(members, shape) if h.layer < last]
-        got = both_passes([members]) if members else {}
-        for inp in inputs:
-            joint[inp][name] = float(got[inp][0]) if members else m_target
+    with reading(model, metric):  # a metric read from attention rows reads pass 2's
+        for chunk in layer_batches(sorted(senders), batch_size, n_layers):
+            for inp, vals in both_passes([[h] for h in chunk]).items():
+                for h, v in zip(chunk, vals, strict=True):
+                    values[inp][h] = v
+            bar.update(len(chunk))
+        bar.close()
+        for name, members in (sets or {}).items():
+            members = [h for h in parse_heads(members, shape) if h.layer < last]
+            got = both_passes([members]) if members else {}
+            for inp in inputs:
+                joint[inp][name] = float(got[inp][0]) if members else m_target
     seconds = round(time.perf_counter() - t0, 3)
     for inp in inputs:
         settings[inp]["seconds"] = seconds

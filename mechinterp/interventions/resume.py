@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 from collections import Counter
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from numbers import Integral
@@ -153,6 +153,13 @@ def run_from_layer(
             inputs_embeds=torch.zeros_like(resid), logits_to_keep=1, **cache_kwargs(model, cache)
         )
     return out.logits[:, -1]
+
+
+def reading(model, metric: Metric):
+    """The context a metric reads its forward in: `metric.reading(model)` for a metric read
+    from attention rows (`analysis.looking.MassMetric`), else nothing."""
+    read = getattr(metric, "reading", None)
+    return read(model) if read is not None else nullcontext()
 
 
 @dataclass(frozen=True)
@@ -451,11 +458,15 @@ class Prepared:
         n_pos = len(clean)
         start = shared_start(clean, corrupt, patch_from)
         keep = min(start, n_pos - 1)
-        resid_c, z_c, logits_c = _cache(model, torch.tensor([list(clean)], device=device), keep)
-        resid_x, z_x, logits_x = _cache(model, torch.tensor([list(corrupt)], device=device), keep)
+        with reading(model, metric):  # each run's metric right after its forward
+            resid_c, z_c, logits_c = _cache(model, torch.tensor([list(clean)], device=device),
+                                            keep)  # fmt: skip
+            m_clean = float(metric(logits_c)[0])
+            resid_x, z_x, logits_x = _cache(model, torch.tensor([list(corrupt)], device=device),
+                                            keep)  # fmt: skip
+            m_corrupt = float(metric(logits_x)[0])
         target, target_resid, target_z, source_z = (
             (corrupt, resid_x, z_x, z_c) if direction == "denoise" else (clean, resid_c, z_c, z_x)
         )
         prefix = prefix_cache(model, target[:start]) if 0 < start < n_pos else None
-        m_clean, m_corrupt = float(metric(logits_c)[0]), float(metric(logits_x)[0])
         return cls(start, m_clean, m_corrupt, target_resid, source_z, prefix, target_z)
