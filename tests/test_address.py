@@ -3,6 +3,8 @@ where the corruption is, with every needle's span recorded; what cannot be align
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from mechinterp.errors import InputError
@@ -10,6 +12,7 @@ from mechinterp.tasks.address import (
     AddressPair,
     address_pairs,
     key_word,
+    key_words,
     misalignment,
     partner,
 )
@@ -64,12 +67,20 @@ def test_a_key_swap_changes_only_the_key_inside_the_needle(tok):
         diff = _differing(clean, corrupt)
         assert diff and all(n0 <= i < n1 for i in diff)
         swapped = pair.corrupt.needles[0]
-        assert pair.key not in swapped and pair.substitute in swapped
+        head = swapped[: swapped.find(pair.clean.answers[0])]
+        keys, subs = pair.key.split(", "), pair.substitute.split(", ")
+        assert keys == key_words(NEEDLES[pair.clean.meta["needle_index"]])
+        assert len(subs) == len(keys)
+        assert not any(re.search(rf"\b{k}\b", head) for k in keys)  # the question matches none
+        assert all(s_ in head for s_ in subs)
         assert pair.corrupt.answers == pair.clean.answers
         assert tok.decode(corrupt.input_ids[slice(*corrupt.span("answer"))]).strip() == (
             pair.clean.answers[0])  # fmt: skip
     # "Ishida" is three tokens here: three substitute words keep the pair aligned
-    assert pairs[1].key == "Ishida" and len(pairs[1].substitute.split()) == 3
+    assert pairs[0].key == "password, old, lighthouse"
+    keys = pairs[1].key.split(", ")
+    subs = pairs[1].substitute.split(", ")
+    assert "Ishida" in keys and len(subs[keys.index("Ishida")].split()) == 3
 
 
 def test_what_cannot_be_aligned_is_refused(tok):

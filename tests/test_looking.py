@@ -167,8 +167,10 @@ def test_path_patching_into_a_mass_metric_equals_a_hand_written_two_pass_referen
     def grab(p, hook, *, la):
         rows[la] = p[0, :, -1].detach().clone()
 
-    def read(logits):
-        masses = [rows[h.layer][h.head, SPANS[1][0] : SPANS[1][1]].sum() for h in receivers]
+    def read(logits):  # needle 1 against needle 0
+        masses = [rows[h.layer][h.head, SPANS[1][0] : SPANS[1][1]].sum()
+                  - rows[h.layer][h.head, SPANS[0][0] : SPANS[0][1]].sum()
+                  for h in receivers]  # fmt: skip
         return torch.stack(masses).mean()[None]
 
     senders = [Head(0, 2), Head(1, 0), Head(2, 3)]
@@ -180,7 +182,7 @@ def test_path_patching_into_a_mass_metric_equals_a_hand_written_two_pass_referen
                                       read, 3)  # fmt: skip
         want["corrupt"] = float(read(explicit(torch.tensor([CORRUPT]))))
     for model in deep_pair:
-        metric = MassMetric(receivers, SPANS[1], len(CLEAN))
+        metric = MassMetric(receivers, SPANS[1], len(CLEAN), minus=SPANS[0])
         res = path_patch(model, CLEAN, CORRUPT, metric, receivers=receivers,
                          receiver_input=receiver_input, senders=senders)  # fmt: skip
         assert res.corrupt == pytest.approx(want["corrupt"], abs=1e-5)
@@ -202,5 +204,7 @@ def test_mass_metrics_are_refused_where_they_cannot_be_read(deep_pair):
         metric(torch.zeros(1, 5))
     with pytest.raises(InputError, match="inside the 14 tokens"):
         MassMetric([Head(2, 1)], (10, 20), 14)
+    with pytest.raises(InputError, match="start < end"):
+        MassMetric([Head(2, 1)], (1, 3), 14, minus=(5, 5))
     with pytest.raises(InputError, match="node must be 'q' or 'k'"):
         mass_restored(model, clean, corrupt, [Head(2, 1)], node="z")

@@ -69,6 +69,26 @@ def test_stage_workloads_follow_the_config(tiny_gqa):
     assert {s.name: s for s in study_plan(longer, shape)}["detect"].peak(shape)[0] > short_peak
 
 
+def test_the_addressing_stage_is_planned_only_when_asked_and_a_key_swap_costs_more(tiny_gqa):
+    shape = model_shape(ModelSpec(name=tiny_gqa.mechinterp_card.source))
+    config = StudyConfig()
+    assert "addressing" not in {s.name for s in study_plan(config, shape)}
+
+    def stage(*kinds):
+        asked = dataclasses.replace(config, addressing=dataclasses.replace(
+            config.addressing, kinds=kinds))  # fmt: skip
+        return {s.name: s for s in study_plan(asked, shape)}["addressing"]
+
+    q, k = stage("question_swap"), stage("key_swap")
+    n = len(config.addressing.niah.needles)
+    assert sum(f.steps > 0 for f in q.forwards) == n  # both prompts generated, once per pair
+    # a key swap recomputes from the needle (at depth 0.75 of 300 tokens), a question swap from
+    # the question on
+    assert max(f.new for f in k.forwards if f.cached) == max(
+        f.new for f in q.forwards if f.cached) + round(0.25 * 300)  # fmt: skip
+    assert k.seconds(shape) > q.seconds(shape)
+
+
 def test_eager_attention_costs_the_square_and_fused_does_not(tiny_gqa):
     spec = ModelSpec(name=tiny_gqa.mechinterp_card.source)
     fused, eager = model_shape(spec), model_shape(dataclasses.replace(spec, attention="eager"))

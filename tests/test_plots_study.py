@@ -226,3 +226,38 @@ def test_recall_by_task_refuses_missing_columns_and_empty_tables():
         recall_by_task(_pooled().drop(columns="metric"))
     with pytest.raises(ValueError, match="no model has both"):
         recall_by_task(_pooled().assign(recall=np.nan))
+
+
+def _address_senders() -> pd.DataFrame:
+    rows = []
+    for corruption, planted in (("question_swap", {"q": "L19H1"}), ("key_swap", {"k": "L16H0"})):
+        for inp in ("q", "k"):
+            for la in range(3, 18):
+                for h in range(3):
+                    name = f"L{la}H{h}"
+                    rec = 0.5 if planted.get(inp) == name else 0.01 * ((la * 3 + h) % 7) - 0.02
+                    rows.append({"corruption": corruption, "receiver_input": inp, "layer": la,
+                                 "head": h, "head_name": name, "recovery": rec})  # fmt: skip
+    rows += [{"corruption": c, "receiver_input": "q", "layer": 19, "head": 1, "head_name": "L19H1",
+              "recovery": 0.5 if c == "question_swap" else 0.0}
+             for c in ("question_swap", "key_swap")]  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def test_address_circuit_draws_each_inputs_top_senders_into_the_receivers():
+    from mechinterp.errors import InputError
+    from mechinterp.plots.study import address_circuit
+
+    fig = address_circuit(_address_senders(), ["L20H6", "L21H8"], top_k=3)
+    assert [a.text for a in fig.layout.annotations] == ["question swap", "key swap"]
+    edges = [t for t in fig.data if t.mode == "lines" and t.hovertemplate]
+    assert len(edges) == 2 * 2 * 3  # two panels, two inputs, three senders each
+    widest = max(edges, key=lambda t: t.line.width)
+    assert "recovery 0.500" in widest.hovertemplate  # the planted senders draw the widest edges
+    labels = [t.text[0] for t in fig.data if t.mode == "markers+text" and len(t.text) == 1]
+    assert any(s.startswith("L19H1  q +0.50") for s in labels)
+    assert any(s.startswith("L16H0  k +0.50") for s in labels)
+    with pytest.raises(InputError, match="needs columns"):
+        address_circuit(_address_senders().drop(columns="recovery"), ["L20H6"])
+    with pytest.raises(InputError, match="no senders or no receivers"):
+        address_circuit(_address_senders(), [])

@@ -46,11 +46,17 @@ def _span_mass(row: torch.Tensor, span: tuple[int, int], n_tokens: int) -> torch
 
 @torch.no_grad()
 def needle_mass(
-    model, prompts: Sequence[Prompt], heads: Sequence[Head], *, batch_size: int = 4
+    model,
+    prompts: Sequence[Prompt],
+    heads: Sequence[Head],
+    *,
+    batch_size: int = 4,
+    span: str = "needle",
 ) -> pd.DataFrame:
     """One row per (prompt, head, needle): `mass`, the attention the head pays from the prompt's
     last position to the needle's tokens (`needle` numbers the prompt's needle spans from 0),
-    and `n_tokens`, the needle's length."""
+    and `n_tokens`, the needle's length. `span` names another kind of span to measure instead
+    (e.g. "question"; `needle` then numbers those spans)."""
     from mechinterp.evaluate import left_pad
     from mechinterp.models.attention import RowReader, read_rows
 
@@ -58,9 +64,9 @@ def needle_mass(
         raise InputError(f"batch_size must be >= 1, got {batch_size}")
     if not heads:
         raise InputError("no heads given: name the heads whose attention to read")
-    missing = [p.example_id for p in prompts if not p.spans.get("needle")]
+    missing = [p.example_id for p in prompts if not p.spans.get(span)]
     if missing:
-        raise InputError(f"prompts {missing[:3]} have no needle span to measure attention to")
+        raise InputError(f"prompts {missing[:3]} have no {span} span to measure attention to")
     layers = sorted({h.layer for h in heads})
     rows = []
     for b in range(0, len(prompts), batch_size):
@@ -81,7 +87,7 @@ def needle_mass(
             off = width - p.n_tokens
             for h in heads:
                 row = got[h.layer][r, h.head]
-                for n, (s, e) in enumerate(p.spans["needle"]):
+                for n, (s, e) in enumerate(p.spans[span]):
                     rows.append({"example_id": p.example_id, "layer": h.layer, "head": h.head,
                                  "head_name": str(h), "needle": n,
                                  "mass": float(row[off + s : off + e].sum()),
@@ -92,7 +98,8 @@ def needle_mass(
 class MassMetric:
     """A patching metric read from attention instead of logits: per batch row, the mean over
     `heads` of the mass the last position pays to tokens `span` = [start, end) of a sequence
-    `n_tokens` long (the clean and corrupt prompts of an aligned pair share it).
+    `n_tokens` long (the clean and corrupt prompts of an aligned pair share it), minus the mass
+    on `minus` when given (a question swap's two needles: where the heads look, A against B).
 
     The rows are read by the forward that produced the logits, so the metric is called inside
     `reading(model)`, right after that forward: path patching (`path_patch`,
@@ -100,14 +107,16 @@ class MassMetric:
     exact patching reads it; attribution patching refuses it (no gradient flows from a read
     row to the logits)."""
 
-    def __init__(self, heads: Sequence[Head], span: tuple[int, int], n_tokens: int) -> None:
+    def __init__(self, heads: Sequence[Head], span: tuple[int, int], n_tokens: int, *,
+                 minus: tuple[int, int] | None = None) -> None:  # fmt: skip
         if not heads:
             raise InputError("no heads given: name the heads whose attention the metric reads")
-        start, end = (int(x) for x in span)
-        if not 0 <= start < end <= n_tokens:
-            raise InputError(f"span {span} must lie inside the {n_tokens} tokens, start < end")
+        for sp in (span, minus) if minus is not None else (span,):
+            if not 0 <= int(sp[0]) < int(sp[1]) <= n_tokens:
+                raise InputError(f"span {sp} must lie inside the {n_tokens} tokens, start < end")
         self.heads = list(heads)
-        self.span = (start, end)
+        self.span = (int(span[0]), int(span[1]))
+        self.minus = None if minus is None else (int(minus[0]), int(minus[1]))
         self.n_tokens = int(n_tokens)
         self._rows: dict[int, torch.Tensor] = {}
 
@@ -130,9 +139,14 @@ class MassMetric:
         if missing:
             raise RuntimeError(f"MassMetric read no rows of layers {sorted(missing)}: call it "
                                "inside `reading(model)`, after the forward")  # fmt: skip
-        masses = [_span_mass(self._rows[h.layer][:, h.head], self.span, self.n_tokens)
-                  for h in self.heads]  # fmt: skip
+        masses = [self._mass(self._rows[h.layer][:, h.head]) for h in self.heads]
         return torch.stack(masses).mean(0).to(logits.device)
+
+    def _mass(self, row: torch.Tensor) -> torch.Tensor:
+        mass = _span_mass(row, self.span, self.n_tokens)
+        if self.minus is not None:
+            mass = mass - _span_mass(row, self.minus, self.n_tokens)
+        return mass
 
 
 @torch.no_grad()

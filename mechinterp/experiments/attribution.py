@@ -258,11 +258,12 @@ SAME_HEADS = ("receiver_groups", "whole_groups")
 
 def path_table(model, clean, corrupt, metric, receivers: list[str], inputs: list[str], *,
                via_mlps: bool, batch_size: int, facts: dict, direction: str = "denoise",
-               patch_from: int = 0, name: str = "head_name",
-               same_heads: bool = False) -> pd.DataFrame:  # fmt: skip
+               patch_from: int = 0, name: str = "head_name", same_heads: bool = False,
+               sets: dict[str, list] | None = None) -> pd.DataFrame:  # fmt: skip
     """Path patching of every head below the last receiver, alone (`kind = sender`) and all
     together (`kind = set`, `upstream`), into the receivers' `inputs`, one row each with
-    `facts`, the metrics and the recovery; the sender's name goes in column `name`.
+    `facts`, the metrics and the recovery; the sender's name goes in column `name`. `sets`:
+    more named sender sets patched jointly (`kind = set`, the set's name in `name`).
 
     Under GQA a key input is its KV group's, so the keys reach more query heads than the
     queries do. `same_heads` adds rows (`kind = same_heads`) that patch `upstream` into the
@@ -282,7 +283,8 @@ def path_table(model, clean, corrupt, metric, receivers: list[str], inputs: list
                batch_size=batch_size, prepared=prep)  # fmt: skip
     results = path_patch_inputs(model, clean, corrupt, metric, receivers=heads,
                                 receiver_inputs=inputs, senders=upstream,
-                                sets={"upstream": upstream}, **run)  # fmt: skip
+                                sets={"upstream": upstream, **(sets or {})},
+                                **run)  # fmt: skip
     base = {**facts, "receivers": ",".join(receivers), "via_mlps": via_mlps,
             "clean_metric": prep.m_clean, "corrupt_metric": prep.m_corrupt,
             "flipped": prep.m_clean > 0 > prep.m_corrupt}  # fmt: skip
@@ -291,8 +293,8 @@ def path_table(model, clean, corrupt, metric, receivers: list[str], inputs: list
         row = {**base, "receiver_input": inp, "receiver_units": res.settings["receiver_units"]}
         rows += [{**row, "kind": "sender", name: str(h), "layer": h.layer, "head": h.head,
                   "value": float(res.values[h])} for h in upstream]  # fmt: skip
-        rows.append({**row, "kind": "set", name: "upstream", "layer": -1, "head": -1,
-                     "value": res.sets["upstream"]})  # fmt: skip
+        rows += [{**row, "kind": "set", name: set_name, "layer": -1, "head": -1,
+                  "value": value} for set_name, value in res.sets.items()]  # fmt: skip
     if same_heads:
         done: dict[tuple, dict] = {}
         for comparison in SAME_HEADS:

@@ -14,10 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mechinterp.errors import InputError
+from mechinterp.experiments.addressing import HYPOTHESES
 from mechinterp.experiments.cost import (  # noqa: F401  (Forward, model_shape: the plan's API)
     CALIBRATION,
     MDQA_DOC_TOKENS,
     MDQA_EXTRA_TOKENS,
+    QUESTION_TOKENS,
     RESPONSE_TOKENS,
     SAFETY,
     TEMPLATE_TOKENS,
@@ -88,7 +90,38 @@ def study_plan(config, shape: Shape) -> list[StagePlan]:
                               count=2 * len(config.paths.inputs)
                               * (math.ceil(senders / p.batch_size) + 1), knob=knob))  # fmt: skip
         stages.append(paths)
+    if config.addressing.kinds:
+        stages.append(addressing_plan(config, shape))
     return stages
+
+
+def addressing_plan(config, shape: Shape) -> StagePlan:
+    """Per address pair (every pair counted as answered apart: an upper bound): both prompts
+    generated, the receivers' own queries and keys patched back (one batch row per receiver),
+    then path patching from the first changed token on: the question for a question swap, the
+    needle for a key swap (at its depth)."""
+    a, batch = config.addressing, config.patch.batch_size
+    stage = StagePlan("addressing")
+    knob = "addressing.niah.lengths or addressing.kinds"
+    senders = shape.n_layers * shape.n_heads
+    sets = 1 + len(HYPOTHESES) * (1 + a.draws)
+    for kind in a.kinds:
+        for length in a.niah.lengths:
+            n = length + TEMPLATE_TOKENS + QUESTION_TOKENS
+            for depth in a.niah.depths:
+                tail = RESPONSE_TOKENS + QUESTION_TOKENS
+                if kind == "key_swap":
+                    tail += round((1 - depth) * length)
+                prefix = n - tail
+                for _ in a.niah.needles:
+                    stage.add(*generation([n, n], 2, a.max_new_tokens, knob))
+                    stage.add(Forward(rows=a.receivers + 3, new=n, count=2, knob=knob),
+                              Forward(rows=1, new=n, count=5, knob=knob),  # reads, caches
+                              Forward(rows=batch, new=tail, cached=prefix, shared=True,
+                                      count=3 * math.ceil(senders / batch), knob=knob),
+                              Forward(rows=1, new=tail, cached=prefix, shared=True,
+                                      count=3 * sets, knob=knob))  # fmt: skip
+    return stage
 
 
 def budget_bytes(device: str | None) -> tuple[float, str]:

@@ -45,19 +45,26 @@ class AnswerPair:
         return logit_diff_metric(self.target_token, self.corrupt_token)
 
 
-def _response_answer(model, prompt: Prompt, max_new_tokens: int) -> tuple[list[int], int, int]:
-    """The model's greedy response to `prompt` and where it writes the needle's answer tokens."""
+def response_answer(model, prompt: Prompt, max_new_tokens: int) -> tuple[list[int], int, int]:
+    """The model's greedy response to `prompt` and where it writes the needle's answer tokens:
+    (response ids, answer start, answer end); an error names the example when it does not."""
     from mechinterp.evaluate import generate
 
     (gen,) = generate(model, [prompt.input_ids], max_new_tokens=max_new_tokens)
     resp = [int(t) for t in gen.tokens]
+    return (resp, *answer_in_response(prompt, resp, gen.text))
+
+
+def answer_in_response(prompt: Prompt, response: Sequence[int], text: str = "") -> tuple[int, int]:
+    """Where `response` (token ids) first writes the needle's answer tokens of `prompt`."""
     p0, p1 = prompt.span("answer")
     answer = list(prompt.input_ids[p0:p1])
+    resp = list(response)
     for a0 in range(len(resp) - len(answer) + 1):
         if resp[a0 : a0 + len(answer)] == answer:
-            return resp, a0, a0 + len(answer)
+            return a0, a0 + len(answer)
     raise InputError(
-        f"the model's greedy response to {prompt.example_id!r} ({gen.text!r}) does not write the "
+        f"the model's greedy response to {prompt.example_id!r} ({text!r}) does not write the "
         "needle's answer tokens: pick an example it answers, or pass `response=`"
     )
 
@@ -82,7 +89,7 @@ def answer_pair(
     When no tried token flips the preference, the first is returned (`flipped` is False).
     """
     if response is None:
-        response = _response_answer(model, prompt, max_new_tokens)
+        response = response_answer(model, prompt, max_new_tokens)
     resp, a0, a1 = [int(t) for t in response[0]], int(response[1]), int(response[2])
     p0, p1 = prompt.span("answer")
     aligned = list(prompt.input_ids[p0:p1]) == resp[a0:a1]

@@ -273,3 +273,78 @@ def sender_heatmaps(
     fig.update_layout(title=title, template="plotly_white", width=360 * len(inputs) + 200,
                       height=max(460, 18 * n_layers + 180))  # fmt: skip
     return fig
+
+
+_INPUT_COLOURS = {"q": "#1f77b4", "k": "#d95f02", "v": "#1b9e77"}
+
+
+def address_circuit(senders: pd.DataFrame, receivers: list[str], *, top_k: int = 5,
+                    title: str | None = None) -> go.Figure:  # fmt: skip
+    """Who steers where the retrieval heads look, one panel per corruption: on the left each
+    input's `top_k` senders by mean recovery (columns `corruption`, `receiver_input`, `layer`,
+    `head`, `head_name`, `recovery`), one row each, highest layer first; on the right the
+    receivers; between them their attention (a hub). Each sender's edge into the hub is
+    coloured by input (queries, keys), its width growing with the recovery, which labels it."""
+    missing = {"corruption", "receiver_input", "layer", "head", "head_name", "recovery"} - set(
+        senders.columns
+    )
+    if missing:
+        raise InputError(f"address_circuit needs columns {sorted(missing)}")
+    if senders.empty or not receivers:
+        raise InputError("address_circuit got no senders or no receivers")
+    corruptions = list(dict.fromkeys(senders["corruption"]))
+    limit = float(senders["recovery"].clip(lower=0).max()) or 1.0
+    fig = make_subplots(rows=1, cols=len(corruptions), horizontal_spacing=0.08,
+                        subplot_titles=[c.replace("_", " ") for c in corruptions])  # fmt: skip
+    hub = (1.0, 0.5)
+    for col, corruption in enumerate(corruptions, start=1):
+        part = senders[senders["corruption"] == corruption]
+        top = pd.concat([g.nlargest(top_k, "recovery")
+                         for _, g in part.groupby("receiver_input", sort=False)])  # fmt: skip
+        names = (top.drop_duplicates("head_name").sort_values(["layer", "head"],
+                                                              ascending=False)["head_name"])
+        y = {n: 1 - i / max(len(names) - 1, 1) for i, n in enumerate(names)}
+        ry = {r: 1 - i / max(len(receivers) - 1, 1) for i, r in enumerate(receivers)}
+        for yr in ry.values():
+            fig.add_trace(go.Scatter(x=[hub[0], 2], y=[hub[1], yr], mode="lines",
+                                     line={"color": "#aaaaaa", "width": 0.8}, hoverinfo="skip",
+                                     showlegend=False), row=1, col=col)  # fmt: skip
+        inputs = list(dict.fromkeys(top["receiver_input"]))
+        for k, inp in enumerate(inputs):
+            colour = _INPUT_COLOURS.get(inp, "#555555")
+            shift = 0.012 * (k - (len(inputs) - 1) / 2)
+            for n, r in enumerate(top[top["receiver_input"] == inp].itertuples()):
+                width = 0.6 + 9 * max(r.recovery, 0) / limit
+                yy = y[r.head_name] + shift
+                fig.add_trace(go.Scatter(
+                    x=[0, hub[0]], y=[yy, hub[1]], mode="lines",
+                    line={"color": colour, "width": width}, opacity=0.65,
+                    name=f"into their {INPUT_NAMES.get(inp, inp)}", legendgroup=inp,
+                    showlegend=col == 1 and n == 0,
+                    hovertemplate=f"{r.head_name} → {INPUT_NAMES.get(inp, inp)}: recovery "
+                    f"{r.recovery:.3f}<extra></extra>",
+                ), row=1, col=col)  # fmt: skip
+        for n, yy in y.items():
+            rows = top[top["head_name"] == n]
+            label = "  ".join(f"{r.receiver_input} {r.recovery:+.2f}" for r in rows.itertuples())
+            fig.add_trace(go.Scatter(x=[0], y=[yy], mode="markers+text", text=[f"{n}  {label}"],
+                                     textposition="middle left", hoverinfo="skip",
+                                     marker={"size": 9, "color": "#333333"}, showlegend=False,
+                                     textfont={"size": 11}), row=1, col=col)  # fmt: skip
+        fig.add_trace(go.Scatter(x=[2] * len(ry), y=list(ry.values()), mode="markers+text",
+                                 text=list(ry), textposition="middle right",
+                                 marker={"symbol": "star", "size": 11, "color": "black"},
+                                 name="retrieval heads (receivers)", showlegend=col == 1,
+                                 hoverinfo="skip", textfont={"size": 10}),
+                      row=1, col=col)  # fmt: skip
+        fig.add_trace(go.Scatter(x=[hub[0]], y=[hub[1]], mode="markers+text",
+                                 marker={"symbol": "diamond", "size": 15, "color": "black"},
+                                 text=["their attention"], textposition="bottom center",
+                                 textfont={"size": 10}, hoverinfo="skip",
+                                 showlegend=False), row=1, col=col)  # fmt: skip
+        fig.update_xaxes(range=[-1.3, 2.6], visible=False, row=1, col=col)
+        fig.update_yaxes(range=[-0.08, 1.08], visible=False, row=1, col=col)
+    fig.update_layout(title=title, template="plotly_white", width=560 * len(corruptions) + 80,
+                      height=480, legend={"orientation": "h", "y": -0.05},
+                      margin={"l": 20, "r": 20})  # fmt: skip
+    return fig

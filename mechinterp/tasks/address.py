@@ -4,10 +4,11 @@ look, not *what* it copies (a content corruption, `mechinterp.tasks.corrupt`, do
 - **question swap**: two needles in one haystack; the clean question asks for needle A, the
   corrupt question for needle B. B is a needle whose question renders to as many tokens as A's,
   so the two prompts have the same length and differ only inside the question.
-- **key swap**: one needle; its key word (the last name, else word, the needle shares with the
-  question outside the answer, e.g. "lighthouse" in "The password to the old lighthouse is ...")
-  is replaced in the context by words of the same token count, so the question no longer matches
-  the needle while its answer stays. The prompts differ only inside the needle.
+- **key swap**: one needle; its key phrase (every word the needle shares with the question
+  before its answer, e.g. "password", "old", "lighthouse" in "The password to the old
+  lighthouse is ...") is replaced in the context, word by word, by words of the same token
+  count, so the question no longer matches the needle while its answer stays. The prompts
+  differ only inside the needle.
 
     pairs = address_pairs("question_swap", tokenizer, lengths=[512], depths=[0.25], needles=[2])
     clean, corrupt = pairs[0].prompts(tokenizer)
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from mechinterp.errors import InputError
@@ -49,7 +50,7 @@ class AddressPair:
 
     `clean` asks for needle A (`clean.needles[0]`). A question swap's `corrupt` asks for needle
     B (`corrupt.needles[1]`, also in the clean context); a key swap's `corrupt` holds needle A
-    with its key word replaced (`key`, `substitute`)."""
+    with its key phrase replaced (`key`, `substitute`: the words, comma-separated)."""
 
     kind: AddressKind
     clean: Example
@@ -86,10 +87,10 @@ def misalignment(clean: Prompt, corrupt: Prompt, where: str) -> str:
     return ""
 
 
-def key_word(needle: Needle) -> str:
-    """The needle's key word: among the words it shares with its question before its answer
-    (stop words aside), the last name (a capitalised word after the first), else the last word:
-    "lighthouse" for the lighthouse password, "Ishida" for Captain Ishida's treasure."""
+def key_words(needle: Needle) -> list[str]:
+    """The needle's key phrase: the words it shares with its question before its answer (stop
+    words aside), in order, once each: "lost", "ring", "Duchess", "Amara" for the Duchess's lost
+    ring."""
     words = lambda s: re.findall(r"[A-Za-z]+", s.replace("'s", ""))  # noqa: E731
     asked = {w.lower() for w in words(needle.question)}
     answer = {w.lower() for w in words(needle.answer)}
@@ -98,6 +99,14 @@ def key_word(needle: Needle) -> str:
               and w.lower() not in _STOP]  # fmt: skip
     if not shared:
         raise InputError(f"needle {needle.text[:50]!r} shares no key word with its question")
+    return list(dict.fromkeys(shared))
+
+
+def key_word(needle: Needle) -> str:
+    """The needle's main key word: of its key phrase (`key_words`), the last name (a capitalised
+    word after the first), else the last word: "lighthouse" for the lighthouse password,
+    "Ishida" for Captain Ishida's treasure."""
+    shared = key_words(needle)
     names = [w for w in shared if w[0].isupper()]
     return (names or shared)[-1]
 
@@ -163,40 +172,62 @@ def partner(index: int, tokenizer) -> int | None:
 
 def _key_swap(ex: Example, tokenizer, template) -> AddressPair:
     a = NEEDLES[ex.meta["needle_index"]]
-    key = key_word(a)
+    keys = key_words(a)
     clean = Example(id=f"{ex.id}-kswap", task="niah", variant=ex.variant,
                     documents=ex.documents, question=a.question, answers=(a.answer,),
                     needles=(a.text,), meta=ex.meta)  # fmt: skip
     clean_prompt = render(clean, tokenizer, template=template)
-    at = a.text.rfind(key, 0, a.text.find(a.answer))
-    for word in substitutes(key, tokenizer):
-        swapped = a.text[:at] + word + a.text[at + len(key):]
+    head, tail = a.text[: a.text.find(a.answer)], a.text[a.text.find(a.answer) :]
+
+    def corrupt_with(swapped_head: str) -> Example:
+        swapped = swapped_head + tail
         doc = ex.documents[0].text.replace(a.text, swapped, 1)
-        corrupt = Example(id=f"{ex.id}-kswap-corrupt", task="niah", variant=ex.variant,
-                          documents=(Document(text=doc, gold=True),), question=a.question,
-                          answers=(a.answer,), needles=(swapped,),
-                          meta={**ex.meta, "key": key, "substitute": word})  # fmt: skip
-        if not misalignment(clean_prompt, render(corrupt, tokenizer, template=template), "needle"):
-            return AddressPair("key_swap", clean, corrupt, key=key, substitute=word)
-    raise InputError(f"no substitute for the key word {key!r} of needle "
-                     f"{ex.meta['needle_index']} keeps the prompts aligned with this tokenizer")
+        return Example(id=f"{ex.id}-kswap-corrupt", task="niah", variant=ex.variant,
+                       documents=(Document(text=doc, gold=True),), question=a.question,
+                       answers=(a.answer,), needles=(swapped,), meta=ex.meta)  # fmt: skip
+
+    used: list[str] = []
+    for key in keys:  # each key word in turn, by the first substitute that keeps the alignment
+        for word in substitutes(key, tokenizer):
+            if word.lower() in {u.lower() for u in used}:
+                continue
+            trial = re.sub(rf"\b{key}\b", word, head)
+            corrupt = corrupt_with(trial)
+            if not misalignment(clean_prompt, render(corrupt, tokenizer, template=template),
+                                "needle"):  # fmt: skip
+                head = trial
+                used.append(word)
+                break
+        else:
+            raise InputError(f"no substitute for the key word {key!r} of needle "
+                             f"{ex.meta['needle_index']} keeps the prompts aligned with this "
+                             "tokenizer")  # fmt: skip
+    corrupt = corrupt_with(head)
+    key, substitute = ", ".join(keys), ", ".join(used)
+    corrupt = replace(corrupt, meta={**ex.meta, "key": key, "substitute": substitute})
+    return AddressPair("key_swap", clean, corrupt, key=key, substitute=substitute)
 
 
-def substitutes(key: str, tokenizer):
-    """Candidate replacements for `key`, in order: `KEY_SUBSTITUTES` words, then two, three, ...
-    of them, as many words as the key has tokens at most, capitalised where the key is; only
-    those with as many tokens as the key (after a space) are given."""
+def substitutes(key: str, tokenizer, *, max_words: int = 4):
+    """Candidate replacements for `key`, in order: `KEY_SUBSTITUTES` words, then two, three or
+    four of them (at most `max_words`, and as many words as the key has tokens), capitalised
+    where the key is, then the key's letters reversed; only those with as many tokens as the
+    key (after a space) are given."""
     from itertools import permutations
 
     count = lambda w: len(tokenizer.encode(" " + w, add_special_tokens=False))  # noqa: E731
     n = count(key)
     words = [w.capitalize() if key[0].isupper() else w for w in KEY_SUBSTITUTES
              if w != key.lower()]  # fmt: skip
-    for size in range(1, n + 1):
+    for size in range(1, min(n, max_words) + 1):
         for combo in permutations(words, size):
             candidate = " ".join(combo)
             if count(candidate) == n:
                 yield candidate
+    backwards = key[::-1].lower()
+    backwards = backwards.capitalize() if key[0].isupper() else backwards
+    if backwards.lower() != key.lower() and count(backwards) == n:
+        yield backwards
 
 
 def answered_apart(model, pairs: Sequence[AddressPair], *, max_new_tokens: int = 24,
@@ -204,10 +235,10 @@ def answered_apart(model, pairs: Sequence[AddressPair], *, max_new_tokens: int =
     """Each pair's greedy answers: `clean_correct` (the clean answer holds A's answer),
     `corrupt_correct` (the corrupt answer holds the corrupt example's answer: B's for a question
     swap; for a key swap A's, i.e. the model still retrieved the needle whose key no longer
-    matches), and `apart`, the pairs an address analysis can use: the clean answer is right and
+    matches), `apart`, the pairs an address analysis can use: the clean answer is right and
     the corruption moved the answer (a question swap answered with B's answer; a key swap no
     longer answered with A's: a paraphrase that copies the substitute still counts as
-    retrieved)."""
+    retrieved), and `clean_response` / `corrupt_response`, the two answers' token ids."""
     from mechinterp.evaluate import generate, is_correct
 
     rows = []
@@ -222,5 +253,7 @@ def answered_apart(model, pairs: Sequence[AddressPair], *, max_new_tokens: int =
         apart = ok and (moved if pair.kind == "question_swap" else not moved)
         rows.append({"example_id": pair.clean.id, "kind": pair.kind, "clean_answer": clean,
                      "corrupt_answer": corrupt, "clean_correct": ok, "corrupt_correct": moved,
-                     "apart": apart})  # fmt: skip
+                     "apart": apart,
+                     "clean_response": [int(t) for t in gens[0].tokens],
+                     "corrupt_response": [int(t) for t in gens[1].tokens]})  # fmt: skip
     return rows

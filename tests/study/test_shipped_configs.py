@@ -25,6 +25,8 @@ STUDY_SHRINK = [
     "knockout.mdqa.n=2", "knockout.mdqa.n_docs=2", "knockout.ks=[1,2]", "knockout.seeds=[0]",
     "knockout.target=gold", "knockout.max_new_tokens=6",
     "patch.n_pairs=1", "patch.seeds=[0]", "patch.max_tries=2",
+    "addressing.niah.needles=[0,2]", "addressing.max_new_tokens=6", "addressing.receivers=2",
+    "addressing.draws=1", "addressing.size=2",
     "claims.k=2",
 ]
 EXTENSION_SHRINK = [
@@ -47,7 +49,8 @@ def tiny_dir(tmp_path_factory):
 
 def test_every_shipped_config_is_covered():
     assert SHIPPED == ["extension-3task-mini", "extension-full", "extension-mini",
-                       "extension-multihop-mini", "study", "study-large", "study-long"]  # fmt: skip
+                       "extension-multihop-mini", "study", "study-addressing", "study-large",
+                       "study-long"]  # fmt: skip
 
 
 def shrink_tasks(config: ExtensionConfig) -> ExtensionConfig:
@@ -81,6 +84,10 @@ def test_the_shipped_config_runs_end_to_end(name, tiny_dir, tmp_path):
         config = load_config(StudyConfig, path, [*model, *STUDY_SHRINK])
         out = run_study(config, out=tmp_path / "run", png=False, progress=False)
         modes = set(pd.read_parquet(out / "knockout.parquet")["mode"])
+        if shipped.addressing.kinds:  # every pair built and asked (a random model answers none)
+            pairs = pd.read_parquet(out / "addressing.parquet")
+            assert set(pairs["corruption"]) <= set(shipped.addressing.kinds)
+            assert len(pairs[pairs["kind"] == "pair"]) >= 1
     assert (out / "report.md").is_file()
     # The choices under test ran as shipped.
     assert modes - {"none"} == set(shipped.knockout.modes)  # "none": the unknocked baseline

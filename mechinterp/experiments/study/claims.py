@@ -24,6 +24,18 @@ are, else inconclusive.
    keys of the same query heads (the KV groups wholly inside the retrieval heads, else their
    whole KV groups), each with its interval, and the query share when both lower bounds are
    positive (secondary).
+4. steered — "upstream heads steer where retrieval heads look", from address pairs (a question
+   swap moves the asked needle, a key swap removes the needle's address), with the retrieval
+   heads' attention mass on the asked needle as the metric (minus the mass on the other needle
+   for a question swap): per corruption and receiver input (queries, keys), the `size` upstream
+   heads with the highest path-patching recovery, chosen with the pair's needle left out
+   (cross-fitted) and measured on it, minus as many heads of the same layers (their layers'
+   mean). Primary: the input each corruption addresses (`ADDRESSED`: a question swap's
+   queries, a key swap's keys), Bonferroni-widened over the primary rows, supported when any
+   one is; secondary: the other input, how far the corruption moved the mass, the recovery
+   every upstream head carries into the queries and into the keys, the receivers' own queries
+   and keys patched back, and each hypothesis set (previous-token heads into the keys, heads
+   that read the question into the queries) minus its layer-matched random sets.
 """
 
 from __future__ import annotations
@@ -44,7 +56,13 @@ CLAIMS = {
     "sparse": "Retrieval heads are sparse",
     "necessary": "Knocking out retrieval heads hurts retrieval more than knocking out random heads",
     "sufficient": "Patching retrieval heads recovers the answer",
+    "steered": "Upstream heads steer where retrieval heads look (through their queries or keys)",
 }
+
+#: Claims whose statement holds when any primary row holds ("some upstream heads steer, through
+#: the queries or the keys, under some corruption"); their primary intervals are Bonferroni-
+#: widened over the primary rows, so the claim's family-wise error stays at 1 − level.
+ANY_ROW_CLAIMS = frozenset({"steered"})
 
 
 def verdict(lo: float, hi: float, *, null: float, minimum: float, trusted: bool = True) -> str:
@@ -385,6 +403,148 @@ def _query_key_rows(g: pd.DataFrame, what: str, facts: dict, settings) -> list[d
     return rows
 
 
+CORRUPTION_WORDS = {"question_swap": "question swap", "key_swap": "key swap"}
+#: The input each address corruption addresses, whose top senders are the claim's primary row: a
+#: question swap changes the question (read through the queries), a key swap the needle (read
+#: through the keys); the other input's rows are secondary.
+ADDRESSED = {"question_swap": "q", "key_swap": "k"}
+_INPUT_WORDS = {"q": "queries", "k": "keys"}
+
+
+def _moved(frame: pd.DataFrame) -> pd.DataFrame:
+    """The rows of pairs whose corruption moved the receivers' attention (clean > corrupt)."""
+    return frame[frame["clean_metric"] > frame["corrupt_metric"]]
+
+
+def top_senders(senders: pd.DataFrame, size: int) -> list[str]:
+    """The `size` senders with the highest recovery, Σ recovered / Σ gap over `senders`' pairs
+    (one input, one corruption)."""
+    rec = senders.assign(recovered=senders["value"] - senders["corrupt_metric"],
+                         gap=senders["clean_metric"] - senders["corrupt_metric"])  # fmt: skip
+    per = rec.groupby("head_name")[["recovered", "gap"]].sum()
+    ranked = (per["recovered"] / per["gap"]).sort_values(ascending=False, kind="stable")
+    return list(ranked.index[:size])
+
+
+def cross_fitted_excess(senders: pd.DataFrame, clusters: pd.Series, size: int) -> pd.DataFrame:
+    """Per pair: the summed recovered mass of the `size` top senders chosen on the other
+    clusters' pairs (`top_senders`), minus the same number of heads at their layers' mean
+    (the senders' expected sum when drawn layer-matched at random), and the pair's gap."""
+    rows = []
+    cluster_of = clusters.to_dict()
+    senders = senders.assign(recovered=senders["value"] - senders["corrupt_metric"])
+    for c in sorted(set(cluster_of[e] for e in senders["example_id"].unique())):
+        inside = senders["example_id"].map(cluster_of) == c
+        chosen = set(top_senders(senders[~inside], size))
+        for ex, g in senders[inside].groupby("example_id"):
+            layer_mean = g.groupby("layer")["recovered"].mean()
+            sel = g[g["head_name"].isin(chosen)]
+            excess = float(sel["recovered"].sum() - layer_mean.reindex(sel["layer"]).sum())
+            rows.append({"example_id": ex, "excess": excess,
+                         "gap": float(g["clean_metric"].iloc[0] - g["corrupt_metric"].iloc[0])})
+    return pd.DataFrame(rows)
+
+
+def steering_rows(addressing: pd.DataFrame, config) -> list[dict]:
+    """The `steered` claim's rows (see the module docstring) from the addressing table."""
+    s, a = config.claims, config.addressing
+    rows: list[dict] = []
+    analysed = addressing[addressing["kind"].isin(["sender", "set", "mass"])]
+    if analysed.empty:
+        nan = float("nan")
+        return [_row("steered", f"no address pair of {addressing['example_id'].nunique()} was "
+                     "answered apart: nothing to analyse", "top_senders", nan, nan, nan, 0,
+                     "normalised recovery", primary=True, null=0.0, minimum=s.min_steer,
+                     rule="above", trusted=False)]  # fmt: skip
+    n_primary = sum(c in ADDRESSED for c in analysed["corruption"].unique())
+    wide = 1 - (1 - s.level) / max(n_primary, 1)
+    for corruption, frame in analysed.groupby("corruption", sort=False):
+        word = CORRUPTION_WORDS.get(corruption, corruption)
+        paths = _moved(frame[frame["kind"].isin(["sender", "set"])])
+        if paths.empty:
+            continue
+        one = paths.drop_duplicates("example_id").set_index("example_id")
+        ids = list(one.index)
+        clusters = cluster_labels(paths)
+        words = _cluster_name(clusters)
+        gap = (one["clean_metric"] - one["corrupt_metric"]).to_numpy(float)
+        iv = cluster_mean(gap, clusters.reindex(ids).to_numpy(), level=s.level)
+        rows.append(_judged("steered", f"{word}: attention moved off the asked needle "
+                            "(receivers' mass metric, clean minus corrupt)", "mass_moved", iv,
+                            len(ids), "mass", words, primary=False, null=0.0, minimum=0.0,
+                            rule="above", corruption=corruption))  # fmt: skip
+        for inp, inp_word in _INPUT_WORDS.items():
+            g = paths[paths["receiver_input"] == inp]
+            up = g[(g["kind"] == "set") & (g["head_name"] == "upstream")].set_index("example_id")
+            iv = cluster_ratio((up["value"] - up["corrupt_metric"]).reindex(ids).to_numpy(float),
+                               gap, clusters.reindex(ids).to_numpy(), level=s.level)
+            rows.append(_judged("steered", f"{word}: recovery carried into the {inp_word} by "
+                                "every upstream head together", f"upstream_{inp}", iv, len(ids),
+                                "normalised recovery", words, primary=False, null=0.0,
+                                minimum=0.0, rule="above", corruption=corruption,
+                                receiver_input=inp))  # fmt: skip
+            senders = g[g["kind"] == "sender"]
+            excess = cross_fitted_excess(senders, clusters, a.size).set_index("example_id")
+            primary = ADDRESSED.get(corruption) == inp
+            iv = cluster_ratio(excess["excess"].reindex(ids).to_numpy(float), gap,
+                               clusters.reindex(ids).to_numpy(),
+                               level=wide if primary else s.level)  # fmt: skip
+            chosen = top_senders(senders, a.size)
+            rows.append(_judged("steered", f"{word}: the {a.size} top upstream heads into the "
+                                f"{inp_word} ({', '.join(chosen)} on all pairs; chosen with each "
+                                "needle left out) minus as many layer-matched heads",
+                                f"top_senders_{inp}", iv, len(ids), "normalised recovery",
+                                words, primary=primary, null=0.0, minimum=s.min_steer,
+                                rule="above", corruption=corruption, receiver_input=inp,
+                                senders=",".join(chosen),
+                                level=wide if primary else s.level))  # fmt: skip
+        for hyp, inp in _hypotheses().items():
+            g = paths[(paths["kind"] == "set") & (paths["receiver_input"] == inp)]
+            mine = g[g["head_name"] == hyp].set_index("example_id")
+            rand = g[g["head_name"].str.startswith(f"{hyp}~")].pivot_table(
+                index="example_id", columns="head_name", values="value")  # fmt: skip
+            if mine.empty or rand.empty:
+                continue
+            diff = (mine["value"].reindex(ids).to_numpy(float)[:, None]
+                    - rand.reindex(ids).to_numpy(float))  # fmt: skip
+            iv = cluster_ratio(diff, gap, clusters.reindex(ids).to_numpy(), level=s.level)
+            rows.append(_judged("steered", f"{word}: {hyp.replace('_', '-')} heads ({a.size}) "
+                                f"into the {_INPUT_WORDS[inp]} minus layer-matched random sets "
+                                f"({rand.shape[1]} draws)", f"{hyp}_{inp}", iv, len(ids),
+                                "normalised recovery", words, primary=False, null=0.0,
+                                minimum=s.min_steer, rule="above", corruption=corruption,
+                                receiver_input=inp, baseline="layer-matched random senders"))
+        mass = frame[frame["kind"] == "mass"]
+        mass = mass[mass["example_id"].isin(ids)]
+        for node, node_word in _INPUT_WORDS.items():
+            m = _contrast(mass[mass["node"] == node]).reindex(ids)
+            iv = cluster_ratio((m["patched"] - m["corrupt"]).to_numpy(float),
+                               (m["clean"] - m["corrupt"]).to_numpy(float),
+                               clusters.reindex(ids).to_numpy(), level=s.level)  # fmt: skip
+            rows.append(_judged("steered", f"{word}: the receivers' own {node_word} patched back "
+                                "(each head alone, its attention restored)", f"own_{node}", iv,
+                                len(ids), "normalised recovery", words, primary=False,
+                                null=0.0, minimum=0.0, rule="above",
+                                corruption=corruption, receiver_input=node))  # fmt: skip
+    return rows
+
+
+def _hypotheses() -> dict[str, str]:
+    from mechinterp.experiments.addressing import HYPOTHESES
+
+    return HYPOTHESES
+
+
+def _contrast(mass: pd.DataFrame) -> pd.DataFrame:
+    """Per pair, the receivers' summed mass (clean, corrupt, patched) on the asked needle, minus
+    that on the other needle where there is one (a question swap), as the path metric reads."""
+    sign = np.where(mass["needle"] == 0, 1.0, -1.0)
+    cols = {"clean": "clean_mass", "corrupt": "corrupt_mass", "patched": "patched_mass"}
+    signed = pd.DataFrame({k: mass[v].to_numpy() * sign for k, v in cols.items()},
+                          index=mass["example_id"])  # fmt: skip
+    return signed.groupby(level=0).sum()
+
+
 def table_lines(
     claims: pd.DataFrame, fmt: Callable[[float, str], str], *, with_claim: bool = False
 ) -> list[str]:
@@ -426,17 +586,28 @@ def compute_claims(tables: dict[str, pd.DataFrame], config) -> pd.DataFrame:
         rows += sufficiency_rows(tables["patch"], s)
     if len(tables.get("paths", ())):
         rows += path_rows(tables["paths"], s)
+    if len(tables.get("addressing", ())):
+        rows += steering_rows(tables["addressing"], config)
     return pd.DataFrame(rows)
 
 
+#: Claims a study tests only when their stage runs: left out of the headline otherwise.
+OPTIONAL_CLAIMS = frozenset({"steered"})
+
+
 def headline(claims: pd.DataFrame, statements: dict[str, str] = CLAIMS) -> pd.DataFrame:
-    """One row per claim: its statement and the verdict of its primary rows."""
+    """One row per claim: its statement and the verdict of its primary rows (an optional claim
+    whose stage did not run has no row)."""
     out = []
     for claim, statement in statements.items():
+        if claim in OPTIONAL_CLAIMS and (claims.empty or not (claims["claim"] == claim).any()):
+            continue
         prim = claims[(claims["claim"] == claim) & claims["primary"]]
         verdicts = set(prim["verdict"])
         if not verdicts:
             v = "not tested"
+        elif claim in ANY_ROW_CLAIMS and "supported" in verdicts:
+            v = "supported"
         elif verdicts == {"supported"}:
             v = "supported"
         elif verdicts == {"not supported"}:

@@ -269,6 +269,44 @@ class PathsStage:
 
 
 @dataclass(frozen=True)
+class AddressingStage:
+    """Step 3d: where the retrieval heads look and which upstream heads steer them, on address
+    pairs of a NIAH grid (`mechinterp.tasks.address`): a question swap (the question asks for
+    another needle in the same context) and a key swap (the needle's key phrase replaced, its
+    answer kept). Pairs the model answers alike are left out. Per pair, the `receivers` best
+    retrieval heads' attention mass on the asked needle, with their own queries or keys patched
+    back, and every upstream head path-patched into their queries and keys with that mass as
+    the metric, beside two hypotheses (previous-token heads into the keys, heads that read the
+    question into the queries) and `draws` layer-matched random sets of the same `size` each.
+    Empty `kinds` skips it."""
+
+    kinds: tuple[Literal["question_swap", "key_swap"], ...] = field(default=(),
+                                                                    metadata=EMPTY_SKIPS)
+    """address corruptions, comma-separated: question_swap, key_swap; empty: skip the stage"""
+    niah: NiahSpec = field(default_factory=lambda: NiahSpec(
+        needles=tuple(range(16)), lengths=(300, 500), depths=(0.75,), seed=2))  # fmt: skip
+    receivers: int = 10
+    """number of best-scoring retrieval heads whose attention is read"""
+    at: Literal["divergence", "prompt_end"] = "divergence"
+    """where the heads are read: the first response token where the clean and corrupt answers
+    part (their common start teacher-forced), or the prompt's last position"""
+    size: int = 5
+    """heads per hypothesis set (and per random set)"""
+    draws: int = 5
+    """layer-matched random sender sets per hypothesis"""
+    via_mlps: bool = True
+    """the MLPs in between recompute (the senders' effect through them counts)"""
+    max_new_tokens: int = 24
+    """tokens generated per prompt to check that the pair is answered apart"""
+
+    def __post_init__(self) -> None:
+        if self.receivers < 1 or self.size < 1 or self.draws < 1:
+            raise InputError("addressing.receivers, size and draws must be >= 1")
+        if len(set(self.kinds)) != len(self.kinds):
+            raise InputError(f"addressing.kinds repeats a corruption: {self.kinds}")
+
+
+@dataclass(frozen=True)
 class ClaimSettings:
     """How the report judges each claim: an effect, a cluster-robust t interval at `level`, and
     a verdict (`mechinterp.experiments.study.claims.verdict`).
@@ -285,6 +323,9 @@ class ClaimSettings:
     """necessary: share of answers retrieved under random-k minus under top-k, at least this"""
     min_recovery: float = 0.50
     """sufficient: the retrieval heads' joint recovery, Σ recovered / Σ gap, at least this"""
+    min_steer: float = 0.20
+    """steer: a sender set's recovery of the retrieval heads' attention above layer-matched
+    random sets of its size, at least this"""
     level: float = 0.95
     """confidence level of every interval in the claims (0.95: 95 % intervals)"""
 
@@ -297,6 +338,8 @@ class ClaimSettings:
             raise InputError(f"claims.min_drop must lie in (0, 1], got {self.min_drop}")
         if not self.min_recovery > 0:
             raise InputError(f"claims.min_recovery must be > 0, got {self.min_recovery}")
+        if not self.min_steer > 0:
+            raise InputError(f"claims.min_steer must be > 0, got {self.min_steer}")
 
 
 @dataclass(frozen=True)
@@ -313,6 +356,7 @@ class StudyConfig:
     patch: PatchStage = field(default_factory=PatchStage)
     attribution: AttributionStage = field(default_factory=AttributionStage)
     paths: PathsStage = field(default_factory=PathsStage)
+    addressing: AddressingStage = field(default_factory=AddressingStage)
     claims: ClaimSettings = field(default_factory=ClaimSettings)
     template: Literal["chat", "plain"] | None = None
     """prompt template (none: chat when the tokenizer has one)"""

@@ -22,7 +22,7 @@ from mechinterp.experiments.study.claims import (
 )
 
 TABLES = ("detect_scores", "detect_instances", "baseline", "knockout", "robustness", "patch",
-          "attribution", "paths", "head_patterns")  # fmt: skip
+          "attribution", "paths", "head_patterns", "addressing")  # fmt: skip
 
 
 def read_config(run_dir: str | Path, kind=None, what: str = "study"):
@@ -191,6 +191,33 @@ def _path_patching(tables, config, model: str):
     )  # fmt: skip
 
 
+def address_senders(addressing: pd.DataFrame) -> pd.DataFrame:
+    """Mean recovery per (corruption, receiver input, sender) over the address pairs whose
+    corruption moved the receivers' attention, with the number of those pairs."""
+    senders = addressing[(addressing["kind"] == "sender")
+                         & (addressing["clean_metric"] > addressing["corrupt_metric"])]  # fmt: skip
+    keys = ["corruption", "receiver_input", "layer", "head", "head_name"]
+    out = senders.groupby(keys, sort=False)["recovery"].mean().reset_index()
+    n = senders.groupby("corruption")["example_id"].nunique()
+    return out.assign(n_pairs=out["corruption"].map(n))
+
+
+def _address_circuit(tables, config, model: str):
+    from mechinterp.plots.study import address_circuit
+
+    a = tables.get("addressing")
+    if a is None or not len(a) or not (a["kind"] == "sender").any():
+        return None
+    rec = address_senders(a)
+    if rec.empty:
+        return None
+    receivers = a.loc[a["kind"] == "sender", "receivers"].iloc[0].split(",")
+    n = ", ".join(f"{c.replace('_', ' ')} n={k}" for c, k in
+                  rec.drop_duplicates("corruption")[["corruption", "n_pairs"]].values)  # fmt: skip
+    return address_circuit(rec, receivers, title=f"{model} · who steers where {len(receivers)} "
+                           f"retrieval heads look: mean path-patching recovery ({n} pairs)")
+
+
 def screen_quality(attribution: pd.DataFrame, patch: pd.DataFrame) -> pd.DataFrame:
     """Per pair: Spearman against the exact per-head patching of the same pair of AtP's signed
     estimate (vs the exact metric), of its magnitude and of AtP*'s ranking score (GradDrop) (vs
@@ -222,6 +249,7 @@ FIGURES = {
     "knockout_vs_k": _knockout_vs_k,
     "patch_recovery": _patch_recovery,
     "path_patching": _path_patching,
+    "address_circuit": _address_circuit,
 }
 
 
@@ -333,6 +361,7 @@ def write_report(run_dir: str | Path, *, model=None) -> Path:
         "sparse": ("retrieval_scores.png", _sparse_text(tables, config)),
         "necessary": ("knockout_vs_k.png", _necessary_text(tables, config)),
         "sufficient": ("patch_recovery.png", _sufficient_text(tables, config)),
+        "steered": ("address_circuit.png", _addressing_text(tables)),
     }
     for i, (claim, statement) in enumerate(
         [(h.claim, h.statement) for h in heads.itertuples()], start=1
@@ -356,7 +385,11 @@ def write_report(run_dir: str | Path, *, model=None) -> Path:
               "clusters. Sparsity instead asks the interval of the share to lie inside "
               f"(0, {config.claims.max_share:.0%}).",
               "- A claim's verdict combines its primary rows: supported if all are, not "
-              "supported if all are, else inconclusive."]  # fmt: skip
+              "supported if all are, else inconclusive. The steering claim says that some "
+              "upstream heads steer, through the queries or the keys: its primary rows are the "
+              "input each corruption addresses (a question swap's queries, a key swap's keys), "
+              "it is supported when either is, and their intervals are widened (Bonferroni) over "
+              "those rows so that the claim's error rate stays at the level."]  # fmt: skip
     path = store.write_text(run_dir / "report.md", "\n".join(lines) + "\n")
     _write_html(run_dir, config, tables, claims, heads, model)
     return path
@@ -563,4 +596,61 @@ def _paths_text(tables, run_dir: Path) -> list[str]:
             lines.append(f"| {inp} | {r.name} | {r.recovery:+.2f} | {prev} | {ind} |")
     if (run_dir / "figures" / "path_patching.png").is_file():
         lines += ["", "![path patching](figures/path_patching.png)"]
+    return lines
+
+
+def _addressing_text(tables) -> list[str]:
+    a = tables.get("addressing")
+    if a is None or not len(a):
+        return ["Not run."]
+    from mechinterp.experiments.study.claims import CORRUPTION_WORDS
+
+    pairs = a[a["kind"] == "pair"]
+    lines = ["A question swap asks for another needle in the same context; a key swap replaces "
+             "the needle's key phrase (the words it shares with the question) and keeps its "
+             "answer. Pairs the model answers alike are left out. The receivers' attention is "
+             "read from the last position: the first response token where the clean and "
+             "corrupt answers part (their common start teacher-forced on both), or the prompt's "
+             "end; the metric is the receivers' mean attention mass on the asked needle (minus "
+             "the other needle's, for a question swap).", "",
+             "| corruption | pairs | answered apart | attention moved | mass on asked needle, "
+             "clean → corrupt |", "| --- | --- | --- | --- | --- |"]  # fmt: skip
+    nan = float("nan")
+    absent = {"clean_metric": nan, "corrupt_metric": nan, "needle": -1, "node": "",
+              "hypothesis": None, "head_name": "", "recovery": nan, "members": None,
+              "clean_mass": nan, "corrupt_mass": nan}  # no pair answered apart: no analysis
+    a = a.assign(**{c: v for c, v in absent.items() if c not in a})
+    senders = a[a["kind"] == "sender"]
+    for corruption, g in pairs.groupby("corruption", sort=False):
+        s = senders[senders["corruption"] == corruption].drop_duplicates("example_id")
+        moved = int((s["clean_metric"] > s["corrupt_metric"]).sum())
+        mass = a[(a["kind"] == "mass") & (a["corruption"] == corruption) & (a["needle"] == 0)
+                 & (a["node"] == "q")]  # fmt: skip
+        shift = (f"{mass['clean_mass'].mean():.3f} → {mass['corrupt_mass'].mean():.3f}"
+                 if len(mass) else "—")  # fmt: skip
+        lines.append(f"| {CORRUPTION_WORDS.get(corruption, corruption)} | {len(g)} | "
+                     f"{int(g['apart'].sum())} | {moved} | {shift} |")
+    rec = address_senders(a) if len(senders) else pd.DataFrame()
+    patterns = tables.get("head_patterns")
+    if len(rec):
+        lines += ["", "Top senders per corruption and input (mean path-patching recovery of the "
+                  "receivers' attention over the pairs it moved), with their pattern scores on "
+                  "repeated random tokens:", "",
+                  "| corruption | input | sender | recovery | previous-token | induction | "
+                  "duplicate-token |", "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+        for (corruption, inp), g in rec.groupby(["corruption", "receiver_input"], sort=False):
+            for r in g.nlargest(5, "recovery").itertuples():
+                p = patterns.set_index("name").loc[r.head_name] if patterns is not None else None
+                scores = [f"{p[c]:.2f}" if p is not None else "—"
+                          for c in ("previous_token", "induction", "duplicate_token")]  # fmt: skip
+                lines.append(f"| {CORRUPTION_WORDS.get(corruption, corruption)} | {inp} | "
+                             f"{r.head_name} | {r.recovery:+.2f} | " + " | ".join(scores) + " |")
+    sets = a[(a["kind"] == "set") & a["hypothesis"].notna()
+             & ~a["head_name"].astype(str).str.contains("~")]  # fmt: skip
+    prev = sets[sets["head_name"] == "previous_token"]["members"]
+    if len(prev):
+        lines += ["", f"Hypothesis sets: previous-token heads {prev.iloc[0]} (the same on every "
+                  "pair); heads that read the question: the heads below the receivers paying "
+                  "the most attention from the last position to the question, per pair. Each is "
+                  "compared with layer-matched random sets of its size."]
     return lines

@@ -96,7 +96,7 @@ def _run(config, out, model, shape, stats, timings, t_start, opts: rundir.RunOpt
                              needles=list(d.niah.needles), haystack=d.niah.haystack,
                              seed=d.niah.seed)  # fmt: skip
     per_instance = run_shards(
-        stages.detect_shards(det_examples, d, config.template), shard_dir, desc="1/7 detect",
+        stages.detect_shards(det_examples, d, config.template), shard_dir, desc="1/8 detect",
         **common,
     )  # fmt: skip
     scores = stages.combine_detect(per_instance, d.threshold, d.top_k).assign(
@@ -123,7 +123,7 @@ def _run(config, out, model, shape, stats, timings, t_start, opts: rundir.RunOpt
         held += synthetic_mdqa(k.mdqa.n, n_docs=k.mdqa.n_docs, realism=realism,
                                diversity=diversity, seed=k.mdqa.seed)  # fmt: skip
     baseline = run_shards(
-        stages.baseline_shards(held, k, config.template), shard_dir, desc="2/7 clean answers",
+        stages.baseline_shards(held, k, config.template), shard_dir, desc="2/8 clean answers",
         **common,
     )  # fmt: skip
     store.write_table(baseline, out / "baseline.parquet")
@@ -132,14 +132,14 @@ def _run(config, out, model, shape, stats, timings, t_start, opts: rundir.RunOpt
     tic = time.perf_counter()
     knock = run_shards(
         stages.knockout_shards(held, baseline, ranked, shape, k, config.template), shard_dir,
-        desc="3/7 knockout", **common,
+        desc="3/8 knockout", **common,
     )  # fmt: skip
     store.write_table(knock, out / "knockout.parquet")
     timings["knockout_s"] = time.perf_counter() - tic
     tic = time.perf_counter()
     shards = stages.robustness_shards(held, baseline, ranked, shape, config)
     if shards:
-        robust = run_shards(shards, shard_dir, desc="4/7 robustness", **common)
+        robust = run_shards(shards, shard_dir, desc="4/8 robustness", **common)
         store.write_table(robust, out / "robustness.parquet")
         written.append("robustness.parquet")
         timings["robustness_s"] = time.perf_counter() - tic
@@ -149,7 +149,7 @@ def _run(config, out, model, shape, stats, timings, t_start, opts: rundir.RunOpt
     patch = run_shards(
         stages.patch_shards(held, baseline, retrieval, shape, config.patch, k.niah.seed,
                             k.scope, config.template),
-        shard_dir, desc="5/7 patch", **common,
+        shard_dir, desc="5/8 patch", **common,
     )  # fmt: skip
     store.write_table(patch, out / "patch.parquet")
     timings["patch_s"] = time.perf_counter() - tic
@@ -157,9 +157,9 @@ def _run(config, out, model, shape, stats, timings, t_start, opts: rundir.RunOpt
     # 3b-c. the AtP* screen and the paths into the retrieval heads, on the same pairs
     for name, shards, desc in (
         ("attribution", stages.attribution_shards(held, baseline, retrieval, shape, config,
-                                                  k.scope), "6/7 AtP* screen"),
+                                                  k.scope), "6/8 AtP* screen"),
         ("paths", stages.path_shards(held, baseline, retrieval, ranked, shape, config, k.scope),
-         "7/7 path patching"),
+         "7/8 path patching"),
     ):  # fmt: skip
         if shards:
             tic = time.perf_counter()
@@ -167,11 +167,20 @@ def _run(config, out, model, shape, stats, timings, t_start, opts: rundir.RunOpt
             store.write_table(table, out / f"{name}.parquet")
             written.append(f"{name}.parquet")
             timings[f"{name}_s"] = time.perf_counter() - tic
-            if name == "paths":  # what kind of head each sender is
-                patterns = run_shards([Shard("patterns/heads", stages.pattern_shard, {})],
-                                      shard_dir, desc="head patterns", **common)  # fmt: skip
-                store.write_table(patterns, out / "head_patterns.parquet")
-                written.append("head_patterns.parquet")
+
+    # 3d. where the retrieval heads look, and which upstream heads steer them
+    if config.paths.inputs or config.addressing.kinds:  # what kind of head each sender is
+        patterns = run_shards([Shard("patterns/heads", stages.pattern_shard, {})], shard_dir,
+                              desc="head patterns", **common)  # fmt: skip
+        store.write_table(patterns, out / "head_patterns.parquet")
+        written.append("head_patterns.parquet")
+        shards = stages.address_shards(config, tok, retrieval, ranked, patterns)
+        if shards:
+            tic = time.perf_counter()
+            table = run_shards(shards, shard_dir, desc="8/8 addressing", **common)
+            store.write_table(table, out / "addressing.parquet")
+            written.append("addressing.parquet")
+            timings["addressing_s"] = time.perf_counter() - tic
 
     # 4. provenance, figures, report
     timings["total_s"] = time.perf_counter() - t_start

@@ -651,6 +651,66 @@ def path_shards(examples: list[Example], baseline: pd.DataFrame, retrieval, rank
     return [Shard(f"paths/{name}", path_shard, {**args, **extra}) for name, args in pairs]
 
 
+# ---------------------------------------------------------------- 5. addressing
+
+
+def address_shard(model, *, kind: str, clean: dict, corrupt: dict, key: str, substitute: str,
+                  receivers: list[str], patterns: list[dict], size: int, draws: int, at: str,
+                  via_mlps: bool, batch_size: int, max_new_tokens: int,
+                  template: str | None) -> pd.DataFrame:  # fmt: skip
+    """One address pair: its greedy answers (`kind = pair`: answered apart or not), and when the
+    model answers its two prompts apart, `experiments.addressing.address_table`'s rows (where
+    the receivers look, their own queries and keys patched back, and every upstream head and
+    sender set path-patched into their queries and keys)."""
+    from mechinterp.experiments.addressing import address_prompts, address_table
+    from mechinterp.heads import HeadShape, parse_heads
+    from mechinterp.tasks.address import AddressPair, answered_apart
+
+    pair = AddressPair(kind, Example.from_dict(clean), Example.from_dict(corrupt), key=key,
+                       substitute=substitute)  # fmt: skip
+    (ans,) = answered_apart(model, [pair], max_new_tokens=max_new_tokens, template=template)
+    c, x, facts = address_prompts(model, pair, at="prompt_end", template=template)
+    row = {**facts, "kind": "pair", **{k: ans[k] for k in ("clean_answer", "corrupt_answer",
+                                                             "clean_correct", "corrupt_correct",
+                                                             "apart")}}  # fmt: skip
+    if not ans["apart"]:
+        return pd.DataFrame([row])
+    c, x, facts = address_prompts(model, pair, at=at, template=template,
+                                  responses=(ans["clean_response"], ans["corrupt_response"]))
+    heads = parse_heads(receivers, HeadShape.of(model))
+    table = address_table(model, c, x, heads, patterns=pd.DataFrame(patterns), facts=facts,
+                          size=size, draws=draws, via_mlps=via_mlps,
+                          batch_size=batch_size)  # fmt: skip
+    return pd.concat([pd.DataFrame([{**row, **facts}]), table], ignore_index=True)
+
+
+def address_shards(config, tokenizer, retrieval, ranked, patterns: pd.DataFrame) -> list[Shard]:
+    """One shard per address pair of each of `addressing.kinds` (none when empty, or when no
+    retrieval head lies above layer 0)."""
+    from mechinterp.tasks.address import address_pairs, partner
+
+    a = config.addressing
+    receivers = path_receivers(retrieval, ranked, a.receivers)
+    if not a.kinds or not receivers:
+        return []
+    extra = {"receivers": receivers, "patterns": patterns.to_dict("records"), "size": a.size,
+             "draws": a.draws, "at": a.at, "via_mlps": a.via_mlps,
+             "batch_size": config.patch.batch_size, "max_new_tokens": a.max_new_tokens,
+             "template": config.template}  # fmt: skip
+    shards = []
+    for kind in a.kinds:
+        needles = [i for i in a.niah.needles
+                   if kind != "question_swap" or partner(i, tokenizer) is not None]  # fmt: skip
+        pairs = address_pairs(kind, tokenizer, lengths=a.niah.lengths, depths=a.niah.depths,
+                              needles=needles, haystack=a.niah.haystack, seed=a.niah.seed,
+                              template=config.template) if needles else []  # fmt: skip
+        shards += [Shard(f"addressing/{p.clean.id}", address_shard,
+                         {"kind": kind, "clean": p.clean.to_dict(),
+                          "corrupt": p.corrupt.to_dict(), "key": p.key,
+                          "substitute": p.substitute, **extra}) for p in pairs]  # fmt: skip
+    return shards
+
+
 def pattern_shard(model, *, seq_len: int = 50, n_sequences: int = 8) -> pd.DataFrame:
     """Previous-token, duplicate-token and induction scores of every head on repeated random
     tokens (`detect.patterns`), to say what kind of head the path stage's top senders are."""
