@@ -99,7 +99,8 @@ canary:
 # Redraw every committed figure under figures/ from the tables committed beside it (no model;
 # PNG export drives Chromium). Needs an installed venv only, so no `setup` prerequisite. The
 # extension-mini directory keeps summary tables only (figures/extension_figures.py draws it);
-# the 3-task run and the headline study (figures/study) keep their sealed tables, so
+# the 3-task run, the headline study (figures/study) and the study with its addressing stage
+# (figures/study-addressing) keep their sealed tables, so
 # `mechinterp figures` redraws them. HTML copies (each embeds plotly.js, ~5 MB) are not kept.
 EXT3 := figures/extension-3task-mini
 figures: chromium
@@ -109,7 +110,8 @@ figures: chromium
 	for t in mdqa multihop citation; do $(BIN)/mechinterp figures $(EXT3)/$$t || exit 1; done
 	$(BIN)/mechinterp figures $(EXT3)
 	$(BIN)/mechinterp figures figures/study
-	find $(EXT3) figures/study -path '*/figures/*.html' -delete
+	$(BIN)/mechinterp figures figures/study-addressing
+	find $(EXT3) figures/study figures/study-addressing -path '*/figures/*.html' -delete
 
 lint: setup
 	$(BIN)/ruff check mechinterp tests benchmarks figures

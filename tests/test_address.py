@@ -121,3 +121,30 @@ def test_the_embedded_model_follows_a_question_swap_with_its_retrieval_heads(smo
     shift = (after[1] - before[1]).sort_values(ascending=False)
     assert shift.index[0] == "L21H8" and shift.iloc[0] == pytest.approx(0.583, abs=0.02)
     assert (after[1] + after[0] <= 1 + 1e-5).all()
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    from mechinterp.models.tiny import tiny_model
+
+    return tiny_model(n_kv_heads=2, directory=tmp_path_factory.mktemp("address-tiny"))
+
+
+def test_the_pair_is_read_where_the_two_answers_part(tiny_llama):
+    from mechinterp.experiments.addressing import address_prompts
+
+    tok = tiny_llama.tokenizer  # character-level: the key's letters reversed keep the alignment
+    (pair,) = address_pairs("key_swap", tok, lengths=[600], depths=[0.5], needles=[2], seed=1)
+    assert pair.substitute.split(", ")[-1] == "esuohthgil"
+    base, _, facts = address_prompts(tiny_llama, pair, at="prompt_end")
+    assert facts["lead_tokens"] == 0 and facts["first_changed"] >= base.span("needle")[0]
+    clean, corrupt, facts = address_prompts(tiny_llama, pair, responses=([7, 8, 9, 10], [7, 8, 11]))
+    assert facts["lead_tokens"] == 2  # the common start, then the first token that differs
+    assert clean.input_ids == base.input_ids + (7, 8) and corrupt.input_ids[-2:] == (7, 8)
+    assert clean.spans == base.spans  # the needles are where they were
+    _, _, facts = address_prompts(tiny_llama, pair, responses=([7, 8], [7, 8, 11]))
+    assert facts["lead_tokens"] == 2  # one answer stops where the other goes on
+    with pytest.raises(InputError, match="answers the clean and the corrupt prompt alike"):
+        address_prompts(tiny_llama, pair, responses=([7, 8], [7, 8]))
+    with pytest.raises(InputError, match="at must be one of"):
+        address_prompts(tiny_llama, pair, at="answer")

@@ -161,9 +161,11 @@ def mass_restored(
 
     Each head is patched alone (one batch row per head), and only its own row is read, so the
     value is the head's own: its query meets the corrupt keys (or its clean keys meet the
-    corrupt query)."""
+    corrupt query). The patched rows run from the lowest head's layer on the corrupt run's
+    residual stream, over the positions after the prompts' shared start only."""
     from mechinterp.heads import HeadShape
     from mechinterp.interventions.nodes import check_node, node_point
+    from mechinterp.interventions.resume import prefix_cache, run_from_layer, shared_start
     from mechinterp.models.attention import RowReader, read_rows
 
     if node not in ("q", "k"):
@@ -176,46 +178,56 @@ def mass_restored(
                          "spans: build them with `mechinterp.tasks.address`")  # fmt: skip
     shape = HeadShape.of(model)
     group = shape.n_heads // shape.n_kv_heads
+    n_units = shape.n_heads if node == "q" else shape.n_kv_heads
     unit = {h: h.head if node == "q" else h.head // group for h in heads}
     layers = sorted({h.layer for h in heads})
     points = {la: node_point(model, la, node) for la in layers}
+    n = clean.n_tokens
+    start = min(shared_start(clean.input_ids, corrupt.input_ids, 0), n - 1)
     device = model.cfg.device
     saved: dict[int, torch.Tensor] = {}
-    rows: dict[int, torch.Tensor] = {}
+    rows: dict[str, dict[int, torch.Tensor]] = {"clean": {}, "corrupt": {}}
 
     def save(x, hook, *, la):
-        saved[la] = x.detach().clone()
+        saved[la] = x[:, start:].detach().clone()
 
-    def write(x, hook, *, la):
+    def grab(x, hook):
+        saved["resid"] = x[0, start:].detach().clone()
+
+    def write(x, hook, *, la):  # row i + 1 takes head i's clean input; row 0 stays corrupt
         x = x.clone()
-        n_units = shape.n_heads if node == "q" else shape.n_kv_heads
-        view = x.view(*x.shape[:2], n_units, -1) if x.dim() == 3 else x
-        src = saved[la].view_as(view[:1])
-        for i, h in enumerate(heads, start=2):
+        view = x.view(*x.shape[:2], n_units, -1)
+        src = saved[la].view(1, view.shape[1], n_units, -1)
+        for i, h in enumerate(heads, start=1):
             if h.layer == la:
                 at = slice(-1, None) if node == "q" else slice(None)
                 view[i, at, unit[h]] = src[0, at, unit[h]]
         return x
 
-    def keep(pattern, la):
-        rows[la] = pattern[:, :, 0].float().cpu()
+    def keep(pattern, la, run):
+        rows[run][la] = pattern[:, :, 0].float().cpu()
 
-    readers = {la: RowReader(_last_row, partial(keep, la=la)) for la in layers}
-    with model.hooks(fwd_hooks=[(p, partial(save, la=la)) for la, p in points.items()]):
-        model(torch.tensor([list(clean.input_ids)], device=device), logits_to_keep=1)
-    # rows 0 and 1: clean and corrupt unpatched; row 2 + i: head i patched alone
-    ids = torch.tensor([list(clean.input_ids), *[list(corrupt.input_ids)] * (len(heads) + 1)],
-                       device=device)  # fmt: skip
-    with read_rows(model, readers), model.hooks(
-        fwd_hooks=[(p, partial(write, la=la)) for la, p in points.items()]
+    def readers(run):
+        return {la: RowReader(_last_row, partial(keep, la=la, run=run)) for la in layers}
+
+    with read_rows(model, readers("clean")), model.hooks(
+        fwd_hooks=[(p, partial(save, la=la)) for la, p in points.items()]
     ):
-        model(ids, logits_to_keep=1)
+        model(torch.tensor([list(clean.input_ids)], device=device), logits_to_keep=1)
+    with model.hooks(fwd_hooks=[(f"blocks.{layers[0]}.hook_resid_pre", grab)]):
+        model(torch.tensor([list(corrupt.input_ids)], device=device), logits_to_keep=1)
+    prefix = prefix_cache(model, corrupt.input_ids[:start]) if start > 0 else None
+    resid = saved["resid"][None].expand(len(heads) + 1, -1, -1)
+    with read_rows(model, readers("corrupt")):
+        run_from_layer(model, resid, layers[0], prefix_kv=prefix,
+                       hooks=[(p, partial(write, la=la)) for la, p in points.items()])
     out = []
-    for i, h in enumerate(heads, start=2):
-        for n, span in enumerate(clean.spans["needle"]):
-            c, x, p = (float(_span_mass(rows[h.layer][r, h.head], span, clean.n_tokens))
-                       for r in (0, 1, i))  # fmt: skip
+    for i, h in enumerate(heads, start=1):
+        for k, span in enumerate(clean.spans["needle"]):
+            c = float(_span_mass(rows["clean"][h.layer][0, h.head], span, n))
+            x, p = (float(_span_mass(rows["corrupt"][h.layer][r, h.head], span, n))
+                    for r in (0, i))  # fmt: skip
             out.append({"layer": h.layer, "head": h.head, "head_name": str(h), "node": node,
-                        "needle": n, "clean": c, "corrupt": x, "patched": p,
+                        "needle": k, "clean": c, "corrupt": x, "patched": p,
                         "restored": (p - x) / (c - x) if c != x else float("nan")})  # fmt: skip
     return pd.DataFrame(out)

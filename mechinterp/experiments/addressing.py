@@ -111,6 +111,8 @@ def address_prompts(model, pair, *, at: str = "divergence", template=None,
             responses = (gens[0].tokens, gens[1].tokens)
         a, b = ([int(t) for t in r] for r in responses)
         lead = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None)
+        if lead is None and len(a) != len(b):  # one answer stops where the other goes on
+            lead = min(len(a), len(b))
         if lead is None:
             raise InputError(f"{pair.clean.id!r}: the model answers the clean and the corrupt "
                              "prompt alike, so there is no divergence to read: leave the pair "

@@ -99,28 +99,33 @@ def addressing_plan(config, shape: Shape) -> StagePlan:
     """Per address pair (every pair counted as answered apart: an upper bound): both prompts
     generated, the receivers' own queries and keys patched back (one batch row per receiver),
     then path patching from the first changed token on: the question for a question swap, the
-    needle for a key swap (at its depth)."""
+    needle for a key swap (at its depth). A path-patching pass runs from its first layer on:
+    pass 1 from the senders' (about half the layers on average), pass 2 from the receivers'
+    (the upper half), so a batch's three passes cost about 1.5 whole forwards."""
     a, batch = config.addressing, config.patch.batch_size
     stage = StagePlan("addressing")
     knob = "addressing.niah.lengths or addressing.kinds"
     senders = shape.n_layers * shape.n_heads
     sets = 1 + len(HYPOTHESES) * (1 + a.draws)
+    passes = 1.5  # pass 1 + 2 × pass 2, in whole-model forwards
     for kind in a.kinds:
         for length in a.niah.lengths:
             n = length + TEMPLATE_TOKENS + QUESTION_TOKENS
             for depth in a.niah.depths:
-                tail = RESPONSE_TOKENS + QUESTION_TOKENS
+                tail = QUESTION_TOKENS  # the question and the answers' common start
                 if kind == "key_swap":
                     tail += round((1 - depth) * length)
                 prefix = n - tail
                 for _ in a.niah.needles:
                     stage.add(*generation([n, n], 2, a.max_new_tokens, knob))
-                    stage.add(Forward(rows=a.receivers + 3, new=n, count=2, knob=knob),
-                              Forward(rows=1, new=n, count=5, knob=knob),  # reads, caches
+                    stage.add(Forward(rows=1, new=n, count=7, knob=knob),  # reads, caches
+                              Forward(rows=a.receivers + 1, new=tail, cached=prefix,
+                                      shared=True, count=2, knob=knob),  # own q, own k
                               Forward(rows=batch, new=tail, cached=prefix, shared=True,
-                                      count=3 * math.ceil(senders / batch), knob=knob),
+                                      count=math.ceil(passes * math.ceil(senders / batch)),
+                                      knob=knob),
                               Forward(rows=1, new=tail, cached=prefix, shared=True,
-                                      count=3 * sets, knob=knob))  # fmt: skip
+                                      count=math.ceil(passes * sets), knob=knob))  # fmt: skip
     return stage
 
 

@@ -51,6 +51,7 @@ from mechinterp.analysis.stats import (
     cluster_mean,
     cluster_ratio,
 )
+from mechinterp.experiments.addressing import HYPOTHESES
 
 CLAIMS = {
     "sparse": "Retrieval heads are sparse",
@@ -498,7 +499,7 @@ def steering_rows(addressing: pd.DataFrame, config) -> list[dict]:
                                 rule="above", corruption=corruption, receiver_input=inp,
                                 senders=",".join(chosen),
                                 level=wide if primary else s.level))  # fmt: skip
-        for hyp, inp in _hypotheses().items():
+        for hyp, inp in HYPOTHESES.items():
             g = paths[(paths["kind"] == "set") & (paths["receiver_input"] == inp)]
             mine = g[g["head_name"] == hyp].set_index("example_id")
             rand = g[g["head_name"].str.startswith(f"{hyp}~")].pivot_table(
@@ -527,12 +528,6 @@ def steering_rows(addressing: pd.DataFrame, config) -> list[dict]:
                                 null=0.0, minimum=0.0, rule="above",
                                 corruption=corruption, receiver_input=node))  # fmt: skip
     return rows
-
-
-def _hypotheses() -> dict[str, str]:
-    from mechinterp.experiments.addressing import HYPOTHESES
-
-    return HYPOTHESES
 
 
 def _contrast(mass: pd.DataFrame) -> pd.DataFrame:
