@@ -24,6 +24,9 @@ from plotly.offline import get_plotlyjs
 from mechinterp.experiments import html_report
 from mechinterp.experiments.study.report import FIGURES, _fmt, read_config
 
+#: The figures of the tiny study (no addressing stage, so no address circuit).
+DRAWN = [name for name in FIGURES if name != "address_circuit"]
+
 ROOT = Path(__file__).resolve().parents[1]
 PAGE_HEIGHT = 5600  # px: the tiny study's whole page, provenance included
 #: The embedded plotly.js bundle (its own license text and map defaults name URLs it never
@@ -181,7 +184,7 @@ def test_the_page_holds_verdicts_figures_attention_and_provenance(tiny_study):
     )
     # the study's figures (each stage ran), then the attention example; plotly.js once, inline
     sections = figure_sections(text)
-    assert list(sections) == [*FIGURES, "attention_example"]
+    assert list(sections) == [*DRAWN, "attention_example"]
     assert len(re.findall(r"\* plotly\.js v\d", text)) == 1
     assert BUNDLE.search(sections["retrieval_scores"]), "plotly.js is not in the first figure"
     # hover: the head and its value on the head maps, the interval on the knockout curves
@@ -230,7 +233,7 @@ def test_the_page_is_redrawn_from_the_tables_and_says_when_the_example_is_absent
     rewrite_report(run)
     text = (run / "report.html").read_text()
     assert "No attention example" in text and html_report.ATTENTION_TABLE in text
-    assert list(figure_sections(text)) == list(FIGURES)
+    assert list(figure_sections(text)) == DRAWN
     assert 'class="tok' not in text
 
 
@@ -255,7 +258,7 @@ def test_the_study_page_renders_offline_in_headless_chromium(tiny_study, tmp_pat
     assert got["console"] == [], got["console"]
     assert got["requests"] == []
     sections = figure_sections(got["dom"])
-    assert list(sections) == [*FIGURES, "attention_example"]
+    assert list(sections) == [*DRAWN, "attention_example"]
     for name, part in sections.items():
         assert 'class="main-svg"' in part, f"figure {name} was not drawn"
     assert png_size(got["screenshot"]) == (1280, PAGE_HEIGHT)

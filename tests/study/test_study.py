@@ -273,18 +273,23 @@ def test_each_figure_script_redraws_its_figure_from_the_tables(tiny_study, tmp_p
 
     out = tmp_path / "copy"
     shutil.copytree(tiny_study, out, ignore=shutil.ignore_patterns("shards", "figures"))
-    scripts = sorted((Path(__file__).parents[2] / "figures").glob("study_*.py"))
-    assert len(scripts) == 5
+    figures = Path(__file__).parents[2] / "figures"
+    addressed = tmp_path / "addressing"  # the tiny study runs no addressing stage
+    shutil.copytree(figures / "study-addressing", addressed,
+                    ignore=shutil.ignore_patterns("figures"))  # fmt: skip
+    scripts = sorted(figures.glob("study_*.py"))
+    assert len(scripts) == 6
     for script in scripts:
+        run = addressed if script.stem == "study_address_circuit" else out
         argv = sys.argv
-        sys.argv = [str(script), str(out), "--no-png"]
+        sys.argv = [str(script), str(run), "--no-png"]
         try:
             with pytest.raises(SystemExit) as done:
                 runpy.run_path(str(script), run_name="__main__")
         finally:
             sys.argv = argv
         assert done.value.code == 0
-        assert (out / "figures" / f"{script.stem.removeprefix('study_')}.html").is_file()
+        assert (run / "figures" / f"{script.stem.removeprefix('study_')}.html").is_file()
     from mechinterp.experiments.study.report import figure_main
 
     assert figure_main("no_such_figure", [str(out)]) == 2
