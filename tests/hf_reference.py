@@ -92,6 +92,19 @@ class Reference:
         return float(m.detach()), _STATE.pop("record")
 
 
+def bridge_and_reference(family: str, directory):
+    """(bridge, `Reference`) of a 3-layer tiny model saved to `directory`: `llama` (Llama with 2
+    KV heads, 2 query heads each) or `olmo2` (OLMo-2: q/k norms over every head, norms after
+    attention and MLP)."""
+    from mechinterp.models.tiny import tiny_family, tiny_model
+
+    if family == "llama":
+        model = tiny_model(n_kv_heads=2, n_layers=3, seed=1, directory=directory)
+    else:
+        model = tiny_family(family, n_layers=3, seed=1, directory=directory)
+    return model, Reference(directory)
+
+
 def _units(node: str, record) -> int:
     return record[0][node].shape[2 if node == "z" else 1]
 

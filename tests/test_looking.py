@@ -74,20 +74,13 @@ def _pair() -> tuple[Prompt, Prompt]:
                  for n, ids in (("clean", CLEAN), ("corrupt", CORRUPT)))  # fmt: skip
 
 
-@pytest.fixture(scope="module", params=["llama-gqa", "olmo2"])
+@pytest.fixture(scope="module", params=["llama", "olmo2"])
 def pair_model(request, tmp_path_factory):
     """(bridge, the plain HF reference) of a 3-layer tiny model: Llama with 2 query heads per KV
     head, or OLMo-2 (q/k norms over every head)."""
     import hf_reference as ref
 
-    from mechinterp.models.tiny import tiny_family, tiny_model
-
-    directory = tmp_path_factory.mktemp(request.param)
-    if request.param == "llama-gqa":
-        model = tiny_model(n_kv_heads=2, n_layers=3, seed=1, directory=directory)
-    else:
-        model = tiny_family("olmo2", n_layers=3, seed=1, directory=directory)
-    return model, ref.Reference(directory)
+    return ref.bridge_and_reference(request.param, tmp_path_factory.mktemp(request.param))
 
 
 @pytest.mark.parametrize("node", ["q", "k"])

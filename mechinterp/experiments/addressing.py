@@ -50,9 +50,8 @@ def hypothesis_sets(model, clean, receivers: Sequence[Head], patterns: pd.DataFr
                          f"sets' size {size}")  # fmt: skip
     prev = {(int(r.layer), int(r.head)): float(r.previous_token) for r in patterns.itertuples()}
     by_prev = sorted(pool, key=lambda h: (-prev[(h.layer, h.head)], h))
-    reads = needle_mass(model, [clean], pool, span="question")
-    by_question = sorted(pool, key=lambda h: (-float(
-        reads.loc[reads["head_name"] == str(h), "mass"].sum()), h))  # fmt: skip
+    reads = needle_mass(model, [clean], pool, span="question").groupby("head_name")["mass"].sum()
+    by_question = sorted(pool, key=lambda h: (-float(reads[str(h)]), h))
     return {"previous_token": sorted(by_prev[:size]),
             "question_readers": sorted(by_question[:size])}  # fmt: skip
 
@@ -62,10 +61,10 @@ def random_sets(hypotheses: dict[str, list[Head]], receivers: Sequence[Head], sh
     """Per hypothesis, `draws` layer-matched sets outside it and the receivers, seeded."""
     from mechinterp.analysis.headsets import random_complement
 
+    last = max(h.layer for h in receivers)
+    above = [h for h in shape.all_heads() if h.layer >= last]  # no path from there
     out = {}
     for name, heads in hypotheses.items():
-        last = max(h.layer for h in receivers)
-        above = [h for h in shape.all_heads() if h.layer >= last]  # no path from there
         excluded = [*heads, *receivers, *above]
         for i in range(draws):
             drawn = random_complement(excluded, len(heads), shape, seed=seed + i,

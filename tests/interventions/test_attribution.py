@@ -37,14 +37,7 @@ def effect(res):
 @pytest.fixture(scope="module", params=["llama", "olmo2"])
 def pair_model(request, tmp_path_factory):
     """(bridge, reference) of a 3-layer tiny model: Llama with 2 KV heads, or OLMo-2."""
-    from mechinterp.models.tiny import tiny_family, tiny_model
-
-    directory = tmp_path_factory.mktemp(request.param)
-    if request.param == "llama":
-        model = tiny_model(n_kv_heads=2, n_layers=3, seed=1, directory=directory)
-    else:
-        model = tiny_family("olmo2", n_layers=3, seed=1, directory=directory)
-    return model, ref.Reference(directory)
+    return ref.bridge_and_reference(request.param, tmp_path_factory.mktemp(request.param))
 
 
 # ---------------------------------------------------------------- against the HF reference

@@ -669,19 +669,19 @@ def address_shard(model, *, kind: str, clean: dict, corrupt: dict, key: str, sub
     pair = AddressPair(kind, Example.from_dict(clean), Example.from_dict(corrupt), key=key,
                        substitute=substitute)  # fmt: skip
     (ans,) = answered_apart(model, [pair], max_new_tokens=max_new_tokens, template=template)
-    c, x, facts = address_prompts(model, pair, at="prompt_end", template=template)
-    row = {**facts, "kind": "pair", **{k: ans[k] for k in ("clean_answer", "corrupt_answer",
-                                                             "clean_correct", "corrupt_correct",
-                                                             "apart")}}  # fmt: skip
+    answers = {k: ans[k] for k in ("clean_answer", "corrupt_answer", "clean_correct",
+                                   "corrupt_correct", "apart")}  # fmt: skip
     if not ans["apart"]:
-        return pd.DataFrame([row])
+        _, _, facts = address_prompts(model, pair, at="prompt_end", template=template)
+        return pd.DataFrame([{**facts, "kind": "pair", **answers}])
     c, x, facts = address_prompts(model, pair, at=at, template=template,
                                   responses=(ans["clean_response"], ans["corrupt_response"]))
     heads = parse_heads(receivers, HeadShape.of(model))
     table = address_table(model, c, x, heads, patterns=pd.DataFrame(patterns), facts=facts,
                           size=size, draws=draws, via_mlps=via_mlps,
                           batch_size=batch_size)  # fmt: skip
-    return pd.concat([pd.DataFrame([{**row, **facts}]), table], ignore_index=True)
+    return pd.concat([pd.DataFrame([{**facts, "kind": "pair", **answers}]), table],
+                     ignore_index=True)
 
 
 def address_shards(config, tokenizer, retrieval, ranked, patterns: pd.DataFrame) -> list[Shard]:
